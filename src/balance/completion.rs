@@ -1,0 +1,153 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::endpoint::Candidate;
+use crate::hints::ServedBy;
+
+/// Counts one request as in flight to an endpoint until dropped.
+///
+/// Created by the balancer when it sends a request; when dropped it takes the request off the
+/// endpoint's in-flight count and feeds the time since it was created into the endpoint's
+/// latency estimate. [`InFlight::fail`] marks the request as failed first.
+#[derive(Debug)]
+pub struct InFlight {
+    candidate: Candidate,
+    start: Instant,
+    failed: bool,
+}
+
+impl InFlight {
+    pub(crate) fn start(candidate: Candidate) -> Self {
+        candidate.state().start();
+        InFlight {
+            candidate,
+            start: Instant::now(),
+            failed: false,
+        }
+    }
+
+    /// The endpoint the request went to.
+    pub fn candidate(&self) -> &Candidate {
+        &self.candidate
+    }
+
+    /// Marks the request as failed, so it is counted in the endpoint's errors.
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.candidate
+            .state()
+            .finish(now.saturating_duration_since(self.start), now, self.failed);
+    }
+}
+
+/// Decides when a request stops counting as in flight: given the [`InFlight`] handle and the
+/// response, returns the response to hand back, holding the handle as long as it should live.
+///
+/// As `tower::load::TrackCompletion`, which it mirrors.
+pub trait TrackCompletion<H, V>: Clone {
+    /// The response type handed back.
+    type Output;
+
+    /// Attaches `handle` to `value`.
+    fn track_completion(&self, handle: H, value: V) -> Self::Output;
+}
+
+/// Completion when the response arrives (for responses that carry no body to stream).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompleteOnResponse;
+
+impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
+    type Output = V;
+
+    fn track_completion(&self, _handle: InFlight, value: V) -> V {
+        value
+    }
+}
+
+/// Completion when an `http::Response`'s body ends (or is dropped), so a long download counts as
+/// load for its whole length. Also records the serving endpoint as a [`ServedBy`] response
+/// extension, and counts a 5xx status as an endpoint error.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CompleteOnBody;
+
+impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
+    type Output = http::Response<TrackedBody<B>>;
+
+    fn track_completion(&self, mut handle: InFlight, res: http::Response<B>) -> Self::Output {
+        if res.status().is_server_error() {
+            handle.fail();
+        }
+        let (mut parts, body) = res.into_parts();
+        parts
+            .extensions
+            .insert(ServedBy(handle.candidate().id().clone()));
+        let body = TrackedBody {
+            inner: body,
+            handle: Some(handle),
+        };
+        http::Response::from_parts(parts, body)
+    }
+}
+
+pin_project! {
+    /// A response body that holds its request's [`InFlight`] handle until the body ends.
+    #[derive(Debug)]
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        handle: Option<InFlight>,
+    }
+}
+
+impl<B> TrackedBody<B> {
+    /// A reference to the wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+
+    /// The wrapped body.
+    pub fn into_inner(self) -> B {
+        self.inner
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let res = std::task::ready!(this.inner.poll_frame(cx));
+        match &res {
+            None => drop(this.handle.take()),
+            Some(Err(_)) => {
+                if let Some(mut h) = this.handle.take() {
+                    h.fail();
+                }
+            }
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(res)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

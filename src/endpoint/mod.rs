@@ -1,0 +1,241 @@
+//! Endpoints: what the balancer spreads requests over.
+//!
+//! An [`Endpoint`] describes one backend: its identity ([`EndpointId`]), an optional socket
+//! address, a weight and a [`Tier`]. The pool keeps live state beside it (in-flight requests,
+//! latency, health) in an [`EndpointState`] whose counters are atomics, so reading and updating
+//! them on the request path takes no lock.
+
+pub(crate) mod state;
+
+pub use state::{EndpointState, Health};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::hash::stable_hash;
+
+/// The identity of an endpoint: an address (`"10.0.0.7:8080"`) or a name (`"api-1"`).
+///
+/// Two endpoints with the same id are the same endpoint. The id is what consistent hashing and
+/// sticky sessions are keyed on, so it should be stable across restarts of the balancer.
+/// Cloning is cheap (a reference count).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(Arc<str>);
+
+impl EndpointId {
+    /// Creates an id from any string.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        EndpointId(id.into())
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A stable 64-bit hash of the id (the same in every process and on every platform).
+    pub fn stable_hash(&self) -> u64 {
+        stable_hash(self.0.as_bytes())
+    }
+}
+
+impl fmt::Debug for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for EndpointId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for EndpointId {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl From<&str> for EndpointId {
+    fn from(s: &str) -> Self {
+        EndpointId::new(s)
+    }
+}
+
+impl From<String> for EndpointId {
+    fn from(s: String) -> Self {
+        EndpointId::new(s)
+    }
+}
+
+impl From<SocketAddr> for EndpointId {
+    fn from(addr: SocketAddr) -> Self {
+        EndpointId::new(addr.to_string())
+    }
+}
+
+/// The tier of an endpoint: lower tiers are preferred.
+///
+/// Requests go to the lowest tier that has a healthy endpoint; a [`Tier::BACKUP`] endpoint only
+/// gets traffic while no [`Tier::PRIMARY`] endpoint is healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Tier(pub u8);
+
+impl Tier {
+    /// The tier of ordinary endpoints (0).
+    pub const PRIMARY: Tier = Tier(0);
+    /// The first backup tier (1), used only while no primary is healthy.
+    pub const BACKUP: Tier = Tier(1);
+}
+
+/// A description of one backend: id, optional address, weight and tier.
+///
+/// ```
+/// use lbkit::endpoint::{Endpoint, Tier};
+///
+/// let a = Endpoint::from("127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()).weight(5);
+/// let b = Endpoint::new("spare").tier(Tier::BACKUP);
+/// assert_eq!(a.id().as_str(), "127.0.0.1:8080");
+/// assert_eq!(a.get_weight(), 5);
+/// assert_eq!(b.get_tier(), Tier::BACKUP);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    id: EndpointId,
+    addr: Option<SocketAddr>,
+    weight: u32,
+    tier: Tier,
+}
+
+impl Endpoint {
+    /// The largest weight an endpoint may have; larger weights are clamped to it.
+    pub const MAX_WEIGHT: u32 = 10_000;
+
+    /// An endpoint with the given id, weight 1, primary tier and no socket address.
+    pub fn new(id: impl Into<EndpointId>) -> Self {
+        Endpoint {
+            id: id.into(),
+            addr: None,
+            weight: 1,
+            tier: Tier::PRIMARY,
+        }
+    }
+
+    /// Sets the socket address the endpoint's service connects to.
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
+    }
+
+    /// Sets the weight (relative share of traffic). A weight of 0 takes the endpoint out of
+    /// rotation without removing it; weights above [`Endpoint::MAX_WEIGHT`] are clamped.
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight.min(Self::MAX_WEIGHT);
+        self
+    }
+
+    /// Sets the tier.
+    pub fn tier(mut self, tier: Tier) -> Self {
+        self.tier = tier;
+        self
+    }
+
+    /// The endpoint's id.
+    pub fn id(&self) -> &EndpointId {
+        &self.id
+    }
+
+    /// The endpoint's socket address, if it has one.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// The endpoint's configured weight.
+    pub fn get_weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The endpoint's tier.
+    pub fn get_tier(&self) -> Tier {
+        self.tier
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    /// An endpoint whose id is the address's text and whose address is `addr`.
+    fn from(addr: SocketAddr) -> Self {
+        Endpoint::new(addr).addr(addr)
+    }
+}
+
+impl From<&str> for Endpoint {
+    /// An endpoint named `id`; when `id` parses as a socket address, it is also the address.
+    fn from(id: &str) -> Self {
+        match id.parse::<SocketAddr>() {
+            Ok(addr) => Endpoint::new(id).addr(addr),
+            Err(_) => Endpoint::new(id),
+        }
+    }
+}
+
+/// An endpoint as a strategy sees it: its description, its live state and the weight in force.
+///
+/// Candidates are built by the pool when it publishes a snapshot; strategies read them and never
+/// change them. Cloning is cheap (two reference counts).
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub(crate) endpoint: Arc<Endpoint>,
+    pub(crate) state: Arc<EndpointState>,
+    pub(crate) hash: u64,
+    pub(crate) weight: u32,
+}
+
+impl Candidate {
+    pub(crate) fn new(endpoint: Arc<Endpoint>, state: Arc<EndpointState>, weight: u32) -> Self {
+        let hash = endpoint.id().stable_hash();
+        Candidate {
+            endpoint,
+            state,
+            hash,
+            weight,
+        }
+    }
+
+    /// The endpoint's description.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The endpoint's id.
+    pub fn id(&self) -> &EndpointId {
+        self.endpoint.id()
+    }
+
+    /// The stable hash of the endpoint's id (see [`EndpointId::stable_hash`]).
+    pub fn id_hash(&self) -> u64 {
+        self.hash
+    }
+
+    /// The weight in force for this snapshot (at least 1).
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// The endpoint's live state.
+    pub fn state(&self) -> &Arc<EndpointState> {
+        &self.state
+    }
+
+    /// Requests currently in flight to this endpoint.
+    pub fn in_flight(&self) -> u64 {
+        self.state.in_flight()
+    }
+}

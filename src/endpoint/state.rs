@@ -1,0 +1,226 @@
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The health of an endpoint as the balancer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Health {
+    /// Eligible for traffic.
+    Healthy,
+    /// Marked down by an active health check.
+    Down,
+    /// Ejected by passive outlier detection.
+    Ejected,
+}
+
+const DOWN: u8 = 0b01;
+const EJECTED: u8 = 0b10;
+
+/// Live, lock-free state of one endpoint: load, latency and health.
+///
+/// Every counter is an atomic; the balancer updates them on the request path and strategies
+/// read them when picking. The state outlives re-weighting and survives in snapshots until the
+/// endpoint's last in-flight request ends.
+#[derive(Debug)]
+pub struct EndpointState {
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    /// Peak-EWMA of the round trip time in nanoseconds, stored as `f64` bits.
+    ewma_ns: AtomicU64,
+    /// When `ewma_ns` last changed, in nanoseconds since [`clock_base`].
+    ewma_at: AtomicU64,
+    health: AtomicU8,
+    decay_ns: f64,
+    /// Requests in flight over the whole pool, shared by all its endpoints.
+    pool_in_flight: Arc<AtomicU64>,
+}
+
+/// The instant all state timestamps count from.
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Nanoseconds from [`clock_base`] to `at`.
+pub(crate) fn clock_ns(at: Instant) -> u64 {
+    at.saturating_duration_since(clock_base()).as_nanos() as u64
+}
+
+impl EndpointState {
+    /// A fresh state: nothing in flight, healthy, latency estimate `default_rtt`, and a peak-EWMA
+    /// decay window of `decay`, counting its requests into the pool-wide `pool_in_flight`.
+    pub(crate) fn new(
+        default_rtt: Duration,
+        decay: Duration,
+        pool_in_flight: Arc<AtomicU64>,
+    ) -> Self {
+        EndpointState {
+            in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            ewma_ns: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
+            ewma_at: AtomicU64::new(clock_ns(Instant::now())),
+            health: AtomicU8::new(0),
+            decay_ns: decay.as_nanos().max(1) as f64,
+            pool_in_flight,
+        }
+    }
+
+    /// Requests now in flight to this endpoint.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests in flight over the whole pool this endpoint belongs to.
+    pub fn pool_in_flight(&self) -> u64 {
+        self.pool_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this endpoint since it joined the pool.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests to this endpoint that ended in an error.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The current health.
+    pub fn health(&self) -> Health {
+        let h = self.health.load(Ordering::Acquire);
+        if h & EJECTED != 0 {
+            Health::Ejected
+        } else if h & DOWN != 0 {
+            Health::Down
+        } else {
+            Health::Healthy
+        }
+    }
+
+    /// Whether the endpoint may take traffic.
+    pub fn is_healthy(&self) -> bool {
+        self.health.load(Ordering::Acquire) == 0
+    }
+
+    /// Sets or clears the "down" mark of active health checks; returns whether it changed.
+    pub(crate) fn set_down(&self, down: bool) -> bool {
+        self.set_flag(DOWN, down)
+    }
+
+    /// Sets or clears the "ejected" mark of passive health; returns whether it changed.
+    #[allow(dead_code)] // used by outlier detection
+    pub(crate) fn set_ejected(&self, ejected: bool) -> bool {
+        self.set_flag(EJECTED, ejected)
+    }
+
+    fn set_flag(&self, flag: u8, on: bool) -> bool {
+        let prev = if on {
+            self.health.fetch_or(flag, Ordering::AcqRel)
+        } else {
+            self.health.fetch_and(!flag, Ordering::AcqRel)
+        };
+        (prev & flag != 0) != on
+    }
+
+    /// The peak-EWMA latency estimate, without decay.
+    pub fn latency_ewma(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) as u64)
+    }
+
+    /// The peak-EWMA cost of sending one more request here at `now_ns`: the latency estimate,
+    /// decayed by the time since it was last fed (so an idle endpoint is probed again), times
+    /// the requests that would then be in flight.
+    pub(crate) fn peak_ewma_cost(&self, now_ns: u64) -> f64 {
+        let rtt = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let at = self.ewma_at.load(Ordering::Relaxed);
+        let idle = now_ns.saturating_sub(at) as f64;
+        let decayed = rtt * (-idle / self.decay_ns).exp();
+        decayed * (self.in_flight() + 1) as f64
+    }
+
+    /// Counts one request as started.
+    pub(crate) fn start(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.pool_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one request as ended after `rtt`, feeding the latency estimate.
+    pub(crate) fn finish(&self, rtt: Duration, now: Instant, failed: bool) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool_in_flight.fetch_sub(1, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let now_ns = clock_ns(now);
+        let rtt = rtt.as_nanos() as f64;
+        // Racing completions may each read the same previous estimate; one of their updates
+        // then wins. The estimate stays a valid EWMA either way, which is all picking needs.
+        let prev_at = self.ewma_at.swap(now_ns, Ordering::Relaxed);
+        let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let next = if rtt > prev {
+            // Peak sensitivity: a slow response raises the estimate at once.
+            rtt
+        } else {
+            let elapsed = now_ns.saturating_sub(prev_at) as f64;
+            let w = (-elapsed / self.decay_ns).exp();
+            prev * w + rtt * (1.0 - w)
+        };
+        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_flags_combine() {
+        let s = EndpointState::new(
+            Duration::from_millis(1),
+            Duration::from_secs(10),
+            Default::default(),
+        );
+        assert_eq!(s.health(), Health::Healthy);
+        assert!(s.set_down(true));
+        assert!(!s.set_down(true));
+        assert_eq!(s.health(), Health::Down);
+        assert!(s.set_ejected(true));
+        assert_eq!(s.health(), Health::Ejected);
+        assert!(s.set_down(false));
+        assert_eq!(s.health(), Health::Ejected);
+        assert!(s.set_ejected(false));
+        assert!(s.is_healthy());
+    }
+
+    #[test]
+    fn peak_ewma_jumps_up_and_decays_down() {
+        let s = EndpointState::new(
+            Duration::from_millis(1),
+            Duration::from_millis(100),
+            Default::default(),
+        );
+        let t0 = Instant::now();
+        s.start();
+        s.finish(Duration::from_millis(50), t0, false);
+        assert_eq!(s.latency_ewma(), Duration::from_millis(50));
+        s.start();
+        s.finish(
+            Duration::from_millis(10),
+            t0 + Duration::from_millis(100),
+            false,
+        );
+        let after = s.latency_ewma();
+        assert!(after < Duration::from_millis(50) && after > Duration::from_millis(10));
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(s.requests(), 2);
+        let now = clock_ns(t0 + Duration::from_secs(10));
+        assert!(
+            s.peak_ewma_cost(now) < 1.0,
+            "idle endpoints decay towards zero cost"
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! The error type of lbkit's services.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+use crate::endpoint::EndpointId;
+
+/// A type-erased error, as tower uses.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The error of a balanced request.
+///
+/// One opaque type with a kind inside, asked about with `is_*` methods (as `hyper::Error`):
+/// either no endpoint could take the request ([`is_no_endpoint`](Error::is_no_endpoint)),
+/// returned at once and never after a wait, or the picked endpoint's own service failed
+/// ([`is_endpoint`](Error::is_endpoint)), with that error as the [`source`](StdError::source)
+/// and the endpoint's id at hand for retrying elsewhere.
+pub struct Error {
+    kind: Kind,
+    endpoint: Option<EndpointId>,
+    source: Option<BoxError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    NoEndpoint,
+    Endpoint,
+}
+
+impl Error {
+    /// No endpoint is available: the pool is empty, or none is healthy, or all that are were
+    /// excluded for this request.
+    pub(crate) fn no_endpoint() -> Self {
+        Error {
+            kind: Kind::NoEndpoint,
+            endpoint: None,
+            source: None,
+        }
+    }
+
+    /// The service of endpoint `id` failed with `source`.
+    pub(crate) fn endpoint(id: EndpointId, source: BoxError) -> Self {
+        Error {
+            kind: Kind::Endpoint,
+            endpoint: Some(id),
+            source: Some(source),
+        }
+    }
+
+    /// Whether no endpoint was available for the request.
+    pub fn is_no_endpoint(&self) -> bool {
+        self.kind == Kind::NoEndpoint
+    }
+
+    /// Whether the picked endpoint's service failed.
+    pub fn is_endpoint(&self) -> bool {
+        self.kind == Kind::Endpoint
+    }
+
+    /// The endpoint the request went to, if it got that far.
+    pub fn endpoint_id(&self) -> Option<&EndpointId> {
+        self.endpoint.as_ref()
+    }
+
+    /// Takes the endpoint service's own error out, if there is one.
+    pub fn into_source(self) -> Option<BoxError> {
+        self.source
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("lbkit::Error");
+        d.field("kind", &self.kind);
+        if let Some(id) = &self.endpoint {
+            d.field("endpoint", id);
+        }
+        if let Some(src) = &self.source {
+            d.field("source", src);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.kind, &self.endpoint) {
+            (Kind::NoEndpoint, _) => f.write_str("no endpoint available"),
+            (Kind::Endpoint, Some(id)) => write!(f, "endpoint {id} failed"),
+            (Kind::Endpoint, None) => f.write_str("endpoint failed"),
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_display() {
+        let e = Error::no_endpoint();
+        assert!(e.is_no_endpoint() && !e.is_endpoint());
+        assert_eq!(e.to_string(), "no endpoint available");
+        let e = Error::endpoint("a".into(), "refused".into());
+        assert!(e.is_endpoint());
+        assert_eq!(e.endpoint_id().unwrap().as_str(), "a");
+        assert_eq!(e.source().unwrap().to_string(), "refused");
+    }
+}

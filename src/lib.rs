@@ -1,0 +1,54 @@
+//! # lbkit
+//!
+//! Load balancing as composable [tower](https://docs.rs/tower) layers and services: build your
+//! own reverse proxy (with axum or hyper) or client-side balancer (a hyper client, a tonic
+//! channel) from small parts.
+//!
+//! - [`pool`]: the live set of endpoints, read lock-free on every request;
+//! - [`strategy`]: how one endpoint is picked (round robin, random, least connections, power of
+//!   two choices, peak EWMA, Maglev, a bounded-load hash ring);
+//! - [`balance`]: the [`Balancer`] service and [`BalancerLayer`];
+//! - [`hints`]: what outer layers tell the balancer about a request (hash key, preferred
+//!   endpoint, endpoints to avoid);
+//! - [`endpoint`]: endpoint descriptions and their live state.
+//!
+//! ```
+//! use lbkit::{Balancer, Endpoint, strategy::RoundRobin};
+//! use tower::{service_fn, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! // Three endpoints, weighted 2:1:1; each endpoint's service says who it is.
+//! let endpoints = [Endpoint::new("a").weight(2), Endpoint::new("b"), Endpoint::new("c")];
+//! let balancer = Balancer::new(endpoints, RoundRobin::new(), |ep: &Endpoint| {
+//!     let id = ep.id().clone();
+//!     service_fn(move |_req: http::Request<()>| {
+//!         let id = id.clone();
+//!         async move { Ok::<_, std::convert::Infallible>(id) }
+//!     })
+//! });
+//!
+//! let mut served = Vec::new();
+//! for _ in 0..4 {
+//!     served.push(balancer.clone().oneshot(http::Request::new(())).await.unwrap());
+//! }
+//! served.sort();
+//! assert_eq!(served, ["a", "a", "b", "c"]);
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![deny(unsafe_code)]
+
+pub mod balance;
+pub mod endpoint;
+mod error;
+pub mod hash;
+pub mod hints;
+pub mod pool;
+pub mod strategy;
+
+pub use balance::{Balancer, BalancerLayer};
+pub use endpoint::{Endpoint, EndpointId, Tier};
+pub use error::{BoxError, Error};
+pub use hints::PickHints;
+pub use pool::Pool;

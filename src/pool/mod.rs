@@ -1,0 +1,360 @@
+//! The endpoint pool: the live set of endpoints, published as lock-free snapshots.
+//!
+//! A [`Pool`] holds each endpoint's description, live state and service. Every change (insert,
+//! remove, re-weight, a health mark) builds a new immutable [`Snapshot`] of the eligible
+//! endpoints, with the strategy's prepared state, and swaps it in atomically. Requests read the
+//! current snapshot without a lock ([`arc_swap`]), so a change never stalls a pick: picks go on
+//! over the old snapshot until the new one is in place.
+//!
+//! A removed endpoint leaves the next snapshot at once and gets no new requests; requests
+//! already in flight hold its service and state and finish normally (draining), and the service
+//! is dropped when the last of them ends.
+
+mod snapshot;
+
+pub use snapshot::Snapshot;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::endpoint::{Candidate, Endpoint, EndpointId, EndpointState};
+use crate::hints::PickHints;
+use crate::strategy::{PickContext, Strategy};
+
+/// Builds a [`Pool`] with non-default settings.
+#[derive(Clone, Debug)]
+pub struct PoolBuilder<St> {
+    strategy: St,
+    default_rtt: Duration,
+    decay: Duration,
+}
+
+impl<St: Strategy> PoolBuilder<St> {
+    /// Sets the latency a new endpoint is assumed to have until it answers (default 30 ms).
+    pub fn default_rtt(mut self, rtt: Duration) -> Self {
+        self.default_rtt = rtt;
+        self
+    }
+
+    /// Sets the decay window of the peak-EWMA latency estimate (default 10 s): how long a
+    /// slow response keeps weighing on an endpoint's cost.
+    pub fn latency_decay(mut self, decay: Duration) -> Self {
+        self.decay = decay;
+        self
+    }
+
+    /// Builds the pool; `make` builds the service of each endpoint when it joins.
+    pub fn build<S, F>(self, make: F) -> Pool<S, St>
+    where
+        F: Fn(&Endpoint) -> S + Send + Sync + 'static,
+    {
+        let inner = Inner {
+            current: ArcSwap::from_pointee(Snapshot::empty(&self.strategy)),
+            members: Mutex::new(BTreeMap::new()),
+            strategy: self.strategy,
+            make: Box::new(make),
+            default_rtt: self.default_rtt,
+            decay: self.decay,
+            in_flight: Arc::new(AtomicU64::new(0)),
+        };
+        Pool {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// A live set of endpoints and their services, read lock-free on every request.
+///
+/// Cheap to clone (a reference count) and usable from any task or thread: clones share the
+/// same endpoints. See the [module docs](self).
+pub struct Pool<S, St: Strategy> {
+    inner: Arc<Inner<S, St>>,
+}
+
+struct Member<S> {
+    endpoint: Arc<Endpoint>,
+    state: Arc<EndpointState>,
+    service: S,
+}
+
+type MakeService<S> = Box<dyn Fn(&Endpoint) -> S + Send + Sync>;
+
+struct Inner<S, St: Strategy> {
+    current: ArcSwap<Snapshot<S, St::State>>,
+    /// The writers' view; only changes take this lock, never picks.
+    members: Mutex<BTreeMap<EndpointId, Member<S>>>,
+    strategy: St,
+    make: MakeService<S>,
+    default_rtt: Duration,
+    decay: Duration,
+    in_flight: Arc<AtomicU64>,
+}
+
+impl<S, St: Strategy> Clone for Pool<S, St> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S, St: Strategy> fmt::Debug for Pool<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snap = self.inner.current.load();
+        f.debug_struct("Pool")
+            .field("strategy", &self.inner.strategy.name())
+            .field("endpoints", &snap.len())
+            .field("eligible", &snap.eligible().len())
+            .finish()
+    }
+}
+
+/// A batch of changes, applied as one new snapshot by [`Pool::update`].
+pub struct Changes<'a, S> {
+    members: &'a mut BTreeMap<EndpointId, Member<S>>,
+    make: &'a (dyn Fn(&Endpoint) -> S + Send + Sync),
+    new_state: &'a dyn Fn() -> EndpointState,
+    changed: bool,
+}
+
+impl<S> fmt::Debug for Changes<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Changes")
+            .field("endpoints", &self.members.keys().collect::<Vec<_>>())
+            .field("changed", &self.changed)
+            .finish()
+    }
+}
+
+impl<S> Changes<'_, S> {
+    /// Adds an endpoint, or updates the weight, tier and address of the one with its id. An
+    /// endpoint keeps its live state across updates; its service is rebuilt only when its
+    /// address changes.
+    pub fn insert(&mut self, endpoint: Endpoint) {
+        match self.members.get_mut(endpoint.id()) {
+            Some(m) if *m.endpoint == endpoint => {}
+            Some(m) => {
+                if m.endpoint.socket_addr() != endpoint.socket_addr() {
+                    m.service = (self.make)(&endpoint);
+                }
+                m.endpoint = Arc::new(endpoint);
+                self.changed = true;
+            }
+            None => {
+                let member = Member {
+                    service: (self.make)(&endpoint),
+                    state: Arc::new((self.new_state)()),
+                    endpoint: Arc::new(endpoint),
+                };
+                tracing::debug!(endpoint = %member.endpoint.id(), "endpoint added");
+                self.members.insert(member.endpoint.id().clone(), member);
+                self.changed = true;
+            }
+        }
+    }
+
+    /// Removes an endpoint; returns whether it was there. Its in-flight requests finish.
+    pub fn remove(&mut self, id: &EndpointId) -> bool {
+        let removed = self.members.remove(id).is_some();
+        if removed {
+            tracing::debug!(endpoint = %id, "endpoint removed");
+        }
+        self.changed |= removed;
+        removed
+    }
+
+    /// Sets an endpoint's weight; returns whether the endpoint exists.
+    pub fn set_weight(&mut self, id: &EndpointId, weight: u32) -> bool {
+        let Some(m) = self.members.get(id) else {
+            return false;
+        };
+        let updated = (*m.endpoint).clone().weight(weight);
+        self.insert(updated);
+        true
+    }
+
+    /// Removes every endpoint whose id is not in `keep`, and inserts or updates the ones in it.
+    pub fn replace_all(&mut self, keep: impl IntoIterator<Item = Endpoint>) {
+        let keep: Vec<Endpoint> = keep.into_iter().collect();
+        let gone: Vec<EndpointId> = self
+            .members
+            .keys()
+            .filter(|id| !keep.iter().any(|e| e.id() == *id))
+            .cloned()
+            .collect();
+        for id in &gone {
+            self.remove(id);
+        }
+        for e in keep {
+            self.insert(e);
+        }
+    }
+}
+
+impl<S: Clone, St: Strategy> Pool<S, St> {
+    /// A builder for a pool using `strategy`.
+    pub fn builder(strategy: St) -> PoolBuilder<St> {
+        PoolBuilder {
+            strategy,
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        }
+    }
+
+    /// An empty pool using `strategy`; `make` builds each endpoint's service when it joins.
+    pub fn new<F>(strategy: St, make: F) -> Self
+    where
+        F: Fn(&Endpoint) -> S + Send + Sync + 'static,
+    {
+        Self::builder(strategy).build(make)
+    }
+
+    /// The strategy.
+    pub fn strategy(&self) -> &St {
+        &self.inner.strategy
+    }
+
+    /// The current snapshot. Holding it keeps its endpoints' services alive; drop it soon.
+    pub fn snapshot(&self) -> Arc<Snapshot<S, St::State>> {
+        self.inner.current.load_full()
+    }
+
+    /// The current snapshot, borrowed for a pick (no reference count is taken).
+    #[inline]
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<Snapshot<S, St::State>>> {
+        self.inner.current.load()
+    }
+
+    /// Applies a batch of changes as one new snapshot (published only if something changed).
+    /// Returns what `f` returns.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Changes<'_, S>) -> R) -> R {
+        let mut members = self.lock();
+        let inner = &*self.inner;
+        let new_state =
+            || EndpointState::new(inner.default_rtt, inner.decay, inner.in_flight.clone());
+        let mut changes = Changes {
+            members: &mut members,
+            make: &*inner.make,
+            new_state: &new_state,
+            changed: false,
+        };
+        let out = f(&mut changes);
+        if changes.changed {
+            self.publish(&members);
+        }
+        out
+    }
+
+    /// Adds an endpoint, or updates the one with its id (see [`Changes::insert`]).
+    pub fn insert(&self, endpoint: Endpoint) {
+        self.update(|c| c.insert(endpoint));
+    }
+
+    /// Adds or updates many endpoints as one change.
+    pub fn extend(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
+        self.update(|c| endpoints.into_iter().for_each(|e| c.insert(e)));
+    }
+
+    /// Removes an endpoint; returns whether it was there. Its in-flight requests finish.
+    pub fn remove(&self, id: &EndpointId) -> bool {
+        self.update(|c| c.remove(id))
+    }
+
+    /// Sets an endpoint's weight; returns whether the endpoint exists.
+    pub fn set_weight(&self, id: &EndpointId, weight: u32) -> bool {
+        self.update(|c| c.set_weight(id, weight))
+    }
+
+    /// Marks an endpoint down (or up again) on the word of a health check; a down endpoint gets
+    /// no new requests. Returns whether its health changed.
+    pub fn set_down(&self, id: &EndpointId, down: bool) -> bool {
+        let members = self.lock();
+        let Some(m) = members.get(id) else {
+            return false;
+        };
+        let changed = m.state.set_down(down);
+        if changed {
+            tracing::info!(endpoint = %id, healthy = !down, "endpoint health changed");
+            self.publish(&members);
+        }
+        changed
+    }
+
+    /// Every endpoint in the pool (eligible or not) with its live state, in id order.
+    pub fn endpoints(&self) -> Vec<(Endpoint, Arc<EndpointState>)> {
+        self.lock()
+            .values()
+            .map(|m| ((*m.endpoint).clone(), m.state.clone()))
+            .collect()
+    }
+
+    /// The live state of one endpoint.
+    pub fn state(&self, id: &EndpointId) -> Option<Arc<EndpointState>> {
+        self.lock().get(id).map(|m| m.state.clone())
+    }
+
+    /// Requests in flight over the whole pool.
+    pub fn in_flight(&self) -> u64 {
+        self.inner
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Picks an endpoint for a request with `hints` (or none), without sending anything: the
+    /// returned [`Candidate`] and a clone of its service. This is what a
+    /// [`Balancer`](crate::Balancer) does for each request; use it to balance something that is
+    /// not a tower `Service` (such as raw TCP connections).
+    pub fn pick(&self, hints: Option<&PickHints>) -> Option<(Candidate, S)>
+    where
+        S: Clone,
+    {
+        let snap = self.load();
+        let i = snap.pick(&self.inner.strategy, hints)?;
+        Some((snap.eligible()[i].clone(), snap.services[i].clone()))
+    }
+
+    /// Picks with a bare [`PickContext`] (no preferred endpoint); returns the candidate index in
+    /// `snapshot`. For benchmarks and custom balancers that hold a snapshot themselves.
+    #[inline]
+    pub fn pick_in(
+        &self,
+        snapshot: &Snapshot<S, St::State>,
+        ctx: &PickContext<'_>,
+    ) -> Option<usize> {
+        snapshot.pick_ctx(&self.inner.strategy, ctx)
+    }
+
+    #[inline]
+    pub(crate) fn pick_with<R>(
+        &self,
+        hints: Option<&PickHints>,
+        f: impl FnOnce(&Candidate, &S) -> R,
+    ) -> Option<R> {
+        let snap = self.load();
+        let i = snap.pick(&self.inner.strategy, hints)?;
+        Some(f(&snap.eligible()[i], &snap.services[i]))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<EndpointId, Member<S>>> {
+        // A panic while holding the lock cannot leave the map half-changed in a way that
+        // matters: each change is a single insert or remove. Go on with it.
+        self.inner.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, members: &BTreeMap<EndpointId, Member<S>>) {
+        let prev = self.inner.current.load().version();
+        let snap = Snapshot::build(
+            &self.inner.strategy,
+            members
+                .values()
+                .map(|m| (&m.endpoint, &m.state, &m.service)),
+            prev + 1,
+        );
+        self.inner.current.store(Arc::new(snap));
+    }
+}

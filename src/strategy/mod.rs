@@ -1,0 +1,149 @@
+//! Strategies: how one endpoint is picked from the eligible ones.
+//!
+//! A [`Strategy`] works in two steps. When the pool publishes a new snapshot (endpoints added,
+//! removed, re-weighted, or a health change), [`Strategy::prepare`] builds whatever the strategy
+//! needs from the eligible [`Candidate`]s: a smooth weighted round-robin schedule, a Maglev
+//! lookup table, a hash ring. On every request, [`Strategy::pick`] reads that prepared state and
+//! the candidates' live counters and returns one index. Picking takes `&self` and `&State`: it
+//! never locks, and the built-in strategies of round robin, power of two choices and Maglev
+//! never allocate.
+//!
+//! | strategy | pick cost | uses |
+//! |---|---|---|
+//! | [`RoundRobin`] | O(1) | smooth weighted order, exact proportions per cycle |
+//! | [`Random`] | O(1), O(log n) weighted | stateless spreading |
+//! | [`LeastConnections`] | O(n) | fewest in flight per weight, ties broken at random |
+//! | [`PowerOfTwoChoices`] | O(1) | the less loaded of two random endpoints |
+//! | [`PeakEwma`] | O(1) | the lower latency × load of two random endpoints |
+//! | [`Maglev`] | O(1) | consistent hashing on the request's hash key |
+//! | [`Ring`] | O(log n) | consistent hashing with bounded load |
+//!
+//! [`AnyStrategy`] chooses among the built-in ones at run time (from a flag or a config file).
+
+mod any;
+mod least_connections;
+mod maglev;
+mod p2c;
+mod random;
+mod ring;
+mod round_robin;
+
+pub use any::{AnyState, AnyStrategy, UnknownStrategy};
+pub use least_connections::LeastConnections;
+pub use maglev::{Maglev, MaglevTable};
+pub use p2c::{PeakEwma, PowerOfTwoChoices};
+pub use random::{Random, RandomState};
+pub use ring::{Ring, RingState};
+pub use round_robin::{RoundRobin, Schedule};
+
+use crate::endpoint::{Candidate, EndpointId};
+
+/// Picks one endpoint among the eligible candidates of a snapshot.
+///
+/// Implementations must uphold one rule: when `ctx` allows at least one candidate, the picked
+/// index is of an allowed candidate (see [`PickContext::allows`]).
+pub trait Strategy: Send + Sync + 'static {
+    /// What the strategy precomputes per snapshot.
+    type State: Send + Sync + 'static;
+
+    /// Builds the per-snapshot state from the eligible candidates (never empty).
+    fn prepare(&self, candidates: &[Candidate]) -> Self::State;
+
+    /// Picks the index of one candidate in `candidates` (never empty; the same slice `state`
+    /// was prepared from), or `None` when the context allows none of them.
+    fn pick(
+        &self,
+        state: &Self::State,
+        candidates: &[Candidate],
+        ctx: &PickContext<'_>,
+    ) -> Option<usize>;
+
+    /// A short name for logs and metrics, such as `"round_robin"`.
+    fn name(&self) -> &'static str;
+}
+
+/// What the request tells the strategy: an optional hash key and endpoints to avoid.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PickContext<'a> {
+    hash: Option<u64>,
+    avoid: &'a [EndpointId],
+}
+
+impl<'a> PickContext<'a> {
+    /// A context with no hash key and nothing to avoid.
+    pub fn new() -> Self {
+        PickContext::default()
+    }
+
+    /// Sets the hash key that consistent-hashing strategies route on.
+    pub fn with_hash(mut self, hash: u64) -> Self {
+        self.hash = Some(hash);
+        self
+    }
+
+    /// Sets the endpoints that must not be picked while another one is allowed (for example
+    /// the ones a retried request already failed on).
+    pub fn avoiding(mut self, avoid: &'a [EndpointId]) -> Self {
+        self.avoid = avoid;
+        self
+    }
+
+    /// The hash key, if the request has one.
+    pub fn hash(&self) -> Option<u64> {
+        self.hash
+    }
+
+    /// The endpoints to avoid.
+    pub fn avoid(&self) -> &'a [EndpointId] {
+        self.avoid
+    }
+
+    /// Whether `candidate` may be picked.
+    #[inline]
+    pub fn allows(&self, candidate: &Candidate) -> bool {
+        self.avoid.is_empty() || !self.avoid.contains(candidate.id())
+    }
+
+    /// Whether nothing is to be avoided.
+    #[inline]
+    pub fn avoids_nothing(&self) -> bool {
+        self.avoid.is_empty()
+    }
+}
+
+/// The first allowed candidate at or after `start`, wrapping around; `None` if none is allowed.
+///
+/// Strategies fall back to this when their own choice is avoided.
+pub fn next_allowed(
+    candidates: &[Candidate],
+    ctx: &PickContext<'_>,
+    start: usize,
+) -> Option<usize> {
+    let n = candidates.len();
+    (0..n)
+        .map(|i| (start + i) % n)
+        .find(|&i| ctx.allows(&candidates[i]))
+}
+
+/// A fast per-thread random number generator for picking.
+pub(crate) mod fast_rand {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    use std::cell::RefCell;
+
+    thread_local! {
+        static RNG: RefCell<SmallRng> = RefCell::new(SmallRng::from_rng(&mut rand::rng()));
+    }
+
+    /// A uniformly random number in `0..n` (`n > 0`).
+    #[inline]
+    pub(crate) fn below(n: usize) -> usize {
+        RNG.with(|r| r.borrow_mut().random_range(0..n))
+    }
+
+    /// A uniformly random `u64`.
+    #[inline]
+    pub(crate) fn u64() -> u64 {
+        RNG.with(|r| r.borrow_mut().random())
+    }
+}

@@ -1,0 +1,152 @@
+use super::least_connections::cmp_load;
+use super::{fast_rand, PickContext, Strategy};
+use crate::endpoint::Candidate;
+use crate::hash::mix64;
+
+/// A consistent hash ring with bounded load (Mirrokni et al., "Consistent Hashing with Bounded
+/// Loads", 2016).
+///
+/// Each endpoint owns `replicas × weight / max weight` points on a 64-bit ring (at least one).
+/// A request's hash key (see [`PickContext::with_hash`]) goes to the first point clockwise whose
+/// endpoint is not overloaded, where overloaded means more than `load_factor` times the mean
+/// in-flight load (counting this request). So keys stay put while load is even, and a hot key
+/// spills over to its next endpoint on the ring rather than swamping one server. A pick is a
+/// binary search (O(log n)) plus a short walk; requests without a key get a random point.
+#[derive(Clone, Copy, Debug)]
+pub struct Ring {
+    replicas: u32,
+    load_factor: f64,
+}
+
+impl Default for Ring {
+    fn default() -> Self {
+        Ring::new()
+    }
+}
+
+impl Ring {
+    /// The most points a ring holds; larger pools get fewer points per endpoint.
+    pub const MAX_POINTS: usize = 1 << 21;
+
+    /// A ring with 100 points per endpoint and a load factor of 1.25.
+    pub fn new() -> Self {
+        Ring {
+            replicas: 100,
+            load_factor: 1.25,
+        }
+    }
+
+    /// Sets the points per endpoint of the highest weight (at least 1).
+    pub fn replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas.max(1);
+        self
+    }
+
+    /// Sets how far above the mean load an endpoint may go before keys spill over (at least
+    /// 1.0); `f64::INFINITY` turns bounding off, giving a plain consistent hash ring.
+    pub fn load_factor(mut self, factor: f64) -> Self {
+        self.load_factor = if factor.is_nan() {
+            1.25
+        } else {
+            factor.max(1.0)
+        };
+        self
+    }
+}
+
+/// The per-snapshot state of [`Ring`]: the sorted points.
+#[derive(Debug)]
+pub struct RingState {
+    points: Vec<(u64, u32)>,
+}
+
+impl RingState {
+    /// The ring's points, sorted: `(position, candidate index)`.
+    pub fn points(&self) -> &[(u64, u32)] {
+        &self.points
+    }
+}
+
+impl Strategy for Ring {
+    type State = RingState;
+
+    fn prepare(&self, candidates: &[Candidate]) -> RingState {
+        let max_w = candidates
+            .iter()
+            .map(|c| c.weight().max(1))
+            .max()
+            .unwrap_or(1);
+        let want: u64 = candidates
+            .iter()
+            .map(|c| {
+                (u64::from(self.replicas) * u64::from(c.weight().max(1)) / u64::from(max_w)).max(1)
+            })
+            .sum();
+        let scale = (Self::MAX_POINTS as f64 / want as f64).min(1.0);
+        let mut points = Vec::with_capacity(want.min(Self::MAX_POINTS as u64) as usize);
+        for (i, c) in candidates.iter().enumerate() {
+            let per = u64::from(self.replicas) * u64::from(c.weight().max(1)) / u64::from(max_w);
+            let per = ((per as f64 * scale) as u64).max(1);
+            for k in 0..per {
+                let at = mix64(c.id_hash() ^ mix64(k.wrapping_add(1)));
+                points.push((at, i as u32));
+            }
+        }
+        // Ties on a position are settled by id, so independent builds agree.
+        points.sort_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                candidates[a.1 as usize]
+                    .id()
+                    .cmp(candidates[b.1 as usize].id())
+            })
+        });
+        RingState { points }
+    }
+
+    fn pick(
+        &self,
+        s: &RingState,
+        candidates: &[Candidate],
+        ctx: &PickContext<'_>,
+    ) -> Option<usize> {
+        let key = ctx.hash().unwrap_or_else(fast_rand::u64);
+        let len = s.points.len();
+        let start = s.points.partition_point(|p| p.0 < key);
+        let n = candidates.len() as f64;
+        let mut limit: Option<f64> = None;
+        let mut first_allowed = None;
+        for k in 0..len {
+            let idx = s.points[(start + k) % len].1 as usize;
+            let c = &candidates[idx];
+            if !ctx.allows(c) {
+                continue;
+            }
+            first_allowed.get_or_insert(idx);
+            let load = c.in_flight();
+            if load == 0 || self.load_factor.is_infinite() {
+                return Some(idx);
+            }
+            let limit = *limit.get_or_insert_with(|| {
+                let total = c.state().pool_in_flight() as f64;
+                (self.load_factor * (total + 1.0) / n).ceil()
+            });
+            if (load + 1) as f64 <= limit {
+                return Some(idx);
+            }
+        }
+        // Everything allowed is over the bound (only possible under racing updates):
+        // the least loaded allowed endpoint.
+        first_allowed.map(|first| {
+            candidates
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| ctx.allows(c))
+                .min_by(|a, b| cmp_load(a.1, b.1))
+                .map_or(first, |(i, _)| i)
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "ring"
+    }
+}
