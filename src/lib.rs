@@ -43,6 +43,7 @@ pub mod balance;
 pub mod endpoint;
 mod error;
 pub mod hash;
+pub mod health;
 pub mod hints;
 pub mod pool;
 pub mod strategy;

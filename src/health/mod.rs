@@ -1,0 +1,1 @@
+//! Health: active checks, passive outlier detection, slow start and the panic threshold.
