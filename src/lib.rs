@@ -10,7 +10,9 @@
 //! - [`balance`]: the [`Balancer`] service and [`BalancerLayer`];
 //! - [`hints`]: what outer layers tell the balancer about a request (hash key, preferred
 //!   endpoint, endpoints to avoid);
-//! - [`endpoint`]: endpoint descriptions and their live state.
+//! - [`endpoint`]: endpoint descriptions and their live state;
+//! - [`health`]: active health checks, outlier detection, slow start;
+//! - [`proxy`]: HTTP forwarding and error mapping for reverse proxies (feature `http-proxy`).
 //!
 //! ```
 //! use lbkit::{Balancer, Endpoint, strategy::RoundRobin};
@@ -46,6 +48,7 @@ pub mod hash;
 pub mod health;
 pub mod hints;
 pub mod pool;
+pub mod proxy;
 pub mod strategy;
 
 pub use balance::{Balancer, BalancerLayer};

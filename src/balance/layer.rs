@@ -15,12 +15,37 @@ use crate::strategy::Strategy;
 /// [`RouteToEndpoint`] inserts it, so that one inner service (a forwarding proxy, a client) can
 /// serve every endpoint by reading where to send each request.
 #[derive(Clone, Debug)]
-pub struct Target(Arc<Endpoint>);
+pub struct Target(Arc<TargetInner>);
+
+#[derive(Debug)]
+struct TargetInner {
+    endpoint: Endpoint,
+    authority: Option<http::uri::Authority>,
+}
 
 impl Target {
+    /// A target for `endpoint`.
+    pub fn new(endpoint: &Endpoint) -> Self {
+        let authority = match endpoint.socket_addr() {
+            Some(addr) => http::uri::Authority::try_from(addr.to_string()).ok(),
+            None => http::uri::Authority::try_from(endpoint.id().as_str()).ok(),
+        };
+        Target(Arc::new(TargetInner {
+            endpoint: endpoint.clone(),
+            authority,
+        }))
+    }
+
     /// The endpoint to send the request to.
     pub fn endpoint(&self) -> &Endpoint {
-        &self.0
+        &self.0.endpoint
+    }
+
+    /// The endpoint as a URI authority (`host:port`): its socket address, or else its id when
+    /// that is a valid authority. Computed once per endpoint, so forwarding does not format it
+    /// per request.
+    pub fn authority(&self) -> Option<&http::uri::Authority> {
+        self.0.authority.as_ref()
     }
 }
 
@@ -37,7 +62,7 @@ impl<S> RouteToEndpoint<S> {
     pub fn new(inner: S, endpoint: &Endpoint) -> Self {
         RouteToEndpoint {
             inner,
-            target: Target(Arc::new(endpoint.clone())),
+            target: Target::new(endpoint),
         }
     }
 }

@@ -1,0 +1,261 @@
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::{Either, Full};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::{BoxError, Error};
+
+/// Why forwarding a request to a backend failed.
+pub struct ForwardError {
+    kind: Kind,
+    source: Option<BoxError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    NoTarget,
+    Connect,
+    Timeout,
+    Other,
+}
+
+impl ForwardError {
+    pub(crate) fn no_target() -> Self {
+        ForwardError {
+            kind: Kind::NoTarget,
+            source: None,
+        }
+    }
+
+    pub(crate) fn timeout() -> Self {
+        ForwardError {
+            kind: Kind::Timeout,
+            source: None,
+        }
+    }
+
+    pub(crate) fn other(source: BoxError) -> Self {
+        ForwardError {
+            kind: Kind::Other,
+            source: Some(source),
+        }
+    }
+
+    pub(crate) fn from_client(e: hyper_util::client::legacy::Error) -> Self {
+        ForwardError {
+            kind: if e.is_connect() {
+                Kind::Connect
+            } else {
+                Kind::Other
+            },
+            source: Some(e.into()),
+        }
+    }
+
+    /// The backend could not be connected to (refused, unreachable).
+    pub fn is_connect(&self) -> bool {
+        self.kind == Kind::Connect
+    }
+
+    /// The backend did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
+    }
+
+    /// The request had no [`Target`](crate::balance::Target): `Forward` was used without a
+    /// balancer in front of it.
+    pub fn is_no_target(&self) -> bool {
+        self.kind == Kind::NoTarget
+    }
+}
+
+impl fmt::Debug for ForwardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForwardError")
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.kind {
+            Kind::NoTarget => "request has no target endpoint",
+            Kind::Connect => "could not connect to the backend",
+            Kind::Timeout => "backend timed out",
+            Kind::Other => "backend request failed",
+        })
+    }
+}
+
+impl StdError for ForwardError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// The HTTP status a proxy should answer for a failed request.
+///
+/// No endpoint available: 503. A timeout anywhere in the chain (a [`ForwardError`] timeout or
+/// tower's `Elapsed`): 504. Anything else (refused, reset, protocol error): 502.
+pub fn status_for(error: &(dyn StdError + 'static)) -> StatusCode {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(e) = cur {
+        if let Some(e) = e.downcast_ref::<Error>() {
+            if e.is_no_endpoint() {
+                return StatusCode::SERVICE_UNAVAILABLE;
+            }
+        }
+        if let Some(f) = e.downcast_ref::<ForwardError>() {
+            if f.is_timeout() {
+                return StatusCode::GATEWAY_TIMEOUT;
+            }
+        }
+        if e.is::<tower::timeout::error::Elapsed>() {
+            return StatusCode::GATEWAY_TIMEOUT;
+        }
+        cur = e.source();
+    }
+    StatusCode::BAD_GATEWAY
+}
+
+/// A [`Layer`] that turns a proxy's errors into HTTP responses (see [`status_for`]), so the
+/// service can be handed to a hyper server as is.
+///
+/// The body is the status line's text alone: it never carries the error's details, which can
+/// name a backend address. The error is logged (`tracing` at `warn`) for the operator.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ErrorResponseLayer {
+    _priv: (),
+}
+
+impl ErrorResponseLayer {
+    /// Creates the layer.
+    pub fn new() -> Self {
+        ErrorResponseLayer { _priv: () }
+    }
+}
+
+impl<S> Layer<S> for ErrorResponseLayer {
+    type Service = ErrorResponse<S>;
+
+    fn layer(&self, inner: S) -> ErrorResponse<S> {
+        ErrorResponse { inner }
+    }
+}
+
+/// The service of [`ErrorResponseLayer`].
+#[derive(Clone, Debug)]
+pub struct ErrorResponse<S> {
+    inner: S,
+}
+
+/// The body of a proxied response: the backend's, or the proxy's own for an error.
+pub type ProxyBody<B> = Either<B, Full<Bytes>>;
+
+/// The response the proxy sends for `status`: a short plain-text body naming the status only.
+pub fn error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
+    let text = match status {
+        StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
+        StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",
+        StatusCode::BAD_GATEWAY => "502 Bad Gateway\n",
+        _ => "error\n",
+    };
+    let mut res = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+impl<S, Req, B> Service<Req> for ErrorResponse<S>
+where
+    S: Service<Req, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ProxyBody<B>>;
+    type Error = Infallible;
+    type Future = ErrorResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // An inner service that fails readiness has no way back; report it per request instead.
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        ErrorResponseFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`ErrorResponse`].
+    #[derive(Debug)]
+    pub struct ErrorResponseFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for ErrorResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<ProxyBody<B>>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
+            Ok(res) => res.map(Either::Left),
+            Err(e) => {
+                let e: BoxError = e.into();
+                let status = status_for(&*e);
+                tracing::warn!(error = %e, source = ?e.source(), %status, "proxy error");
+                error_response(status)
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let e: BoxError = Box::new(Error::no_endpoint());
+        assert_eq!(status_for(&*e), StatusCode::SERVICE_UNAVAILABLE);
+        let e: BoxError = Box::new(Error::endpoint(
+            "a".into(),
+            Box::new(ForwardError::timeout()),
+        ));
+        assert_eq!(status_for(&*e), StatusCode::GATEWAY_TIMEOUT);
+        let e: BoxError = Box::new(Error::endpoint(
+            "a".into(),
+            Box::new(tower::timeout::error::Elapsed::new()),
+        ));
+        assert_eq!(status_for(&*e), StatusCode::GATEWAY_TIMEOUT);
+        let e: BoxError = Box::new(Error::endpoint("a".into(), "reset".into()));
+        assert_eq!(status_for(&*e), StatusCode::BAD_GATEWAY);
+    }
+}

@@ -1,0 +1,317 @@
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{self, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower_service::Service;
+
+use super::headers::{append_forwarded, is_upgrade, remove_hop_by_hop, ForwardedHeaders};
+use super::ForwardError;
+use crate::balance::Target;
+use crate::error::BoxError;
+
+/// The address of the client a request came from, put in the request's extensions by the
+/// server that accepted it; [`Forward`] writes it into `X-Forwarded-For`/`Forwarded`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Settings of a [`Forward`] service.
+#[derive(Clone, Debug)]
+struct Config {
+    forwarded: ForwardedHeaders,
+    proto: &'static str,
+    timeout: Option<Duration>,
+    preserve_host: bool,
+    http2: bool,
+    hide: Vec<http::HeaderName>,
+}
+
+/// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
+/// extension (which a [`BalancerLayer`](crate::BalancerLayer) sets) over pooled keep-alive
+/// connections.
+///
+/// On the way it rewrites the URI to the endpoint, keeps the client's `Host` (see
+/// [`preserve_host`](Forward::preserve_host)), removes hop-by-hop headers in both directions,
+/// writes `X-Forwarded-For`/`-Proto`/`-Host` or `Forwarded` (see
+/// [`forwarded`](Forward::forwarded)) from the [`ClientAddr`] extension, and can hide response
+/// headers that reveal the backend. Bodies stream through in both directions without being
+/// buffered. A protocol upgrade (WebSocket) is passed through end to end: when the backend
+/// answers `101 Switching Protocols`, the two upgraded connections are spliced.
+///
+/// Errors are [`ForwardError`]s telling a refused connection, a timeout and other failures
+/// apart; [`ErrorResponseLayer`](super::ErrorResponseLayer) turns them into 502/503/504.
+pub struct Forward<B> {
+    client: Client<HttpConnector, B>,
+    config: Arc<Config>,
+}
+
+impl<B> Clone for Forward<B> {
+    fn clone(&self) -> Self {
+        Forward {
+            client: self.client.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<B> fmt::Debug for Forward<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<B> Default for Forward<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B> Forward<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A forwarding service with a new HTTP/1.1 connection pool (idle connections kept 90 s),
+    /// `X-Forwarded-*` headers and no timeout.
+    pub fn new() -> Self {
+        Self::with_http2(false)
+    }
+
+    fn with_http2(http2: bool) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(http2)
+            .set_host(false)
+            .build(connector);
+        Forward {
+            client,
+            config: Arc::new(Config {
+                forwarded: ForwardedHeaders::default(),
+                proto: "http",
+                timeout: None,
+                preserve_host: true,
+                http2,
+                hide: Vec::new(),
+            }),
+        }
+    }
+
+    /// Speaks HTTP/2 without TLS (h2c, prior knowledge) to the backends, as gRPC servers expect.
+    pub fn http2(self) -> Self {
+        let mut next = Self::with_http2(true);
+        let mut config = (*self.config).clone();
+        config.http2 = true;
+        next.config = Arc::new(config);
+        next
+    }
+}
+
+impl<B> Forward<B> {
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// Which forwarding headers to write (default [`ForwardedHeaders::XForwarded`]).
+    pub fn forwarded(mut self, kind: ForwardedHeaders) -> Self {
+        self.config_mut().forwarded = kind;
+        self
+    }
+
+    /// The scheme the clients use, for `X-Forwarded-Proto` (default `"http"`; a TLS-terminating
+    /// proxy sets `"https"`).
+    pub fn proto(mut self, proto: &'static str) -> Self {
+        self.config_mut().proto = proto;
+        self
+    }
+
+    /// Fails a request with [`ForwardError::is_timeout`] when the backend has not sent its
+    /// response head within `timeout` (default: no limit).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().timeout = Some(timeout);
+        self
+    }
+
+    /// Whether to keep the client's `Host` header (default `true`, as HAProxy); `false` sets it
+    /// to the endpoint's address.
+    pub fn preserve_host(mut self, preserve: bool) -> Self {
+        self.config_mut().preserve_host = preserve;
+        self
+    }
+
+    /// Removes a response header before it reaches the client (for example `server` or
+    /// `x-powered-by`, which reveal what the backend runs).
+    pub fn hide_response_header(mut self, name: http::HeaderName) -> Self {
+        self.config_mut().hide.push(name);
+        self
+    }
+}
+
+impl<B> Service<Request<B>> for Forward<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Incoming>;
+    type Error = ForwardError;
+    type Future = ForwardFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> ForwardFuture {
+        let cfg = &*self.config;
+        let Some(authority) = req
+            .extensions()
+            .get::<Target>()
+            .and_then(|t| t.authority().cloned())
+        else {
+            return ForwardFuture::failed(ForwardError::no_target());
+        };
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+
+        let headers = req.headers_mut();
+        remove_hop_by_hop(headers, upgrade);
+        append_forwarded(headers, cfg.forwarded, client, cfg.proto);
+        if !cfg.preserve_host || !headers.contains_key(http::header::HOST) {
+            if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
+                headers.insert(http::header::HOST, v);
+            }
+        }
+
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(authority);
+        parts.path_and_query = Some(path);
+        match Uri::from_parts(parts) {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
+        }
+        *req.version_mut() = if cfg.http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+
+        ForwardFuture {
+            inner: Some(self.client.request(req)),
+            sleep: cfg.timeout.map(tokio::time::sleep),
+            error: None,
+            client_upgrade,
+            config: Some(self.config.clone()),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`Forward`].
+    pub struct ForwardFuture {
+        inner: Option<legacy::ResponseFuture>,
+        #[pin]
+        sleep: Option<Sleep>,
+        error: Option<ForwardError>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        config: Option<Arc<Config>>,
+    }
+}
+
+impl ForwardFuture {
+    fn failed(e: ForwardError) -> Self {
+        ForwardFuture {
+            inner: None,
+            sleep: None,
+            error: Some(e),
+            client_upgrade: None,
+            config: None,
+        }
+    }
+}
+
+impl fmt::Debug for ForwardFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForwardFuture").finish_non_exhaustive()
+    }
+}
+
+impl Future for ForwardFuture {
+    type Output = Result<Response<Incoming>, ForwardError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(ForwardError::other("polled after completion".into())));
+        };
+        let res = match Pin::new(inner).poll(cx) {
+            Poll::Ready(res) => res,
+            Poll::Pending => {
+                if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                    ready!(sleep.poll(cx));
+                    *this.inner = None;
+                    return Poll::Ready(Err(ForwardError::timeout()));
+                }
+                return Poll::Pending;
+            }
+        };
+        *this.inner = None;
+        let mut res = res.map_err(ForwardError::from_client)?;
+        if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_side) = this.client_upgrade.take() {
+                let backend_side = hyper::upgrade::on(&mut res);
+                tokio::spawn(splice_upgraded(client_side, backend_side));
+            }
+        }
+        let upgrade = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        remove_hop_by_hop(res.headers_mut(), upgrade);
+        for name in this.config.iter().flat_map(|c| &c.hide) {
+            res.headers_mut().remove(name);
+        }
+        Poll::Ready(Ok(res))
+    }
+}
+
+async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+    match futures::future::try_join(client, backend).await {
+        Ok((client, backend)) => {
+            let mut client = TokioIo::new(client);
+            let mut backend = TokioIo::new(backend);
+            match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+                Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}

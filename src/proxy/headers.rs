@@ -1,0 +1,238 @@
+//! Header rewriting for forwarded requests: hop-by-hop removal and `X-Forwarded-*`/`Forwarded`.
+//!
+//! These are plain functions over [`http::HeaderMap`], usable without the rest of the proxy.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The headers that describe one connection, not the message, and must not be forwarded
+/// (RFC 9110 §7.6.1), besides those named in `Connection`.
+pub const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether the headers ask to switch protocols (`Connection: upgrade` with an `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| connection_tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
+}
+
+fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers: the standard ones and every header named in `Connection`.
+///
+/// With `keep_upgrade`, an upgrade handshake survives: `Upgrade` is kept and `Connection` is set
+/// to `upgrade` alone, as a proxy that forwards the upgrade must do.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = keep_upgrade && is_upgrade(headers);
+    // Names listed in Connection are hop-by-hop too. Collecting them allocates only when
+    // Connection names something beyond the usual keep-alive/close/upgrade.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        for t in connection_tokens(v) {
+            if ["keep-alive", "close", "upgrade"]
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k))
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        if upgrade && (name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Which forwarding headers the proxy writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ForwardedHeaders {
+    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` (the default: what most
+    /// backends read).
+    #[default]
+    XForwarded,
+    /// The standard `Forwarded` header of RFC 7239.
+    Forwarded,
+    /// Both.
+    Both,
+    /// Neither: the backend does not learn the client's address.
+    None,
+}
+
+/// Appends the client to the forwarding headers as `kind` says: `client` is the peer's address,
+/// `proto` the scheme the client used (`"http"` or `"https"`), and the original `Host` header
+/// is taken from `headers`. Existing values from earlier proxies are kept and appended to.
+pub fn append_forwarded(
+    headers: &mut HeaderMap,
+    kind: ForwardedHeaders,
+    client: Option<SocketAddr>,
+    proto: &'static str,
+) {
+    let host = headers.get(header::HOST).cloned();
+    if matches!(kind, ForwardedHeaders::XForwarded | ForwardedHeaders::Both) {
+        if let Some(addr) = client {
+            let ip = addr.ip().to_string();
+            let value = match headers.get("x-forwarded-for").map(HeaderValue::to_str) {
+                Some(Ok(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::try_from(value) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        if let Some(h) = &host {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+    }
+    if matches!(kind, ForwardedHeaders::Forwarded | ForwardedHeaders::Both) {
+        let mut elem = String::with_capacity(64);
+        if let Some(addr) = client {
+            elem.push_str("for=");
+            push_node(&mut elem, addr.ip());
+            elem.push(';');
+        }
+        elem.push_str("proto=");
+        elem.push_str(proto);
+        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
+            elem.push_str(";host=");
+            push_quoted_if_needed(&mut elem, h);
+        }
+        let value = match headers.get(header::FORWARDED).map(HeaderValue::to_str) {
+            Some(Ok(prev)) if !prev.trim().is_empty() => format!("{prev}, {elem}"),
+            _ => elem,
+        };
+        if let Ok(v) = HeaderValue::try_from(value) {
+            headers.insert(header::FORWARDED, v);
+        }
+    }
+}
+
+/// A `for=` node: IPv4 bare, IPv6 bracketed and quoted (RFC 7239 §6).
+fn push_node(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => out.push_str(&v4.to_string()),
+        IpAddr::V6(v6) => {
+            out.push_str("\"[");
+            out.push_str(&v6.to_string());
+            out.push_str("]\"");
+        }
+    }
+}
+
+fn push_quoted_if_needed(out: &mut String, v: &str) {
+    let token = !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if token {
+        out.push_str(v);
+    } else {
+        out.push('"');
+        for c in v.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_standard_and_named_hop_by_hop() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "*/*"),
+        ]);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_handshake_when_asked() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn appends_x_forwarded_for_and_forwarded() {
+        let mut h = map(&[("host", "shop.example"), ("x-forwarded-for", "203.0.113.9")]);
+        let client: SocketAddr = "[2001:db8::1]:4711".parse().unwrap();
+        append_forwarded(&mut h, ForwardedHeaders::Both, Some(client), "https");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 2001:db8::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::1]\";proto=https;host=shop.example"
+        );
+    }
+
+    #[test]
+    fn none_writes_nothing() {
+        let mut h = HeaderMap::new();
+        append_forwarded(
+            &mut h,
+            ForwardedHeaders::None,
+            Some(([10, 0, 0, 1], 1).into()),
+            "http",
+        );
+        assert!(h.is_empty());
+    }
+}

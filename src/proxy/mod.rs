@@ -1,0 +1,45 @@
+//! Proxy parts: HTTP forwarding to the picked endpoint and the mapping of failures to
+//! 502/503/504.
+//!
+//! A reverse proxy is a stack:
+//!
+//! ```text
+//! ErrorResponseLayer        errors -> 502 / 503 / 504 with a short body, never a backend address
+//!   BalancerLayer           pick an endpoint, count the request in flight until its body ends
+//!     Forward               rewrite URI and headers, send over pooled keep-alive connections
+//! ```
+//!
+//! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
+//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util).
+//!
+//! ```no_run
+//! # #[cfg(feature = "http-proxy")]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+//! use lbkit::{strategy::PowerOfTwoChoices, BalancerLayer};
+//! use tower::ServiceBuilder;
+//!
+//! let proxy = ServiceBuilder::new()
+//!     .layer(ErrorResponseLayer::new())
+//!     .layer(BalancerLayer::new(["127.0.0.1:3001", "127.0.0.1:3002"], PowerOfTwoChoices::new()))
+//!     .service(Forward::<hyper::body::Incoming>::new());
+//! // Serve `proxy` with hyper, inserting `ClientAddr(peer)` into each request's extensions.
+//! # let _ = proxy; Ok(()) }
+//! ```
+
+pub mod headers;
+
+#[cfg(feature = "http-proxy")]
+mod error;
+#[cfg(feature = "http-proxy")]
+mod forward;
+
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use error::{
+    error_response, status_for, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer,
+    ForwardError, ProxyBody,
+};
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use forward::{ClientAddr, Forward, ForwardFuture};
