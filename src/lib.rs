@@ -56,3 +56,8 @@ pub use endpoint::{Endpoint, EndpointId, Tier};
 pub use error::{BoxError, Error};
 pub use hints::PickHints;
 pub use pool::Pool;
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
