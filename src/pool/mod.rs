@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use crate::endpoint::{Candidate, Endpoint, EndpointId, EndpointState};
 use crate::hints::PickHints;
@@ -53,11 +54,22 @@ impl<St: Strategy> PoolBuilder<St> {
     where
         F: Fn(&Endpoint) -> S + Send + Sync + 'static,
     {
+        self.build_inner(Some(Box::new(make)))
+    }
+
+    /// Builds a pool whose endpoints come with their services already made, inserted with
+    /// [`Changes::insert_with_service`] (as when fed from a `tower::discover::Discover`).
+    pub fn build_with_services<S>(self) -> Pool<S, St> {
+        self.build_inner(None)
+    }
+
+    fn build_inner<S>(self, make: Option<MakeService<S>>) -> Pool<S, St> {
         let inner = Inner {
             current: ArcSwap::from_pointee(Snapshot::empty(&self.strategy)),
             members: Mutex::new(BTreeMap::new()),
+            versions: watch::channel(0).0,
             strategy: self.strategy,
-            make: Box::new(make),
+            make,
             default_rtt: self.default_rtt,
             decay: self.decay,
             in_flight: Arc::new(AtomicU64::new(0)),
@@ -88,8 +100,10 @@ struct Inner<S, St: Strategy> {
     current: ArcSwap<Snapshot<S, St::State>>,
     /// The writers' view; only changes take this lock, never picks.
     members: Mutex<BTreeMap<EndpointId, Member<S>>>,
+    /// The version of the latest snapshot, for watchers.
+    versions: watch::Sender<u64>,
     strategy: St,
-    make: MakeService<S>,
+    make: Option<MakeService<S>>,
     default_rtt: Duration,
     decay: Duration,
     in_flight: Arc<AtomicU64>,
@@ -117,7 +131,7 @@ impl<S, St: Strategy> fmt::Debug for Pool<S, St> {
 /// A batch of changes, applied as one new snapshot by [`Pool::update`].
 pub struct Changes<'a, S> {
     members: &'a mut BTreeMap<EndpointId, Member<S>>,
-    make: &'a (dyn Fn(&Endpoint) -> S + Send + Sync),
+    make: Option<&'a (dyn Fn(&Endpoint) -> S + Send + Sync)>,
     new_state: &'a dyn Fn() -> EndpointState,
     changed: bool,
 }
@@ -135,27 +149,60 @@ impl<S> Changes<'_, S> {
     /// Adds an endpoint, or updates the weight, tier and address of the one with its id. An
     /// endpoint keeps its live state across updates; its service is rebuilt only when its
     /// address changes.
-    pub fn insert(&mut self, endpoint: Endpoint) {
+    ///
+    /// Returns whether the endpoint is in the pool afterwards: always, except in a pool built
+    /// with [`PoolBuilder::build_with_services`], which has no way to make a service for a new
+    /// endpoint (use [`Changes::insert_with_service`] there).
+    pub fn insert(&mut self, endpoint: Endpoint) -> bool {
+        let make = self.make;
         match self.members.get_mut(endpoint.id()) {
-            Some(m) if *m.endpoint == endpoint => {}
+            Some(m) if *m.endpoint == endpoint => true,
             Some(m) => {
                 if m.endpoint.socket_addr() != endpoint.socket_addr() {
-                    m.service = (self.make)(&endpoint);
+                    if let Some(make) = make {
+                        m.service = make(&endpoint);
+                    }
                 }
                 m.endpoint = Arc::new(endpoint);
                 self.changed = true;
+                true
             }
-            None => {
-                let member = Member {
-                    service: (self.make)(&endpoint),
-                    state: Arc::new((self.new_state)()),
-                    endpoint: Arc::new(endpoint),
-                };
-                tracing::debug!(endpoint = %member.endpoint.id(), "endpoint added");
-                self.members.insert(member.endpoint.id().clone(), member);
+            None => match make {
+                Some(make) => {
+                    let service = make(&endpoint);
+                    self.add(endpoint, service);
+                    true
+                }
+                None => {
+                    tracing::warn!(endpoint = %endpoint.id(), "no service for new endpoint: pool takes services with insert_with_service");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Adds an endpoint with a service made elsewhere, or replaces the service and description
+    /// of the one with its id (keeping its live state).
+    pub fn insert_with_service(&mut self, endpoint: Endpoint, service: S) {
+        match self.members.get_mut(endpoint.id()) {
+            Some(m) => {
+                m.endpoint = Arc::new(endpoint);
+                m.service = service;
                 self.changed = true;
             }
+            None => self.add(endpoint, service),
         }
+    }
+
+    fn add(&mut self, endpoint: Endpoint, service: S) {
+        let member = Member {
+            service,
+            state: Arc::new((self.new_state)()),
+            endpoint: Arc::new(endpoint),
+        };
+        tracing::debug!(endpoint = %member.endpoint.id(), "endpoint added");
+        self.members.insert(member.endpoint.id().clone(), member);
+        self.changed = true;
     }
 
     /// Removes an endpoint; returns whether it was there. Its in-flight requests finish.
@@ -239,7 +286,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             || EndpointState::new(inner.default_rtt, inner.decay, inner.in_flight.clone());
         let mut changes = Changes {
             members: &mut members,
-            make: &*inner.make,
+            make: inner.make.as_deref(),
             new_state: &new_state,
             changed: false,
         };
@@ -251,13 +298,17 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     }
 
     /// Adds an endpoint, or updates the one with its id (see [`Changes::insert`]).
-    pub fn insert(&self, endpoint: Endpoint) {
-        self.update(|c| c.insert(endpoint));
+    pub fn insert(&self, endpoint: Endpoint) -> bool {
+        self.update(|c| c.insert(endpoint))
     }
 
     /// Adds or updates many endpoints as one change.
     pub fn extend(&self, endpoints: impl IntoIterator<Item = Endpoint>) {
-        self.update(|c| endpoints.into_iter().for_each(|e| c.insert(e)));
+        self.update(|c| {
+            for e in endpoints {
+                c.insert(e);
+            }
+        });
     }
 
     /// Removes an endpoint; returns whether it was there. Its in-flight requests finish.
@@ -355,6 +406,14 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
                 .map(|m| (&m.endpoint, &m.state, &m.service)),
             prev + 1,
         );
+        let version = snap.version();
         self.inner.current.store(Arc::new(snap));
+        self.inner.versions.send_replace(version);
+    }
+
+    /// A receiver that sees the version of each snapshot the pool publishes: wait on it to
+    /// follow changes of the endpoint set or of its health.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.inner.versions.subscribe()
     }
 }
