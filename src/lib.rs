@@ -10,6 +10,7 @@
 //! - [`balance`]: the [`Balancer`] service and [`BalancerLayer`];
 //! - [`hints`]: what outer layers tell the balancer about a request (hash key, preferred
 //!   endpoint, endpoints to avoid);
+//! - [`discover`]: feeding a pool (static lists, a live handle, `tower::discover` adapters);
 //! - [`endpoint`]: endpoint descriptions and their live state;
 //! - [`health`]: active health checks, outlier detection, slow start;
 //! - [`proxy`]: HTTP forwarding and error mapping for reverse proxies (feature `http-proxy`).
@@ -42,6 +43,7 @@
 #![deny(unsafe_code)]
 
 pub mod balance;
+pub mod discover;
 pub mod endpoint;
 mod error;
 pub mod hash;

@@ -109,6 +109,24 @@ struct Inner<S, St: Strategy> {
     in_flight: Arc<AtomicU64>,
 }
 
+/// A handle that does not keep the pool alive: background tasks (discovery followers, health
+/// checkers) hold one and stop once every [`Pool`] and balancer over it is gone.
+pub(crate) struct WeakPool<S, St: Strategy>(std::sync::Weak<Inner<S, St>>);
+
+impl<S, St: Strategy> WeakPool<S, St> {
+    /// The pool, if it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<Pool<S, St>> {
+        self.0.upgrade().map(|inner| Pool { inner })
+    }
+}
+
+impl<S, St: Strategy> Pool<S, St> {
+    /// A handle that does not keep the pool alive.
+    pub(crate) fn downgrade(&self) -> WeakPool<S, St> {
+        WeakPool(Arc::downgrade(&self.inner))
+    }
+}
+
 impl<S, St: Strategy> Clone for Pool<S, St> {
     fn clone(&self) -> Self {
         Pool {
