@@ -76,7 +76,8 @@ impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
 
 /// Completion when an `http::Response`'s body ends (or is dropped), so a long download counts as
 /// load for its whole length. Also records the serving endpoint as a [`ServedBy`] response
-/// extension, and counts a 5xx status as an endpoint error.
+/// extension, and counts a 5xx status as an endpoint error (or the statuses chosen with
+/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompleteOnBody;
 
@@ -84,7 +85,7 @@ impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
     type Output = http::Response<TrackedBody<B>>;
 
     fn track_completion(&self, mut handle: InFlight, res: http::Response<B>) -> Self::Output {
-        if res.status().is_server_error() {
+        if handle.candidate().state().is_failure_status(res.status()) {
             handle.fail();
         }
         let (mut parts, body) = res.into_parts();

@@ -1,6 +1,9 @@
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::Notify;
 
 /// The health of an endpoint as the balancer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -17,6 +20,33 @@ pub enum Health {
 const DOWN: u8 = 0b01;
 const EJECTED: u8 = 0b10;
 
+/// Decides whether an HTTP response status counts as a failure of the endpoint.
+pub(crate) type StatusClassifier = dyn Fn(http::StatusCode) -> bool + Send + Sync;
+
+/// What the endpoints of one pool share: the pool-wide in-flight count and the wiring of
+/// passive health (outlier detection).
+#[derive(Default)]
+pub(crate) struct PoolShared {
+    /// Requests in flight over the whole pool.
+    pub(crate) in_flight: AtomicU64,
+    /// Consecutive failures that wake the outlier detector; 0 while none runs.
+    pub(crate) outlier_threshold: AtomicU32,
+    /// Woken when an endpoint reaches `outlier_threshold` consecutive failures, and when the
+    /// pool is dropped.
+    pub(crate) outlier_wake: Notify,
+    /// Which HTTP statuses count as failures; `None` means 5xx.
+    pub(crate) classifier: ArcSwapOption<Box<StatusClassifier>>,
+}
+
+impl std::fmt::Debug for PoolShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolShared")
+            .field("in_flight", &self.in_flight)
+            .field("outlier_threshold", &self.outlier_threshold)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Live, lock-free state of one endpoint: load, latency and health.
 ///
 /// Every counter is an atomic; the balancer updates them on the request path and strategies
@@ -32,9 +62,14 @@ pub struct EndpointState {
     /// When `ewma_ns` last changed, in nanoseconds since [`clock_base`].
     ewma_at: AtomicU64,
     health: AtomicU8,
+    /// Failed requests in a row (reset by any success), for outlier detection.
+    consecutive_failures: AtomicU32,
+    /// When the current slow-start ramp began, in nanoseconds since [`clock_base`]; 0 when
+    /// the endpoint is not ramping up.
+    ramp_from: AtomicU64,
     decay_ns: f64,
-    /// Requests in flight over the whole pool, shared by all its endpoints.
-    pool_in_flight: Arc<AtomicU64>,
+    /// What all endpoints of the pool share (the pool-wide in-flight count among others).
+    shared: Arc<PoolShared>,
 }
 
 /// The instant all state timestamps count from.
@@ -50,12 +85,8 @@ pub(crate) fn clock_ns(at: Instant) -> u64 {
 
 impl EndpointState {
     /// A fresh state: nothing in flight, healthy, latency estimate `default_rtt`, and a peak-EWMA
-    /// decay window of `decay`, counting its requests into the pool-wide `pool_in_flight`.
-    pub(crate) fn new(
-        default_rtt: Duration,
-        decay: Duration,
-        pool_in_flight: Arc<AtomicU64>,
-    ) -> Self {
+    /// decay window of `decay`, counting its requests into the pool-wide `shared` counters.
+    pub(crate) fn new(default_rtt: Duration, decay: Duration, shared: Arc<PoolShared>) -> Self {
         EndpointState {
             in_flight: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -63,8 +94,10 @@ impl EndpointState {
             ewma_ns: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
             ewma_at: AtomicU64::new(clock_ns(Instant::now())),
             health: AtomicU8::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ramp_from: AtomicU64::new(0),
             decay_ns: decay.as_nanos().max(1) as f64,
-            pool_in_flight,
+            shared,
         }
     }
 
@@ -75,7 +108,7 @@ impl EndpointState {
 
     /// Requests in flight over the whole pool this endpoint belongs to.
     pub fn pool_in_flight(&self) -> u64 {
-        self.pool_in_flight.load(Ordering::Relaxed)
+        self.shared.in_flight.load(Ordering::Relaxed)
     }
 
     /// Requests sent to this endpoint since it joined the pool.
@@ -105,15 +138,70 @@ impl EndpointState {
         self.health.load(Ordering::Acquire) == 0
     }
 
+    /// Whether an active health check (or [`Pool::set_down`](crate::Pool::set_down)) marked
+    /// the endpoint down, whether or not it is also ejected.
+    pub fn is_down(&self) -> bool {
+        self.health.load(Ordering::Acquire) & DOWN != 0
+    }
+
+    /// Whether outlier detection (or [`Pool::set_ejected`](crate::Pool::set_ejected)) ejected
+    /// the endpoint, whether or not it is also down.
+    pub fn is_ejected(&self) -> bool {
+        self.health.load(Ordering::Acquire) & EJECTED != 0
+    }
+
+    /// Requests that failed in a row, up to now (any success resets it). Outlier detection
+    /// ejects an endpoint when this reaches its threshold.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether the endpoint is ramping up under slow start (its weight is reduced).
+    pub fn is_warming_up(&self) -> bool {
+        self.ramp_from.load(Ordering::Relaxed) != 0
+    }
+
     /// Sets or clears the "down" mark of active health checks; returns whether it changed.
     pub(crate) fn set_down(&self, down: bool) -> bool {
         self.set_flag(DOWN, down)
     }
 
     /// Sets or clears the "ejected" mark of passive health; returns whether it changed.
-    #[allow(dead_code)] // used by outlier detection
     pub(crate) fn set_ejected(&self, ejected: bool) -> bool {
         self.set_flag(EJECTED, ejected)
+    }
+
+    /// Resets the consecutive failure count (when outlier detection has dealt with it).
+    pub(crate) fn reset_failures(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// The start of the current slow-start ramp (see [`clock_ns`]), if any.
+    pub(crate) fn ramp_start(&self) -> Option<u64> {
+        match self.ramp_from.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// Starts a slow-start ramp at `now_ns` (see [`clock_ns`]).
+    pub(crate) fn start_ramp(&self, now_ns: u64) {
+        self.ramp_from.store(now_ns.max(1), Ordering::Relaxed);
+    }
+
+    /// Ends the slow-start ramp, if any.
+    pub(crate) fn end_ramp(&self) {
+        self.ramp_from.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether an HTTP response with `status` counts as a failure: a 5xx, unless outlier
+    /// detection installed its own classifier for the pool.
+    #[inline]
+    pub(crate) fn is_failure_status(&self, status: http::StatusCode) -> bool {
+        match &*self.shared.classifier.load() {
+            Some(classify) => classify(status),
+            None => status.is_server_error(),
+        }
     }
 
     fn set_flag(&self, flag: u8, on: bool) -> bool {
@@ -144,16 +232,26 @@ impl EndpointState {
     /// Counts one request as started.
     pub(crate) fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.pool_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts one request as ended after `rtt`, feeding the latency estimate.
+    /// Counts one request as ended after `rtt`, feeding the latency estimate and the
+    /// consecutive failure count of outlier detection.
     pub(crate) fn finish(&self, rtt: Duration, now: Instant, failed: bool) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.pool_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
+            let run = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            // Only the one response that reaches the threshold wakes the detector (which
+            // keeps a permit if it is busy); all others touch atomics only.
+            if run == self.shared.outlier_threshold.load(Ordering::Relaxed) {
+                self.shared.outlier_wake.notify_one();
+            }
+        } else if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            // Read first: a healthy endpoint's counter stays 0 and its cache line clean.
+            self.consecutive_failures.store(0, Ordering::Relaxed);
         }
         let now_ns = clock_ns(now);
         let rtt = rtt.as_nanos() as f64;

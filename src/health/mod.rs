@@ -1,1 +1,122 @@
-//! Health: active checks, passive outlier detection, slow start and the panic threshold.
+//! Health: only healthy endpoints get traffic, and the balancer finds out by itself.
+//!
+//! Four parts, each usable alone, all acting on a [`Pool`](crate::Pool) (and so on every
+//! [`Balancer`](crate::Balancer) over it):
+//!
+//! - **Active health checks** ([`HealthChecker`]): a background task probes every endpoint at
+//!   an interval (with jitter) with a [`HealthCheck`]: a TCP connect ([`TcpCheck`]), an HTTP
+//!   request ([`HttpCheck`], feature `http-proxy`), or your own ([`check_fn`],
+//!   [`check_service`]). As in HAProxy, `fall` failures in a row mark an endpoint down and
+//!   `rise` successes in a row bring it back; each check has a timeout. Defaults: every 2 s,
+//!   timeout 1 s, rise 2, fall 3.
+//! - **Passive health, or outlier detection** ([`OutlierDetection`]): the balancer already
+//!   sees every request's outcome; after 5 failures in a row (errors, and with
+//!   [`Balancer::http`](crate::Balancer::http) 5xx responses or a classifier of your choice)
+//!   an endpoint is ejected for 30 s, longer with each ejection, up to 300 s, with at most 10 %
+//!   of the endpoints ejected at once (but always at least one), as in Envoy.
+//! - **Slow start** ([`SlowStart`]): an endpoint that comes (back) up gets a weight that ramps
+//!   up over a window, so a cold server is not flooded.
+//! - **Panic threshold** ([`PoolBuilder::panic_threshold`](crate::pool::PoolBuilder::panic_threshold),
+//!   default 50 %): when fewer than that share of endpoints are healthy, requests go to all of
+//!   them rather than crushing the few healthy ones (Envoy's behaviour). When *no* endpoint is
+//!   healthy, requests fail at once with [`Error::is_no_endpoint`](crate::Error::is_no_endpoint).
+//!
+//! Marks go through the pool: each transition publishes a new snapshot (picking stays
+//! lock-free and never sees a half-made change), logs a `tracing` event (a warning when an
+//! endpoint is taken out, info when it returns) and is broadcast as a [`HealthEvent`] to
+//! [`Pool::health_events`](crate::Pool::health_events) subscribers. The current health of an
+//! endpoint is [`Pool::health`](crate::Pool::health) or
+//! [`EndpointState::health`](crate::endpoint::EndpointState::health).
+//!
+//! Background tasks hold no strong reference to the pool: they end by themselves once every
+//! pool handle and balancer is dropped, and follow endpoints added and removed at run time.
+//! Each `spawn` returns a [`HealthTask`] to stop one earlier. Spawning needs a tokio runtime.
+//!
+//! ```
+//! use std::time::Duration;
+//! use lbkit::{Balancer, health::{HealthChecker, OutlierDetection, SlowStart, TcpCheck}};
+//! use lbkit::strategy::PowerOfTwoChoices;
+//! use tower::service_fn;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let balancer = Balancer::new(["127.0.0.1:8081", "127.0.0.1:8082"], PowerOfTwoChoices::new(), |ep| {
+//!     let id = ep.id().clone();
+//!     service_fn(move |_req: http::Request<()>| {
+//!         let id = id.clone();
+//!         async move { Ok::<_, std::convert::Infallible>(http::Response::new(id.to_string())) }
+//!     })
+//! })
+//! .http();
+//! let pool = balancer.pool();
+//! HealthChecker::new(TcpCheck::new())
+//!     .interval(Duration::from_secs(1))
+//!     .rise(2)
+//!     .fall(3)
+//!     .spawn(pool);
+//! OutlierDetection::new().spawn(pool);
+//! SlowStart::new(Duration::from_secs(30)).spawn(pool);
+//!
+//! let mut events = pool.health_events();
+//! # drop(balancer);
+//! # let _ = events.try_recv();
+//! # }
+//! ```
+
+mod active;
+mod event;
+mod outlier;
+pub(crate) mod slow_start;
+
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use active::HttpCheck;
+pub use active::{
+    check_fn, check_service, CheckError, CheckErrorKind, CheckFuture, FnCheck, HealthCheck,
+    HealthChecker, ServiceCheck, TcpCheck,
+};
+pub use event::{HealthChange, HealthEvent};
+pub use outlier::OutlierDetection;
+pub use slow_start::SlowStart;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::task::JoinHandle;
+
+/// A running health task (checker, outlier detector or slow-start driver).
+///
+/// The task ends by itself when the pool it serves is dropped. Dropping this handle does *not*
+/// stop it; [`abort`](HealthTask::abort) does. Awaiting the handle waits for the task to end.
+#[derive(Debug)]
+pub struct HealthTask {
+    join: JoinHandle<()>,
+}
+
+impl HealthTask {
+    pub(crate) fn new(join: JoinHandle<()>) -> Self {
+        HealthTask { join }
+    }
+
+    /// Stops the task. An outlier detector lets the endpoints it ejected return; a slow-start
+    /// driver gives ramping endpoints their full weight; a checker leaves its marks as they are.
+    pub fn abort(&self) {
+        self.join.abort();
+    }
+
+    /// Whether the task has ended (its pool was dropped, or it was aborted).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}
+
+impl Future for HealthTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match std::task::ready!(Pin::new(&mut self.join).poll(cx)) {
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            _ => Poll::Ready(()),
+        }
+    }
+}

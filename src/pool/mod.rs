@@ -10,19 +10,20 @@
 //! already in flight hold its service and state and finish normally (draining), and the service
 //! is dropped when the last of them ends.
 
+mod health;
 mod snapshot;
 
 pub use snapshot::Snapshot;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use crate::endpoint::state::PoolShared;
 use crate::endpoint::{Candidate, Endpoint, EndpointId, EndpointState};
 use crate::hints::PickHints;
 use crate::strategy::{PickContext, Strategy};
@@ -33,6 +34,7 @@ pub struct PoolBuilder<St> {
     strategy: St,
     default_rtt: Duration,
     decay: Duration,
+    panic_threshold: u8,
 }
 
 impl<St: Strategy> PoolBuilder<St> {
@@ -46,6 +48,17 @@ impl<St: Strategy> PoolBuilder<St> {
     /// slow response keeps weighing on an endpoint's cost.
     pub fn latency_decay(mut self, decay: Duration) -> Self {
         self.decay = decay;
+        self
+    }
+
+    /// Sets the panic threshold, a percentage from 0 to 100 (default 50, as Envoy's): when
+    /// fewer than this share of the endpoints in the tier in use are healthy, requests are
+    /// spread over all of that tier's endpoints, healthy or not, rather than crushing the few
+    /// healthy ones. 0 turns panic off. With no healthy endpoint at all, requests still fail
+    /// at once with [`Error::is_no_endpoint`](crate::Error::is_no_endpoint). See
+    /// [`Snapshot::is_panic`] and [`Pool::set_panic_threshold`].
+    pub fn panic_threshold(mut self, percent: u8) -> Self {
+        self.panic_threshold = percent.min(100);
         self
     }
 
@@ -72,7 +85,8 @@ impl<St: Strategy> PoolBuilder<St> {
             make,
             default_rtt: self.default_rtt,
             decay: self.decay,
-            in_flight: Arc::new(AtomicU64::new(0)),
+            shared: Arc::new(PoolShared::default()),
+            health: health::HealthHooks::new(self.panic_threshold),
         };
         Pool {
             inner: Arc::new(inner),
@@ -106,7 +120,10 @@ struct Inner<S, St: Strategy> {
     make: Option<MakeService<S>>,
     default_rtt: Duration,
     decay: Duration,
-    in_flight: Arc<AtomicU64>,
+    /// Counters and wiring shared with every endpoint's state.
+    shared: Arc<PoolShared>,
+    /// Health settings, events and the slow-start wake-up.
+    health: health::HealthHooks,
 }
 
 /// A handle that does not keep the pool alive: background tasks (discovery followers, health
@@ -268,6 +285,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             strategy,
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
+            panic_threshold: 50,
         }
     }
 
@@ -300,8 +318,15 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     pub fn update<R>(&self, f: impl FnOnce(&mut Changes<'_, S>) -> R) -> R {
         let mut members = self.lock();
         let inner = &*self.inner;
-        let new_state =
-            || EndpointState::new(inner.default_rtt, inner.decay, inner.in_flight.clone());
+        // With slow start, endpoints joining a pool that already has some ramp up.
+        let ramp_from = self.ramp_for_new_members(&members);
+        let new_state = || {
+            let state = EndpointState::new(inner.default_rtt, inner.decay, inner.shared.clone());
+            if let Some(at) = ramp_from {
+                state.start_ramp(at);
+            }
+            state
+        };
         let mut changes = Changes {
             members: &mut members,
             make: inner.make.as_deref(),
@@ -311,6 +336,9 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         let out = f(&mut changes);
         if changes.changed {
             self.publish(&members);
+            if ramp_from.is_some() {
+                self.inner.health.ramp_wake.notify_one();
+            }
         }
         out
     }
@@ -340,18 +368,15 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     }
 
     /// Marks an endpoint down (or up again) on the word of a health check; a down endpoint gets
-    /// no new requests. Returns whether its health changed.
+    /// no new requests. Returns whether its health changed. Each change is logged and
+    /// broadcast (see [`Pool::health_events`]).
     pub fn set_down(&self, id: &EndpointId, down: bool) -> bool {
-        let members = self.lock();
-        let Some(m) = members.get(id) else {
-            return false;
+        let change = if down {
+            crate::health::HealthChange::Down { reason: None }
+        } else {
+            crate::health::HealthChange::Up
         };
-        let changed = m.state.set_down(down);
-        if changed {
-            tracing::info!(endpoint = %id, healthy = !down, "endpoint health changed");
-            self.publish(&members);
-        }
-        changed
+        self.mark(id, None, change)
     }
 
     /// Every endpoint in the pool (eligible or not) with its live state, in id order.
@@ -370,6 +395,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     /// Requests in flight over the whole pool.
     pub fn in_flight(&self) -> u64 {
         self.inner
+            .shared
             .in_flight
             .load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -416,14 +442,18 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     }
 
     fn publish(&self, members: &BTreeMap<EndpointId, Member<S>>) {
-        let prev = self.inner.current.load().version();
+        let prev = self.inner.current.load();
+        let options = self.build_options(members);
         let snap = Snapshot::build(
             &self.inner.strategy,
             members
                 .values()
                 .map(|m| (&m.endpoint, &m.state, &m.service)),
-            prev + 1,
+            prev.version() + 1,
+            &options,
         );
+        health::log_panic_change(&prev, &snap);
+        drop(prev);
         let version = snap.version();
         self.inner.current.store(Arc::new(snap));
         self.inner.versions.send_replace(version);

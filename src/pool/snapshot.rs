@@ -1,8 +1,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::endpoint::{Candidate, Endpoint, EndpointId, EndpointState, Tier};
+use crate::health::slow_start::ramped_weight;
+use crate::health::SlowStart;
 use crate::hints::PickHints;
 use crate::strategy::{PickContext, Strategy};
 
@@ -10,7 +13,11 @@ use crate::strategy::{PickContext, Strategy};
 /// prepared state.
 ///
 /// Eligible means weight above zero, healthy, and in the lowest tier that has such an endpoint
-/// (so backups are used only while no primary is healthy).
+/// (so backups are used only while no primary is healthy). When fewer than the pool's panic
+/// threshold (a percentage, see [`PoolBuilder::panic_threshold`](super::PoolBuilder::panic_threshold))
+/// of that tier's endpoints are healthy, the snapshot is in *panic*: every endpoint of the tier
+/// in rotation is eligible, healthy or not, so the few healthy ones are not crushed by all the
+/// traffic (Envoy's behaviour). With no healthy endpoint in any tier, nothing is eligible.
 pub struct Snapshot<S, T> {
     total: usize,
     eligible: Vec<Candidate>,
@@ -18,7 +25,19 @@ pub struct Snapshot<S, T> {
     index: HashMap<EndpointId, usize>,
     state: Option<T>,
     tier: Option<Tier>,
+    panic: bool,
     version: u64,
+}
+
+/// Pool-wide settings that shape a snapshot.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BuildOptions {
+    /// Below this percentage of healthy endpoints in the tier in use, all of them are eligible.
+    pub(super) panic_threshold: u8,
+    /// The slow-start ramp, if slow start runs on the pool.
+    pub(super) slow_start: Option<SlowStart>,
+    /// Now, in the clock of [`clock_ns`](crate::endpoint::state::clock_ns).
+    pub(super) now_ns: u64,
 }
 
 impl<S, T> fmt::Debug for Snapshot<S, T> {
@@ -31,6 +50,7 @@ impl<S, T> fmt::Debug for Snapshot<S, T> {
                 &self.eligible.iter().map(Candidate::id).collect::<Vec<_>>(),
             )
             .field("tier", &self.tier)
+            .field("panic", &self.panic)
             .finish()
     }
 }
@@ -44,6 +64,7 @@ impl<S, T> Snapshot<S, T> {
             index: HashMap::new(),
             state: None,
             tier: None,
+            panic: false,
             version: 0,
         }
     }
@@ -52,29 +73,54 @@ impl<S, T> Snapshot<S, T> {
         strategy: &St,
         members: impl Iterator<Item = (&'a Arc<Endpoint>, &'a Arc<EndpointState>, &'a S)> + Clone,
         version: u64,
+        options: &BuildOptions,
     ) -> Self
     where
         St: Strategy<State = T>,
         S: Clone + 'a,
     {
-        let usable = |(e, s, _): &(&Arc<Endpoint>, &Arc<EndpointState>, &S)| {
-            e.get_weight() > 0 && s.is_healthy()
-        };
+        let in_rotation = |e: &Endpoint| e.get_weight() > 0;
+        // The lowest tier with a healthy endpoint in rotation.
         let tier = members
             .clone()
-            .filter(usable)
+            .filter(|(e, s, _)| in_rotation(e) && s.is_healthy())
             .map(|(e, _, _)| e.get_tier())
             .min();
-        let mut eligible = Vec::new();
-        let mut services = Vec::new();
+        // Panic: too few of that tier's endpoints are healthy; spread over all of them.
+        let (mut in_tier, mut healthy) = (0usize, 0usize);
+        for (e, s, _) in members.clone() {
+            if Some(e.get_tier()) == tier && in_rotation(e) {
+                in_tier += 1;
+                healthy += usize::from(s.is_healthy());
+            }
+        }
+        let panic = healthy * 100 < usize::from(options.panic_threshold) * in_tier;
+        let mut picked = Vec::new();
         let mut total = 0;
         for m in members {
             total += 1;
-            if Some(m.0.get_tier()) == tier && usable(&m) {
-                let (e, s, svc) = m;
-                eligible.push(Candidate::new(e.clone(), s.clone(), e.get_weight()));
-                services.push(svc.clone());
+            let (e, s, _) = m;
+            if Some(e.get_tier()) == tier && in_rotation(e) && (panic || s.is_healthy()) {
+                let share = match (options.slow_start, s.ramp_start()) {
+                    (Some(ss), Some(from)) => {
+                        ss.share_after(Duration::from_nanos(options.now_ns.saturating_sub(from)))
+                    }
+                    _ => None,
+                };
+                picked.push((m, share));
             }
+        }
+        let ramping = picked.iter().any(|(_, share)| share.is_some());
+        let mut eligible = Vec::with_capacity(picked.len());
+        let mut services = Vec::with_capacity(picked.len());
+        for ((e, s, svc), share) in picked {
+            let weight = if ramping {
+                ramped_weight(e.get_weight(), share)
+            } else {
+                e.get_weight()
+            };
+            eligible.push(Candidate::new(e.clone(), s.clone(), weight));
+            services.push(svc.clone());
         }
         let index = eligible
             .iter()
@@ -89,6 +135,7 @@ impl<S, T> Snapshot<S, T> {
             index,
             state,
             tier,
+            panic,
             version,
         }
     }
@@ -116,6 +163,12 @@ impl<S, T> Snapshot<S, T> {
     /// The tier in use, if any endpoint is eligible.
     pub fn tier(&self) -> Option<Tier> {
         self.tier
+    }
+
+    /// Whether the snapshot is in panic: too few endpoints of its tier are healthy, so all of
+    /// them are eligible (see the [type docs](Snapshot)).
+    pub fn is_panic(&self) -> bool {
+        self.panic
     }
 
     /// Counts up by one with each published snapshot.

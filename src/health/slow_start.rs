@@ -1,0 +1,199 @@
+//! Slow start: a weight ramp for endpoints that come (back) up, so a cold server (empty caches,
+//! a JIT not yet warm, a fresh connection pool) is not flooded with its full share at once.
+//!
+//! With [`SlowStart`] running on a pool, an endpoint starts a ramp when it becomes healthy again
+//! (its down mark or its ejection is cleared) and when it is added to a pool that already had
+//! endpoints (the first endpoints of a pool are not ramped: there is no one to spare them).
+//! During the ramp the endpoint's weight in the snapshot is
+//!
+//! ```text
+//! weight × max(min_share, (elapsed / window) ^ (1 / aggression))
+//! ```
+//!
+//! as in Envoy's slow start. A background task republishes the pool's snapshot ten times per
+//! window so the weight climbs in steps of a tenth; after `window` the endpoint has its full
+//! weight and the task sleeps until the next ramp. Weights are integers, so while any endpoint
+//! of a snapshot ramps, every weight in that snapshot is scaled by ten (proportions are kept);
+//! [`Candidate::weight`](crate::endpoint::Candidate::weight) shows the scaled weight.
+//!
+//! Every built-in strategy honours weights, so the ramp works with all of them; with the
+//! consistent-hashing ones (Maglev, the ring) a change of weight also moves some keys, so a
+//! ramp there moves keys onto the endpoint in steps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::HealthTask;
+use crate::pool::{Pool, WeakPool};
+use crate::strategy::Strategy;
+
+/// While an endpoint of a snapshot ramps up, every weight of that snapshot is multiplied by
+/// this, so a ramp has room below an endpoint of weight 1.
+pub(crate) const RAMP_SCALE: u32 = 10;
+
+/// Slow-start settings: the ramp window, the share of its weight an endpoint starts with, and
+/// how fast the ramp climbs. See the [module docs](self).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use lbkit::{Balancer, health::SlowStart, strategy::RoundRobin};
+/// # let make = |_: &lbkit::Endpoint| tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) });
+/// # async fn run(balancer: Balancer<impl Clone + Send + Sync + 'static, RoundRobin>) {
+/// // An endpoint that comes back starts at 10 % of its weight and has all of it after 30 s.
+/// SlowStart::new(Duration::from_secs(30)).spawn(balancer.pool());
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SlowStart {
+    window: Duration,
+    min_share: f64,
+    aggression: f64,
+}
+
+impl SlowStart {
+    /// A ramp over `window`, starting at 10 % of the weight and climbing linearly (Envoy's
+    /// defaults for `min_weight_percent` and `aggression`).
+    pub fn new(window: Duration) -> Self {
+        SlowStart {
+            window,
+            min_share: 0.1,
+            aggression: 1.0,
+        }
+    }
+
+    /// Sets the share of its weight an endpoint gets at the start of its ramp, from 0.0 to 1.0
+    /// (default 0.1). The weight never goes below 1 whatever the share.
+    pub fn min_share(mut self, share: f64) -> Self {
+        self.min_share = if share.is_finite() {
+            share.clamp(0.0, 1.0)
+        } else {
+            0.1
+        };
+        self
+    }
+
+    /// Sets the aggression of the ramp (default 1.0, linear): above 1 the weight climbs fast
+    /// at first and slowly near the end, below 1 the other way round. Non-positive values are
+    /// taken as 1.
+    pub fn aggression(mut self, aggression: f64) -> Self {
+        self.aggression = if aggression.is_finite() && aggression > 0.0 {
+            aggression
+        } else {
+            1.0
+        };
+        self
+    }
+
+    /// The ramp window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The share of its weight an endpoint has after `elapsed` of its ramp; `None` once the
+    /// ramp is over.
+    pub fn share_after(&self, elapsed: Duration) -> Option<f64> {
+        if elapsed >= self.window {
+            return None;
+        }
+        let t = elapsed.as_secs_f64() / self.window.as_secs_f64();
+        Some(t.powf(1.0 / self.aggression).max(self.min_share).min(1.0))
+    }
+
+    /// How often the snapshot is republished during a ramp: a tenth of the window.
+    fn step(&self) -> Duration {
+        (self.window / 10).max(Duration::from_millis(1))
+    }
+
+    /// Installs slow start on `pool` and spawns the task that republishes its snapshot during
+    /// ramps. The task holds no strong reference to the pool: it ends when every
+    /// [`Pool`] and balancer over the pool is dropped. Aborting it (through the returned
+    /// handle) removes slow start from the pool and gives ramping endpoints their full weight.
+    ///
+    /// Run one per pool; a second replaces the settings of the first. Must be called from
+    /// within a tokio runtime.
+    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> HealthTask
+    where
+        S: Clone + Send + Sync + 'static,
+        St: Strategy,
+    {
+        pool.set_slow_start(Some(self));
+        let wake = pool.ramp_wake();
+        let guard = Uninstall(pool.downgrade());
+        let join = tokio::spawn(drive(guard, wake, self.step()));
+        HealthTask::new(join)
+    }
+}
+
+/// Takes slow start off the pool when the driving task ends or is aborted.
+struct Uninstall<S: Clone, St: Strategy>(WeakPool<S, St>);
+
+impl<S: Clone, St: Strategy> Drop for Uninstall<S, St> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.set_slow_start(None);
+        }
+    }
+}
+
+async fn drive<S, St>(pool: Uninstall<S, St>, wake: Arc<Notify>, step: Duration)
+where
+    S: Clone + Send + Sync + 'static,
+    St: Strategy,
+{
+    loop {
+        // Register for a wake-up before looking, so a ramp that starts (or a pool that goes)
+        // in between is not missed.
+        let notified = wake.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        let ramping = match pool.0.upgrade() {
+            Some(p) => p.is_ramping(),
+            None => return,
+        };
+        if ramping {
+            tokio::time::sleep(step).await;
+            match pool.0.upgrade() {
+                Some(p) => p.republish(),
+                None => return,
+            }
+        } else {
+            notified.await;
+        }
+    }
+}
+
+/// The weight of a ramping endpoint: `weight × share`, on the scale of [`RAMP_SCALE`].
+pub(crate) fn ramped_weight(weight: u32, share: Option<f64>) -> u32 {
+    let full = weight.saturating_mul(RAMP_SCALE);
+    match share {
+        Some(s) => ((f64::from(full) * s).round() as u32).clamp(1, full.max(1)),
+        None => full,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_climbs_from_min_to_full() {
+        let s = SlowStart::new(Duration::from_secs(10));
+        assert_eq!(s.share_after(Duration::ZERO), Some(0.1));
+        assert_eq!(s.share_after(Duration::from_millis(500)), Some(0.1));
+        assert_eq!(s.share_after(Duration::from_secs(5)), Some(0.5));
+        assert_eq!(s.share_after(Duration::from_secs(10)), None);
+        let fast = s.aggression(2.0);
+        let half = fast.share_after(Duration::from_millis(2500)).unwrap();
+        assert!((half - 0.5).abs() < 1e-9, "sqrt(0.25) = 0.5, got {half}");
+    }
+
+    #[test]
+    fn ramped_weights_have_room_below_one() {
+        assert_eq!(ramped_weight(1, None), 10);
+        assert_eq!(ramped_weight(1, Some(0.1)), 1);
+        assert_eq!(ramped_weight(1, Some(0.0)), 1);
+        assert_eq!(ramped_weight(3, Some(0.5)), 15);
+    }
+}
