@@ -9,8 +9,13 @@
 //!   `Change::Insert`/`Change::Remove` to a pool, batching what arrives together.
 //! - To `tower::discover`: [`PoolDiscover`] follows a pool's eligible endpoints as a `Discover`
 //!   stream, so tower's own balancers can run over an lbkit pool and its health checks.
+//! - From DNS (cargo feature `dns`): [`dns::DnsDiscovery`] follows the A/AAAA or SRV records
+//!   of a name, polled at their TTL; a failed or empty lookup keeps the last good set.
 
 mod adapter;
+#[cfg(feature = "dns")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dns")))]
+pub mod dns;
 
 pub use adapter::{feed, PoolDiscover};
 

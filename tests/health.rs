@@ -1,0 +1,840 @@
+//! Health against real local servers: hyper HTTP backends and raw tokio TCP listeners on
+//! 127.0.0.1, stopped and restarted for real.
+//!
+//! Every test is bounded by a timeout and uses short intervals (50 ms). Timing assertions have
+//! a hard lower bound (timers never fire early, so "marked down only after `fall` checks" is
+//! exact) and a generous upper bound, so they hold on a slow, noisy machine. Run with
+//! `--nocapture` to see the measured detection times.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lbkit::endpoint::Health;
+use lbkit::health::{
+    check_fn, check_service, CheckErrorKind, HealthChange, HealthChecker, HealthEvent, HttpCheck,
+    OutlierDetection, SlowStart, TcpCheck,
+};
+use lbkit::hints::ServedBy;
+use lbkit::strategy::RoundRobin;
+use lbkit::{Balancer, BoxError, Endpoint, EndpointId, Pool};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{timeout, Instant};
+use tower::{Service, ServiceExt};
+
+/// Bound on every test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Check interval of the tests.
+const INTERVAL: Duration = Duration::from_millis(50);
+/// Jitter of the tests.
+const JITTER: Duration = Duration::from_millis(10);
+/// Slack for a loaded 2-core machine on top of the expected upper bounds.
+const SLACK: Duration = Duration::from_millis(1500);
+
+// ---------------------------------------------------------------------------------------------
+// Servers.
+
+/// What an HTTP backend does and counts.
+struct BackendState {
+    name: String,
+    /// The status of `/work` responses.
+    status: AtomicU16,
+    /// `/work` requests served.
+    hits: AtomicUsize,
+}
+
+/// A hyper HTTP/1 backend on 127.0.0.1 that can be stopped (listener and every connection
+/// closed) and started again on the same port.
+struct HttpBackend {
+    addr: SocketAddr,
+    state: Arc<BackendState>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl HttpBackend {
+    async fn start(name: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            status: AtomicU16::new(200),
+            hits: AtomicUsize::new(0),
+        });
+        let task = Some(tokio::spawn(serve_http(listener, state.clone())));
+        HttpBackend { addr, state, task }
+    }
+
+    fn id(&self) -> EndpointId {
+        EndpointId::from(self.addr)
+    }
+
+    fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Closes the listener and every open connection, and waits until they are gone.
+    async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Listens on the same port again.
+    async fn restart(&mut self) {
+        let listener = bind_again(self.addr).await;
+        self.task = Some(tokio::spawn(serve_http(listener, self.state.clone())));
+    }
+}
+
+async fn bind_again(addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not bind {addr} again");
+}
+
+/// Accepts connections until aborted; aborting drops every connection too.
+async fn serve_http(listener: TcpListener, state: Arc<BackendState>) {
+    let mut conns = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        conns.spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let res = if req.uri().path() == "/health" {
+                        http::Response::new(Full::new(Bytes::from("ok")))
+                    } else {
+                        state.hits.fetch_add(1, Ordering::SeqCst);
+                        let mut res =
+                            http::Response::new(Full::new(Bytes::from(state.name.clone())));
+                        *res.status_mut() =
+                            http::StatusCode::from_u16(state.status.load(Ordering::SeqCst))
+                                .unwrap();
+                        res
+                    };
+                    Ok::<_, Infallible>(res)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+        // Forget finished connections.
+        while conns.try_join_next().is_some() {}
+    }
+}
+
+/// A raw TCP backend: accepts and closes connections (`hold: false`), or accepts and holds
+/// them without ever answering (`hold: true`, a hung server).
+struct TcpBackend {
+    addr: SocketAddr,
+    hold: bool,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TcpBackend {
+    async fn start(hold: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        TcpBackend {
+            addr,
+            hold,
+            task: Some(tokio::spawn(serve_tcp(listener, hold))),
+        }
+    }
+
+    async fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn restart(&mut self) {
+        let listener = bind_again(self.addr).await;
+        self.task = Some(tokio::spawn(serve_tcp(listener, self.hold)));
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, hold: bool) {
+    let mut held = Vec::new();
+    loop {
+        if let Ok((stream, _)) = listener.accept().await {
+            if hold {
+                held.push(stream);
+            }
+        }
+    }
+}
+
+/// An address nothing listens on.
+async fn closed_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Balancer and helpers.
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// A round-robin HTTP balancer over `addrs`, each endpoint's service a pooled hyper client.
+fn http_balancer(
+    addrs: &[SocketAddr],
+) -> Balancer<
+    impl Service<
+            http::Request<Empty<Bytes>>,
+            Response = http::Response<Incoming>,
+            Error = impl Into<BoxError>,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    RoundRobin,
+    lbkit::balance::CompleteOnBody,
+> {
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let make = move |ep: &Endpoint| {
+        let client = client.clone();
+        let addr = ep.socket_addr().expect("test endpoints have addresses");
+        tower::service_fn(move |mut req: http::Request<Empty<Bytes>>| {
+            *req.uri_mut() = format!("http://{addr}/work").parse().unwrap();
+            client.request(req)
+        })
+    };
+    Balancer::new(addrs.iter().copied(), RoundRobin::new(), make).http()
+}
+
+/// Sends one request; returns who served it and the status.
+async fn send<S>(
+    balancer: &Balancer<S, RoundRobin, lbkit::balance::CompleteOnBody>,
+) -> Result<(EndpointId, u16), lbkit::Error>
+where
+    S: Service<http::Request<Empty<Bytes>>, Response = http::Response<Incoming>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    let res = balancer
+        .clone()
+        .oneshot(http::Request::new(Empty::new()))
+        .await?;
+    let by = res.extensions().get::<ServedBy>().unwrap().0.clone();
+    let status = res.status().as_u16();
+    // Read the body to its end, so the request completes.
+    let _ = res.into_body().collect().await;
+    Ok((by, status))
+}
+
+/// The next event of endpoint `id` matching `pred` (others are skipped).
+async fn next_event(
+    rx: &mut broadcast::Receiver<HealthEvent>,
+    id: &EndpointId,
+    pred: impl Fn(&HealthChange) -> bool,
+) -> HealthEvent {
+    loop {
+        match rx.recv().await {
+            Ok(e) if e.endpoint() == id && pred(e.change()) => return e,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => panic!("health events closed: {e}"),
+        }
+    }
+}
+
+fn is_down(c: &HealthChange) -> bool {
+    matches!(c, HealthChange::Down { .. })
+}
+
+fn is_up(c: &HealthChange) -> bool {
+    matches!(c, HealthChange::Up)
+}
+
+fn is_ejected(c: &HealthChange) -> bool {
+    matches!(c, HealthChange::Ejected { .. })
+}
+
+fn is_returned(c: &HealthChange) -> bool {
+    matches!(c, HealthChange::Returned)
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    timeout(TEST_TIMEOUT, f).await.expect("test timed out")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Active checks.
+
+/// TCP check: a stopped backend is marked down after `fall` failed checks, within
+/// `fall × (interval + jitter)` (plus slack), and returns after `rise` passed checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_check_marks_a_stopped_backend_down_and_back_up() {
+    bounded(async {
+        let (fall, rise) = (3u32, 2u32);
+        let mut backends = Vec::new();
+        for _ in 0..3 {
+            backends.push(TcpBackend::start(false).await);
+        }
+        let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+        pool.extend(backends.iter().map(|b| Endpoint::from(b.addr)));
+        let mut events = pool.health_events();
+        let _checker = HealthChecker::new(TcpCheck::new())
+            .interval(INTERVAL)
+            .jitter(JITTER)
+            .timeout(Duration::from_millis(200))
+            .fall(fall)
+            .rise(rise)
+            .spawn(&pool);
+        // Let every endpoint pass its first check.
+        tokio::time::sleep(INTERVAL * 3).await;
+        let victim = EndpointId::from(backends[1].addr);
+        assert_eq!(pool.health(&victim), Some(Health::Healthy));
+
+        let stopped = Instant::now();
+        backends[1].stop().await;
+        let down = next_event(&mut events, &victim, is_down).await;
+        let took = stopped.elapsed();
+        println!("tcp: marked down {took:?} after the stop (fall {fall} × interval {INTERVAL:?})");
+        assert!(
+            took >= INTERVAL * (fall - 1),
+            "down before {fall} checks: {took:?}"
+        );
+        assert!(
+            took <= (INTERVAL + JITTER) * fall + SLACK,
+            "too slow: {took:?}"
+        );
+        let reason = match down.change() {
+            HealthChange::Down { reason } => reason.clone().expect("a check's reason"),
+            _ => unreachable!(),
+        };
+        assert_eq!(reason.kind(), CheckErrorKind::Refused, "{reason}");
+        assert_eq!(down.health(), Health::Down);
+        assert_eq!(pool.health(&victim), Some(Health::Down));
+        for _ in 0..50 {
+            let (c, _) = pool.pick(None).unwrap();
+            assert_ne!(c.id(), &victim, "a down endpoint was picked");
+        }
+
+        let restarted = Instant::now();
+        backends[1].restart().await;
+        next_event(&mut events, &victim, is_up).await;
+        let took = restarted.elapsed();
+        println!("tcp: back up {took:?} after the restart (rise {rise})");
+        assert!(
+            took >= INTERVAL * (rise - 1),
+            "up before {rise} checks: {took:?}"
+        );
+        assert!(
+            took <= (INTERVAL + JITTER) * (rise + 1) + SLACK,
+            "too slow: {took:?}"
+        );
+        assert_eq!(pool.health(&victim), Some(Health::Healthy));
+    })
+    .await;
+}
+
+/// HTTP check: a stopped backend gets no new requests once marked down; started again, it
+/// returns after `rise` checks and ramps up under slow start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_check_takes_a_stopped_backend_out_and_ramps_it_back_in() {
+    bounded(async {
+        let (fall, rise) = (2u32, 2u32);
+        let window = Duration::from_secs(2);
+        let mut backends = Vec::new();
+        for name in ["a", "b", "c"] {
+            backends.push(HttpBackend::start(name).await);
+        }
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let balancer = http_balancer(&addrs);
+        let pool = balancer.pool();
+        let mut events = pool.health_events();
+        let _checker = HealthChecker::new(HttpCheck::get("/health").expect_body("ok"))
+            .interval(INTERVAL)
+            .down_interval(INTERVAL / 2)
+            .jitter(JITTER)
+            .timeout(Duration::from_millis(300))
+            .fall(fall)
+            .rise(rise)
+            .spawn(pool);
+        let _slow = SlowStart::new(window).spawn(pool);
+        tokio::time::sleep(INTERVAL * 3).await;
+        for _ in 0..30 {
+            send(&balancer).await.unwrap();
+        }
+        assert!(
+            backends.iter().all(|b| b.hits() == 10),
+            "round robin over three"
+        );
+
+        let b = backends[1].id();
+        let stopped = Instant::now();
+        backends[1].stop().await;
+        next_event(&mut events, &b, is_down).await;
+        let took = stopped.elapsed();
+        println!("http: marked down {took:?} after the stop (fall {fall} × {INTERVAL:?})");
+        assert!(took >= INTERVAL * (fall - 1));
+        assert!(
+            took <= (INTERVAL + JITTER) * fall + SLACK,
+            "too slow: {took:?}"
+        );
+
+        // No new requests go to the down backend, and none fails.
+        let before = backends[1].hits();
+        for _ in 0..60 {
+            let (by, status) = send(&balancer).await.expect("healthy endpoints remain");
+            assert_ne!(by, b);
+            assert_eq!(status, 200);
+        }
+        assert_eq!(backends[1].hits(), before);
+
+        let restarted = Instant::now();
+        backends[1].restart().await;
+        let up = next_event(&mut events, &b, is_up).await;
+        let took = restarted.elapsed();
+        println!(
+            "http: back up {took:?} after the restart (rise {rise} × {:?})",
+            INTERVAL / 2
+        );
+        assert!(took >= INTERVAL / 2 * (rise - 1));
+        assert_eq!(up.health(), Health::Healthy);
+
+        // Slow start: the returning endpoint starts at a tenth of the others' weight.
+        let snap = pool.snapshot();
+        let weight = |id: &EndpointId| {
+            snap.eligible()
+                .iter()
+                .find(|c| c.id() == id)
+                .map(|c| c.weight())
+                .unwrap()
+        };
+        let (wb, wa) = (weight(&b), weight(&backends[0].id()));
+        println!("slow start: weights right after coming back: b {wb}, a {wa}");
+        assert!(wb * 3 <= wa, "b should start well below a: {wb} vs {wa}");
+        assert!(pool.state(&b).unwrap().is_warming_up());
+        drop(snap);
+
+        // Early in the ramp, b gets a small share.
+        let before = backends[1].hits();
+        for _ in 0..42 {
+            send(&balancer).await.unwrap();
+        }
+        let early = backends[1].hits() - before;
+        println!("slow start: b served {early} of 42 requests early in the ramp");
+        assert!(
+            early < 14,
+            "b got a full third or more while ramping: {early}"
+        );
+
+        // After the window, b has its full weight again and a fair share.
+        let ramp_end = Instant::now() + window + SLACK;
+        while pool.snapshot().eligible().iter().any(|c| c.weight() != 1) {
+            assert!(Instant::now() < ramp_end, "ramp did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "slow start: ramp over {:?} after coming back",
+            up.at().elapsed()
+        );
+        assert!(!pool.state(&b).unwrap().is_warming_up());
+        let before = backends[1].hits();
+        for _ in 0..30 {
+            send(&balancer).await.unwrap();
+        }
+        assert_eq!(
+            backends[1].hits() - before,
+            10,
+            "a full third after the ramp"
+        );
+    })
+    .await;
+}
+
+/// A check that hangs is timed out and counts as a failure of kind `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_checks_are_timed_out() {
+    bounded(async {
+        // An HTTP check against a server that accepts but never answers.
+        let hung = TcpBackend::start(true).await;
+        let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+        pool.insert(Endpoint::from(hung.addr));
+        let mut events = pool.health_events();
+        let check_timeout = Duration::from_millis(150);
+        let started = Instant::now();
+        let task = HealthChecker::new(HttpCheck::get("/health"))
+            .interval(INTERVAL)
+            .jitter(Duration::ZERO)
+            .timeout(check_timeout)
+            .spawn(&pool);
+        let down = next_event(&mut events, &EndpointId::from(hung.addr), is_down).await;
+        let took = started.elapsed();
+        println!("hung HTTP server: marked down after {took:?} (timeout {check_timeout:?})");
+        assert!(took >= check_timeout);
+        match down.change() {
+            HealthChange::Down { reason: Some(r) } => assert!(r.is_timeout(), "{r}"),
+            other => panic!("unexpected change {other:?}"),
+        }
+        task.abort();
+
+        // A custom check that never returns.
+        let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+        pool.insert(Endpoint::new("stuck"));
+        let mut events = pool.health_events();
+        let _task = HealthChecker::new(check_fn(|_ep: Endpoint| async {
+            std::future::pending::<Result<(), BoxError>>().await
+        }))
+        .interval(INTERVAL)
+        .timeout(Duration::from_millis(100))
+        .spawn(&pool);
+        let down = next_event(&mut events, &"stuck".into(), is_down).await;
+        match down.change() {
+            HealthChange::Down { reason: Some(r) } => {
+                assert_eq!(r.kind(), CheckErrorKind::Timeout, "{r}")
+            }
+            other => panic!("unexpected change {other:?}"),
+        }
+    })
+    .await;
+}
+
+/// Custom checks: a closure and a tower service, with typed errors kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_checks_decide_health() {
+    bounded(async {
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+        pool.extend([Endpoint::new("x"), Endpoint::new("y")]);
+        let mut events = pool.health_events();
+        let flag = healthy.clone();
+        let _task = HealthChecker::new(check_service(tower::service_fn(move |ep: Endpoint| {
+            let ok = flag.load(Ordering::SeqCst) || ep.id() != "x";
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(lbkit::health::CheckError::status(503))
+                }
+            }
+        })))
+        .interval(INTERVAL)
+        .fall(2)
+        .rise(1)
+        .spawn(&pool);
+        tokio::time::sleep(INTERVAL * 2).await;
+        healthy.store(false, Ordering::SeqCst);
+        let down = next_event(&mut events, &"x".into(), is_down).await;
+        match down.change() {
+            HealthChange::Down { reason: Some(r) } => assert_eq!(r.http_status(), Some(503)),
+            other => panic!("unexpected change {other:?}"),
+        }
+        assert_eq!(pool.health(&"y".into()), Some(Health::Healthy));
+        healthy.store(true, Ordering::SeqCst);
+        next_event(&mut events, &"x".into(), is_up).await;
+    })
+    .await;
+}
+
+/// The checker follows endpoints added and removed at run time, and ends with the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_follows_the_pool_and_ends_with_it() {
+    bounded(async {
+        let live = TcpBackend::start(false).await;
+        let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+        pool.insert(Endpoint::from(live.addr));
+        let mut events = pool.health_events();
+        let task = HealthChecker::new(TcpCheck::new())
+            .interval(INTERVAL)
+            .spawn(&pool);
+        // Added later, dead from the start: its first failed check marks it down.
+        let dead = closed_addr().await;
+        let added = Instant::now();
+        pool.insert(Endpoint::from(dead));
+        next_event(&mut events, &dead.into(), is_down).await;
+        println!(
+            "dead endpoint added at run time marked down after {:?}",
+            added.elapsed()
+        );
+        assert!(pool.remove(&dead.into()));
+        assert_eq!(
+            pool.health(&EndpointId::from(live.addr)),
+            Some(Health::Healthy)
+        );
+
+        drop(pool);
+        timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the checker ends when its pool is dropped");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passive health.
+
+/// A backend answering 500 is ejected after `consecutive_failures` of them, gets no requests
+/// while ejected, and returns after the ejection time; the next ejection lasts twice as long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_backend_for_a_while() {
+    bounded(async {
+        let base = Duration::from_millis(400);
+        let mut backends = Vec::new();
+        for name in ["a", "b", "c"] {
+            backends.push(HttpBackend::start(name).await);
+        }
+        backends[2].set_status(500);
+        let bad = backends[2].id();
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let balancer = http_balancer(&addrs);
+        let pool = balancer.pool();
+        let mut events = pool.health_events();
+        let _detector = OutlierDetection::new()
+            .consecutive_failures(3)
+            .base_ejection_time(base)
+            .spawn(pool);
+
+        // Round robin: the bad backend gets every third request; its third 500 ejects it
+        // (by a task that the third failure wakes).
+        while backends[2].hits() < 3 {
+            send(&balancer).await.unwrap();
+        }
+        let ejected = next_event(&mut events, &bad, is_ejected).await;
+        let ejected_at = ejected.at();
+        match ejected.change() {
+            HealthChange::Ejected {
+                consecutive_failures,
+                duration,
+            } => {
+                assert!(*consecutive_failures >= 3);
+                assert_eq!(*duration, Some(base));
+            }
+            _ => unreachable!(),
+        }
+        assert_eq!(backends[2].hits(), 3, "ejected after exactly three 500s");
+
+        let before = backends[2].hits();
+        for _ in 0..30 {
+            let (by, status) = send(&balancer).await.unwrap();
+            assert_ne!(by, bad);
+            assert_eq!(status, 200);
+        }
+        assert_eq!(backends[2].hits(), before, "no requests while ejected");
+
+        let back = next_event(&mut events, &bad, is_returned).await;
+        let out_for = back.at().duration_since(ejected_at);
+        println!("outlier: ejected for {out_for:?} (base ejection time {base:?})");
+        // (`at` is read just after the detector's clock; allow for that.)
+        assert!(
+            out_for + Duration::from_millis(5) >= base,
+            "returned early: {out_for:?}"
+        );
+        assert!(out_for <= base + SLACK, "returned late: {out_for:?}");
+        assert_eq!(back.health(), Health::Healthy);
+
+        // Still failing: ejected again, for twice as long.
+        let mut sent = 0;
+        let again = loop {
+            send(&balancer).await.unwrap();
+            sent += 1;
+            assert!(sent <= 30, "not ejected again");
+            if let Ok(e) = events.try_recv() {
+                if e.endpoint() == &bad && is_ejected(e.change()) {
+                    break e;
+                }
+            }
+        };
+        match again.change() {
+            HealthChange::Ejected { duration, .. } => assert_eq!(*duration, Some(base * 2)),
+            _ => unreachable!(),
+        }
+    })
+    .await;
+}
+
+/// At most `max_ejection_percent` of the endpoints are ejected at once, but at least one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_at_most_its_share() {
+    bounded(async {
+        let mut backends = Vec::new();
+        for name in ["a", "b", "c"] {
+            backends.push(HttpBackend::start(name).await);
+        }
+        backends[1].set_status(503);
+        backends[2].set_status(500);
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let balancer = http_balancer(&addrs);
+        let pool = balancer.pool();
+        let _detector = OutlierDetection::new()
+            .consecutive_failures(2)
+            .base_ejection_time(Duration::from_secs(30))
+            .spawn(pool);
+        for _ in 0..60 {
+            send(&balancer).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ejected: Vec<_> = [backends[1].id(), backends[2].id()]
+            .into_iter()
+            .filter(|id| pool.health(id) == Some(Health::Ejected))
+            .collect();
+        assert_eq!(
+            ejected.len(),
+            1,
+            "10 % of three is less than one: one may go"
+        );
+        assert_eq!(pool.health(&backends[0].id()), Some(Health::Healthy));
+    })
+    .await;
+}
+
+/// A user-chosen classifier: only 503 counts as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_uses_the_chosen_failure_statuses() {
+    bounded(async {
+        let mut backends = Vec::new();
+        for name in ["a", "b", "c"] {
+            backends.push(HttpBackend::start(name).await);
+        }
+        backends[1].set_status(500);
+        backends[2].set_status(503);
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let balancer = http_balancer(&addrs);
+        let pool = balancer.pool();
+        let mut events = pool.health_events();
+        let _detector = OutlierDetection::new()
+            .consecutive_failures(2)
+            .failure_status(|s| s == http::StatusCode::SERVICE_UNAVAILABLE)
+            .spawn(pool);
+        for _ in 0..12 {
+            send(&balancer).await.unwrap();
+        }
+        next_event(&mut events, &backends[2].id(), is_ejected).await;
+        assert_eq!(pool.health(&backends[1].id()), Some(Health::Healthy));
+        assert_eq!(pool.state(&backends[1].id()).unwrap().errors(), 0);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// No healthy endpoint, panic threshold.
+
+/// With every endpoint down, a request fails at once with the typed "no endpoint" error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_down_fails_at_once_with_no_endpoint() {
+    bounded(async {
+        let mut backends = Vec::new();
+        for name in ["a", "b"] {
+            backends.push(HttpBackend::start(name).await);
+        }
+        let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+        let balancer = http_balancer(&addrs);
+        let pool = balancer.pool();
+        let mut events = pool.health_events();
+        let _checker = HealthChecker::new(TcpCheck::new())
+            .interval(INTERVAL)
+            .fall(1)
+            .spawn(pool);
+        for b in &mut backends {
+            b.stop().await;
+        }
+        // Both marked down, in either order.
+        let mut down = std::collections::HashSet::new();
+        while down.len() < backends.len() {
+            let e = events.recv().await.unwrap();
+            if is_down(e.change()) {
+                down.insert(e.endpoint().clone());
+            }
+        }
+        let started = Instant::now();
+        let err = send(&balancer).await.unwrap_err();
+        let took = started.elapsed();
+        println!("all down: no endpoint error after {took:?}");
+        assert!(err.is_no_endpoint(), "{err:?}");
+        assert!(took < Duration::from_millis(100), "not at once: {took:?}");
+    })
+    .await;
+}
+
+/// Below the panic threshold, every endpoint of the tier is eligible; with none healthy,
+/// none is.
+#[tokio::test]
+async fn panic_threshold_spreads_over_all_endpoints() {
+    let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+    pool.extend(["a", "b", "c", "d"].map(Endpoint::new));
+    assert_eq!(pool.panic_threshold(), 50);
+    pool.set_down(&"a".into(), true);
+    pool.set_down(&"b".into(), true);
+    let snap = pool.snapshot();
+    assert!(!snap.is_panic(), "2 of 4 healthy is not below 50 %");
+    assert_eq!(snap.eligible().len(), 2);
+    pool.set_ejected(&"c".into(), true);
+    let snap = pool.snapshot();
+    assert!(snap.is_panic(), "1 of 4 healthy is below 50 %");
+    assert_eq!(snap.eligible().len(), 4);
+    pool.set_panic_threshold(0);
+    let snap = pool.snapshot();
+    assert!(!snap.is_panic());
+    assert_eq!(snap.eligible().len(), 1);
+    pool.set_panic_threshold(50);
+    pool.set_down(&"d".into(), true);
+    let snap = pool.snapshot();
+    assert!(
+        !snap.is_panic(),
+        "no healthy endpoint: no panic, nothing eligible"
+    );
+    assert!(snap.eligible().is_empty());
+    assert!(pool.pick(None).is_none());
+
+    let strict = Pool::<EndpointId, _>::builder(RoundRobin::new())
+        .panic_threshold(80)
+        .build(|ep: &Endpoint| ep.id().clone());
+    strict.extend(["a", "b", "c", "d", "e"].map(Endpoint::new));
+    strict.set_down(&"a".into(), true);
+    assert!(!strict.snapshot().is_panic(), "4 of 5 is 80 %");
+    strict.set_down(&"b".into(), true);
+    assert!(strict.snapshot().is_panic());
+}
+
+/// Slow start also ramps endpoints added to a running pool, and stopping it ends the ramps.
+#[tokio::test]
+async fn slow_start_ramps_new_endpoints_and_stops_cleanly() {
+    let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+    pool.extend(["a", "b"].map(Endpoint::new));
+    let slow = SlowStart::new(Duration::from_secs(60)).spawn(&pool);
+    pool.insert(Endpoint::new("c").weight(2));
+    let snap = pool.snapshot();
+    let w: Vec<_> = snap.eligible().iter().map(|c| c.weight()).collect();
+    assert_eq!(
+        w,
+        [10, 10, 2],
+        "c starts at 10 % of its weight 2, on a ×10 scale"
+    );
+    drop(snap);
+    slow.abort();
+    let _ = slow.await;
+    let snap = pool.snapshot();
+    let w: Vec<_> = snap.eligible().iter().map(|c| c.weight()).collect();
+    assert_eq!(
+        w,
+        [1, 1, 2],
+        "without slow start every endpoint has its own weight"
+    );
+}
