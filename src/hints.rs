@@ -98,3 +98,9 @@ impl<B> RequestHints for http::Request<B> {
 /// went through a [`Balancer`](crate::Balancer) with [`CompleteOnBody`](crate::balance::CompleteOnBody).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServedBy(pub EndpointId);
+
+/// The address of the peer a request came from, put in the request's extensions by the server
+/// that accepted the connection (see `examples/reverse_proxy.rs`). The proxy writes it into
+/// `X-Forwarded-For`/`Forwarded`, and client-IP keys read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub std::net::SocketAddr);

@@ -1,6 +1,5 @@
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -20,11 +19,7 @@ use super::headers::{append_forwarded, is_upgrade, remove_hop_by_hop, ForwardedH
 use super::ForwardError;
 use crate::balance::Target;
 use crate::error::BoxError;
-
-/// The address of the client a request came from, put in the request's extensions by the
-/// server that accepted it; [`Forward`] writes it into `X-Forwarded-For`/`Forwarded`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ClientAddr(pub SocketAddr);
+use crate::hints::ClientAddr;
 
 /// Settings of a [`Forward`] service.
 #[derive(Clone, Debug)]

@@ -42,4 +42,5 @@ pub use error::{
 };
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use forward::{ClientAddr, Forward, ForwardFuture};
+pub use forward::{Forward, ForwardFuture};
+pub use crate::hints::ClientAddr;
