@@ -278,8 +278,9 @@ impl<S> Changes<'_, S> {
     }
 }
 
-impl<S: Clone, St: Strategy> Pool<S, St> {
-    /// A builder for a pool using `strategy`.
+impl<St: Strategy> Pool<(), St> {
+    /// A builder for a pool using `strategy`. (Defined on `Pool<(), St>` only so that
+    /// `Pool::builder` needs no type annotation; the builder makes pools of any service type.)
     pub fn builder(strategy: St) -> PoolBuilder<St> {
         PoolBuilder {
             strategy,
@@ -288,13 +289,15 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             panic_threshold: 50,
         }
     }
+}
 
+impl<S: Clone, St: Strategy> Pool<S, St> {
     /// An empty pool using `strategy`; `make` builds each endpoint's service when it joins.
     pub fn new<F>(strategy: St, make: F) -> Self
     where
         F: Fn(&Endpoint) -> S + Send + Sync + 'static,
     {
-        Self::builder(strategy).build(make)
+        Pool::builder(strategy).build(make)
     }
 
     /// The strategy.

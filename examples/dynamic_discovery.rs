@@ -1,0 +1,168 @@
+//! Auto-scaling: endpoints join, change weight and leave while traffic flows.
+//!
+//! Run it:
+//!
+//! ```text
+//! cargo run --example dynamic_discovery
+//! ```
+//!
+//! It starts five demo backends on 127.0.0.1, a balancing proxy over the first two, and a
+//! client that keeps sending requests through the proxy. Every second it prints how many
+//! requests each backend answered, while a scaler changes the pool through its live handle:
+//! two backends join, one gets three times the weight, one is removed (its in-flight requests
+//! finish: it drains) and another joins. Watch the columns follow, and the failure count stay
+//! at zero. It stops by itself after about ten seconds.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use lbkit::balance::RouteToEndpoint;
+use lbkit::proxy::{ErrorResponseLayer, Forward};
+use lbkit::strategy::RoundRobin;
+use lbkit::{Balancer, Endpoint};
+use tokio::net::TcpListener;
+use tower::ServiceBuilder;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt().with_env_filter("lbkit=debug").init();
+
+    let mut backends = Vec::new();
+    for n in 1..=5 {
+        backends.push(spawn_backend(n).await?);
+    }
+
+    // The balancer over a live pool; the pool handle is kept for the scaler.
+    let forward = Forward::<Incoming>::new();
+    let balancer = Balancer::new(
+        [Endpoint::from(backends[0]), Endpoint::from(backends[1])],
+        RoundRobin::new(),
+        move |ep: &Endpoint| RouteToEndpoint::new(forward.clone(), ep),
+    )
+    .http();
+    let pool = balancer.pool().clone();
+    let proxy = ServiceBuilder::new()
+        .layer(ErrorResponseLayer::new())
+        .service(balancer);
+
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let proxy_addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = TowerToHyperService::new(proxy.clone());
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    println!("proxy on http://{proxy_addr}; backends 1 and 2 in the pool");
+
+    // A client sending requests through the proxy, four at a time.
+    let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let failures = Arc::new(AtomicU64::new(0));
+    let client: Client<_, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    for _ in 0..4 {
+        let (client, counts, failures) = (client.clone(), counts.clone(), failures.clone());
+        tokio::spawn(async move {
+            loop {
+                let uri = format!("http://{proxy_addr}/").parse::<http::Uri>().unwrap();
+                let answer = async {
+                    let res = client.get(uri).await?;
+                    let ok = res.status().is_success();
+                    let body = res.into_body().collect().await?.to_bytes();
+                    Ok::<_, BoxError>((ok, String::from_utf8_lossy(&body).into_owned()))
+                };
+                match answer.await {
+                    Ok((true, who)) => *counts.lock().unwrap().entry(who).or_default() += 1,
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    }
+
+    let steps: [(&str, Box<dyn Fn()>); 5] = [
+        ("steady", Box::new(|| {})),
+        ("scale up: backends 3 and 4 join", {
+            let (pool, b) = (pool.clone(), backends.clone());
+            Box::new(move || pool.extend([Endpoint::from(b[2]), Endpoint::from(b[3])]))
+        }),
+        ("backend 1 gets weight 3", {
+            let (pool, b) = (pool.clone(), backends.clone());
+            Box::new(move || {
+                pool.set_weight(&b[0].into(), 3);
+            })
+        }),
+        ("scale down: backend 2 leaves (drains)", {
+            let (pool, b) = (pool.clone(), backends.clone());
+            Box::new(move || {
+                pool.remove(&b[1].into());
+            })
+        }),
+        ("backend 5 joins", {
+            let (pool, b) = (pool.clone(), backends.clone());
+            Box::new(move || {
+                pool.insert(Endpoint::from(b[4]));
+            })
+        }),
+    ];
+    for (what, change) in steps {
+        change();
+        println!("-- {what}");
+        for _ in 0..2 {
+            counts.lock().unwrap().clear();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let line: Vec<String> = counts
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(who, n)| format!("{who}: {n:>5}"))
+                .collect();
+            println!(
+                "   {}   failures so far: {}",
+                line.join("  "),
+                failures.load(Ordering::Relaxed)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A demo backend answering `backend-N`, a little slowly so that requests overlap.
+async fn spawn_backend(n: usize) -> Result<SocketAddr, BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = service_fn(move |_req: Request<Incoming>| async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("backend-{n}")))))
+            });
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
