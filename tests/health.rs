@@ -803,7 +803,7 @@ async fn panic_threshold_spreads_over_all_endpoints() {
     assert!(snap.eligible().is_empty());
     assert!(pool.pick(None).is_none());
 
-    let strict = Pool::<EndpointId, _>::builder(RoundRobin::new())
+    let strict = Pool::builder(RoundRobin::new())
         .panic_threshold(80)
         .build(|ep: &Endpoint| ep.id().clone());
     strict.extend(["a", "b", "c", "d", "e"].map(Endpoint::new));

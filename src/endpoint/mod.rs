@@ -224,7 +224,9 @@ impl Candidate {
         self.hash
     }
 
-    /// The weight in force for this snapshot (at least 1).
+    /// The weight in force for this snapshot (at least 1). While an endpoint of the snapshot
+    /// ramps up under [`SlowStart`](crate::health::SlowStart), all weights of the snapshot are
+    /// scaled by ten, and a ramping endpoint's is reduced.
     pub fn weight(&self) -> u32 {
         self.weight
     }

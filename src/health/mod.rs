@@ -5,7 +5,14 @@
 //!
 //! - **Active health checks** ([`HealthChecker`]): a background task probes every endpoint at
 //!   an interval (with jitter) with a [`HealthCheck`]: a TCP connect ([`TcpCheck`]), an HTTP
-//!   request ([`HttpCheck`], feature `http-proxy`), or your own ([`check_fn`],
+#![cfg_attr(
+    feature = "http-proxy",
+    doc = "  request ([`HttpCheck`], feature `http-proxy`), or your own ([`check_fn`],"
+)]
+#![cfg_attr(
+    not(feature = "http-proxy"),
+    doc = "  request (`HttpCheck`, feature `http-proxy`), or your own ([`check_fn`],"
+)]
 //!   [`check_service`]). As in HAProxy, `fall` failures in a row mark an endpoint down and
 //!   `rise` successes in a row bring it back; each check has a timeout. Defaults: every 2 s,
 //!   timeout 1 s, rise 2, fall 3.

@@ -33,16 +33,32 @@ use crate::strategy::Strategy;
 /// this, so a ramp has room below an endpoint of weight 1.
 pub(crate) const RAMP_SCALE: u32 = 10;
 
-/// Slow-start settings: the ramp window, the share of its weight an endpoint starts with, and
-/// how fast the ramp climbs. See the [module docs](self).
+/// Slow start: a weight ramp for endpoints that come (back) up, so a cold server is not
+/// flooded with its full share at once.
 ///
-/// ```no_run
+/// Once spawned on a pool, an endpoint ramps up when it becomes healthy again (its down mark
+/// or its ejection is cleared) and when it joins a pool that already had endpoints. During
+/// the ramp its weight is `weight × max(min_share, (elapsed / window) ^ (1 / aggression))`, as
+/// in Envoy's slow start; the task republishes the pool's snapshot ten times per window, so
+/// the weight climbs in steps of a tenth. While any endpoint of a snapshot ramps, every weight
+/// in it is scaled by ten (proportions kept) so that an endpoint of weight 1 can ramp too;
+/// [`Candidate::weight`](crate::endpoint::Candidate::weight) shows the scaled weight. Every
+/// built-in strategy honours weights; with Maglev and the ring, a ramp moves keys onto the
+/// endpoint in steps.
+///
+/// ```
 /// use std::time::Duration;
-/// use lbkit::{Balancer, health::SlowStart, strategy::RoundRobin};
-/// # let make = |_: &lbkit::Endpoint| tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) });
-/// # async fn run(balancer: Balancer<impl Clone + Send + Sync + 'static, RoundRobin>) {
+/// use lbkit::{Endpoint, Pool, health::SlowStart, strategy::RoundRobin};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+/// pool.extend([Endpoint::new("a"), Endpoint::new("b")]);
 /// // An endpoint that comes back starts at 10 % of its weight and has all of it after 30 s.
-/// SlowStart::new(Duration::from_secs(30)).spawn(balancer.pool());
+/// SlowStart::new(Duration::from_secs(30)).spawn(&pool);
+///
+/// pool.insert(Endpoint::new("c")); // joins a running pool: ramps up
+/// let weights: Vec<u32> = pool.snapshot().eligible().iter().map(|c| c.weight()).collect();
+/// assert_eq!(weights, [10, 10, 1]);
 /// # }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -18,7 +18,7 @@ pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), CheckError>> + Sen
 ///
 /// The [`HealthChecker`](super::HealthChecker) runs it once per interval per endpoint and
 /// bounds it with its timeout, so an implementation need not time itself out. Built in:
-/// [`TcpCheck`], [`HttpCheck`](super::HttpCheck) (feature `http-proxy`), and adapters for
+/// [`TcpCheck`], `HttpCheck` (feature `http-proxy`), and adapters for
 /// closures ([`check_fn`]) and tower services ([`check_service`]).
 pub trait HealthCheck: Send + Sync + 'static {
     /// Starts one check of `endpoint`.
@@ -54,7 +54,7 @@ pub(super) fn target(endpoint: &Endpoint, port: Option<u16>) -> Result<SocketAdd
 /// Healthy when a TCP connection to the endpoint's address opens (HAProxy's default check).
 ///
 /// The connection is closed at once. Catches a stopped process or a dead host; not a process
-/// that accepts connections but cannot serve (use an [`HttpCheck`](super::HttpCheck) for that).
+/// that accepts connections but cannot serve (use an `HttpCheck` for that).
 #[derive(Clone, Debug, Default)]
 pub struct TcpCheck {
     port: Option<u16>,
