@@ -9,6 +9,8 @@
 //!     Forward               rewrite URI and headers, send over pooled keep-alive connections
 //! ```
 //!
+//! [`TcpProxy`] balances TCP connections (L4) over the same pools and strategies.
+//!
 //! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
 //! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util).
 //!
@@ -28,6 +30,9 @@
 //! ```
 
 pub mod headers;
+mod tcp;
+
+pub use tcp::{splice, tcp_target, TcpProxy, TcpTarget};
 
 #[cfg(feature = "http-proxy")]
 mod error;

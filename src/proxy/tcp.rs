@@ -1,0 +1,303 @@
+//! An L4 (TCP) balancer: accepts connections and splices each to an endpoint picked by the same
+//! pool, strategies and health as HTTP traffic.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::balance::InFlight;
+use crate::endpoint::{Endpoint, EndpointId};
+use crate::hash::stable_hash;
+use crate::hints::PickHints;
+use crate::pool::Pool;
+use crate::strategy::Strategy;
+
+/// The service of an endpoint in a TCP pool: the address to connect to.
+pub type TcpTarget = SocketAddr;
+
+/// Settings of a [`TcpProxy`].
+#[derive(Clone, Debug)]
+struct Config {
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    attempts: usize,
+    hash_client_ip: bool,
+    buffer: usize,
+}
+
+/// A TCP load balancer over a [`Pool`] of socket addresses.
+///
+/// Each accepted connection goes to an endpoint picked by the pool's strategy (with the client's
+/// IP as hash key when [`hash_client_ip`](TcpProxy::hash_client_ip) is on, for Maglev or a ring);
+/// a connection counts as in flight for its whole life, so least connections and power of two
+/// choices balance open connections. When connecting fails, the next attempt goes to another
+/// endpoint. Bytes are copied both ways; when one side closes its write half, the other side's
+/// write half is shut down too (half-close) and the other direction goes on until it ends. A
+/// connection with no traffic either way for the idle timeout is closed.
+///
+/// ```no_run
+/// use lbkit::proxy::TcpProxy;
+/// use lbkit::strategy::LeastConnections;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let backends = ["127.0.0.1:5432".parse().unwrap(), "127.0.0.1:5433".parse().unwrap()];
+/// let proxy = TcpProxy::new(backends, LeastConnections::new());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:6432").await?;
+/// proxy.serve(listener).await
+/// # }
+/// ```
+pub struct TcpProxy<St: Strategy> {
+    pool: Pool<TcpTarget, St>,
+    config: Arc<Config>,
+}
+
+impl<St: Strategy> Clone for TcpProxy<St> {
+    fn clone(&self) -> Self {
+        TcpProxy {
+            pool: self.pool.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<St: Strategy> fmt::Debug for TcpProxy<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpProxy")
+            .field("pool", &self.pool)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Makes the service (the address) of an endpoint of a TCP pool: its socket address, or its id
+/// parsed as one.
+pub fn tcp_target(endpoint: &Endpoint) -> TcpTarget {
+    endpoint
+        .socket_addr()
+        .or_else(|| endpoint.id().as_str().parse().ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+impl<St: Strategy> TcpProxy<St> {
+    /// A TCP balancer over `backends` with `strategy`.
+    pub fn new(backends: impl IntoIterator<Item = SocketAddr>, strategy: St) -> Self {
+        let pool = Pool::new(strategy, tcp_target);
+        pool.extend(backends.into_iter().map(Endpoint::from));
+        Self::from_pool(pool)
+    }
+
+    /// A TCP balancer over `pool`, which may be changed (and health-checked) while it serves.
+    /// Build it with [`tcp_target`] as the service factory.
+    pub fn from_pool(pool: Pool<TcpTarget, St>) -> Self {
+        TcpProxy {
+            pool,
+            config: Arc::new(Config {
+                connect_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(300),
+                attempts: 3,
+                hash_client_ip: false,
+                buffer: 16 * 1024,
+            }),
+        }
+    }
+
+    /// The pool of backends.
+    pub fn pool(&self) -> &Pool<TcpTarget, St> {
+        &self.pool
+    }
+
+    /// How long connecting to a backend may take before another is tried (default 5 s).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        Arc::make_mut(&mut self.config).connect_timeout = t;
+        self
+    }
+
+    /// Closes a connection after this long without a byte either way (default 300 s).
+    pub fn idle_timeout(mut self, t: Duration) -> Self {
+        Arc::make_mut(&mut self.config).idle_timeout = t;
+        self
+    }
+
+    /// How many backends to try for one connection before giving up (default 3, at least 1).
+    pub fn attempts(mut self, n: usize) -> Self {
+        Arc::make_mut(&mut self.config).attempts = n.max(1);
+        self
+    }
+
+    /// Uses the client's IP as the hash key, so that hashing strategies keep a client on one
+    /// backend (default off).
+    pub fn hash_client_ip(mut self, on: bool) -> Self {
+        Arc::make_mut(&mut self.config).hash_client_ip = on;
+        self
+    }
+
+    /// Accepts connections from `listener` and balances them until this future is dropped,
+    /// which also closes the connections it is serving. Returns only on a fatal accept error.
+    pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let this = self.clone();
+                        conns.spawn(async move { this.handle(stream, peer).await });
+                    }
+                    Err(e) if is_transient(&e) => {
+                        tracing::warn!(error = %e, "accept failed; pausing");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    }
+
+    /// Balances one accepted connection from `peer` to a backend, and splices the two until
+    /// both are done. Errors are logged, not returned.
+    pub async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let mut hints = PickHints::default();
+        if self.config.hash_client_ip {
+            match peer.ip() {
+                std::net::IpAddr::V4(ip) => hints.set_hash(stable_hash(&ip.octets())),
+                std::net::IpAddr::V6(ip) => hints.set_hash(stable_hash(&ip.octets())),
+            };
+        }
+        let mut tried: Vec<EndpointId> = Vec::new();
+        for _ in 0..self.config.attempts {
+            let Some((candidate, addr)) = self.pool.pick(Some(&hints)) else {
+                tracing::warn!(%peer, "no backend available; closing the connection");
+                return;
+            };
+            let mut guard = InFlight::start(candidate);
+            match timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(backend)) => {
+                    let _ = backend.set_nodelay(true);
+                    match splice(
+                        client,
+                        backend,
+                        self.config.idle_timeout,
+                        self.config.buffer,
+                    )
+                    .await
+                    {
+                        Ok((up, down)) => tracing::debug!(%peer, up, down, "connection done"),
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error")
+                        }
+                    }
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, backend = %guard.candidate().id(), error = %e, "connect failed")
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, backend = %guard.candidate().id(), "connect timed out")
+                }
+            }
+            guard.fail();
+            tried.push(guard.candidate().id().clone());
+            drop(guard);
+            for id in &tried {
+                hints.avoid(id.clone());
+            }
+        }
+        tracing::warn!(%peer, attempts = tried.len(), "no backend accepted the connection");
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
+}
+
+/// Copies bytes both ways between `a` and `b` until both directions have ended, passing on
+/// half-closes, and fails with `TimedOut` after `idle` without a byte either way. Returns the
+/// bytes copied from `a` to `b` and from `b` to `a`.
+pub async fn splice(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    buffer: usize,
+) -> io::Result<(u64, u64)> {
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let last = Activity {
+        start: Instant::now(),
+        nanos: AtomicU64::new(0),
+    };
+    tokio::try_join!(
+        pump(ar, bw, &last, idle, buffer),
+        pump(br, aw, &last, idle, buffer)
+    )
+}
+
+/// When a byte last moved either way, shared by the two directions of one splice.
+struct Activity {
+    start: Instant,
+    nanos: AtomicU64,
+}
+
+impl Activity {
+    fn get(&self) -> Instant {
+        self.start + Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+
+    fn touch(&self) {
+        let n = self.start.elapsed().as_nanos() as u64;
+        self.nanos.fetch_max(n, Ordering::Relaxed);
+    }
+}
+
+/// One direction of [`splice`]; `last` is the time of the last byte either way.
+async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    last: &Activity,
+    idle: Duration,
+    buffer: usize,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; buffer.max(1024)];
+    let mut total = 0u64;
+    loop {
+        let n = loop {
+            match timeout_at(last.get() + idle, r.read(&mut buf)).await {
+                Ok(res) => break res?,
+                // The other direction may have moved meanwhile: only idle if neither did.
+                Err(_) if last.get().elapsed() >= idle => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"))
+                }
+                Err(_) => continue,
+            }
+        };
+        if n == 0 {
+            // Half-close: pass the end of this direction on, keep the other one going.
+            let _ = w.shutdown().await;
+            return Ok(total);
+        }
+        match timeout(idle, w.write_all(&buf[..n])).await {
+            Ok(res) => res?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled")),
+        }
+        last.touch();
+        total += n as u64;
+    }
+}
