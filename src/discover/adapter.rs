@@ -76,7 +76,8 @@ where
                     match change {
                         Change::Insert(key, service) => c.insert_with_service(key.into(), service),
                         Change::Remove(key) => {
-                            c.remove(Endpoint::from(key.into()).id());
+                            let endpoint: Endpoint = key.into();
+                            c.remove(endpoint.id());
                         }
                     }
                 }
