@@ -580,10 +580,18 @@ async fn checker_follows_the_pool_and_ends_with_it() {
             Some(Health::Healthy)
         );
 
+        let detector = OutlierDetection::new().spawn(&pool);
+        let slow = SlowStart::new(Duration::from_secs(10)).spawn(&pool);
+        tokio::time::sleep(INTERVAL).await;
+        assert!(!task.is_finished() && !detector.is_finished() && !slow.is_finished());
         drop(pool);
-        timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the checker ends when its pool is dropped");
+        timeout(Duration::from_secs(5), async {
+            task.await;
+            detector.await;
+            slow.await;
+        })
+        .await
+        .expect("health tasks end when their pool is dropped");
     })
     .await;
 }
