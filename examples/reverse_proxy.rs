@@ -16,10 +16,16 @@
 //!
 //! Backend 1 has weight 2, so with the default smooth weighted round robin it answers half of
 //! the requests, interleaved with the others. Strategies: round_robin, random,
-//! least_connections, p2c, peak_ewma, maglev, ring. Stop with Ctrl-C.
+//! least_connections, p2c, peak_ewma, maglev, ring. Every backend is health-checked
+//! (`GET /` each second) and watched by outlier detection. Stop with Ctrl-C.
+//!
+//! Other flags: `--backends 127.0.0.1:9001,127.0.0.1:9002` balances over backends of your
+//! own instead of the demo ones (the end-to-end benchmark, `benches/e2e/compare.sh`, uses it),
+//! and `--threads N` sets the runtime's worker threads (default: one per core).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -29,52 +35,104 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use lbkit::balance::RouteToEndpoint;
+use lbkit::health::{HealthChecker, HttpCheck, OutlierDetection};
 use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
 use lbkit::strategy::AnyStrategy;
-use lbkit::{BalancerLayer, Endpoint};
+use lbkit::{Balancer, Endpoint};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tracing_subscriber::EnvFilter;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+struct Args {
+    strategy: AnyStrategy,
+    listen: SocketAddr,
+    backends: Vec<SocketAddr>,
+    threads: Option<usize>,
+}
 
-    let mut strategy: AnyStrategy = "round_robin".parse()?;
-    let mut listen: SocketAddr = "127.0.0.1:8080".parse()?;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--strategy", Some(v)) => strategy = v.parse()?,
-            ("--listen", Some(v)) => listen = v.parse()?,
+fn parse_args() -> Result<Args, BoxError> {
+    let mut args = Args {
+        strategy: "round_robin".parse()?,
+        listen: "127.0.0.1:8080".parse()?,
+        backends: Vec::new(),
+        threads: None,
+    };
+    let mut argv = std::env::args().skip(1);
+    while let Some(arg) = argv.next() {
+        match (arg.as_str(), argv.next()) {
+            ("--strategy", Some(v)) => args.strategy = v.parse()?,
+            ("--listen", Some(v)) => args.listen = v.parse()?,
+            ("--threads", Some(v)) => args.threads = Some(v.parse()?),
+            ("--backends", Some(v)) => {
+                for addr in v.split(',').filter(|a| !a.is_empty()) {
+                    args.backends.push(addr.parse()?);
+                }
+            }
             _ => {
-                eprintln!("usage: reverse_proxy [--strategy NAME] [--listen ADDR]");
+                eprintln!(
+                    "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
+                     [--backends ADDR,ADDR,...] [--threads N]"
+                );
                 std::process::exit(2);
             }
         }
     }
+    Ok(args)
+}
 
-    // Three demo backends on ports the OS picks.
-    let mut endpoints = Vec::new();
-    for n in 1..=3 {
-        let addr = spawn_backend(n).await?;
-        let weight = if n == 1 { 2 } else { 1 };
-        endpoints.push(Endpoint::from(addr).weight(weight));
-        tracing::info!(backend = n, %addr, weight, "demo backend listening");
+fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = parse_args()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        runtime.worker_threads(n.max(1));
     }
+    runtime.enable_all().build()?.block_on(run(args))
+}
 
+async fn run(args: Args) -> Result<(), BoxError> {
+    let Args {
+        strategy,
+        listen,
+        backends,
+        ..
+    } = args;
+
+    let mut endpoints = Vec::new();
+    if backends.is_empty() {
+        // Three demo backends on ports the OS picks.
+        for n in 1..=3 {
+            let addr = spawn_backend(n).await?;
+            let weight = if n == 1 { 2 } else { 1 };
+            endpoints.push(Endpoint::from(addr).weight(weight));
+            tracing::info!(backend = n, %addr, weight, "demo backend listening");
+        }
+    } else {
+        endpoints.extend(backends.iter().copied().map(Endpoint::from));
+    }
+    let backend_count = endpoints.len();
+
+    // Each endpoint's service is the shared forwarding client, routed to that endpoint.
+    let forward = Forward::<Incoming>::new()
+        .timeout(Duration::from_secs(10))
+        .hide_response_header(http::header::SERVER);
+    let balancer = Balancer::new(endpoints, strategy, move |ep: &Endpoint| {
+        RouteToEndpoint::new(forward.clone(), ep)
+    })
+    .http();
+    // Active checks find a stopped backend; outlier detection one that answers 5xx.
+    HealthChecker::new(HttpCheck::get("/"))
+        .interval(Duration::from_secs(1))
+        .spawn(balancer.pool());
+    OutlierDetection::new().spawn(balancer.pool());
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
-        .layer(BalancerLayer::new(endpoints, strategy))
-        .service(
-            Forward::<Incoming>::new()
-                .timeout(std::time::Duration::from_secs(10))
-                .hide_response_header(http::header::SERVER),
-        );
+        .service(balancer);
 
     let listener = match TcpListener::bind(listen).await {
         Ok(l) => l,
@@ -84,7 +142,7 @@ async fn main() -> Result<(), BoxError> {
         }
     };
     let strategy_name = lbkit::strategy::Strategy::name(&strategy);
-    println!("lbkit proxy on http://{listen} ({strategy_name}) over 3 backends");
+    println!("lbkit proxy on http://{listen} ({strategy_name}) over {backend_count} backends");
     println!("try: for i in 1 2 3 4 5 6; do curl -s http://{listen}/; done");
 
     loop {
