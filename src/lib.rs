@@ -13,7 +13,12 @@
 //! - [`discover`]: feeding a pool (static lists, a live handle, `tower::discover` adapters);
 //! - [`endpoint`]: endpoint descriptions and their live state;
 //! - [`health`]: active health checks, outlier detection, slow start;
-//! - [`proxy`]: HTTP forwarding and error mapping for reverse proxies (feature `http-proxy`).
+//! - [`proxy`]: HTTP forwarding and error mapping for reverse proxies (feature `http-proxy`);
+//! - [`key`]: request keys (header, cookie, client IP behind trusted proxies, path, query) for
+//!   consistent hashing, and [`HashKeyLayer`](key::HashKeyLayer);
+//! - [`sticky`]: sticky sessions with sealed affinity cookies (feature `cookie`);
+//! - [`failover`]: retries on another endpoint, with a retry budget, per-try timeout and
+//!   deadline.
 //!
 //! ```
 //! use lbkit::{Balancer, Endpoint, strategy::RoundRobin};
@@ -46,11 +51,16 @@ pub mod balance;
 pub mod discover;
 pub mod endpoint;
 mod error;
+pub mod failover;
 pub mod hash;
 pub mod health;
 pub mod hints;
+pub mod key;
 pub mod pool;
 pub mod proxy;
+#[cfg(feature = "cookie")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cookie")))]
+pub mod sticky;
 pub mod strategy;
 
 pub use balance::{Balancer, BalancerLayer};

@@ -1,0 +1,46 @@
+//! Failover: retry a failed request on another endpoint, within a budget and a deadline.
+//!
+//! [`FailoverLayer`] sits in front of a [`Balancer`](crate::Balancer). When an attempt fails
+//! it sends the request again, telling the balancer to avoid every endpoint already tried for
+//! it, so no request is sent twice to the same endpoint. Whether to retry is decided by:
+//!
+//! - the [`RetryPolicy`]: which requests may be sent twice (idempotent methods by default) and
+//!   which outcomes are failures (endpoint errors, 502/503/504, per-try timeouts by default);
+//! - the body: only a body that can be sent again ([`Replay`]: empty, buffered, or any `Clone`
+//!   body) is retried. A request body that streams as it is sent is **not** buffered behind
+//!   your back and **not** retried; wrap bodies in [`ReplayBody`] (and buffer small ones with
+//!   [`ReplayBody::buffer`]) to choose;
+//! - the [`RetryBudget`], a cap on retries as a share of recent traffic, so a failing fleet
+//!   is not hit by every request several times;
+//! - [`max_attempts`](FailoverLayer::max_attempts) (3 by default), a
+//!   [per-try timeout](FailoverLayer::per_try_timeout) and an overall
+//!   [deadline](FailoverLayer::deadline).
+//!
+//! Tiers of endpoints (primaries, then backups) live in the [`Pool`](crate::Pool): backups
+//! get traffic only while no primary is healthy, and lose it as soon as one recovers; the
+//! failover layer works the same over either.
+//!
+//! A typical stack, outermost first:
+//!
+//! ```text
+//! FailoverLayer      retry elsewhere (avoid list), budget, deadline
+//!   StickyLayer      same client, same endpoint; the cookie names the endpoint that answered
+//!   HashKeyLayer     key for consistent hashing
+//!     Balancer       pick an endpoint among the eligible ones, minus the avoided ones
+//! ```
+
+mod body;
+mod budget;
+mod future;
+mod layer;
+mod policy;
+mod record;
+mod service;
+
+pub use body::{Replay, ReplayBody};
+pub use budget::RetryBudget;
+pub use future::ResponseFuture;
+pub use layer::FailoverLayer;
+pub use policy::{is_idempotent, DefaultPolicy, RetryPolicy};
+pub use record::{RecordEndpoint, RecordEndpointLayer};
+pub use service::Failover;

@@ -1,0 +1,49 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::layer::Config;
+use crate::hints::PickHints;
+
+/// The service of [`StickyLayer`](super::StickyLayer).
+#[derive(Clone, Debug)]
+pub struct Sticky<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Sticky<S> {
+    pub(super) fn new(inner: S, config: Arc<Config>) -> Self {
+        Sticky { inner, config }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for Sticky<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let pinned = self.config.endpoint_in(req.headers());
+        if let Some(id) = &pinned {
+            tracing::trace!(endpoint = %id, "affinity cookie");
+            PickHints::of_mut(&mut req).prefer(id.clone());
+        }
+        ResponseFuture::new(self.inner.call(req), pinned, self.config.clone())
+    }
+}
