@@ -1,0 +1,398 @@
+//! The strategies and the balancer through real sockets: hyper HTTP/1.1 servers on 127.0.0.1
+//! behind a `Balancer` whose endpoint services are a hyper-util client.
+
+mod common;
+
+use std::error::Error as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use futures::FutureExt;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
+use lbkit::hints::{PickHints, ServedBy};
+use lbkit::strategy::{
+    AnyStrategy, LeastConnections, PeakEwma, PowerOfTwoChoices, RoundRobin, Strategy,
+};
+use lbkit::{Balancer, Endpoint, EndpointId, Tier};
+use tokio::task::JoinSet;
+use tower::ServiceExt;
+
+use common::{
+    ask, balancer, body_text, dead_addr, endpoints, get, hits, start_servers,
+    start_streaming_server, wait_until, within, HttpEndpoint,
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn id(s: &str) -> EndpointId {
+    EndpointId::new(s)
+}
+
+/// Weights 5:1:1 give exactly 5:1:1 in every 7 consecutive responses, and the heavy endpoint's
+/// picks are spread out (never 5 in a row), as nginx's smooth weighted round robin.
+#[tokio::test]
+async fn smooth_weighted_round_robin_5_1_1() {
+    within(LIMIT, async {
+        let servers = start_servers(3).await;
+        let eps = [
+            servers[0].endpoint().weight(5),
+            servers[1].endpoint(),
+            servers[2].endpoint(),
+        ];
+        let b = balancer(eps, RoundRobin::new());
+
+        let mut seq = Vec::with_capacity(70);
+        for _ in 0..70 {
+            seq.push(ask(&b).await.expect("request"));
+        }
+        println!("first 7 responses: {:?}", &seq[..7]);
+
+        // The schedule is periodic with period 7 and starts at a random point of the cycle, so
+        // every window of 7 (in particular the ones aligned at cycles) holds one whole cycle.
+        for (start, window) in seq.windows(7).enumerate() {
+            let count = |name: &str| window.iter().filter(|s| *s == name).count();
+            assert_eq!(
+                (count("s0"), count("s1"), count("s2")),
+                (5, 1, 1),
+                "window at {start}: {window:?}"
+            );
+        }
+        let longest_s0_run = seq
+            .split(|s| s != "s0")
+            .map(<[String]>::len)
+            .max()
+            .unwrap_or(0);
+        assert!(
+            longest_s0_run < 5,
+            "s0 picked {longest_s0_run} times in a row: {seq:?}"
+        );
+        assert_eq!(hits(&servers), [50, 10, 10]);
+    })
+    .await;
+}
+
+/// An endpoint holding slow requests gets none of the new ones while they are in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_avoids_the_endpoint_holding_slow_requests() {
+    within(LIMIT, async {
+        let servers = start_servers(3).await;
+        // Long enough that the new requests below surely end first, even on a busy machine
+        // (checked below rather than assumed).
+        servers[0].set_delay(Duration::from_secs(2));
+        let b = balancer(endpoints(&servers), LeastConnections::new());
+        let slow_state = b.pool().state(&id("s0")).expect("s0 is in the pool");
+
+        const SLOW: u64 = 5;
+        let mut slow = JoinSet::new();
+        for _ in 0..SLOW {
+            let mut req = get();
+            PickHints::of_mut(&mut req).prefer(id("s0"));
+            let b = b.clone();
+            slow.spawn(async move {
+                let res = b.oneshot(req).await.expect("slow request");
+                body_text(res.into_body()).await
+            });
+        }
+        wait_until(
+            Duration::from_secs(10),
+            "the slow requests to reach s0",
+            || servers[0].hits() == SLOW,
+        )
+        .await;
+        assert_eq!(slow_state.in_flight(), SLOW);
+
+        // 20 new requests, 4 at a time: the fast endpoints never hold more than 4 (< 5).
+        let before = hits(&servers);
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            for r in join_all((0..4).map(|_| ask(&b))).await {
+                answers.push(r.expect("new request"));
+            }
+        }
+        assert_eq!(
+            slow_state.in_flight(),
+            SLOW,
+            "the slow requests ended before the new ones did: the test proved nothing"
+        );
+        let after = hits(&servers);
+        println!(
+            "new requests per server: {:?}",
+            [
+                after[0] - before[0],
+                after[1] - before[1],
+                after[2] - before[2]
+            ]
+        );
+        assert!(!answers.iter().any(|a| a == "s0"), "{answers:?}");
+        assert_eq!(after[0], before[0], "s0 got new requests");
+        assert_eq!(after[1] + after[2] - before[1] - before[2], 20);
+
+        while let Some(done) = slow.join_next().await {
+            assert_eq!(done.expect("slow task"), "s0");
+        }
+        assert_eq!(slow_state.in_flight(), 0);
+        assert_eq!(b.pool().in_flight(), 0);
+    })
+    .await;
+}
+
+/// Sends `TOTAL` requests with `CONCURRENCY` workers over 3 servers of which `s0` answers after
+/// 200 ms and the others at once; returns the requests each server received.
+async fn load_with_one_slow_server<St: Strategy>(strategy: St) -> Vec<u64> {
+    const TOTAL: usize = 300;
+    const CONCURRENCY: usize = 16;
+    let servers = start_servers(3).await;
+    servers[0].set_delay(Duration::from_millis(200));
+    let b: Balancer<HttpEndpoint, St> = balancer(endpoints(&servers), strategy);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let (b, next) = (b.clone(), next.clone());
+        workers.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < TOTAL {
+                ask(&b).await.expect("request");
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.expect("worker");
+    }
+    let hits = hits(&servers);
+    assert_eq!(hits.iter().sum::<u64>(), TOTAL as u64);
+    assert_eq!(b.pool().in_flight(), 0);
+    hits
+}
+
+/// The share of requests the slow server may get. An even split would give it 1/3; load-aware
+/// strategies give it a few requests at the start (about 5 in flight before its load shows)
+/// and then few more. Seen locally: about 2 %.
+const SLOW_SHARE_BOUND: f64 = 0.15;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_sends_little_to_a_slow_server() {
+    within(LIMIT, async {
+        let hits = load_with_one_slow_server(PowerOfTwoChoices::new()).await;
+        let share = hits[0] as f64 / hits.iter().sum::<u64>() as f64;
+        println!(
+            "p2c: requests per server {hits:?}, slow share {:.1} %",
+            share * 100.0
+        );
+        assert!(
+            share < SLOW_SHARE_BOUND,
+            "slow share {share:.3} with p2c: {hits:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_sends_little_to_a_slow_server() {
+    within(LIMIT, async {
+        let hits = load_with_one_slow_server(PeakEwma::new()).await;
+        let share = hits[0] as f64 / hits.iter().sum::<u64>() as f64;
+        println!(
+            "peak_ewma: requests per server {hits:?}, slow share {:.1} %",
+            share * 100.0
+        );
+        assert!(
+            share < SLOW_SHARE_BOUND,
+            "slow share {share:.3} with peak EWMA: {hits:?}"
+        );
+    })
+    .await;
+}
+
+/// Without concurrency, in-flight counts are all 0 and tell nothing: peak EWMA still avoids an
+/// endpoint it has seen answer slowly, from its latency estimate alone.
+#[tokio::test]
+async fn peak_ewma_remembers_a_slow_answer() {
+    within(LIMIT, async {
+        let servers = start_servers(3).await;
+        servers[0].set_delay(Duration::from_millis(200));
+        let b = balancer(endpoints(&servers), PeakEwma::new());
+        let mut req = get();
+        PickHints::of_mut(&mut req).prefer(id("s0"));
+        let res = b.clone().oneshot(req).await.expect("slow request");
+        assert_eq!(body_text(res.into_body()).await, "s0");
+        let slow = b.pool().state(&id("s0")).expect("in the pool");
+        assert!(slow.latency_ewma() >= Duration::from_millis(200));
+
+        // The estimate decays over the pool's 10 s window: far from the 30 ms that new
+        // endpoints start with, for the second or so these requests take.
+        let mut answers = Vec::new();
+        for _ in 0..50 {
+            answers.push(ask(&b).await.expect("request"));
+        }
+        let after = hits(&servers);
+        println!("sequential requests after one slow answer: {after:?}");
+        assert_eq!(after[0], 1, "s0 got new requests: {answers:?}");
+        assert_eq!(after[1] + after[2], 50);
+    })
+    .await;
+}
+
+/// Asserts that a request through `b` fails with "no endpoint" on its very first poll.
+fn assert_no_endpoint<St: Strategy>(b: &Balancer<HttpEndpoint, St>, what: &str) {
+    let started = Instant::now();
+    let res = b
+        .clone()
+        .oneshot(get())
+        .now_or_never()
+        .unwrap_or_else(|| panic!("{what}: the request did not fail at once"));
+    let err = res.expect_err(what);
+    assert!(err.is_no_endpoint(), "{what}: {err:?}");
+    assert!(
+        !err.is_endpoint() && err.endpoint_id().is_none(),
+        "{what}: {err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{what}: too slow"
+    );
+}
+
+/// An empty pool, and a pool whose endpoints are all down, fail at once with every strategy.
+#[tokio::test]
+async fn no_endpoint_fails_at_once() {
+    within(LIMIT, async {
+        let servers = start_servers(2).await;
+        for name in AnyStrategy::NAMES {
+            let strategy: AnyStrategy = name.parse().expect("built-in name");
+            let empty = balancer(Vec::<Endpoint>::new(), strategy);
+            assert_no_endpoint(&empty, &format!("{name}, empty pool"));
+
+            let b = balancer(endpoints(&servers), strategy);
+            for s in &servers {
+                assert!(b.pool().set_down(&id(s.name()), true));
+            }
+            assert_no_endpoint(&b, &format!("{name}, all down"));
+
+            // And it serves again once one comes back.
+            assert!(b.pool().set_down(&id("s1"), false));
+            assert_eq!(ask(&b).await.expect("s1 is up"), "s1", "{name}");
+        }
+        assert_eq!(hits(&servers), [0, AnyStrategy::NAMES.len() as u64]);
+    })
+    .await;
+}
+
+/// A backend with nothing listening gives an endpoint error naming it, counted as an error.
+#[tokio::test]
+async fn dead_backend_is_an_endpoint_error() {
+    within(LIMIT, async {
+        let dead = dead_addr().await;
+        let b = balancer([Endpoint::new("dead").addr(dead)], RoundRobin::new());
+        let err = ask(&b).await.expect_err("nothing listens there");
+        println!("error: {err} (source: {:?})", err.source());
+        assert!(err.is_endpoint() && !err.is_no_endpoint(), "{err:?}");
+        assert_eq!(err.endpoint_id().map(EndpointId::as_str), Some("dead"));
+        assert!(err.source().is_some(), "the client's error is kept");
+        let state = b.pool().state(&id("dead")).expect("still in the pool");
+        assert_eq!(
+            (state.requests(), state.errors(), state.in_flight()),
+            (1, 1, 0)
+        );
+    })
+    .await;
+}
+
+/// Backups get nothing while a primary is healthy, everything while none is, and nothing again
+/// once a primary is back.
+#[tokio::test]
+async fn backup_tier_takes_over_only_while_primaries_are_down() {
+    within(LIMIT, async {
+        let servers = start_servers(3).await;
+        let eps = [
+            servers[0].endpoint(),
+            servers[1].endpoint(),
+            servers[2].endpoint().tier(Tier::BACKUP),
+        ];
+        let b = balancer(eps, RoundRobin::new());
+        let pool = b.pool();
+
+        for _ in 0..20 {
+            assert_ne!(ask(&b).await.expect("primaries up"), "s2");
+        }
+        assert_eq!(hits(&servers), [10, 10, 0]);
+
+        assert!(pool.set_down(&id("s0"), true));
+        for _ in 0..10 {
+            assert_eq!(ask(&b).await.expect("s1 up"), "s1");
+        }
+        assert_eq!(
+            hits(&servers),
+            [10, 20, 0],
+            "one primary left: no backup yet"
+        );
+
+        assert!(pool.set_down(&id("s1"), true));
+        for _ in 0..20 {
+            assert_eq!(ask(&b).await.expect("backup up"), "s2");
+        }
+        assert_eq!(hits(&servers), [10, 20, 20]);
+
+        assert!(pool.set_down(&id("s0"), false));
+        for _ in 0..20 {
+            assert_eq!(ask(&b).await.expect("s0 back"), "s0");
+        }
+        assert_eq!(hits(&servers), [30, 20, 20]);
+    })
+    .await;
+}
+
+/// With `Balancer::http()`, a request counts as in flight while its body streams, and stops
+/// counting when the body ends (before it is dropped), or when it is dropped half read.
+#[tokio::test]
+async fn complete_on_body_counts_streaming_responses() {
+    within(LIMIT, async {
+        let (server, mut bodies) = start_streaming_server("stream").await;
+        let b = balancer([server.endpoint()], LeastConnections::new()).http();
+        let state = b.pool().state(&id("stream")).expect("in the pool");
+
+        let res = b.clone().oneshot(get()).await.expect("response head");
+        assert_eq!(
+            res.extensions().get::<ServedBy>().map(|s| s.0.as_str()),
+            Some("stream")
+        );
+        let tx = bodies.recv().await.expect("the server's body sender");
+        assert_eq!(state.in_flight(), 1, "head received, body not yet");
+        let mut body = res.into_body();
+        let mut got = Vec::new();
+        for i in 0..3 {
+            tx.unbounded_send(Ok(Frame::data(Bytes::from(format!("chunk{i};")))))
+                .expect("client still reading");
+            let frame = body.frame().await.expect("a frame").expect("no error");
+            got.extend_from_slice(frame.data_ref().expect("data frame"));
+            assert_eq!(state.in_flight(), 1, "body still streaming after chunk {i}");
+            assert_eq!(b.pool().in_flight(), 1);
+        }
+        drop(tx);
+        assert!(body.frame().await.is_none(), "the body ends");
+        assert_eq!(
+            state.in_flight(),
+            0,
+            "ended bodies stop counting before being dropped"
+        );
+        assert_eq!(b.pool().in_flight(), 0);
+        assert_eq!(got, b"chunk0;chunk1;chunk2;");
+        drop(body);
+
+        // A body dropped half read stops counting too.
+        let res = b.clone().oneshot(get()).await.expect("response head");
+        let tx = bodies.recv().await.expect("the server's body sender");
+        let mut body = res.into_body();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"partial"))))
+            .expect("client still reading");
+        body.frame().await.expect("a frame").expect("no error");
+        assert_eq!(state.in_flight(), 1);
+        drop(body);
+        assert_eq!(state.in_flight(), 0, "a dropped body stops counting");
+        assert_eq!((state.requests(), state.errors()), (2, 0));
+        assert_eq!(server.hits(), 2);
+    })
+    .await;
+}
