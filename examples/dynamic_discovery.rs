@@ -38,6 +38,9 @@ use tower::ServiceBuilder;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// One step of the scaling script: what it does, and doing it.
+type Step = (&'static str, Box<dyn Fn()>);
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt().with_env_filter("lbkit=debug").init();
@@ -100,7 +103,7 @@ async fn main() -> Result<(), BoxError> {
         });
     }
 
-    let steps: [(&str, Box<dyn Fn()>); 5] = [
+    let steps: [Step; 5] = [
         ("steady", Box::new(|| {})),
         ("scale up: backends 3 and 4 join", {
             let (pool, b) = (pool.clone(), backends.clone());
