@@ -16,7 +16,7 @@
 //! - [`proxy`]: HTTP forwarding and error mapping for reverse proxies (feature `http-proxy`);
 //! - [`key`]: request keys (header, cookie, client IP behind trusted proxies, path, query) for
 //!   consistent hashing, and [`HashKeyLayer`](key::HashKeyLayer);
-//! - [`sticky`]: sticky sessions with sealed affinity cookies (feature `cookie`);
+//! - `sticky`: sticky sessions with sealed affinity cookies (feature `cookie`);
 //! - [`failover`]: retries on another endpoint, with a retry budget, per-try timeout and
 //!   deadline.
 //!

@@ -18,6 +18,10 @@ use pin_project_lite::pin_project;
 /// Implemented for every `Clone` body (`http_body_util::Full<Bytes>`, `Empty`, `String`, and
 /// `()` for body-less requests), where the clone is the copy, and for [`ReplayBody`], which
 /// makes any body type replayable when it is empty or buffered.
+#[diagnostic::on_unimplemented(
+    message = "the request body `{Self}` cannot be sent again for a retry",
+    note = "wrap it so that empty or buffered bodies can be retried: `req.map(lbkit::failover::ReplayBody::new)`"
+)]
 pub trait Replay: Sized {
     /// A copy of this body to send in a retry, or `None` if it cannot be sent again.
     fn replay(&self) -> Option<Self>;

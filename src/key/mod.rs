@@ -3,7 +3,7 @@
 //! A [`Key`] says which part of a request identifies "the same user" or "the same object": a
 //! header, a cookie, the client's IP address, the path, a query parameter, or a closure of
 //! yours. [`Key::extract`] reads it and hashes its bytes with
-//! [`stable_hash`](crate::hash::stable_hash) (without copying them), so every balancer in a
+//! [`stable_hash`] (without copying them), so every balancer in a
 //! fleet maps a key to the same number. [`HashKeyLayer`] writes that hash into the request's
 //! [`PickHints`](crate::hints::PickHints); a consistent-hashing strategy
 //! ([`Maglev`](crate::strategy::Maglev), [`Ring`](crate::strategy::Ring)) behind it sends each
@@ -112,7 +112,7 @@ impl Key {
     }
 
     /// A key computed by `f`, which returns the hash to use (hash bytes with
-    /// [`stable_hash`](crate::hash::stable_hash) so that every process agrees), or `None`.
+    /// [`stable_hash`] so that every process agrees), or `None`.
     ///
     /// ```
     /// use lbkit::{hash::stable_hash, key::Key};
