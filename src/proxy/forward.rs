@@ -189,8 +189,20 @@ where
         let upgrade = is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
+        // An HTTP/2 client names the host in `:authority` (the URI), not in `Host`: carry it
+        // over, or the backend would see its own address and X-Forwarded-Host would be lost.
+        let client_host = match req.headers().contains_key(http::header::HOST) {
+            true => None,
+            false => req
+                .uri()
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
+        };
 
         let headers = req.headers_mut();
+        if let Some(host) = client_host {
+            headers.insert(http::header::HOST, host);
+        }
         remove_hop_by_hop(headers, upgrade);
         append_forwarded(headers, cfg.forwarded, client, cfg.proto);
         if !cfg.preserve_host || !headers.contains_key(http::header::HOST) {

@@ -12,7 +12,8 @@
 //! [`TcpProxy`] balances TCP connections (L4) over the same pools and strategies.
 //!
 //! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
-//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util).
+//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util); `tls`
+//! (TLS termination with rustls, HTTP/1.1 and HTTP/2 by ALPN) needs the `tls` feature.
 //!
 //! ```no_run
 //! # #[cfg(feature = "http-proxy")]
@@ -48,4 +49,8 @@ pub use error::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardFuture};
+
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub mod tls;
 pub use crate::hints::ClientAddr;

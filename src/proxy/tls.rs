@@ -1,0 +1,424 @@
+//! TLS termination for the HTTP proxy with rustls: load a certificate and key from PEM, accept
+//! TLS connections, and serve HTTP/1.1 or HTTP/2 as ALPN chose.
+//!
+//! ```no_run
+//! use lbkit::proxy::{tls, ErrorResponseLayer, Forward};
+//! use lbkit::{strategy::RoundRobin, BalancerLayer};
+//! use tower::ServiceBuilder;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let config = tls::server_config_from_pem("cert.pem", "key.pem")?;
+//! let proxy = ServiceBuilder::new()
+//!     .layer(ErrorResponseLayer::new())
+//!     .layer(BalancerLayer::new(["127.0.0.1:3001", "127.0.0.1:3002"], RoundRobin::new()))
+//!     // The clients speak https: say so in X-Forwarded-Proto / Forwarded.
+//!     .service(Forward::<hyper::body::Incoming>::new().proto("https"));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
+//! tls::serve(listener, config, proxy).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Needs the `tls` cargo feature. rustls uses its `ring` crypto provider, which builds with a
+//! plain C compiler (no cmake or nasm).
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower_service::Service;
+
+pub use rustls::ServerConfig;
+
+use crate::error::BoxError;
+use crate::hints::ClientAddr;
+
+/// The ALPN protocol id of HTTP/2.
+const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol id of HTTP/1.1.
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Why a TLS server configuration could not be built.
+///
+/// One opaque type with a kind inside, asked about with `is_*` methods. Its message names the
+/// file it is about, when there is one, but never the key material.
+pub struct TlsError {
+    kind: Kind,
+    path: Option<PathBuf>,
+    source: Option<BoxError>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Io,
+    BadPem,
+    NoCertificate,
+    NoKey,
+    KeyMismatch,
+    Config,
+}
+
+impl TlsError {
+    fn new(kind: Kind, source: Option<BoxError>) -> Self {
+        TlsError {
+            kind,
+            path: None,
+            source,
+        }
+    }
+
+    fn at(mut self, path: &Path) -> Self {
+        self.path = Some(path.to_owned());
+        self
+    }
+
+    /// A PEM file could not be read.
+    pub fn is_io(&self) -> bool {
+        self.kind == Kind::Io
+    }
+
+    /// The PEM text is malformed (a broken section, bad base64), or the key inside it is not a
+    /// key rustls can use.
+    pub fn is_bad_pem(&self) -> bool {
+        self.kind == Kind::BadPem
+    }
+
+    /// The certificate PEM holds no `CERTIFICATE` section.
+    pub fn is_no_certificate(&self) -> bool {
+        self.kind == Kind::NoCertificate
+    }
+
+    /// The key PEM holds no private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn is_no_key(&self) -> bool {
+        self.kind == Kind::NoKey
+    }
+
+    /// The private key does not belong to the certificate.
+    pub fn is_key_mismatch(&self) -> bool {
+        self.kind == Kind::KeyMismatch
+    }
+
+    /// The path of the file the error is about, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+impl fmt::Debug for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsError")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.kind {
+            Kind::Io => "cannot read PEM file",
+            Kind::BadPem => "malformed PEM or unusable key",
+            Kind::NoCertificate => "no certificate in PEM",
+            Kind::NoKey => "no private key in PEM",
+            Kind::KeyMismatch => "private key does not match the certificate",
+            Kind::Config => "invalid TLS configuration",
+        })?;
+        if let Some(path) = &self.path {
+            write!(f, " ({})", path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for TlsError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+fn pem_error(e: rustls_pki_types::pem::Error, missing: Kind) -> TlsError {
+    match e {
+        rustls_pki_types::pem::Error::NoItemsFound => TlsError::new(missing, None),
+        rustls_pki_types::pem::Error::Io(e) => TlsError::new(Kind::Io, Some(e.into())),
+        e => TlsError::new(Kind::BadPem, Some(e.into())),
+    }
+}
+
+/// A server configuration from a certificate chain file and a private key file, both PEM (the
+/// chain leaf first, as `certbot` and `openssl` write them), offering HTTP/2 and HTTP/1.1 by
+/// ALPN (`h2` preferred).
+///
+/// Every problem is a [`TlsError`]: an unreadable file, malformed PEM, no certificate, no
+/// key, or a key that does not match the certificate. Never panics.
+pub fn server_config_from_pem(
+    cert_path: impl AsRef<Path>,
+    key_path: impl AsRef<Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let (cert_path, key_path) = (cert_path.as_ref(), key_path.as_ref());
+    let cert = std::fs::read(cert_path)
+        .map_err(|e| TlsError::new(Kind::Io, Some(e.into())).at(cert_path))?;
+    let key = std::fs::read(key_path)
+        .map_err(|e| TlsError::new(Kind::Io, Some(e.into())).at(key_path))?;
+    let certs = parse_certs(&cert).map_err(|e| e.at(cert_path))?;
+    let key = parse_key(&key).map_err(|e| e.at(key_path))?;
+    build(certs, key)
+}
+
+/// Like [`server_config_from_pem`], from PEM text in memory.
+pub fn server_config_from_pem_bytes(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    build(parse_certs(cert_pem)?, parse_key(key_pem)?)
+}
+
+fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(e, Kind::NoCertificate))?;
+    if certs.is_empty() {
+        return Err(TlsError::new(Kind::NoCertificate, None));
+    }
+    Ok(certs)
+}
+
+fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| pem_error(e, Kind::NoKey))
+}
+
+fn build(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::new(Kind::Config, Some(e.into())))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            let kind = match e {
+                rustls::Error::InconsistentKeys(_) => Kind::KeyMismatch,
+                _ => Kind::BadPem,
+            };
+            TlsError::new(kind, Some(e.into()))
+        })?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TLS connections on `listener` and serves `service` on each until this future is
+/// dropped (see [`TlsServer`], whose defaults this uses).
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    service: S,
+) -> io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    TlsServer::new(config, service).serve(listener).await
+}
+
+/// A TLS-terminating HTTP server for a proxy service.
+///
+/// For each accepted connection it does the TLS handshake (bounded by
+/// [`handshake_timeout`](TlsServer::handshake_timeout)), then serves HTTP/2 when ALPN chose
+/// `h2` and HTTP/1.1 otherwise (with protocol upgrades, so WebSockets pass through
+/// [`Forward`](super::Forward)). Each request carries the peer's [`ClientAddr`] in its
+/// extensions. Give [`Forward`](super::Forward) `.proto("https")` so the backends learn the
+/// clients' scheme.
+pub struct TlsServer<S> {
+    acceptor: TlsAcceptor,
+    service: S,
+    handshake_timeout: Duration,
+}
+
+impl<S: Clone> Clone for TlsServer<S> {
+    fn clone(&self) -> Self {
+        TlsServer {
+            acceptor: self.acceptor.clone(),
+            service: self.service.clone(),
+            handshake_timeout: self.handshake_timeout,
+        }
+    }
+}
+
+impl<S> fmt::Debug for TlsServer<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsServer")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> TlsServer<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// A server with `config` (see [`server_config_from_pem`]) in front of `service`, with a
+    /// 10 s handshake timeout.
+    pub fn new(config: Arc<ServerConfig>, service: S) -> Self {
+        TlsServer {
+            acceptor: TlsAcceptor::from(config),
+            service,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// How long a client may take to finish the TLS handshake before it is dropped.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Accepts connections from `listener` and serves them until this future is dropped, which
+    /// also closes the connections it is serving. Returns only on a fatal accept error.
+    pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        conns.spawn(self.serve_connection(stream, peer));
+                    }
+                    Err(e) if is_transient(&e) => {
+                        tracing::warn!(error = %e, "accept failed; pausing");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e),
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    }
+
+    /// Serves one accepted connection from `peer`: TLS handshake, then HTTP until the client
+    /// closes. Errors (a failed handshake, a broken connection) are logged, not returned.
+    ///
+    /// The returned future owns clones of what it needs, so it can be spawned.
+    pub fn serve_connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let acceptor = self.acceptor.clone();
+        let handshake_timeout = self.handshake_timeout;
+        let service = WithClientAddr {
+            inner: self.service.clone(),
+            peer,
+        };
+        async move {
+            let _ = stream.set_nodelay(true);
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+            let service = TowerToHyperService::new(service);
+            let io = TokioIo::new(tls);
+            let result = if h2 {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, service)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, service)
+                    .with_upgrades()
+                    .await
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, h2, error = %e, "TLS connection ended with an error");
+            }
+        }
+    }
+}
+
+/// Inserts the connection's [`ClientAddr`] into each request.
+#[derive(Clone)]
+struct WithClientAddr<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S, Req> Service<Request<Req>> for WithClientAddr<S>
+where
+    S: Service<Request<Req>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Req>) -> S::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.inner.call(req)
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_garbage_pem_are_typed_errors() {
+        let e = server_config_from_pem_bytes(b"", b"").unwrap_err();
+        assert!(e.is_no_certificate(), "{e:?}");
+        let bad = b"-----BEGIN CERTIFICATE-----\n!!!not base64!!!\n-----END CERTIFICATE-----\n";
+        let e = server_config_from_pem_bytes(bad, b"").unwrap_err();
+        assert!(e.is_bad_pem(), "{e:?}");
+        let e =
+            server_config_from_pem("/nonexistent/cert.pem", "/nonexistent/key.pem").unwrap_err();
+        assert!(e.is_io(), "{e:?}");
+        assert_eq!(e.path(), Some(Path::new("/nonexistent/cert.pem")));
+        assert!(e.to_string().contains("/nonexistent/cert.pem"));
+    }
+}

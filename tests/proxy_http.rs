@@ -1,0 +1,934 @@
+//! The HTTP forwarding proxy over real sockets on 127.0.0.1: real hyper backends, the proxy
+//! served by a real hyper server, and hyper clients (or raw TCP for malformed input).
+//!
+//! What is checked: headers set and stripped both ways, `Host` and the URI path kept, a
+//! WebSocket upgrade end to end, 100 MB streamed each way with bounded memory, the error
+//! statuses (502 refused and reset, 503 no endpoint, 504 timeout) with bodies and headers that
+//! never name a backend, malformed requests answered 4xx by hyper without reaching a backend,
+//! and HTTP/2 on both sides of the proxy.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use lbkit::proxy::headers::ForwardedHeaders;
+use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+use lbkit::strategy::RoundRobin;
+use lbkit::{BalancerLayer, BoxError, Endpoint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tower::{Service, ServiceBuilder};
+
+type BackendBody = BoxBody<Bytes, Infallible>;
+
+/// Every test ends within this, or fails.
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test did not finish in time")
+}
+
+fn full(b: impl Into<Bytes>) -> BackendBody {
+    Full::new(b.into()).boxed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+/// What a backend saw of one request.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    uri: http::Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// A real hyper backend on 127.0.0.1 (HTTP/1.1 with upgrades, or HTTP/2 only); it records
+/// every request head it gets, and stops with its connections when dropped.
+struct Backend {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::from(self.addr)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn last(&self) -> Seen {
+        self.seen().pop().expect("the backend saw a request")
+    }
+}
+
+async fn backend<H, F>(http2: bool, handler: H) -> Backend
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<BackendBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (handler, log) = (handler.clone(), log.clone());
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                log.lock().unwrap().push(Seen {
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    version: req.version(),
+                    headers: req.headers().clone(),
+                });
+                let res = handler(req);
+                async move { Ok::<_, Infallible>(res.await) }
+            });
+            conns.spawn(async move {
+                let io = TokioIo::new(stream);
+                let _ = if http2 {
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await
+                };
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    Backend { addr, seen, task }
+}
+
+/// A backend answering `ok` with hop-by-hop and identifying response headers that the proxy
+/// must strip or hide.
+async fn chatty_backend() -> Backend {
+    backend(false, |_req| async {
+        Response::builder()
+            .header("connection", "x-backend-secret")
+            .header("x-backend-secret", "s3cret")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic realm=\"inner\"")
+            .header("proxy-connection", "keep-alive")
+            .header("trailer", "x-checksum")
+            .header("upgrade", "h2c")
+            .header("server", "backend/1.0")
+            .header("x-powered-by", "testsuite")
+            .header("x-kept", "yes")
+            .body(full("ok"))
+            .unwrap()
+    })
+    .await
+}
+
+/// A TCP listener that accepts connections and runs `on_conn` on each, for backends that
+/// misbehave below HTTP.
+fn raw_backend<F, Fut>(on_conn: F) -> (SocketAddr, JoinHandle<()>, Arc<AtomicU64>)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        let listener = TcpListener::from_std(std_listener).unwrap();
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            conns.spawn(on_conn(s));
+        }
+    });
+    (addr, task, accepted)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy
+
+/// The proxy served by hyper-util's auto server (HTTP/1.1 with upgrades, or h2c) on 127.0.0.1,
+/// with `ClientAddr` set per connection as a real deployment does; stops when dropped.
+struct Proxy {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_proxy<S, B>(proxy: S) -> Proxy
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let svc = ServiceBuilder::new()
+                .map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(ClientAddr(peer));
+                    req
+                })
+                .service(proxy.clone());
+            conns.spawn(async move {
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        TowerToHyperService::new(svc),
+                    )
+                    .await;
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    Proxy { addr, task }
+}
+
+/// The usual stack: error mapping, a round-robin balancer over `endpoints`, and `forward`.
+async fn start_proxy(endpoints: Vec<Endpoint>, forward: Forward<Incoming>) -> Proxy {
+    serve_proxy(
+        ServiceBuilder::new()
+            .layer(ErrorResponseLayer::new())
+            .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
+            .service(forward),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// An HTTP/1.1 connection to `addr`, with hyper's low-level client (which sends the headers it
+/// is given, hop-by-hop ones included).
+async fn h1_client<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    send
+}
+
+async fn send<B>(addr: SocketAddr, req: Request<B>) -> Response<Incoming>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    h1_client(addr).await.send_request(req).await.unwrap()
+}
+
+fn get(path: &str) -> http::request::Builder {
+    Request::get(path).header("host", "shop.example")
+}
+
+async fn text(res: Response<Incoming>) -> String {
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// Fails if any response header (name or value) mentions the backend's address or port.
+fn assert_no_backend_in_headers(headers: &HeaderMap, backend: SocketAddr) {
+    let port = backend.port().to_string();
+    for (name, value) in headers {
+        let v = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            !v.contains(&port) && !name.as_str().contains(&port),
+            "header {name}: {v} names the backend {backend}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers
+
+#[tokio::test]
+async fn request_hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
+    within(async {
+        let be = chatty_backend().await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+        let req = get("/a/b?c=d")
+            .header("connection", "keep-alive, x-drop-me")
+            .header("x-drop-me", "1")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("trailer", "x-checksum")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("proxy-connection", "keep-alive")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-keep", "yes")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = send(proxy.addr, req).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(text(res).await, "ok");
+
+        let seen = be.last();
+        let h = &seen.headers;
+        for gone in [
+            "connection",
+            "x-drop-me",
+            "keep-alive",
+            "te",
+            "trailer",
+            "proxy-authorization",
+            "proxy-connection",
+            "upgrade",
+            "transfer-encoding",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} reached the backend: {h:?}");
+        }
+        assert_eq!(h["x-keep"], "yes");
+        assert_eq!(h["host"], "shop.example", "Host is preserved");
+        assert_eq!(seen.uri.path_and_query().unwrap(), "/a/b?c=d");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert!(!h.contains_key("forwarded"));
+        assert_eq!(seen.version, Version::HTTP_11);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn response_hop_by_hop_and_hidden_headers_are_stripped() {
+    within(async {
+        let be = chatty_backend().await;
+        let forward = Forward::new()
+            .hide_response_header(http::header::SERVER)
+            .hide_response_header(http::HeaderName::from_static("x-powered-by"));
+        let proxy = start_proxy(vec![be.endpoint()], forward).await;
+        let res = send(proxy.addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let h = res.headers().clone();
+        for gone in [
+            "x-backend-secret",
+            "keep-alive",
+            "proxy-authenticate",
+            "proxy-connection",
+            "trailer",
+            "upgrade",
+            "server",
+            "x-powered-by",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} reached the client: {h:?}");
+        }
+        // The proxy's own server may say `connection: keep-alive`/`close` for its own hop, but
+        // never repeat the backend's list.
+        for v in h.get_all("connection") {
+            assert!(!v.to_str().unwrap().contains("x-backend-secret"));
+        }
+        assert_eq!(h["x-kept"], "yes");
+        assert_no_backend_in_headers(&h, be.addr);
+        assert_eq!(text(res).await, "ok");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forwarded_header_follows_rfc_7239_and_appends() {
+    within(async {
+        let be = chatty_backend().await;
+        let proxy = start_proxy(
+            vec![be.endpoint()],
+            Forward::new().forwarded(ForwardedHeaders::Forwarded),
+        )
+        .await;
+        let req = get("/")
+            .header("forwarded", "for=203.0.113.7;proto=https")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(send(proxy.addr, req).await.status(), StatusCode::OK);
+        let h = be.last().headers;
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.7;proto=https, for=127.0.0.1;proto=http;host=shop.example"
+        );
+        for absent in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+            assert!(
+                !h.contains_key(absent),
+                "{absent} written in Forwarded mode"
+            );
+        }
+
+        // Both at once, with the scheme a TLS-terminating proxy reports.
+        let proxy = start_proxy(
+            vec![be.endpoint()],
+            Forward::new()
+                .forwarded(ForwardedHeaders::Both)
+                .proto("https"),
+        )
+        .await;
+        let req = get("/").body(Empty::<Bytes>::new()).unwrap();
+        assert_eq!(send(proxy.addr, req).await.status(), StatusCode::OK);
+        let h = be.last().headers;
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;proto=https;host=shop.example"
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+
+        // None: the backend learns nothing about the client.
+        let proxy = start_proxy(
+            vec![be.endpoint()],
+            Forward::new().forwarded(ForwardedHeaders::None),
+        )
+        .await;
+        let req = get("/").body(Empty::<Bytes>::new()).unwrap();
+        assert_eq!(send(proxy.addr, req).await.status(), StatusCode::OK);
+        let h = be.last().headers;
+        assert!(!h.contains_key("forwarded") && !h.contains_key("x-forwarded-for"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn host_is_preserved_or_rewritten_as_configured() {
+    within(async {
+        let be = chatty_backend().await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+        let req = get("/x").body(Empty::<Bytes>::new()).unwrap();
+        assert_eq!(send(proxy.addr, req).await.status(), StatusCode::OK);
+        assert_eq!(be.last().headers["host"], "shop.example");
+
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new().preserve_host(false)).await;
+        let req = get("/x").body(Empty::<Bytes>::new()).unwrap();
+        assert_eq!(send(proxy.addr, req).await.status(), StatusCode::OK);
+        let seen = be.last();
+        assert_eq!(seen.headers["host"], be.addr.to_string().as_str());
+        // The original host is still told to the backend.
+        assert_eq!(seen.headers["x-forwarded-host"], "shop.example");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_are_balanced_over_backends() {
+    within(async {
+        let a = chatty_backend().await;
+        let b = chatty_backend().await;
+        let proxy = start_proxy(vec![a.endpoint(), b.endpoint()], Forward::new()).await;
+        let mut client = h1_client(proxy.addr).await;
+        for _ in 0..10 {
+            client.ready().await.unwrap();
+            let res = client
+                .send_request(get("/").body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(text(res).await, "ok");
+        }
+        assert_eq!((a.seen().len(), b.seen().len()), (5, 5));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket
+
+/// A backend that does the WebSocket handshake with `hyper::upgrade::on` and echoes messages.
+async fn websocket_backend() -> Backend {
+    backend(false, |mut req: Request<Incoming>| async move {
+        let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+            return Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .body(full("not a websocket request"))
+                .unwrap();
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = on_upgrade.await.expect("backend upgrade");
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_close() {
+                    break;
+                }
+                if msg.is_text() || msg.is_binary() {
+                    ws.send(msg).await.expect("echo");
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+            .body(full(Bytes::new()))
+            .unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_end_to_end() {
+    within(async {
+        let be = websocket_backend().await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let url = format!("ws://{}/chat", proxy.addr);
+        let (mut ws, res) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("websocket handshake through the proxy");
+        assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_no_backend_in_headers(res.headers(), be.addr);
+
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+        let big = vec![7u8; 256 * 1024];
+        ws.send(Message::binary(big.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+        ws.close(None).await.unwrap();
+
+        let seen = be.last();
+        assert_eq!(seen.headers["upgrade"], "websocket");
+        assert_eq!(seen.headers["connection"], "upgrade");
+        assert!(seen.headers.contains_key("sec-websocket-key"));
+        assert!(seen.headers.contains_key("x-forwarded-for"));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming 100 MB each way
+
+const CHUNK: usize = 64 * 1024;
+const TOTAL: u64 = 100 * 1024 * 1024;
+static ZEROS: [u8; CHUNK] = [0u8; CHUNK];
+
+/// A body of `TOTAL` bytes made lazily from one static chunk, counting what it produced.
+fn counted_stream(
+    produced: Arc<AtomicU64>,
+) -> StreamBody<impl futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send> {
+    StreamBody::new(futures::stream::unfold(0u64, move |sent| {
+        let produced = produced.clone();
+        async move {
+            if sent >= TOTAL {
+                return None;
+            }
+            let n = CHUNK.min((TOTAL - sent) as usize);
+            produced.fetch_add(n as u64, Ordering::SeqCst);
+            Some((
+                Ok(Frame::data(Bytes::from_static(&ZEROS[..n]))),
+                sent + n as u64,
+            ))
+        }
+    }))
+}
+
+/// Reads a body to its end without keeping it, counting bytes into `consumed` and tracking the
+/// largest gap between `produced` and `consumed`: the bytes in flight between the two ends.
+async fn drain<B>(mut body: B, produced: &AtomicU64, consumed: &AtomicU64) -> u64
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut max_in_flight = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("body frame").into_data() {
+            let done = consumed.fetch_add(data.len() as u64, Ordering::SeqCst) + data.len() as u64;
+            max_in_flight = max_in_flight.max(produced.load(Ordering::SeqCst).saturating_sub(done));
+        }
+    }
+    max_in_flight
+}
+
+/// The process's resident set now and its peak, in KiB (Linux).
+fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/self/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_megabytes_stream_both_ways_with_bounded_memory() {
+    let up_received = Arc::new(AtomicU64::new(0));
+    let down_produced = Arc::new(AtomicU64::new(0));
+    let (r, p) = (up_received.clone(), down_produced.clone());
+    let be = backend(false, move |req: Request<Incoming>| {
+        let (received, produced) = (r.clone(), p.clone());
+        async move {
+            if req.method() == Method::POST {
+                // Count the upload as it arrives; never hold it whole.
+                let mut body = req.into_body();
+                let mut n = 0u64;
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.expect("upload frame").into_data() {
+                        n += data.len() as u64;
+                        received.fetch_add(data.len() as u64, Ordering::SeqCst);
+                    }
+                }
+                Response::new(full(n.to_string()))
+            } else {
+                Response::new(BodyExt::boxed(counted_stream(produced)))
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+
+    within(async {
+        // Warm up the connections and pools so their buffers are not counted as growth.
+        let mut client = h1_client(proxy.addr).await;
+        let res = client
+            .send_request(
+                Request::post("/warm")
+                    .body(Full::new(Bytes::from_static(b"x")).boxed())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(text(res).await, "1");
+        up_received.store(0, Ordering::SeqCst);
+
+        // Reset the peak (VmHWM) to the current RSS where the kernel allows it.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let (rss_before, _) = memory_kib();
+
+        // Upload: client -> proxy -> backend.
+        let up_sent = Arc::new(AtomicU64::new(0));
+        let sampler_stop = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let (sent, received, stop) =
+                (up_sent.clone(), up_received.clone(), sampler_stop.clone());
+            tokio::spawn(async move {
+                let mut max = 0u64;
+                while stop.load(Ordering::SeqCst) == 0 {
+                    let gap = sent
+                        .load(Ordering::SeqCst)
+                        .saturating_sub(received.load(Ordering::SeqCst));
+                    max = max.max(gap);
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                max
+            })
+        };
+        let req = Request::post("/upload")
+            .body(BodyExt::boxed(counted_stream(up_sent.clone())))
+            .unwrap();
+        client.ready().await.unwrap();
+        let res = client.send_request(req).await.expect("upload");
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(text(res).await, TOTAL.to_string());
+        sampler_stop.store(1, Ordering::SeqCst);
+        let up_in_flight = sampler.await.unwrap();
+        assert_eq!(up_received.load(Ordering::SeqCst), TOTAL);
+
+        // Download: backend -> proxy -> client.
+        client.ready().await.unwrap();
+        let res = client
+            .send_request(Request::get("/download").body(Empty::new().boxed()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let consumed = AtomicU64::new(0);
+        let down_in_flight = drain(res.into_body(), &down_produced, &consumed).await;
+        assert_eq!(consumed.load(Ordering::SeqCst), TOTAL);
+
+        let (_, peak) = memory_kib();
+        let growth_mib = peak.saturating_sub(rss_before) as f64 / 1024.0;
+        eprintln!(
+            "100 MiB each way: peak RSS growth {growth_mib:.1} MiB; max in flight up {} KiB, down {} KiB",
+            up_in_flight / 1024,
+            down_in_flight / 1024
+        );
+        assert!(
+            growth_mib < 30.0,
+            "peak RSS grew {growth_mib:.1} MiB while streaming 100 MiB"
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Checks an error answer: status, the short body, and no backend address anywhere.
+async fn assert_error(res: Response<Incoming>, status: StatusCode, backend: SocketAddr) {
+    assert_eq!(res.status(), status);
+    assert_no_backend_in_headers(res.headers(), backend);
+    let body = text(res).await;
+    let reason = status.canonical_reason().unwrap();
+    assert_eq!(body, format!("{} {reason}\n", status.as_u16()));
+    assert!(!body.contains(&backend.port().to_string()));
+}
+
+#[tokio::test]
+async fn refused_backend_gives_502() {
+    within(async {
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let proxy = start_proxy(vec![Endpoint::from(dead)], Forward::new()).await;
+        let res = send(proxy.addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_error(res, StatusCode::BAD_GATEWAY, dead).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reset_by_backend_gives_502() {
+    within(async {
+        // Reads the request head, then resets the connection (SO_LINGER 0).
+        let (addr, _task, accepted) = raw_backend(|mut s: TcpStream| async move {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.set_zero_linger();
+            drop(s);
+        });
+        let proxy = start_proxy(vec![Endpoint::from(addr)], Forward::new()).await;
+        let res = send(proxy.addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_error(res, StatusCode::BAD_GATEWAY, addr).await;
+        assert!(accepted.load(Ordering::SeqCst) >= 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_endpoint_gives_503() {
+    within(async {
+        let proxy = start_proxy(Vec::new(), Forward::new()).await;
+        let res = send(proxy.addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(text(res).await, "503 Service Unavailable\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn silent_backend_gives_504_after_the_timeout() {
+    within(async {
+        // Accepts and reads, but never answers.
+        let (addr, _task, _) = raw_backend(|mut s: TcpStream| async move {
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let proxy = start_proxy(
+            vec![Endpoint::from(addr)],
+            Forward::new().timeout(Duration::from_millis(300)),
+        )
+        .await;
+        let started = std::time::Instant::now();
+        let res = send(proxy.addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await;
+        let waited = started.elapsed();
+        assert_error(res, StatusCode::GATEWAY_TIMEOUT, addr).await;
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+            "answered after {waited:?}"
+        );
+    })
+    .await;
+}
+
+/// Sends raw bytes and returns what came back until the proxy closed (or 5 s passed).
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_and_never_reach_a_backend() {
+    within(async {
+        let be = chatty_backend().await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+        let huge_header = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(512 * 1024)
+        );
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("garbage request line", b"GARBAGE\r\n\r\n".to_vec()),
+            ("no version", b"GET /\r\nHost: x\r\n\r\n".to_vec()),
+            (
+                "header without colon",
+                b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n".to_vec(),
+            ),
+            (
+                "space in header name",
+                b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n".to_vec(),
+            ),
+            (
+                "NUL in header value",
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n".to_vec(),
+            ),
+            (
+                "two content lengths",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"
+                    .to_vec(),
+            ),
+            (
+                "content length not a number",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_vec(),
+            ),
+            ("header too large", huge_header.into_bytes()),
+        ];
+        for (what, bytes) in cases {
+            let answer = raw_exchange(proxy.addr, &bytes).await;
+            let status: u16 = answer
+                .strip_prefix("HTTP/1.1 ")
+                .and_then(|r| r.get(..3))
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("{what}: no HTTP answer, got {answer:?}"));
+            assert!(
+                (400..500).contains(&status),
+                "{what}: status {status}, answer {answer:?}"
+            );
+            eprintln!("{what}: {status}");
+        }
+        assert!(
+            be.seen().is_empty(),
+            "a malformed request reached the backend"
+        );
+
+        // The proxy still serves good requests.
+        let res = send(proxy.addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(be.seen().len(), 1);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2
+
+#[tokio::test]
+async fn http2_to_an_h2_only_backend() {
+    within(async {
+        let be = backend(true, |req: Request<Incoming>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::builder()
+                .header("x-echo-len", body.len().to_string())
+                .body(full(body))
+                .unwrap()
+        })
+        .await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new().http2()).await;
+        let mut client = h1_client(proxy.addr).await;
+        for i in 0..3 {
+            let req = Request::post("/echo")
+                .header("host", "shop.example")
+                .header("connection", "keep-alive, x-drop-me")
+                .header("x-drop-me", "1")
+                .body(Full::new(Bytes::from(format!("payload {i}"))))
+                .unwrap();
+            client.ready().await.unwrap();
+            let res = client.send_request(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(
+                res.version(),
+                Version::HTTP_11,
+                "the client's hop stays HTTP/1.1"
+            );
+            assert_eq!(text(res).await, format!("payload {i}"));
+        }
+        let seen = be.seen();
+        assert_eq!(seen.len(), 3);
+        for s in seen {
+            assert_eq!(s.version, Version::HTTP_2);
+            assert!(!s.headers.contains_key("x-drop-me"));
+            assert_eq!(s.headers["x-forwarded-for"], "127.0.0.1");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http2_client_to_an_http1_backend() {
+    within(async {
+        let be = chatty_backend().await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://shop.example/h2?x=1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let res = send.send_request(req).await.unwrap();
+        assert_eq!(res.version(), Version::HTTP_2);
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(!res.headers().contains_key("x-backend-secret"));
+        assert_eq!(text(res).await, "ok");
+        let seen = be.last();
+        assert_eq!(seen.version, Version::HTTP_11);
+        assert_eq!(seen.uri.path_and_query().unwrap(), "/h2?x=1");
+        assert_eq!(seen.method, Method::GET);
+        // An HTTP/2 client names the host in `:authority`, not `Host`: the backend still gets
+        // the client's host, not its own address.
+        assert_eq!(seen.headers["host"], "shop.example");
+        assert_eq!(seen.headers["x-forwarded-host"], "shop.example");
+    })
+    .await;
+}
