@@ -5,8 +5,12 @@
 //! needs from the eligible [`Candidate`]s: a smooth weighted round-robin schedule, a Maglev
 //! lookup table, a hash ring. On every request, [`Strategy::pick`] reads that prepared state and
 //! the candidates' live counters and returns one index. Picking takes `&self` and `&State`: it
-//! never locks, and the built-in strategies of round robin, power of two choices and Maglev
-//! never allocate.
+//! never locks, and no built-in strategy allocates: `tests/alloc_free.rs` checks that
+//! [`Pool::pick`](crate::Pool::pick) (with or without a hash key) and `Balancer::call` make no
+//! heap allocation. A whole pick costs about 35-45 ns at any pool size on the reference machine
+//! (about 100 ns for [`PeakEwma`], which reads the clock), most of it loading the snapshot and
+//! cloning the candidate; [`LeastConnections`] grows with the pool (about 4 ns per endpoint) and
+//! [`Ring`] with its points' footprint in cache (see `BENCHMARKS.md`).
 //!
 //! | strategy | pick cost | uses |
 //! |---|---|---|
