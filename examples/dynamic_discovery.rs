@@ -43,7 +43,9 @@ type Step = (&'static str, Box<dyn Fn()>);
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt().with_env_filter("lbkit=debug").init();
+    tracing_subscriber::fmt()
+        .with_env_filter("lbkit=debug")
+        .init();
 
     let mut backends = Vec::new();
     for n in 1..=5 {
@@ -80,13 +82,14 @@ async fn main() -> Result<(), BoxError> {
     // A client sending requests through the proxy, four at a time.
     let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let failures = Arc::new(AtomicU64::new(0));
-    let client: Client<_, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     for _ in 0..4 {
         let (client, counts, failures) = (client.clone(), counts.clone(), failures.clone());
         tokio::spawn(async move {
             loop {
-                let uri = format!("http://{proxy_addr}/").parse::<http::Uri>().unwrap();
+                let uri = format!("http://{proxy_addr}/")
+                    .parse::<http::Uri>()
+                    .unwrap();
                 let answer = async {
                     let res = client.get(uri).await?;
                     let ok = res.status().is_success();
@@ -158,7 +161,9 @@ async fn spawn_backend(n: usize) -> Result<SocketAddr, BoxError> {
         while let Ok((stream, _)) = listener.accept().await {
             let svc = service_fn(move |_req: Request<Incoming>| async move {
                 tokio::time::sleep(Duration::from_millis(2)).await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("backend-{n}")))))
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+                    "backend-{n}"
+                )))))
             });
             tokio::spawn(async move {
                 let _ = auto::Builder::new(TokioExecutor::new())
