@@ -282,7 +282,7 @@ fn balancer_calls(c: &mut Criterion) {
         move |_: &Endpoint| ready_ok(),
     );
     g.bench_function(BenchmarkId::new("p2c", N), |b| b.iter(|| send(&mut p2c)));
-    // HTTP completion: in flight until the body ends, and a `ServedBy` response extension.
+    // HTTP completion: in flight until the response body ends.
     let mut direct_http = ready_response();
     g.bench_function(BenchmarkId::new("direct_service_http", 1), |b| {
         b.iter(|| send(&mut direct_http))

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::health::{HealthChecker, HttpCheck, OutlierDetection, SlowStart};
-use lbkit::hints::ServedBy;
+use lbkit::hints::PickHints;
 use lbkit::strategy::RoundRobin;
 use lbkit::{Balancer, Endpoint, EndpointId};
 use tokio::net::TcpListener;
@@ -117,13 +117,11 @@ async fn main() {
             tracing::info!("starting backend b again");
             backends[1].restart().await;
         }
-        match balancer
-            .clone()
-            .oneshot(http::Request::new(Empty::new()))
-            .await
-        {
+        let mut req = http::Request::new(Empty::new());
+        let record = PickHints::of_mut(&mut req).record_pick();
+        match balancer.clone().oneshot(req).await {
             Ok(res) => {
-                let by = res.extensions().get::<ServedBy>().map(|s| s.0.clone());
+                let by = record.endpoint();
                 let _ = res.into_body().collect().await;
                 let name = by.and_then(|id| names.get(&id).copied()).unwrap_or("?");
                 *counts.entry(name).or_default() += 1;

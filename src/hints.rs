@@ -5,6 +5,8 @@
 //! it picks. The balancer reads hints from any request type that implements [`RequestHints`],
 //! which `http::Request` does.
 
+use std::sync::{Arc, Mutex};
+
 use crate::endpoint::EndpointId;
 use crate::hash::stable_hash;
 
@@ -19,11 +21,12 @@ use crate::hash::stable_hash;
 /// hints.avoid("10.0.0.7:8080".into());
 /// assert!(req.extensions().get::<PickHints>().unwrap().hash().is_some());
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct PickHints {
     hash: Option<u64>,
     preferred: Option<EndpointId>,
     avoid: Vec<EndpointId>,
+    record: Option<PickRecord>,
 }
 
 impl PickHints {
@@ -73,6 +76,64 @@ impl PickHints {
     pub fn avoided(&self) -> &[EndpointId] {
         &self.avoid
     }
+
+    /// Asks the balancer to record which endpoint it picks for this request, and returns the
+    /// record to read it from: when the response arrives, or when the request failed or timed
+    /// out before any answer (so a retry knows where not to go).
+    ///
+    /// There is one record per request: layers that ask get the same one, and so do the copies
+    /// a failover layer sends again; it holds the latest pick (so a sticky layer outside a
+    /// failover layer learns the endpoint that finally answered). Asking costs one small
+    /// allocation per request; requests that do not ask pay nothing.
+    pub fn record_pick(&mut self) -> PickRecord {
+        self.record.get_or_insert_with(PickRecord::default).clone()
+    }
+
+    /// The record the balancer writes its pick into, if one was asked for.
+    pub fn pick_record(&self) -> Option<&PickRecord> {
+        self.record.as_ref()
+    }
+}
+
+/// Where the balancer sent one request: see [`PickHints::record_pick`].
+///
+/// ```
+/// use lbkit::{Balancer, hints::PickHints, strategy::RoundRobin};
+/// use tower::{service_fn, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let balancer = Balancer::new(["a"], RoundRobin::new(), |_| {
+///     service_fn(|_req: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) })
+/// });
+/// let mut req = http::Request::new(());
+/// let record = PickHints::of_mut(&mut req).record_pick();
+/// balancer.oneshot(req).await.unwrap();
+/// assert_eq!(record.endpoint().unwrap(), "a");
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct PickRecord(Arc<Mutex<Option<EndpointId>>>);
+
+impl PickRecord {
+    /// The latest endpoint picked for the request, once the balancer has picked one.
+    pub fn endpoint(&self) -> Option<EndpointId> {
+        self.slot().clone()
+    }
+
+    /// Records `id` as the latest pick.
+    pub(crate) fn set(&self, id: &EndpointId) {
+        *self.slot() = Some(id.clone());
+    }
+
+    /// Forgets the pick, before the request is sent again.
+    pub(crate) fn clear(&self) {
+        *self.slot() = None;
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<EndpointId>> {
+        // Nothing can be left half-written in an Option: go on after a panic elsewhere.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A request type the balancer can read [`PickHints`] from.
@@ -93,11 +154,6 @@ impl<B> RequestHints for http::Request<B> {
         self.extensions().get::<PickHints>()
     }
 }
-
-/// The endpoint that served a response, found in the extensions of `http::Response`s that
-/// went through a [`Balancer`](crate::Balancer) with [`CompleteOnBody`](crate::balance::CompleteOnBody).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ServedBy(pub EndpointId);
 
 /// The address of the peer a request came from, put in the request's extensions by the server
 /// that accepted the connection (see `examples/reverse_proxy.rs`). The proxy writes it into

@@ -353,6 +353,37 @@ fn balancer_call_with_hash_key_does_not_allocate() {
     assert_eq!(call_allocations(&mut balancer, requests), 0);
 }
 
+#[test]
+fn http_balancer_call_does_not_allocate() {
+    // `Balancer::http()`: the request stays in flight until the response body ends. Dropping
+    // the tracked body ends it; nothing on the way may allocate.
+    let endpoints: Vec<String> = (0..ENDPOINTS).map(|i| format!("10.3.0.{i}:80")).collect();
+    let mut balancer = Balancer::new(
+        endpoints.iter().map(String::as_str),
+        PowerOfTwoChoices::new(),
+        |_: &Endpoint| {
+            service_fn(|_req: http::Request<()>| {
+                ready(Ok::<_, Infallible>(http::Response::new(
+                    http_body_util::Empty::<bytes::Bytes>::new(),
+                )))
+            })
+        },
+    )
+    .http();
+    let requests: Vec<_> = (0..=CALLS).map(|_| http::Request::new(())).collect();
+    let mut requests = requests.into_iter();
+    let first = requests.next().unwrap();
+    drop(poll_ready_now(balancer.call(first)).unwrap());
+    let n = allocations(|| {
+        for req in requests.by_ref() {
+            let res = poll_ready_now(balancer.call(req)).unwrap();
+            drop(black_box(res));
+        }
+    });
+    assert_eq!(n, 0);
+    assert_eq!(balancer.pool().in_flight(), 0, "every body was dropped");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The counter itself.
 

@@ -24,9 +24,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lbkit::failover::{
-    is_idempotent, FailoverLayer, RecordEndpoint, ReplayBody, RetryBudget, RetryPolicy,
-};
+use lbkit::failover::{is_idempotent, FailoverLayer, ReplayBody, RetryBudget, RetryPolicy};
 use lbkit::hints::PickHints;
 use lbkit::strategy::RoundRobin;
 use lbkit::{Balancer, BoxError, Endpoint, Tier};
@@ -228,11 +226,10 @@ where
     }
 }
 
-type Svc<B> = RecordEndpoint<HttpEndpoint<B>>;
+type Svc<B> = HttpEndpoint<B>;
 type HttpBalancer<B> = Balancer<Svc<B>, RoundRobin, lbkit::balance::CompleteOnBody>;
 
-/// A round-robin balancer over `endpoints` whose responses carry `ServedBy`, with endpoint
-/// services that tell the failover layer where each attempt went.
+/// A round-robin HTTP balancer over `endpoints`.
 fn balancer<B>(endpoints: impl IntoIterator<Item = Endpoint>) -> HttpBalancer<B>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
@@ -243,13 +240,10 @@ where
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
     Balancer::new(endpoints, RoundRobin::new(), move |ep: &Endpoint| {
-        RecordEndpoint::new(
-            HttpEndpoint {
-                client: client.clone(),
-                addr: ep.socket_addr().expect("endpoint address"),
-            },
-            ep,
-        )
+        HttpEndpoint {
+            client: client.clone(),
+            addr: ep.socket_addr().expect("endpoint address"),
+        }
     })
     .http()
 }

@@ -23,7 +23,7 @@ use lbkit::health::{
     check_fn, check_service, CheckErrorKind, HealthChange, HealthChecker, HealthEvent, HttpCheck,
     OutlierDetection, SlowStart, TcpCheck,
 };
-use lbkit::hints::ServedBy;
+use lbkit::hints::PickHints;
 use lbkit::strategy::RoundRobin;
 use lbkit::{Balancer, BoxError, Endpoint, EndpointId, Pool};
 use tokio::net::TcpListener;
@@ -236,11 +236,10 @@ where
     S: Service<http::Request<Empty<Bytes>>, Response = http::Response<Incoming>> + Clone,
     S::Error: Into<BoxError>,
 {
-    let res = balancer
-        .clone()
-        .oneshot(http::Request::new(Empty::new()))
-        .await?;
-    let by = res.extensions().get::<ServedBy>().unwrap().0.clone();
+    let mut req = http::Request::new(Empty::new());
+    let record = PickHints::of_mut(&mut req).record_pick();
+    let res = balancer.clone().oneshot(req).await?;
+    let by = record.endpoint().expect("the balancer records its pick");
     let status = res.status().as_u16();
     // Read the body to its end, so the request completes.
     let _ = res.into_body().collect().await;

@@ -129,7 +129,7 @@ impl Service<Request<ReqBody>> for HttpEndpoint {
 
 type HttpBalancer<St> = Balancer<HttpEndpoint, St, lbkit::balance::CompleteOnBody>;
 
-/// A balancer over `endpoints` whose responses carry `ServedBy`.
+/// An HTTP balancer over `endpoints`.
 fn balancer<St: Strategy>(
     endpoints: impl IntoIterator<Item = Endpoint>,
     strategy: St,

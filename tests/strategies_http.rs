@@ -13,7 +13,7 @@ use futures::future::join_all;
 use futures::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
-use lbkit::hints::{PickHints, ServedBy};
+use lbkit::hints::PickHints;
 use lbkit::strategy::{
     AnyStrategy, LeastConnections, PeakEwma, PowerOfTwoChoices, RoundRobin, Strategy,
 };
@@ -353,9 +353,11 @@ async fn complete_on_body_counts_streaming_responses() {
         let b = balancer([server.endpoint()], LeastConnections::new()).http();
         let state = b.pool().state(&id("stream")).expect("in the pool");
 
-        let res = b.clone().oneshot(get()).await.expect("response head");
+        let mut req = get();
+        let record = PickHints::of_mut(&mut req).record_pick();
+        let res = b.clone().oneshot(req).await.expect("response head");
         assert_eq!(
-            res.extensions().get::<ServedBy>().map(|s| s.0.as_str()),
+            record.endpoint().as_ref().map(|id| id.as_str()),
             Some("stream")
         );
         let tx = bodies.recv().await.expect("the server's body sender");

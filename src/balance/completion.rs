@@ -6,7 +6,6 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::endpoint::Candidate;
-use crate::hints::ServedBy;
 
 /// Counts one request as in flight to an endpoint until dropped.
 ///
@@ -75,9 +74,10 @@ impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
 }
 
 /// Completion when an `http::Response`'s body ends (or is dropped), so a long download counts as
-/// load for its whole length. Also records the serving endpoint as a [`ServedBy`] response
-/// extension, and counts a 5xx status as an endpoint error (or the statuses chosen with
-/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)).
+/// load for its whole length. Also counts a 5xx status as an endpoint error (or the statuses
+/// chosen with
+/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)). To
+/// learn which endpoint served a request, see [`PickHints::record_pick`](crate::hints::PickHints::record_pick).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompleteOnBody;
 
@@ -88,15 +88,10 @@ impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
         if handle.candidate().state().is_failure_status(res.status()) {
             handle.fail();
         }
-        let (mut parts, body) = res.into_parts();
-        parts
-            .extensions
-            .insert(ServedBy(handle.candidate().id().clone()));
-        let body = TrackedBody {
-            inner: body,
+        res.map(|inner| TrackedBody {
+            inner,
             handle: Some(handle),
-        };
-        http::Response::from_parts(parts, body)
+        })
     }
 }
 

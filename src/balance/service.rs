@@ -130,7 +130,11 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let picked = self.pool.pick_with(req.hints(), |candidate, service| {
+        let hints = req.hints();
+        let picked = self.pool.pick_with(hints, |candidate, service| {
+            if let Some(record) = hints.and_then(|h| h.pick_record()) {
+                record.set(candidate.id());
+            }
             (InFlight::start(candidate.clone()), service.clone())
         });
         match picked {

@@ -12,10 +12,9 @@ use tower_service::Service;
 use super::body::Replay;
 use super::layer::Shared;
 use super::policy::RetryPolicy;
-use super::record::AttemptRecord;
 use crate::endpoint::EndpointId;
 use crate::error::{BoxError, Error};
-use crate::hints::{PickHints, ServedBy};
+use crate::hints::{PickHints, PickRecord};
 
 pin_project! {
     /// The response future of [`Failover`](super::Failover): runs attempts one after the other
@@ -29,7 +28,8 @@ pin_project! {
         template: Option<http::Request<B>>,
         retryable: bool,
         attempts: u32,
-        record: Option<AttemptRecord>,
+        // Where each attempt went: the balancer writes its pick here (shared with the copies).
+        record: PickRecord,
         // The last failure, returned if no endpoint is left for the next attempt.
         last: Option<Result<S::Response, BoxError>>,
         shared: Arc<Shared<P>>,
@@ -60,17 +60,18 @@ where
 {
     pub(super) fn new(
         service: S,
-        req: http::Request<B>,
+        mut req: http::Request<B>,
         retryable: bool,
         shared: Arc<Shared<P>>,
     ) -> Self {
         let settings = shared.settings;
+        let record = PickHints::of_mut(&mut req).record_pick();
         ResponseFuture {
             service,
             template: Some(req),
             retryable,
             attempts: 0,
-            record: None,
+            record,
             last: None,
             state: State::Ready,
             per_try: settings.per_try_timeout.map(tokio::time::sleep),
@@ -126,13 +127,11 @@ where
                     }
                     let last_chance =
                         !*this.retryable || *this.attempts + 1 >= settings.max_attempts;
-                    let Some(mut req) = next_request(this.template, last_chance) else {
+                    let Some(req) = next_request(this.template, last_chance) else {
                         // Not reached: an attempt is only started with a request in hand.
                         return Poll::Ready(Err("failover: no request left to send".into()));
                     };
-                    let record = AttemptRecord::default();
-                    req.extensions_mut().insert(record.clone());
-                    *this.record = Some(record);
+                    this.record.clear();
                     let fut = this.service.call(req);
                     this.state.set(State::Calling { fut });
                     if let (Some(sleep), Some(d)) =
@@ -160,14 +159,13 @@ where
                     // Drops an attempt that timed out.
                     this.state.set(State::Ready);
                     *this.attempts += 1;
-                    let recorded = this.record.take().and_then(|r| r.get().cloned());
+                    let recorded = this.record.endpoint();
                     let (failure, endpoint) = match outcome {
                         Outcome::Response(res) => {
                             if !shared.policy.is_failure(&res) {
                                 return Poll::Ready(Ok(res));
                             }
-                            let served = res.extensions().get::<ServedBy>().map(|s| s.0.clone());
-                            match served.or(recorded) {
+                            match recorded {
                                 Some(id) => (Ok(res), Some(id)),
                                 // Not from an endpoint we know of: nothing to avoid, hand it on.
                                 None => return Poll::Ready(Ok(res)),

@@ -127,8 +127,9 @@ impl<P: RetryPolicy> FailoverLayer<P> {
     /// retried elsewhere when the policy and budget allow (it may already have reached the
     /// backend, so the policy's [`may_retry`](RetryPolicy::may_retry) matters here too), and
     /// otherwise fails with [`Error::is_endpoint`](crate::Error::is_endpoint) whose source is
-    /// [`Elapsed`](tower::timeout::error::Elapsed). See [`RecordEndpoint`](super::RecordEndpoint)
-    /// for retrying a timed-out attempt on a *different* endpoint. Needs a tokio runtime.
+    /// [`Elapsed`](tower::timeout::error::Elapsed). The balancer records where each attempt
+    /// went, so a timed-out attempt is retried on a *different* endpoint. Needs a tokio
+    /// runtime.
     pub fn per_try_timeout(mut self, timeout: Duration) -> Self {
         self.settings.per_try_timeout = Some(timeout);
         self

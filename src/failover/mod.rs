@@ -34,7 +34,6 @@ mod budget;
 mod future;
 mod layer;
 mod policy;
-mod record;
 mod service;
 
 pub use body::{Replay, ReplayBody};
@@ -42,5 +41,4 @@ pub use budget::RetryBudget;
 pub use future::ResponseFuture;
 pub use layer::FailoverLayer;
 pub use policy::{is_idempotent, DefaultPolicy, RetryPolicy};
-pub use record::{RecordEndpoint, RecordEndpointLayer};
 pub use service::Failover;

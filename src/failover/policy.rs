@@ -36,9 +36,8 @@ pub trait RetryPolicy: Send + Sync + 'static {
     ///
     /// Default: `502 Bad Gateway`, `503 Service Unavailable` and `504 Gateway Timeout`, the
     /// statuses that say "this server could not handle it now" rather than "this request is
-    /// wrong". A retried response must also say which endpoint served it (a
-    /// [`ServedBy`](crate::hints::ServedBy) extension, or a
-    /// [`RecordEndpoint`](super::RecordEndpoint) in the stack); others are returned as is.
+    /// wrong". A response that did not come through a [`Balancer`](crate::Balancer) (no pick
+    /// was recorded for it) is returned as is.
     fn is_failure<B>(&self, res: &http::Response<B>) -> bool {
         matches!(
             res.status(),

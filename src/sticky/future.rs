@@ -8,7 +8,7 @@ use pin_project_lite::pin_project;
 
 use super::layer::Config;
 use crate::endpoint::EndpointId;
-use crate::hints::ServedBy;
+use crate::hints::PickRecord;
 
 pin_project! {
     /// The response future of [`Sticky`](super::Sticky): the inner response, with a
@@ -17,15 +17,22 @@ pin_project! {
         #[pin]
         inner: F,
         pinned: Option<EndpointId>,
+        record: PickRecord,
         config: Arc<Config>,
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(super) fn new(inner: F, pinned: Option<EndpointId>, config: Arc<Config>) -> Self {
+    pub(super) fn new(
+        inner: F,
+        pinned: Option<EndpointId>,
+        record: PickRecord,
+        config: Arc<Config>,
+    ) -> Self {
         ResponseFuture {
             inner,
             pinned,
+            record,
             config,
         }
     }
@@ -48,9 +55,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
-        let served = res.extensions().get::<ServedBy>().map(|s| &s.0);
-        if let Some(id) = served.filter(|id| this.pinned.as_ref() != Some(*id)) {
-            match this.config.set_cookie(id) {
+        let served = this.record.endpoint();
+        if let Some(id) = served.filter(|id| this.pinned.as_ref() != Some(id)) {
+            match this.config.set_cookie(&id) {
                 Some(v) => {
                     tracing::trace!(endpoint = %id, "affinity cookie set");
                     res.headers_mut().append(SET_COOKIE, v);

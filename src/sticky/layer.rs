@@ -85,9 +85,10 @@ impl Config {
 /// On the way in, a valid affinity cookie makes its endpoint the request's preferred one
 /// ([`PickHints::prefer`](crate::hints::PickHints::prefer)); the balancer honours it while
 /// that endpoint is present, healthy, in the tier in use and not avoided (by a failover
-/// retry), and otherwise picks with its strategy as usual. On the way out, when the response's
-/// [`ServedBy`](crate::hints::ServedBy) differs from the cookie's endpoint, or the request had
-/// no valid cookie, the layer appends a `Set-Cookie` naming the endpoint that served it. So a
+/// retry), and otherwise picks with its strategy as usual. On the way out, when the endpoint
+/// that answered (the balancer records it, see
+/// [`PickHints::record_pick`](crate::hints::PickHints::record_pick)) differs from the cookie's,
+/// or the request had no valid cookie, the layer appends a `Set-Cookie` naming that endpoint. So a
 /// client whose endpoint went away is re-balanced once and then sticks to its new endpoint.
 ///
 /// The cookie value is the endpoint id sealed with ChaCha20-Poly1305 under a [`StickyKey`]
@@ -95,11 +96,9 @@ impl Config {
 /// key (forged, garbled, truncated, not UTF-8) is ignored as if absent, and replaced. The
 /// layer keeps no state, so proxies sharing the key honour each other's cookies.
 ///
-/// It works with any strategy. Responses need a [`ServedBy`](crate::hints::ServedBy)
-/// extension, which [`Balancer::http`](crate::Balancer::http) and
-/// [`BalancerLayer`](crate::BalancerLayer) add; without it no cookie is set. Place it outside
-/// the balancer and inside a [`FailoverLayer`](crate::failover::FailoverLayer), so the cookie
-/// names the endpoint that finally served the request.
+/// It works with any strategy and any [`Balancer`](crate::Balancer) below it, inside or
+/// outside a [`FailoverLayer`](crate::failover::FailoverLayer): either way the cookie names the
+/// endpoint that finally served the request.
 ///
 /// Cookie attributes default to `Path=/; HttpOnly; SameSite=Lax`, with no `Max-Age` (a
 /// session cookie). The cookie is only set when the endpoint changes, so a `Max-Age` counts

@@ -40,10 +40,12 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let pinned = self.config.endpoint_in(req.headers());
+        let hints = PickHints::of_mut(&mut req);
         if let Some(id) = &pinned {
             tracing::trace!(endpoint = %id, "affinity cookie");
-            PickHints::of_mut(&mut req).prefer(id.clone());
+            hints.prefer(id.clone());
         }
-        ResponseFuture::new(self.inner.call(req), pinned, self.config.clone())
+        let record = hints.record_pick();
+        ResponseFuture::new(self.inner.call(req), pinned, record, self.config.clone())
     }
 }
