@@ -311,7 +311,7 @@ async fn request_hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
             .header("connection", "keep-alive, x-drop-me")
             .header("x-drop-me", "1")
             .header("keep-alive", "timeout=5")
-            .header("te", "trailers")
+            .header("te", "trailers, deflate;q=0.5")
             .header("trailer", "x-checksum")
             .header("proxy-authorization", "Basic Zm9vOmJhcg==")
             .header("proxy-connection", "keep-alive")
@@ -329,7 +329,6 @@ async fn request_hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
             "connection",
             "x-drop-me",
             "keep-alive",
-            "te",
             "trailer",
             "proxy-authorization",
             "proxy-connection",
@@ -339,6 +338,8 @@ async fn request_hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
             assert!(!h.contains_key(gone), "{gone} reached the backend: {h:?}");
         }
         assert_eq!(h["x-keep"], "yes");
+        // TE is hop-by-hop, but its `trailers` token is passed on (RFC 9110 §10.1.4).
+        assert_eq!(h["te"], "trailers");
         assert_eq!(h["host"], "shop.example", "Host is preserved");
         assert_eq!(seen.uri.path_and_query().unwrap(), "/a/b?c=d");
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
@@ -929,6 +930,98 @@ async fn http2_client_to_an_http1_backend() {
         // the client's host, not its own address.
         assert_eq!(seen.headers["host"], "shop.example");
         assert_eq!(seen.headers["x-forwarded-host"], "shop.example");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn trailers_pass_through_http2_both_ways() {
+    within(async {
+        // A gRPC-like backend: data, then trailers.
+        let be = backend(true, |_req| async {
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"ok"))),
+                Ok(Frame::trailers({
+                    let mut t = HeaderMap::new();
+                    t.insert("grpc-status", "0".parse().unwrap());
+                    t.insert("x-checksum", "abc".parse().unwrap());
+                    t
+                })),
+            ];
+            Response::new(BodyExt::boxed(StreamBody::new(futures::stream::iter(
+                frames,
+            ))))
+        })
+        .await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new().http2()).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("http://shop.example/demo.Greeter/SayHello")
+            .header("te", "trailers")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"request")))
+            .unwrap();
+        let res = send.send_request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let collected = res.into_body().collect().await.unwrap();
+        let trailers = collected
+            .trailers()
+            .cloned()
+            .expect("trailers reached the client");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["x-checksum"], "abc");
+        assert_eq!(collected.to_bytes(), "ok");
+        let seen = be.last();
+        assert_eq!(seen.version, Version::HTTP_2);
+        assert_eq!(seen.headers["te"], "trailers");
+        assert_eq!(seen.headers["content-type"], "application/grpc");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_and_the_body_forwarded() {
+    within(async {
+        let be = backend(false, |req: Request<Incoming>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Response::new(full(format!("got {}", String::from_utf8_lossy(&body))))
+        })
+        .await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new()).await;
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // The client waits for the interim answer before sending its body.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer to Expect: 100-continue")
+                .unwrap();
+            assert!(n > 0, "closed before answering");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&got).into_owned();
+        assert!(head.starts_with("HTTP/1.1 100 Continue"), "{head:?}");
+        s.write_all(b"hello").await.unwrap();
+        let mut rest = Vec::new();
+        while !String::from_utf8_lossy(&rest).contains("got hello") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the final answer")
+                .unwrap();
+            assert!(n > 0, "closed before the final answer");
+            rest.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&rest).contains("HTTP/1.1 200 OK"));
     })
     .await;
 }

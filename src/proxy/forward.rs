@@ -36,9 +36,10 @@ struct Config {
 /// extension (which a [`BalancerLayer`](crate::BalancerLayer) sets) over pooled keep-alive
 /// connections.
 ///
-/// On the way it rewrites the URI to the endpoint, keeps the client's `Host` (see
-/// [`preserve_host`](Forward::preserve_host)), removes hop-by-hop headers in both directions,
-/// writes `X-Forwarded-For`/`-Proto`/`-Host` or `Forwarded` (see
+/// On the way it rewrites the URI to the endpoint, keeps the client's `Host` (or, from an
+/// HTTP/2 client, its `:authority`; see [`preserve_host`](Forward::preserve_host)), removes
+/// hop-by-hop headers in both directions (keeping only `TE: trailers`, so trailers and gRPC
+/// pass through), writes `X-Forwarded-For`/`-Proto`/`-Host` or `Forwarded` (see
 /// [`forwarded`](Forward::forwarded)) from the [`ClientAddr`] extension, and can hide response
 /// headers that reveal the backend. Bodies stream through in both directions without being
 /// buffered. A protocol upgrade (WebSocket) is passed through end to end: when the backend
@@ -203,7 +204,14 @@ where
         if let Some(host) = client_host {
             headers.insert(http::header::HOST, host);
         }
+        // `TE: trailers` says the client takes trailer fields; passed on, it lets the backend
+        // send them (gRPC servers require it), and the proxy streams trailers through
+        // (RFC 9110 §10.1.4). Every other TE coding is this hop's business only.
+        let te_trailers = accepts_trailers(headers);
         remove_hop_by_hop(headers, upgrade);
+        if te_trailers {
+            headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        }
         append_forwarded(headers, cfg.forwarded, client, cfg.proto);
         if !cfg.preserve_host || !headers.contains_key(http::header::HOST) {
             if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
@@ -307,6 +315,17 @@ impl Future for ForwardFuture {
         }
         Poll::Ready(Ok(res))
     }
+}
+
+/// Whether a `TE` header lists `trailers`.
+fn accepts_trailers(headers: &http::HeaderMap) -> bool {
+    headers.get_all(http::header::TE).iter().any(|v| {
+        v.to_str().unwrap_or("").split(',').any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    })
 }
 
 async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
