@@ -18,7 +18,12 @@
 //!   consistent hashing, and [`HashKeyLayer`](key::HashKeyLayer);
 //! - `sticky`: sticky sessions with sealed affinity cookies (feature `cookie`);
 //! - [`failover`]: retries on another endpoint, with a retry budget, per-try timeout and
-//!   deadline.
+//!   deadline;
+//! - [`stats`]: per-endpoint statistics as plain data ([`Pool::stats`]): requests, errors, in
+//!   flight, latency quantiles, health, effective weight;
+//! - `metrics`: export of those statistics through the `metrics` facade (feature `metrics`);
+//! - `sim`: a deterministic simulator that compares strategies on simulated fleets (feature
+//!   `sim`).
 //!
 //! ```
 //! use lbkit::{Balancer, Endpoint, strategy::RoundRobin};
@@ -61,7 +66,14 @@ pub mod proxy;
 #[cfg(feature = "cookie")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cookie")))]
 pub mod sticky;
+pub mod stats;
 pub mod strategy;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(feature = "sim")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
+pub mod sim;
 
 pub use balance::{Balancer, BalancerLayer};
 pub use endpoint::{Endpoint, EndpointId, Tier};

@@ -5,6 +5,7 @@ use std::time::Instant;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::endpoint::state::now;
 use crate::endpoint::Candidate;
 
 /// Counts one request as in flight to an endpoint until dropped.
@@ -24,7 +25,7 @@ impl InFlight {
         candidate.state().start();
         InFlight {
             candidate,
-            start: Instant::now(),
+            start: now(),
             failed: false,
         }
     }
@@ -42,7 +43,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let now = Instant::now();
+        let now = now();
         self.candidate
             .state()
             .finish(now.saturating_duration_since(self.start), now, self.failed);

@@ -15,6 +15,8 @@ pin_project! {
     pub struct ResponseFuture<F, C> {
         #[pin]
         state: State<F, C>,
+        // The balancer's span, entered on each poll (disabled unless its level is on).
+        span: tracing::Span,
     }
 }
 
@@ -35,6 +37,7 @@ impl<F, C> ResponseFuture<F, C> {
     pub(crate) fn failed(error: Error) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },
+            span: tracing::Span::none(),
         }
     }
 
@@ -45,7 +48,14 @@ impl<F, C> ResponseFuture<F, C> {
                 handle: Some(handle),
                 completion,
             },
+            span: tracing::Span::none(),
         }
+    }
+
+    /// Enters `span` on each poll.
+    pub(crate) fn instrumented(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
     }
 }
 
@@ -64,7 +74,9 @@ where
     type Output = Result<C::Output, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let this = self.project();
+        let _enter = this.span.enter();
+        match this.state.project() {
             StateProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion")))
             }

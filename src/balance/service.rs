@@ -131,18 +131,40 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let hints = req.hints();
-        let picked = self.pool.pick_with(hints, |candidate, service| {
-            if let Some(record) = hints.and_then(|h| h.pick_record()) {
-                record.set(candidate.id());
-            }
-            (InFlight::start(candidate.clone()), service.clone())
-        });
+        // One span per call, around the pick and every poll of the forward. When its level is
+        // off, `debug_span!` is a cached check that returns a disabled span, and no field is
+        // formatted.
+        let span = tracing::debug_span!(
+            "lbkit.balance",
+            strategy = self.pool.strategy().name(),
+            attempt = tracing::field::Empty,
+            endpoint = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            // A retry avoids the endpoints it already tried: one per earlier attempt.
+            span.record("attempt", hints.map_or(1, |h| h.avoided().len() + 1));
+        }
+        let picked = {
+            let _enter = span.enter();
+            self.pool.pick_with(hints, |candidate, service| {
+                if let Some(record) = hints.and_then(|h| h.pick_record()) {
+                    record.set(candidate.id());
+                }
+                (InFlight::start(candidate.clone()), service.clone())
+            })
+        };
         match picked {
             Some((handle, service)) => {
-                tracing::trace!(endpoint = %handle.candidate().id(), "picked");
+                if !span.is_disabled() {
+                    span.record("endpoint", tracing::field::display(handle.candidate().id()));
+                }
                 ResponseFuture::running(service.oneshot(req), handle, self.completion.clone())
+                    .instrumented(span)
             }
-            None => ResponseFuture::failed(Error::no_endpoint()),
+            None => {
+                span.in_scope(|| tracing::debug!("no endpoint available"));
+                ResponseFuture::failed(Error::no_endpoint())
+            }
         }
     }
 }

@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
+use crate::stats::LatencyHistogram;
+
 /// The health of an endpoint as the balancer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -67,6 +69,10 @@ pub struct EndpointState {
     /// When the current slow-start ramp began, in nanoseconds since [`clock_base`]; 0 when
     /// the endpoint is not ramping up.
     ramp_from: AtomicU64,
+    /// When a health mark last changed, in nanoseconds since [`clock_base`]; 0 if never.
+    health_changed_at: AtomicU64,
+    /// The latency of every finished request, in log-scale buckets.
+    latency: LatencyHistogram,
     decay_ns: f64,
     /// What all endpoints of the pool share (the pool-wide in-flight count among others).
     shared: Arc<PoolShared>,
@@ -83,6 +89,18 @@ pub(crate) fn clock_ns(at: Instant) -> u64 {
     at.saturating_duration_since(clock_base()).as_nanos() as u64
 }
 
+/// Now, for the request path's measurements (latency, peak-EWMA decay, slow start):
+/// `Instant::now()`, or tokio's paused clock on a thread running a simulation
+/// (feature `sim`, see [`crate::sim`]).
+#[inline]
+pub(crate) fn now() -> Instant {
+    #[cfg(feature = "sim")]
+    if crate::sim::clock::is_simulated() {
+        return tokio::time::Instant::now().into_std();
+    }
+    Instant::now()
+}
+
 impl EndpointState {
     /// A fresh state: nothing in flight, healthy, latency estimate `default_rtt`, and a peak-EWMA
     /// decay window of `decay`, counting its requests into the pool-wide `shared` counters.
@@ -92,10 +110,12 @@ impl EndpointState {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             ewma_ns: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
-            ewma_at: AtomicU64::new(clock_ns(Instant::now())),
+            ewma_at: AtomicU64::new(clock_ns(now())),
             health: AtomicU8::new(0),
             consecutive_failures: AtomicU32::new(0),
             ramp_from: AtomicU64::new(0),
+            health_changed_at: AtomicU64::new(0),
+            latency: LatencyHistogram::new(),
             decay_ns: decay.as_nanos().max(1) as f64,
             shared,
         }
@@ -156,6 +176,20 @@ impl EndpointState {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
+    /// The latencies of the endpoint's finished requests, in log-scale buckets (see
+    /// [`Pool::stats`](crate::Pool::stats) for quantiles read from it).
+    pub fn latency_histogram(&self) -> &LatencyHistogram {
+        &self.latency
+    }
+
+    /// When a health mark last changed (see [`clock_ns`]), if ever.
+    pub(crate) fn health_changed_ns(&self) -> Option<u64> {
+        match self.health_changed_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
     /// Whether the endpoint is ramping up under slow start (its weight is reduced).
     pub fn is_warming_up(&self) -> bool {
         self.ramp_from.load(Ordering::Relaxed) != 0
@@ -210,7 +244,12 @@ impl EndpointState {
         } else {
             self.health.fetch_and(!flag, Ordering::AcqRel)
         };
-        (prev & flag != 0) != on
+        let changed = (prev & flag != 0) != on;
+        if changed {
+            self.health_changed_at
+                .store(clock_ns(now()).max(1), Ordering::Relaxed);
+        }
+        changed
     }
 
     /// The peak-EWMA latency estimate, without decay.
@@ -253,6 +292,7 @@ impl EndpointState {
             // Read first: a healthy endpoint's counter stays 0 and its cache line clean.
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
+        self.latency.record(rtt);
         let now_ns = clock_ns(now);
         let rtt = rtt.as_nanos() as f64;
         // Racing completions may each read the same previous estimate; one of their updates

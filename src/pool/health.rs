@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, Notify};
 
 use super::snapshot::BuildOptions;
 use super::{Inner, Member, Pool, Snapshot};
-use crate::endpoint::state::{clock_ns, PoolShared};
+use crate::endpoint::state::{clock_ns, now, PoolShared};
 use crate::endpoint::{Endpoint, EndpointId, EndpointState, Health};
 use crate::health::{HealthChange, HealthEvent, SlowStart};
 use crate::strategy::Strategy;
@@ -130,7 +130,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             return false;
         }
         let health = m.state.health();
-        let now = Instant::now();
+        let now = now();
         let ramp = health == Health::Healthy
             && previous != Health::Healthy
             && self.inner.health.slow_start().is_some();
@@ -204,13 +204,12 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         &self,
         members: &BTreeMap<EndpointId, Member<S>>,
     ) -> Option<u64> {
-        (!members.is_empty() && self.inner.health.slow_start().is_some())
-            .then(|| clock_ns(Instant::now()))
+        (!members.is_empty() && self.inner.health.slow_start().is_some()).then(|| clock_ns(now()))
     }
 
     /// The settings of the next snapshot; ends the ramps that are over.
     pub(super) fn build_options(&self, members: &BTreeMap<EndpointId, Member<S>>) -> BuildOptions {
-        let now_ns = clock_ns(Instant::now());
+        let now_ns = clock_ns(now());
         let slow_start = self.inner.health.slow_start();
         for m in members.values() {
             if let Some(from) = m.state.ramp_start() {

@@ -150,4 +150,10 @@ pub(crate) mod fast_rand {
     pub(crate) fn u64() -> u64 {
         RNG.with(|r| r.borrow_mut().random())
     }
+
+    /// Reseeds this thread's generator, so that a simulation's picks repeat exactly.
+    #[cfg(feature = "sim")]
+    pub(crate) fn reseed(seed: u64) {
+        RNG.with(|r| *r.borrow_mut() = SmallRng::seed_from_u64(seed));
+    }
 }

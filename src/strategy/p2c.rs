@@ -1,8 +1,6 @@
-use std::time::Instant;
-
 use super::least_connections::cmp_load;
 use super::{fast_rand, next_allowed, PickContext, Strategy};
-use crate::endpoint::state::clock_ns;
+use crate::endpoint::state::{clock_ns, now};
 use crate::endpoint::Candidate;
 
 /// Two distinct random indices below `n` (`n >= 2`).
@@ -101,7 +99,7 @@ impl Strategy for PeakEwma {
 
     #[inline]
     fn pick(&self, _: &(), candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
-        let now = clock_ns(Instant::now());
+        let now = clock_ns(now());
         let cost = |c: &Candidate| c.state().peak_ewma_cost(now) / f64::from(c.weight().max(1));
         pick_two(candidates, ctx, |x, y| cost(x) < cost(y))
     }

@@ -1,0 +1,430 @@
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::endpoint::{nanos, Ticket};
+use super::report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
+use super::workload::Arrivals;
+use super::{clock, Latency, SimEndpoint, SimRequest, SimService, Workload};
+use crate::endpoint::state::clock_ns;
+use crate::hash::mix64;
+use crate::hints::PickHints;
+use crate::pool::Pool;
+use crate::strategy::{fast_rand, AnyStrategy, Strategy};
+use crate::Balancer;
+
+/// Streams of random numbers derived from a scenario's seed, one per use, so that adding a
+/// use does not shift another's numbers.
+const ARRIVALS: u64 = 0x6172_7269_7661_6c73;
+const PICKS: u64 = 0x7069_636b_7300_0000;
+const ENDPOINT: u64 = 0x656e_6470_6f69_6e74;
+
+/// A fleet of simulated endpoints, a workload and a seed: what a simulation runs.
+///
+/// Each run ([`run`](Scenario::run), [`run_with`](Scenario::run_with),
+/// [`run_service`](Scenario::run_service)) builds fresh endpoints and drives the workload
+/// through the stack under test on its own thread, on a current-thread tokio runtime whose
+/// clock is paused: time moves only when every task waits, straight to the next timer, so a
+/// run of minutes of traffic takes milliseconds and depends on nothing but the seed. lbkit's
+/// own random choices (power of two choices, random, tie-breaks) are seeded from it too, and
+/// its latency measurements read the simulated clock.
+///
+/// Time moves in steps of 1 ms (tokio's timer resolution): model latencies of a few
+/// milliseconds and up.
+///
+/// See the [module docs](super) for an example.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    name: String,
+    seed: u64,
+    endpoints: Vec<SimEndpoint>,
+    workload: Workload,
+    step: Duration,
+}
+
+impl Scenario {
+    /// An empty scenario named `name`: no endpoint, seed 1, 1 000 requests arriving at 100
+    /// per second, a timeline in steps of one second.
+    pub fn new(name: impl Into<String>) -> Self {
+        Scenario {
+            name: name.into(),
+            seed: 1,
+            endpoints: Vec::new(),
+            workload: Workload::open(100.0),
+            step: Duration::from_secs(1),
+        }
+    }
+
+    /// Sets the seed every random number of a run derives from.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Adds an endpoint.
+    pub fn endpoint(mut self, endpoint: SimEndpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Adds endpoints.
+    pub fn endpoints(mut self, endpoints: impl IntoIterator<Item = SimEndpoint>) -> Self {
+        self.endpoints.extend(endpoints);
+        self
+    }
+
+    /// Sets the workload.
+    pub fn workload(mut self, workload: Workload) -> Self {
+        self.workload = workload;
+        self
+    }
+
+    /// Sets the step of the reports' timelines (default one second).
+    pub fn timeline_step(mut self, step: Duration) -> Self {
+        self.step = step.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The scenario's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The seed.
+    pub fn get_seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The endpoints, in order.
+    pub fn get_endpoints(&self) -> &[SimEndpoint] {
+        &self.endpoints
+    }
+
+    /// The workload.
+    pub fn get_workload(&self) -> &Workload {
+        &self.workload
+    }
+
+    /// Runs the workload through a [`Balancer`] with `strategy` over the scenario's endpoints
+    /// (a pool with default settings); the report is labelled with the strategy's name.
+    pub fn run<St: Strategy>(&self, strategy: St) -> Report {
+        let label = strategy.name();
+        self.run_with(label, strategy, |balancer| balancer)
+    }
+
+    /// Runs the workload through `stack`, given a [`Balancer`] with `strategy` over the
+    /// scenario's endpoints: wrap it in layers (failover, hash keys), or spawn health tasks on
+    /// its pool (outlier detection, slow start) first. `stack` is called inside the
+    /// simulation's runtime, so it may spawn tasks.
+    pub fn run_with<St, F, Svc>(&self, label: &str, strategy: St, stack: F) -> Report
+    where
+        St: Strategy,
+        F: FnOnce(Balancer<SimService, St>) -> Svc + Send,
+        Svc: Service<SimRequest>,
+    {
+        self.run_service(label, move |services| {
+            let pool = Pool::builder(strategy).build_with_services();
+            pool.update(|changes| {
+                for s in services {
+                    changes.insert_with_service(s.spec().endpoint().clone(), s);
+                }
+            });
+            stack(Balancer::from_pool(pool))
+        })
+    }
+
+    /// Runs the workload through the service `make` builds from the scenario's endpoints, one
+    /// [`SimService`] each, in order: any tower balancer (such as `tower::balance::p2c`), or an
+    /// lbkit pool with non-default settings. `make` is called inside the simulation's
+    /// runtime, so it may spawn tasks.
+    ///
+    /// Runs on a thread of its own (and so may be called from async code, which it blocks
+    /// until the run ends).
+    pub fn run_service<F, Svc>(&self, label: &str, make: F) -> Report
+    where
+        F: FnOnce(Vec<SimService>) -> Svc + Send,
+        Svc: Service<SimRequest>,
+    {
+        std::thread::scope(|scope| {
+            let run = std::thread::Builder::new()
+                .name(format!("lbkit-sim-{label}"))
+                .spawn_scoped(scope, || self.run_here(label, make))
+                .expect("spawn a simulation thread");
+            match run.join() {
+                Ok(report) => report,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// Runs every strategy of `strategies` and puts the reports side by side.
+    pub fn compare(&self, strategies: impl IntoIterator<Item = AnyStrategy>) -> Comparison {
+        let mut comparison = self.comparison();
+        for s in strategies {
+            comparison.push(self.run(s));
+        }
+        comparison
+    }
+
+    /// An empty [`Comparison`] titled after the scenario, highlighting its endpoints that
+    /// something happens to or whose latency differs from most others'.
+    pub fn comparison(&self) -> Comparison {
+        let usual = most_common(self.endpoints.iter().map(|e| e.latency));
+        let highlight = self
+            .endpoints
+            .iter()
+            .filter(|e| e.has_events() || Some(e.latency) != usual)
+            .map(|e| e.id().clone());
+        let title = format!(
+            "{} | seed {} | {} requests",
+            self.name,
+            self.seed,
+            self.workload.request_count()
+        );
+        Comparison::new(title, highlight)
+    }
+
+    /// One run, on this thread.
+    fn run_here<F, Svc>(&self, label: &str, make: F) -> Report
+    where
+        F: FnOnce(Vec<SimService>) -> Svc,
+        Svc: Service<SimRequest>,
+    {
+        // Start lbkit's clock before the runtime's, so simulated instants all count after it.
+        clock_ns(std::time::Instant::now());
+        let _simulated = clock::Simulated::enter();
+        fast_rand::reseed(mix64(self.seed ^ PICKS));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a current-thread runtime");
+        runtime.block_on(async {
+            let start = Instant::now();
+            let services: Vec<SimService> = self
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let seed = mix64(self.seed ^ ENDPOINT.wrapping_add(i as u64));
+                    SimService::new(e.clone(), start, seed)
+                })
+                .collect();
+            let svc = make(services.clone());
+            let rng = StdRng::seed_from_u64(mix64(self.seed ^ ARRIVALS));
+            let run = drive(svc, &self.workload, rng, start).await;
+            self.report(label, start, run, &services)
+        })
+    }
+
+    fn report(&self, label: &str, start: Instant, run: Run, services: &[SimService]) -> Report {
+        let seen: Vec<_> = services.iter().map(SimService::take_seen).collect();
+        let total: u64 = seen.iter().map(|s| s.requests).sum();
+        let endpoints = services
+            .iter()
+            .zip(seen)
+            .map(|(s, mut seen)| EndpointReport {
+                id: s.spec().id().clone(),
+                requests: seen.requests,
+                share: if total == 0 {
+                    0.0
+                } else {
+                    seen.requests as f64 / total as f64
+                },
+                errors: seen.errors,
+                latency: Latencies::of(&mut seen.latencies),
+            })
+            .collect();
+        let step = nanos(self.step).max(1);
+        let last = run.outcomes.iter().map(|o| o.sent_at).max().unwrap_or(0);
+        let mut timeline: Vec<TimelineStep> = (0..=last / step)
+            .map(|i| TimelineStep {
+                start: Duration::from_nanos(i * step),
+                requests: 0,
+                errors: 0,
+            })
+            .collect();
+        let mut latencies = Vec::with_capacity(run.outcomes.len());
+        let mut errors = 0;
+        for o in &run.outcomes {
+            let t = &mut timeline[(o.sent_at / step) as usize];
+            t.requests += 1;
+            if o.ok {
+                latencies.push(o.latency);
+            } else {
+                t.errors += 1;
+                errors += 1;
+            }
+        }
+        Report {
+            scenario: self.name.clone(),
+            label: label.to_owned(),
+            seed: self.seed,
+            requests: run.outcomes.len() as u64,
+            errors,
+            elapsed: run.end.saturating_duration_since(start),
+            latency: Latencies::of(&mut latencies),
+            endpoints,
+            timeline,
+        }
+    }
+}
+
+/// The value that occurs most often (the first of equals), if any.
+fn most_common(values: impl Iterator<Item = Latency>) -> Option<Latency> {
+    let mut counts: Vec<(Latency, usize)> = Vec::new();
+    for v in values {
+        match counts.iter_mut().find(|(x, _)| *x == v) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((v, 1)),
+        }
+    }
+    let mut best: Option<(Latency, usize)> = None;
+    for (v, n) in counts {
+        if best.map_or(true, |(_, m)| n > m) {
+            best = Some((v, n));
+        }
+    }
+    best.map(|(v, _)| v)
+}
+
+/// One request as the client saw it.
+struct Outcome {
+    /// When it should have been sent, in nanoseconds since the start.
+    sent_at: u64,
+    /// From then to its response, in nanoseconds.
+    latency: u64,
+    ok: bool,
+}
+
+/// What the client saw of a run.
+struct Run {
+    outcomes: Vec<Outcome>,
+    /// When the last response came.
+    end: Instant,
+}
+
+/// Waits for `fut` and tells how it went, timed from `sent`.
+async fn track<F, T, E>(start: Instant, sent: Instant, fut: F) -> Outcome
+where
+    F: Future<Output = Result<T, E>>,
+{
+    let ok = fut.await.is_ok();
+    Outcome {
+        sent_at: nanos(sent - start),
+        latency: nanos(sent.elapsed()),
+        ok,
+    }
+}
+
+/// Sends the workload through `svc` and collects every request's outcome.
+async fn drive<Svc>(mut svc: Svc, workload: &Workload, mut rng: StdRng, start: Instant) -> Run
+where
+    Svc: Service<SimRequest>,
+{
+    let total = workload.requests;
+    let mut outcomes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let mut in_flight = FuturesUnordered::new();
+    let mut sent = 0u64;
+    // Open loop: the next arrival; closed loop: when each idle worker sends next.
+    let mut next_open = None;
+    let mut workers = VecDeque::new();
+    let (cap, think) = match workload.arrivals {
+        Arrivals::Open {
+            rate,
+            max_in_flight,
+        } => {
+            next_open = Some(start + gap(&mut rng, rate));
+            (max_in_flight, Duration::ZERO)
+        }
+        Arrivals::Closed { workers: n, think } => {
+            let n = usize::try_from(total).map_or(n, |t| t.min(n));
+            workers.extend(std::iter::repeat(start).take(n));
+            (usize::MAX, think)
+        }
+    };
+    let mut end = start;
+    let closed = next_open.is_none();
+    let mut done = |o: Outcome, workers: &mut VecDeque<Instant>, end: &mut Instant| {
+        outcomes.push(o);
+        let now = Instant::now();
+        *end = now;
+        if closed {
+            workers.push_back(now + think);
+        }
+    };
+    while sent < total || !in_flight.is_empty() {
+        let due = if sent == total || in_flight.len() >= cap {
+            None
+        } else {
+            next_open.or_else(|| workers.front().copied())
+        };
+        let Some(at) = due else {
+            if let Some(o) = in_flight.next().await {
+                done(o, &mut workers, &mut end);
+            }
+            continue;
+        };
+        // Responses first, so that what ends at an instant is seen before what starts at it.
+        tokio::select! {
+            biased;
+            Some(o) = in_flight.next() => {
+                done(o, &mut workers, &mut end);
+                continue;
+            }
+            _ = tokio::time::sleep_until(at) => {}
+        }
+        // Due: wait for the service to be ready, taking responses meanwhile.
+        let ready = loop {
+            tokio::select! {
+                biased;
+                Some(o) = in_flight.next() => done(o, &mut workers, &mut end),
+                r = poll_fn(|cx| svc.poll_ready(cx)) => break r.is_ok(),
+            }
+        };
+        let ticket = Ticket {
+            u1: rng.random(),
+            u2: rng.random(),
+        };
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(ticket);
+        if let Some(keys) = workload.keys {
+            PickHints::of_mut(&mut req).set_hash(mix64(rng.random_range(0..keys)));
+        }
+        match &mut next_open {
+            Some(next) => {
+                if let Arrivals::Open { rate, .. } = workload.arrivals {
+                    *next = at + gap(&mut rng, rate);
+                }
+            }
+            None => {
+                workers.pop_front();
+            }
+        }
+        sent += 1;
+        if ready {
+            in_flight.push(track(start, at, svc.call(req)));
+        } else {
+            let failed = Outcome {
+                sent_at: nanos(at - start),
+                latency: nanos(at.elapsed()),
+                ok: false,
+            };
+            done(failed, &mut workers, &mut end);
+        }
+    }
+    drop(svc);
+    Run { outcomes, end }
+}
+
+/// An exponential gap between Poisson arrivals at `rate` per second.
+fn gap(rng: &mut StdRng, rate: f64) -> Duration {
+    let u: f64 = rng.random();
+    Duration::from_secs_f64((-(1.0 - u).ln() / rate).min(3600.0))
+}
