@@ -387,6 +387,43 @@ async fn response_hop_by_hop_and_hidden_headers_are_stripped() {
 }
 
 #[tokio::test]
+async fn redirects_and_cookies_naming_the_backend_are_rewritten() {
+    within(async {
+        // A backend that builds absolute URLs and cookie domains from the Host it gets: with
+        // `preserve_host(false)` that is its own address.
+        let be = backend(false, |req: Request<Incoming>| async move {
+            let host = req.headers()["host"].to_str().unwrap().to_owned();
+            let ip = host.rsplit_once(':').unwrap().0.to_owned();
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header("location", format!("http://{host}/next?page=2"))
+                .header("content-location", format!("http://{host}/here"))
+                .header(
+                    "set-cookie",
+                    format!("sid=1; Domain={ip}; Path=/; HttpOnly"),
+                )
+                .header("set-cookie", "theme=dark; Path=/")
+                .body(full("moved"))
+                .unwrap()
+        })
+        .await;
+        let proxy = start_proxy(vec![be.endpoint()], Forward::new().preserve_host(false)).await;
+        let res = send(proxy.addr, get("/old").body(Empty::<Bytes>::new()).unwrap()).await;
+        assert_eq!(res.status(), StatusCode::FOUND);
+        let h = res.headers().clone();
+        assert_eq!(h["location"], "/next?page=2");
+        assert_eq!(h["content-location"], "/here");
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["sid=1; Path=/; HttpOnly", "theme=dark; Path=/"]);
+        assert_no_backend_in_headers(&h, be.addr);
+        for v in h.values() {
+            assert!(!v.to_str().unwrap_or("").contains("127.0.0.1"), "{v:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn forwarded_header_follows_rfc_7239_and_appends() {
     within(async {
         let be = chatty_backend().await;

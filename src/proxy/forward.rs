@@ -15,7 +15,9 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::headers::{append_forwarded, is_upgrade, remove_hop_by_hop, ForwardedHeaders};
+use super::headers::{
+    append_forwarded, hide_backend_authority, is_upgrade, remove_hop_by_hop, ForwardedHeaders,
+};
 use super::ForwardError;
 use crate::balance::Target;
 use crate::error::BoxError;
@@ -41,8 +43,10 @@ struct Config {
 /// hop-by-hop headers in both directions (keeping only `TE: trailers`, so trailers and gRPC
 /// pass through), writes `X-Forwarded-For`/`-Proto`/`-Host` or `Forwarded` (see
 /// [`forwarded`](Forward::forwarded)) from the [`ClientAddr`] extension, and can hide response
-/// headers that reveal the backend. Bodies stream through in both directions without being
-/// buffered. A protocol upgrade (WebSocket) is passed through end to end: when the backend
+/// headers that reveal the backend; a `Location` or cookie `Domain` naming the backend's own
+/// address is rewritten away
+/// ([`hide_backend_authority`](super::headers::hide_backend_authority)). Bodies stream through
+/// in both directions without being buffered. A protocol upgrade (WebSocket) is passed through end to end: when the backend
 /// answers `101 Switching Protocols`, the two upgraded connections are spliced.
 ///
 /// Errors are [`ForwardError`]s telling a refused connection, a timeout and other failures
@@ -226,7 +230,7 @@ where
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(authority);
+        parts.authority = Some(authority.clone());
         parts.path_and_query = Some(path);
         match Uri::from_parts(parts) {
             Ok(uri) => *req.uri_mut() = uri,
@@ -244,6 +248,7 @@ where
             error: None,
             client_upgrade,
             config: Some(self.config.clone()),
+            backend: Some(authority),
         }
     }
 }
@@ -257,6 +262,7 @@ pin_project! {
         error: Option<ForwardError>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         config: Option<Arc<Config>>,
+        backend: Option<http::uri::Authority>,
     }
 }
 
@@ -268,6 +274,7 @@ impl ForwardFuture {
             error: Some(e),
             client_upgrade: None,
             config: None,
+            backend: None,
         }
     }
 }
@@ -312,6 +319,9 @@ impl Future for ForwardFuture {
         remove_hop_by_hop(res.headers_mut(), upgrade);
         for name in this.config.iter().flat_map(|c| &c.hide) {
             res.headers_mut().remove(name);
+        }
+        if let Some(backend) = this.backend.as_ref() {
+            hide_backend_authority(res.headers_mut(), backend);
         }
         Poll::Ready(Ok(res))
     }

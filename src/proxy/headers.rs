@@ -138,6 +138,110 @@ pub fn append_forwarded(
     }
 }
 
+/// Makes response headers stop pointing at the backend itself: a `Location` or
+/// `Content-Location` whose authority is `backend` becomes a relative reference (path, query
+/// and fragment, which the client resolves against the address it used), and a `Set-Cookie`
+/// `Domain` attribute naming the backend's host is dropped (the cookie then belongs to the
+/// host the client asked). Other values are left alone.
+///
+/// A backend that does not know it is proxied builds such headers from its own address; this
+/// keeps that address away from clients, as nginx's `proxy_redirect default` and
+/// `proxy_cookie_domain` do.
+///
+/// ```
+/// use http::{HeaderMap, HeaderValue};
+/// use lbkit::proxy::headers::hide_backend_authority;
+///
+/// let mut h = HeaderMap::new();
+/// h.insert("location", HeaderValue::from_static("http://10.0.0.7:8080/next?page=2"));
+/// h.insert("set-cookie", HeaderValue::from_static("sid=1; Domain=10.0.0.7; Path=/"));
+/// hide_backend_authority(&mut h, &"10.0.0.7:8080".parse().unwrap());
+/// assert_eq!(h["location"], "/next?page=2");
+/// assert_eq!(h["set-cookie"], "sid=1; Path=/");
+/// ```
+pub fn hide_backend_authority(headers: &mut HeaderMap, backend: &http::uri::Authority) {
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let relative = headers
+            .get(&name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| relative_if_backend(v, backend));
+        if let Some(v) = relative {
+            headers.insert(name, v);
+        }
+    }
+    let host = backend.host().trim_start_matches('[').trim_end_matches(']');
+    let names_backend = |v: &HeaderValue| {
+        v.to_str()
+            .is_ok_and(|c| c.split(';').skip(1).any(|a| is_domain_of(a, host)))
+    };
+    if headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .any(names_backend)
+    {
+        let cookies: Vec<HeaderValue> = headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| match v.to_str() {
+                Ok(c) if names_backend(v) => {
+                    let kept: Vec<&str> = c
+                        .split(';')
+                        .enumerate()
+                        .filter(|(i, a)| *i == 0 || !is_domain_of(a, host))
+                        .map(|(_, a)| a)
+                        .collect();
+                    HeaderValue::from_str(&kept.join(";")).unwrap_or_else(|_| v.clone())
+                }
+                _ => v.clone(),
+            })
+            .collect();
+        headers.remove(header::SET_COOKIE);
+        for c in cookies {
+            headers.append(header::SET_COOKIE, c);
+        }
+    }
+}
+
+/// Whether a cookie attribute is `Domain=host` (any case, with or without a leading dot).
+fn is_domain_of(attribute: &str, host: &str) -> bool {
+    match attribute.trim().split_once('=') {
+        Some((name, value)) => {
+            name.trim().eq_ignore_ascii_case("domain")
+                && value
+                    .trim()
+                    .trim_start_matches('.')
+                    .eq_ignore_ascii_case(host)
+        }
+        None => false,
+    }
+}
+
+/// `value` as a relative reference when it is an absolute `http(s)` URI at `backend`.
+fn relative_if_backend(value: &str, backend: &http::uri::Authority) -> Option<HeaderValue> {
+    let (uri, fragment) = match value.split_once('#') {
+        Some((u, f)) => (u, Some(f)),
+        None => (value, None),
+    };
+    let uri: http::Uri = uri.parse().ok()?;
+    let authority = uri.authority()?;
+    let default_port = match uri.scheme_str()? {
+        s if s.eq_ignore_ascii_case("http") => 80,
+        s if s.eq_ignore_ascii_case("https") => 443,
+        _ => return None,
+    };
+    let same = authority.host().eq_ignore_ascii_case(backend.host())
+        && authority.port_u16().unwrap_or(default_port) == backend.port_u16().unwrap_or(80);
+    if !same {
+        return None;
+    }
+    let mut relative = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    if let Some(f) = fragment {
+        relative.push('#');
+        relative.push_str(f);
+    }
+    HeaderValue::from_str(&relative).ok()
+}
+
 /// A `for=` node: IPv4 bare, IPv6 bracketed and quoted (RFC 7239 §6).
 fn push_node(out: &mut String, ip: IpAddr) {
     match ip {
@@ -222,6 +326,42 @@ mod tests {
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=https;host=shop.example"
         );
+    }
+
+    #[test]
+    fn backend_authority_is_hidden_from_location_and_cookies() {
+        let backend: http::uri::Authority = "127.0.0.1:8081".parse().unwrap();
+        let mut h = map(&[
+            ("location", "HTTP://127.0.0.1:8081/a/b?c=d#top"),
+            ("content-location", "http://shop.example/a"),
+            ("set-cookie", "a=1; Path=/; domain=.127.0.0.1; HttpOnly"),
+            ("set-cookie", "b=2; Domain=shop.example"),
+            ("set-cookie", "domain=127.0.0.1"),
+        ]);
+        hide_backend_authority(&mut h, &backend);
+        assert_eq!(h["location"], "/a/b?c=d#top");
+        assert_eq!(h["content-location"], "http://shop.example/a");
+        let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+        assert_eq!(
+            cookies,
+            [
+                "a=1; Path=/; HttpOnly",
+                "b=2; Domain=shop.example",
+                "domain=127.0.0.1"
+            ]
+        );
+
+        // Another port on the same host is another server: left alone.
+        let mut h = map(&[("location", "http://127.0.0.1:9999/x")]);
+        hide_backend_authority(&mut h, &backend);
+        assert_eq!(h["location"], "http://127.0.0.1:9999/x");
+        // The default port matches an authority without one.
+        let mut h = map(&[("location", "http://backend/x")]);
+        hide_backend_authority(&mut h, &"backend:80".parse().unwrap());
+        assert_eq!(h["location"], "/x");
+        let mut h = map(&[("location", "http://[::1]:8081")]);
+        hide_backend_authority(&mut h, &"[::1]:8081".parse().unwrap());
+        assert_eq!(h["location"], "/");
     }
 
     #[test]
