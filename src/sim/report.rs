@@ -102,8 +102,10 @@ pub struct Report {
     pub latency: Latencies,
     /// Each endpoint, in the scenario's order.
     pub endpoints: Vec<EndpointReport>,
-    /// Requests and errors over time, by when they were sent.
+    /// Requests and errors over time, by when they were sent, in steps of `timeline_step`.
     pub timeline: Vec<TimelineStep>,
+    /// The length of each step of the timeline.
+    pub timeline_step: Duration,
 }
 
 impl Report {
@@ -202,11 +204,7 @@ impl fmt::Display for Report {
         }
         row(f, "client", self.requests, &"-", self.errors, &self.latency)?;
         if self.errors > 0 || self.endpoints.iter().any(|e| e.errors > 0) {
-            let step = self
-                .timeline
-                .get(1)
-                .map_or(Duration::ZERO, |s| s.start)
-                .as_secs_f64();
+            let step = self.timeline_step.as_secs_f64();
             write!(f, "errors per {step:.1}s step:")?;
             for s in &self.timeline {
                 write!(f, " {}", s.errors)?;

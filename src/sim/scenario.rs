@@ -272,6 +272,7 @@ impl Scenario {
             latency: Latencies::of(&mut latencies),
             endpoints,
             timeline,
+            timeline_step: self.step,
         }
     }
 }
@@ -332,15 +333,16 @@ where
     let mut outcomes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     let mut in_flight = FuturesUnordered::new();
     let mut sent = 0u64;
-    // Open loop: the next arrival; closed loop: when each idle worker sends next.
-    let mut next_open = None;
+    // Open loop: the exact time of the next arrival since the start; closed loop: when each
+    // idle worker sends next.
+    let mut next_open: Option<Duration> = None;
     let mut workers = VecDeque::new();
     let (cap, think) = match workload.arrivals {
         Arrivals::Open {
             rate,
             max_in_flight,
         } => {
-            next_open = Some(start + gap(&mut rng, rate));
+            next_open = Some(gap(&mut rng, rate));
             (max_in_flight, Duration::ZERO)
         }
         Arrivals::Closed { workers: n, think } => {
@@ -363,7 +365,9 @@ where
         let due = if sent == total || in_flight.len() >= cap {
             None
         } else {
-            next_open.or_else(|| workers.front().copied())
+            next_open
+                .map(|t| start + whole_ms(t))
+                .or_else(|| workers.front().copied())
         };
         let Some(at) = due else {
             if let Some(o) = in_flight.next().await {
@@ -400,7 +404,7 @@ where
         match &mut next_open {
             Some(next) => {
                 if let Arrivals::Open { rate, .. } = workload.arrivals {
-                    *next = at + gap(&mut rng, rate);
+                    *next += gap(&mut rng, rate);
                 }
             }
             None => {
@@ -421,6 +425,13 @@ where
     }
     drop(svc);
     Run { outcomes, end }
+}
+
+/// `t` rounded up to a whole millisecond: the clock moves in steps of 1 ms, so arrivals are
+/// scheduled on them (and latencies count from when a request is really sent).
+fn whole_ms(t: Duration) -> Duration {
+    let ms = t.as_nanos().div_ceil(1_000_000);
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
 }
 
 /// An exponential gap between Poisson arrivals at `rate` per second.
