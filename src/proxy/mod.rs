@@ -30,6 +30,7 @@
 //! # let _ = proxy; Ok(()) }
 //! ```
 
+mod accept;
 pub mod headers;
 mod tcp;
 

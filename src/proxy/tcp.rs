@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::accept::accept_loop;
 use crate::balance::InFlight;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::hash::stable_hash;
@@ -142,23 +142,11 @@ impl<St: Strategy> TcpProxy<St> {
     /// Accepts connections from `listener` and balances them until this future is dropped,
     /// which also closes the connections it is serving. Returns only on a fatal accept error.
     pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let this = self.clone();
-                        conns.spawn(async move { this.handle(stream, peer).await });
-                    }
-                    Err(e) if is_transient(&e) => {
-                        tracing::warn!(error = %e, "accept failed; pausing");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(e),
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+        accept_loop(listener, |stream, peer| {
+            let this = self.clone();
+            async move { this.handle(stream, peer).await }
+        })
+        .await
     }
 
     /// Balances one accepted connection from `peer` to a backend, and splices the two until
@@ -213,16 +201,6 @@ impl<St: Strategy> TcpProxy<St> {
         }
         tracing::warn!(%peer, attempts = tried.len(), "no backend accepted the connection");
     }
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    ) || e.raw_os_error().is_some_and(|c| c == 23 || c == 24) // ENFILE, EMFILE
 }
 
 /// Copies bytes both ways between `a` and `b` until both directions have ended, passing on

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::proxy::accept::accept_loop;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,7 +38,6 @@ use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
@@ -301,22 +301,7 @@ where
     /// Accepts connections from `listener` and serves them until this future is dropped, which
     /// also closes the connections it is serving. Returns only on a fatal accept error.
     pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
-        let mut conns = JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        conns.spawn(self.serve_connection(stream, peer));
-                    }
-                    Err(e) if is_transient(&e) => {
-                        tracing::warn!(error = %e, "accept failed; pausing");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(e),
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            }
-        }
+        accept_loop(listener, |stream, peer| self.serve_connection(stream, peer)).await
     }
 
     /// Serves one accepted connection from `peer`: TLS handshake, then HTTP until the client
@@ -392,16 +377,6 @@ where
         req.extensions_mut().insert(ClientAddr(self.peer));
         self.inner.call(req)
     }
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    ) || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
 }
 
 #[cfg(test)]
