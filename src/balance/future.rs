@@ -12,11 +12,28 @@ pin_project! {
     ///
     /// Resolves to the endpoint's response (passed through the completion policy), or to an
     /// [`Error`]: at once when no endpoint was available, or when the endpoint's service fails.
+    ///
+    /// Dropped before the endpoint answered (a failover per-try timeout or deadline, a timeout
+    /// layer, a caller that went away), the request counts as failed at that endpoint: an
+    /// endpoint that hangs is then ejected by outlier detection like one that fails.
     pub struct ResponseFuture<F, C> {
         #[pin]
         state: State<F, C>,
         // The balancer's span, entered on each poll (disabled unless its level is on).
         span: tracing::Span,
+    }
+
+    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+        fn drop(this: Pin<&mut Self>) {
+            // Still waiting for the answer: the attempt was given up on. Counted as a success,
+            // it would reset the endpoint's run of failures and hide a hanging endpoint.
+            if let StateProj::Running {
+                handle: Some(h), ..
+            } = this.project().state.project()
+            {
+                h.fail();
+            }
+        }
     }
 }
 

@@ -47,7 +47,9 @@ use crate::strategy::Strategy;
 /// endpoints (rounded down) are ejected at once, but always at least one may be, as in Envoy;
 /// an endpoint that reaches the threshold while the limit is reached stays and starts
 /// counting again. Returning endpoints start counting from zero (and ramp up if
-/// [`SlowStart`](super::SlowStart) runs).
+/// [`SlowStart`](super::SlowStart) runs). An ejection ends early when a
+/// [`HealthChecker`](super::HealthChecker) had marked the endpoint down and sees it up again
+/// (a backend restarted after it died).
 ///
 /// ```
 /// use std::time::Duration;

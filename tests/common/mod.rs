@@ -314,3 +314,689 @@ pub async fn within<F: Future>(limit: Duration, test: F) -> F::Output {
         .await
         .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Faults (tests/faults.rs, tests/soak.rs): backends that hang or reset, the whole proxy stack
+// served on 127.0.0.1, a load generator and memory readings.
+
+pub mod fault {
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use lbkit::balance::RouteToEndpoint;
+    use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
+    use lbkit::health::{
+        HealthCheck, HealthChecker, HealthTask, HttpCheck, OutlierDetection, TcpCheck,
+    };
+    use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+    use lbkit::strategy::AnyStrategy;
+    use lbkit::{Balancer, Endpoint, EndpointId, PickHints, Pool};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+    use tokio::task::{JoinHandle, JoinSet};
+    use tower::{Service, ServiceBuilder};
+
+    use super::{HttpClient, TestServer};
+
+    /// Binds 127.0.0.1 at `addr` (port 0: any port), with `SO_REUSEADDR` so that a backend
+    /// restarted on its old port binds at once.
+    pub fn try_bind_at(addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    }
+
+    /// [`try_bind_at`], panicking on failure.
+    pub fn bind_at(addr: SocketAddr) -> TcpListener {
+        try_bind_at(addr).expect("bind 127.0.0.1")
+    }
+
+    /// Binds `addr` again once the server that had it is gone (an aborted task drops its
+    /// listener a moment later), trying for up to a second.
+    pub async fn rebind(addr: SocketAddr) -> TcpListener {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match try_bind_at(addr) {
+                Ok(l) => return l,
+                Err(e) if Instant::now() >= deadline => panic!("cannot bind {addr} again: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Starts a server like [`super::start_server`] (answers its name, after its delay), on
+    /// `addr`: a backend restarted on the port it had.
+    pub async fn start_server_at(name: &str, addr: SocketAddr) -> TestServer {
+        let listener = rebind(addr).await;
+        let addr = listener.local_addr().expect("local addr");
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let hits = Arc::new(AtomicU64::new(0));
+        let body = Bytes::from(name.to_owned());
+        let (d, h) = (delay_ms.clone(), hits.clone());
+        let task = super::spawn_server(listener, move |_req| {
+            h.fetch_add(1, Ordering::SeqCst);
+            let delay = d.load(Ordering::SeqCst);
+            let body = body.clone();
+            async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
+                Response::new(Full::new(body).boxed_unsync())
+            }
+        });
+        TestServer {
+            name: name.to_owned(),
+            addr,
+            delay_ms,
+            hits,
+            task,
+        }
+    }
+
+    /// How a [`FaultServer`] misbehaves once it has read a request head.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Fault {
+        /// Keeps the connection open and never answers.
+        Hang,
+        /// Resets the connection (TCP RST) before sending anything.
+        ResetBeforeHead,
+        /// Sends a `200 OK` head announcing 1000 bytes, 100 of them, then resets.
+        ResetMidBody,
+    }
+
+    /// A raw TCP "HTTP server" with a fault; it stops (with its connections) when dropped.
+    #[derive(Debug)]
+    pub struct FaultServer {
+        name: String,
+        addr: SocketAddr,
+        hits: Arc<AtomicU64>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drop for FaultServer {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl FaultServer {
+        /// Starts a server named `name` on a free port of 127.0.0.1.
+        pub fn start(name: &str, fault: Fault) -> FaultServer {
+            let listener = bind_at("127.0.0.1:0".parse().expect("addr"));
+            let addr = listener.local_addr().expect("local addr");
+            let hits = Arc::new(AtomicU64::new(0));
+            let h = hits.clone();
+            let task = tokio::spawn(async move {
+                let mut conns = JoinSet::new();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    conns.spawn(misbehave(stream, fault, h.clone()));
+                    while conns.try_join_next().is_some() {}
+                }
+            });
+            FaultServer {
+                name: name.to_owned(),
+                addr,
+                hits,
+                task,
+            }
+        }
+
+        /// An endpoint named after the server, at its address.
+        pub fn endpoint(&self) -> Endpoint {
+            Endpoint::new(self.name.as_str()).addr(self.addr)
+        }
+
+        /// Request heads read so far.
+        pub fn hits(&self) -> u64 {
+            self.hits.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Reads request heads from `stream` and misbehaves on the first one.
+    async fn misbehave(mut stream: TcpStream, fault: Fault, hits: Arc<AtomicU64>) {
+        let mut buf = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        // Read up to the end of the first request head.
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.len() > 64 * 1024 {
+                return;
+            }
+        }
+        hits.fetch_add(1, Ordering::SeqCst);
+        match fault {
+            Fault::Hang => {
+                // Hold the connection until the peer closes it.
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            Fault::ResetBeforeHead => {
+                let _ = stream.set_zero_linger();
+                drop(stream);
+            }
+            Fault::ResetMidBody => {
+                let head =
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 1000\r\n\r\n";
+                let _ = stream.write_all(head).await;
+                let _ = stream.write_all(&[b'x'; 100]).await;
+                let _ = stream.flush().await;
+                // Let the head and the first bytes reach the proxy before the reset.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = stream.set_zero_linger();
+                drop(stream);
+            }
+        }
+    }
+
+    /// Per-endpoint attempt counters, kept by the proxy's endpoint services ([`Tap`]).
+    #[derive(Debug, Default)]
+    pub struct TapStats {
+        calls: AtomicU64,
+        /// Nanoseconds since [`Taps::epoch`] of the last call, plus one (0: never called).
+        last: AtomicU64,
+    }
+
+    /// The attempt counters of every endpoint id the proxy has served.
+    #[derive(Clone, Debug)]
+    pub struct Taps {
+        epoch: Instant,
+        by_id: Arc<Mutex<HashMap<EndpointId, Arc<TapStats>>>>,
+    }
+
+    impl Taps {
+        fn new() -> Self {
+            Taps {
+                epoch: Instant::now(),
+                by_id: Arc::default(),
+            }
+        }
+
+        fn stats(&self, id: &EndpointId) -> Arc<TapStats> {
+            let mut map = self.by_id.lock().unwrap();
+            map.entry(id.clone()).or_default().clone()
+        }
+
+        /// Attempts sent to `id` so far (every retry counts).
+        pub fn calls(&self, id: &str) -> u64 {
+            self.stats(&EndpointId::new(id))
+                .calls
+                .load(Ordering::SeqCst)
+        }
+
+        /// When the last attempt was sent to `id`, if any.
+        pub fn last_call(&self, id: &str) -> Option<Instant> {
+            let last = self.stats(&EndpointId::new(id)).last.load(Ordering::SeqCst);
+            (last > 0).then(|| self.epoch + Duration::from_nanos(last - 1))
+        }
+    }
+
+    /// An endpoint's service that counts the attempts sent through it.
+    #[derive(Clone, Debug)]
+    pub struct Tap<S> {
+        inner: S,
+        stats: Arc<TapStats>,
+        epoch: Instant,
+    }
+
+    impl<S, B> Service<Request<B>> for Tap<S>
+    where
+        S: Service<Request<B>>,
+    {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, req: Request<B>) -> S::Future {
+            self.stats.calls.fetch_add(1, Ordering::SeqCst);
+            let at = self.epoch.elapsed().as_nanos() as u64 + 1;
+            self.stats.last.fetch_max(at, Ordering::SeqCst);
+            self.inner.call(req)
+        }
+    }
+
+    /// The request body the proxy forwards: the client's, retryable when empty.
+    pub type ProxyReqBody = ReplayBody<Incoming>;
+    /// The service of one endpoint of the proxy.
+    pub type EndpointSvc = Tap<RouteToEndpoint<Forward<ProxyReqBody>>>;
+    /// The proxy's pool.
+    pub type ProxyPool = Pool<EndpointSvc, AnyStrategy>;
+
+    /// Which active health check the proxy runs.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Check {
+        /// A TCP connect.
+        Tcp,
+        /// `GET /`, any 2xx or 3xx.
+        Http,
+    }
+
+    /// The settings of a [`ProxyStack`]: what a real deployment would configure.
+    #[derive(Clone, Debug)]
+    pub struct StackConfig {
+        pub strategy: &'static str,
+        /// `Forward::timeout`: the backend's response head must arrive within it.
+        pub forward_timeout: Duration,
+        pub per_try_timeout: Duration,
+        pub deadline: Duration,
+        pub max_attempts: u32,
+        /// `None`: `RetryBudget::default()`.
+        pub budget: Option<(Duration, u32, f32)>,
+        pub check: Option<Check>,
+        pub check_interval: Duration,
+        pub check_timeout: Duration,
+        pub check_jitter: Duration,
+        pub fall: u32,
+        pub rise: u32,
+        /// Consecutive failures that eject an endpoint; `None`: no outlier detection.
+        pub outlier_failures: Option<u32>,
+        pub ejection_time: Duration,
+        pub max_ejection_percent: u8,
+    }
+
+    impl Default for StackConfig {
+        fn default() -> Self {
+            StackConfig {
+                strategy: "round_robin",
+                forward_timeout: Duration::from_secs(2),
+                per_try_timeout: Duration::from_secs(1),
+                deadline: Duration::from_secs(3),
+                max_attempts: 3,
+                budget: None,
+                check: Some(Check::Tcp),
+                check_interval: Duration::from_millis(100),
+                check_timeout: Duration::from_millis(100),
+                check_jitter: Duration::from_millis(10),
+                fall: 2,
+                rise: 2,
+                outlier_failures: Some(3),
+                ejection_time: Duration::from_secs(30),
+                max_ejection_percent: 50,
+            }
+        }
+    }
+
+    impl StackConfig {
+        /// The longest time the active checker takes to mark a stopped backend down:
+        /// `fall` checks, each up to an interval plus jitter apart, the last one up to its
+        /// timeout long.
+        pub fn check_detection_bound(&self) -> Duration {
+            (self.check_interval + self.check_jitter) * self.fall + self.check_timeout
+        }
+    }
+
+    /// The proxy stack a real deployment serves, on 127.0.0.1: `ErrorResponseLayer` ->
+    /// routing hint -> `FailoverLayer` -> `Balancer::http()` over `RouteToEndpoint<Forward>`,
+    /// with a `HealthChecker` and `OutlierDetection` on the pool. A request with an
+    /// `x-route: <endpoint id>` header prefers that endpoint (a test's way to aim at one).
+    /// Stops (with its health tasks) when dropped.
+    #[derive(Debug)]
+    pub struct ProxyStack {
+        pub addr: SocketAddr,
+        pub pool: ProxyPool,
+        pub budget: Arc<RetryBudget>,
+        pub taps: Taps,
+        pub config: StackConfig,
+        task: JoinHandle<()>,
+        health: Vec<HealthTask>,
+    }
+
+    impl Drop for ProxyStack {
+        fn drop(&mut self) {
+            self.task.abort();
+            for t in &self.health {
+                t.abort();
+            }
+        }
+    }
+
+    impl ProxyStack {
+        /// Starts the stack over `endpoints`.
+        pub async fn start(endpoints: Vec<Endpoint>, config: StackConfig) -> ProxyStack {
+            let strategy: AnyStrategy = config.strategy.parse().expect("strategy");
+            let forward = Forward::<ProxyReqBody>::new().timeout(config.forward_timeout);
+            let taps = Taps::new();
+            let t = taps.clone();
+            let balancer = Balancer::new(endpoints, strategy, move |ep: &Endpoint| Tap {
+                inner: RouteToEndpoint::new(forward.clone(), ep),
+                stats: t.stats(ep.id()),
+                epoch: t.epoch,
+            })
+            .http();
+            let pool = balancer.pool().clone();
+            let mut health = Vec::new();
+            if let Some(check) = config.check {
+                let settings = |c: Box<dyn HealthCheck>| {
+                    HealthChecker::new(c)
+                        .interval(config.check_interval)
+                        .timeout(config.check_timeout)
+                        .jitter(config.check_jitter)
+                        .fall(config.fall)
+                        .rise(config.rise)
+                };
+                health.push(match check {
+                    Check::Tcp => settings(Box::new(TcpCheck::new())).spawn(&pool),
+                    Check::Http => settings(Box::new(HttpCheck::get("/"))).spawn(&pool),
+                });
+            }
+            if let Some(n) = config.outlier_failures {
+                health.push(
+                    OutlierDetection::new()
+                        .consecutive_failures(n)
+                        .base_ejection_time(config.ejection_time)
+                        .max_ejection_time(config.ejection_time)
+                        .max_ejection_percent(config.max_ejection_percent)
+                        .spawn(&pool),
+                );
+            }
+            let budget = Arc::new(match config.budget {
+                Some((ttl, min, pct)) => RetryBudget::new(ttl, min, pct),
+                None => RetryBudget::default(),
+            });
+            let failover = FailoverLayer::new(budget.clone())
+                .max_attempts(config.max_attempts)
+                .per_try_timeout(config.per_try_timeout)
+                .deadline(config.deadline);
+            let proxy = ServiceBuilder::new()
+                .layer(ErrorResponseLayer::new())
+                .map_request(route_hint)
+                .layer(failover)
+                .service(balancer);
+            let listener = bind_at("127.0.0.1:0".parse().expect("addr"));
+            let addr = listener.local_addr().expect("local addr");
+            let task = tokio::spawn(async move {
+                let mut conns = JoinSet::new();
+                loop {
+                    let Ok((stream, peer)) = listener.accept().await else {
+                        continue;
+                    };
+                    let svc = ServiceBuilder::new()
+                        .map_request(move |req: Request<Incoming>| {
+                            let mut req = req.map(ReplayBody::new);
+                            req.extensions_mut().insert(ClientAddr(peer));
+                            req
+                        })
+                        .service(proxy.clone());
+                    conns.spawn(async move {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                            .await;
+                    });
+                    while conns.try_join_next().is_some() {}
+                }
+            });
+            ProxyStack {
+                addr,
+                pool,
+                budget,
+                taps,
+                config,
+                task,
+                health,
+            }
+        }
+    }
+
+    /// Prefers the endpoint named in the `x-route` header, if any.
+    fn route_hint<B>(mut req: Request<B>) -> Request<B> {
+        let route = req
+            .headers()
+            .get("x-route")
+            .and_then(|v| v.to_str().ok())
+            .map(EndpointId::from);
+        if let Some(id) = route {
+            PickHints::of_mut(&mut req).prefer(id);
+        }
+        req
+    }
+
+    /// How one client request ended.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Outcome {
+        /// A complete `200` response; the body (the backend's name).
+        Ok(String),
+        /// Another status, with the body.
+        Status(StatusCode, String),
+        /// The response head arrived but its body failed.
+        BodyError(StatusCode),
+        /// No response: the request failed (connection error, client timeout).
+        Error(String),
+    }
+
+    impl Outcome {
+        pub fn is_ok(&self) -> bool {
+            matches!(self, Outcome::Ok(_))
+        }
+
+        /// The kind of outcome, for counting: `"200"`, `"503"`, `"200 then a broken body"`,
+        /// `"error: ..."`.
+        pub fn label(&self) -> String {
+            match self {
+                Outcome::Ok(_) => "200".to_owned(),
+                Outcome::Status(s, _) => s.as_u16().to_string(),
+                Outcome::BodyError(s) => format!("{} then a broken body", s.as_u16()),
+                Outcome::Error(e) => format!("error: {}", e.chars().take(80).collect::<String>()),
+            }
+        }
+    }
+
+    /// Sends `req` with `client` (to the proxy, with a `limit` on the whole exchange) and
+    /// reads the whole response.
+    pub async fn exchange(
+        client: &HttpClient,
+        req: Request<Full<Bytes>>,
+        limit: Duration,
+    ) -> Outcome {
+        let fut = async {
+            let res = match client.request(req).await {
+                Ok(res) => res,
+                Err(e) => return Outcome::Error(format!("{e:?}")),
+            };
+            let status = res.status();
+            match res.into_body().collect().await {
+                Ok(body) => {
+                    let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                    if status == StatusCode::OK {
+                        Outcome::Ok(text)
+                    } else {
+                        Outcome::Status(status, text)
+                    }
+                }
+                Err(_) => Outcome::BodyError(status),
+            }
+        };
+        match tokio::time::timeout(limit, fut).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Error(format!("no answer within {limit:?}")),
+        }
+    }
+
+    /// A `GET /` to the proxy at `addr`.
+    pub fn get(addr: SocketAddr) -> Request<Full<Bytes>> {
+        Request::get(format!("http://{addr}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    }
+
+    /// What a load run saw (bounded: counts, a few failures, the latencies).
+    #[derive(Debug, Default)]
+    pub struct LoadReport {
+        pub sent: u64,
+        pub ok: u64,
+        /// Requests that did not end in a complete `200`.
+        pub failures: u64,
+        /// The failures by kind (see [`Outcome::label`]).
+        pub failure_kinds: HashMap<String, u64>,
+        /// The first few failures, with when they ended.
+        pub samples: Vec<(Instant, Outcome)>,
+        /// Answers per backend name.
+        pub by_backend: HashMap<String, u64>,
+        /// Sorted.
+        pub latencies: Vec<Duration>,
+    }
+
+    impl LoadReport {
+        fn record(&mut self, outcome: Outcome, took: Duration) {
+            self.sent += 1;
+            self.latencies.push(took);
+            match outcome {
+                Outcome::Ok(name) => {
+                    self.ok += 1;
+                    *self.by_backend.entry(name).or_default() += 1;
+                }
+                other => {
+                    self.failures += 1;
+                    *self.failure_kinds.entry(other.label()).or_default() += 1;
+                    if self.samples.len() < 5 {
+                        self.samples.push((Instant::now(), other));
+                    }
+                }
+            }
+        }
+
+        fn merge(&mut self, other: LoadReport) {
+            self.sent += other.sent;
+            self.ok += other.ok;
+            self.failures += other.failures;
+            for (k, v) in other.failure_kinds {
+                *self.failure_kinds.entry(k).or_default() += v;
+            }
+            self.samples.extend(other.samples);
+            for (k, v) in other.by_backend {
+                *self.by_backend.entry(k).or_default() += v;
+            }
+            self.latencies.extend(other.latencies);
+        }
+
+        /// The `p`-th percentile latency (0 to 100).
+        pub fn percentile(&self, p: f64) -> Duration {
+            if self.latencies.is_empty() {
+                return Duration::ZERO;
+            }
+            let i = ((self.latencies.len() - 1) as f64 * p / 100.0).round() as usize;
+            self.latencies[i]
+        }
+
+        /// A few failures, for a message.
+        pub fn sample_failures(&self) -> Vec<&Outcome> {
+            self.samples.iter().map(|(_, o)| o).collect()
+        }
+    }
+
+    /// Steady load: `clients` tasks, each with its own keep-alive connection, send requests
+    /// one after the other until stopped or each has sent `max_each`, pausing `pause` between
+    /// requests.
+    pub struct Load {
+        stop: Arc<AtomicBool>,
+        sent: Arc<AtomicU64>,
+        tasks: Vec<JoinHandle<LoadReport>>,
+    }
+
+    impl Load {
+        /// `GET /` to the proxy at `addr`.
+        pub fn start(addr: SocketAddr, clients: usize, max_each: u64, pause: Duration) -> Load {
+            Load::start_with(clients, max_each, pause, move || get(addr))
+        }
+
+        /// Requests made by `make`.
+        pub fn start_with<F>(clients: usize, max_each: u64, pause: Duration, make: F) -> Load
+        where
+            F: Fn() -> Request<Full<Bytes>> + Send + Sync + 'static,
+        {
+            let make = Arc::new(make);
+            let stop = Arc::new(AtomicBool::new(false));
+            let sent = Arc::new(AtomicU64::new(0));
+            let tasks = (0..clients)
+                .map(|_| {
+                    let (stop, sent, make) = (stop.clone(), sent.clone(), make.clone());
+                    tokio::spawn(async move {
+                        let client = super::http_client();
+                        let mut report = LoadReport::default();
+                        while !stop.load(Ordering::Relaxed) && report.sent < max_each {
+                            let started = Instant::now();
+                            let outcome = exchange(&client, make(), Duration::from_secs(10)).await;
+                            report.record(outcome, started.elapsed());
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            if !pause.is_zero() {
+                                tokio::time::sleep(pause).await;
+                            }
+                        }
+                        report
+                    })
+                })
+                .collect();
+            Load { stop, sent, tasks }
+        }
+
+        /// Requests sent so far, over all clients.
+        pub fn sent(&self) -> u64 {
+            self.sent.load(Ordering::Relaxed)
+        }
+
+        /// Waits until at least `n` more requests were sent (or `limit` passes).
+        pub async fn wait_for(&self, n: u64, limit: Duration) {
+            let target = self.sent() + n;
+            let deadline = Instant::now() + limit;
+            while self.sent() < target && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        /// Stops the clients and gathers their reports.
+        pub async fn stop(self) -> LoadReport {
+            self.stop.store(true, Ordering::Relaxed);
+            self.finish().await
+        }
+
+        /// Waits until every client has sent its `max_each` requests, and gathers their reports.
+        pub async fn finish(self) -> LoadReport {
+            let mut total = LoadReport::default();
+            for t in self.tasks {
+                total.merge(t.await.expect("load task"));
+            }
+            total.latencies.sort_unstable();
+            total
+        }
+    }
+
+    /// A line of `/proc/self/status` in KiB (`VmRSS`, `VmHWM`); 0 where there is none.
+    pub fn proc_status_kib(field: &str) -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The resident memory of this process, in KiB.
+    pub fn rss_kib() -> u64 {
+        proc_status_kib("VmRSS")
+    }
+}

@@ -48,7 +48,9 @@ use crate::strategy::{fast_rand, Strategy};
 /// plus one timeout, about 7.6 s, and comes back within about 4.4 s of answering again.
 ///
 /// The checker owns the down mark: it overrides [`Pool::set_down`] calls by the checks'
-/// verdicts. Run one per pool.
+/// verdicts. When it brings a down endpoint back and outlier detection had also ejected it
+/// (for the failures of its death), the ejection is lifted too, so a restarted backend gets
+/// traffic again without waiting out its ejection. Run one per pool.
 ///
 /// ```
 /// use std::time::Duration;
@@ -290,7 +292,14 @@ async fn probe<S, St, C>(
         if let Some(change) = change {
             match pool.upgrade() {
                 Some(p) => {
-                    p.mark(endpoint.id(), Some(&state), change);
+                    let up = matches!(change, HealthChange::Up);
+                    if p.mark(endpoint.id(), Some(&state), change) && up && state.is_ejected() {
+                        // Back from the dead: its outlier ejection was for the failures of its
+                        // death; keeping it out until the ejection ends would keep a fleet that
+                        // was all down at 503 (Envoy lifts ejections on a passed check too).
+                        state.reset_failures();
+                        p.mark(endpoint.id(), Some(&state), HealthChange::Returned);
+                    }
                 }
                 None => return,
             }
