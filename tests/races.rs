@@ -1,0 +1,419 @@
+//! Races on purpose: endpoint-set updates against picks, on a multi-threaded runtime.
+//!
+//! Several tasks pick (`Pool::pick`) and send requests through a `Balancer::http()` (some
+//! answered, some failing, some dropped before their body ends, some cancelled mid-way) while
+//! another task inserts, removes, re-weights and marks endpoints down. Checked:
+//!
+//! - no endpoint is picked after its removal was applied. A pick that loaded the snapshot
+//!   before the removal may still return it; so the writer publishes a sequence number after
+//!   each `Pool::update` returns (and the removal epoch of each endpoint it removed), and each
+//!   picker reads the sequence number *before* picking: if it had already seen the removal's
+//!   number, the pick must not return that endpoint.
+//! - in-flight counts never exceed the requests that can be in flight at once (a decrement
+//!   below zero would wrap to a huge number), and are 0 for every endpoint and the pool at the
+//!   end (no leak).
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use lbkit::endpoint::EndpointState;
+use lbkit::strategy::AnyStrategy;
+use lbkit::{Balancer, Endpoint, EndpointId, PickHints, Pool};
+use tower::{Service, ServiceExt};
+
+/// Tasks picking and sending at once: the most requests that can be in flight.
+const PICKERS: usize = 6;
+/// Ids are `e0`, `e1`, ...; never reused.
+const MAX_IDS: usize = 1 << 16;
+
+/// What an endpoint's service does with a request.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// Answers at once.
+    Fast,
+    /// Answers after yielding to the scheduler a few times.
+    Yield(u8),
+    /// Fails.
+    Fail,
+    /// Sleeps (the caller cancels it first).
+    Sleep,
+}
+
+/// An endpoint's service: answers with its index in the response extensions.
+#[derive(Clone, Debug)]
+struct Echo {
+    idx: usize,
+}
+
+impl Service<Request<()>> for Echo {
+    type Response = Response<Full<Bytes>>;
+    type Error = &'static str;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        let idx = self.idx;
+        let mode = req
+            .extensions()
+            .get::<Mode>()
+            .copied()
+            .unwrap_or(Mode::Fast);
+        Box::pin(async move {
+            match mode {
+                Mode::Fast => {}
+                Mode::Yield(n) => {
+                    for _ in 0..n {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Mode::Fail => return Err("endpoint failed"),
+                Mode::Sleep => tokio::time::sleep(Duration::from_secs(10)).await,
+            }
+            let mut res = Response::new(Full::new(Bytes::from_static(b"hello")));
+            res.extensions_mut().insert(Served(idx));
+            Ok(res)
+        })
+    }
+}
+
+/// Which endpoint served a response.
+#[derive(Clone, Copy, Debug)]
+struct Served(usize);
+
+fn id_of(idx: usize) -> EndpointId {
+    EndpointId::new(format!("e{idx}"))
+}
+
+fn idx_of(id: &EndpointId) -> usize {
+    id.as_str()[1..].parse().expect("e<number>")
+}
+
+/// What the run shared between writer, pickers and sampler.
+struct Shared {
+    /// The writer's sequence number, published after each applied update.
+    seq: AtomicU64,
+    /// The sequence number of each endpoint's removal; 0 while it is in the pool.
+    removed_at: Vec<AtomicU64>,
+    /// The state of every endpoint ever inserted.
+    states: Mutex<Vec<Arc<EndpointState>>>,
+    stop: AtomicBool,
+    /// Picks (direct and through the balancer) that returned a removed endpoint after its
+    /// removal was applied.
+    violations: AtomicU64,
+    /// Picks that returned an endpoint removed while they ran (allowed: an older snapshot).
+    stale: AtomicU64,
+    picks: AtomicU64,
+    requests: AtomicU64,
+    /// The highest in-flight count the sampler saw, per endpoint and for the pool.
+    max_endpoint_in_flight: AtomicU64,
+    max_pool_in_flight: AtomicU64,
+    samples: AtomicU64,
+    /// The most recently removed endpoint, to aim preferred picks at.
+    last_removed: AtomicU64,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            seq: AtomicU64::new(1),
+            removed_at: (0..MAX_IDS).map(|_| AtomicU64::new(0)).collect(),
+            states: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            violations: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+            picks: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            max_endpoint_in_flight: AtomicU64::new(0),
+            max_pool_in_flight: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            last_removed: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Checks a pick made by a task that read sequence number `seen` before picking.
+    fn check(&self, seen: u64, idx: usize) {
+        let removed = self.removed_at[idx].load(SeqCst);
+        if removed != 0 {
+            if seen >= removed {
+                self.violations.fetch_add(1, SeqCst);
+                eprintln!("e{idx} picked after its removal (seq {removed}, picker saw {seen})");
+            } else {
+                self.stale.fetch_add(1, SeqCst);
+            }
+        }
+    }
+}
+
+type RacePool = Pool<Echo, AnyStrategy>;
+
+/// Inserts, removes, re-weights and marks endpoints down until told to stop.
+fn writer(pool: RacePool, shared: Arc<Shared>) {
+    let mut next = 0usize;
+    let mut live: Vec<usize> = Vec::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        // xorshift64*
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let mut rounds = 0u64;
+    while !shared.stop.load(SeqCst) && next + 4 < MAX_IDS {
+        rounds += 1;
+        let r = rand();
+        let mut removed = Vec::new();
+        let mut added = Vec::new();
+        // Grow while small, shrink while large, churn in between.
+        let add = if live.len() < 3 { 2 } else { (r % 3) as usize };
+        let remove = if live.len() > 8 {
+            3
+        } else {
+            ((r >> 8) % 3) as usize
+        };
+        pool.update(|c| {
+            for _ in 0..add {
+                let weight = 1 + (rand() % 5) as u32;
+                c.insert(Endpoint::new(id_of(next)).weight(weight));
+                added.push(next);
+                next += 1;
+            }
+            for _ in 0..remove.min(live.len().saturating_sub(1)) {
+                let i = (rand() % live.len() as u64) as usize;
+                let idx = live.swap_remove(i);
+                assert!(c.remove(&id_of(idx)));
+                removed.push(idx);
+            }
+            if let Some(&idx) = live.first() {
+                c.set_weight(&id_of(idx), 1 + (r >> 16) as u32 % 7);
+            }
+        });
+        // Applied: publish the removals' number, then the number itself.
+        let seq = shared.seq.load(SeqCst) + 1;
+        for &idx in &removed {
+            shared.removed_at[idx].store(seq, SeqCst);
+            shared.last_removed.store(idx as u64, SeqCst);
+        }
+        shared.seq.store(seq, SeqCst);
+        {
+            let mut states = shared.states.lock().unwrap();
+            for &idx in &added {
+                states.push(pool.state(&id_of(idx)).expect("just inserted"));
+            }
+        }
+        live.extend(added);
+        // Health marks go through the same snapshots.
+        if r % 7 == 0 && live.len() > 2 {
+            let idx = live[(r >> 24) as usize % live.len()];
+            pool.set_down(&id_of(idx), true);
+            pool.set_down(&id_of(idx), false);
+        }
+        if rounds % 16 == 0 {
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Picks directly and through the balancer until told to stop.
+async fn picker(
+    me: usize,
+    balancer: Balancer<Echo, AnyStrategy, lbkit::balance::CompleteOnBody>,
+    shared: Arc<Shared>,
+) {
+    let pool = balancer.pool().clone();
+    let mut n = 0u64;
+    while !shared.stop.load(SeqCst) {
+        n += 1;
+        // Directly.
+        let seen = shared.seq.load(SeqCst);
+        if let Some((candidate, service)) = pool.pick(None) {
+            shared.picks.fetch_add(1, SeqCst);
+            let idx = idx_of(candidate.id());
+            assert_eq!(
+                idx, service.idx,
+                "a candidate with another endpoint's service"
+            );
+            shared.check(seen, idx);
+        }
+        // Preferring the endpoint removed last, which must not be honoured once removed.
+        let mut req = Request::new(());
+        let last = shared.last_removed.load(SeqCst);
+        if n % 3 == 0 && last != u64::MAX {
+            PickHints::of_mut(&mut req).prefer(id_of(last as usize));
+        }
+        if n % 5 == 0 {
+            PickHints::of_mut(&mut req).set_hash(n.wrapping_mul(0x9e37_79b9));
+        }
+        let mode = match (n + me as u64) % 10 {
+            0 => Mode::Fail,
+            1 => Mode::Sleep,
+            2..=4 => Mode::Yield((n % 4) as u8 + 1),
+            _ => Mode::Fast,
+        };
+        req.extensions_mut().insert(mode);
+        // Through the balancer: the pick happens in `call`, after `seen` is read.
+        let seen = shared.seq.load(SeqCst);
+        let fut = balancer.clone().oneshot(req);
+        shared.requests.fetch_add(1, SeqCst);
+        match mode {
+            Mode::Sleep => {
+                // Cancelled before any answer: the in-flight guard must still end.
+                let cancelled = tokio::time::timeout(Duration::from_micros(200), fut).await;
+                assert!(cancelled.is_err());
+            }
+            Mode::Fail => {
+                let err = fut.await.expect_err("the endpoint fails");
+                assert!(err.is_endpoint() || err.is_no_endpoint(), "{err}");
+                if let Some(id) = err.endpoint_id() {
+                    shared.check(seen, idx_of(id));
+                }
+            }
+            _ => match fut.await {
+                Ok(res) => {
+                    let Served(idx) = *res.extensions().get::<Served>().expect("served");
+                    shared.check(seen, idx);
+                    if n % 2 == 0 {
+                        // Read to the end: in flight until then.
+                        let body = res.into_body().collect().await.expect("body");
+                        assert_eq!(body.to_bytes(), "hello");
+                    } else {
+                        // Dropped before its end: counts as ended all the same.
+                        drop(res);
+                    }
+                }
+                Err(e) => assert!(e.is_no_endpoint(), "{e}"),
+            },
+        }
+        if n % 32 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Samples in-flight counts until told to stop.
+async fn sampler(pool: RacePool, shared: Arc<Shared>) {
+    while !shared.stop.load(SeqCst) {
+        let states: Vec<_> = shared.states.lock().unwrap().clone();
+        for s in &states {
+            shared
+                .max_endpoint_in_flight
+                .fetch_max(s.in_flight(), SeqCst);
+        }
+        shared
+            .max_pool_in_flight
+            .fetch_max(pool.in_flight(), SeqCst);
+        shared.samples.fetch_add(1, SeqCst);
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn race(strategy: &str, run_for: Duration) {
+    let strategy: AnyStrategy = strategy.parse().expect("strategy");
+    let name = lbkit::strategy::Strategy::name(&strategy);
+    let pool: RacePool = Pool::new(strategy, |ep: &Endpoint| Echo {
+        idx: idx_of(ep.id()),
+    });
+    let balancer = Balancer::from_pool(pool.clone()).http();
+    let shared = Arc::new(Shared::new());
+
+    let w = {
+        let (pool, shared) = (pool.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || writer(pool, shared))
+    };
+    // Let the writer put some endpoints in first.
+    let start = Instant::now();
+    while shared.states.lock().unwrap().len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "writer did not start"
+        );
+        tokio::task::yield_now().await;
+    }
+    let pickers: Vec<_> = (0..PICKERS)
+        .map(|me| tokio::spawn(picker(me, balancer.clone(), shared.clone())))
+        .collect();
+    let s = tokio::spawn(sampler(pool.clone(), shared.clone()));
+    tokio::time::sleep(run_for).await;
+    shared.stop.store(true, SeqCst);
+    for p in pickers {
+        p.await.expect("picker");
+    }
+    s.await.expect("sampler");
+    w.await.expect("writer");
+
+    let states = shared.states.lock().unwrap().clone();
+    let leaked: Vec<_> = states
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.in_flight() != 0)
+        .map(|(i, s)| (i, s.in_flight()))
+        .collect();
+    let removals = shared
+        .removed_at
+        .iter()
+        .filter(|r| r.load(SeqCst) != 0)
+        .count();
+    eprintln!(
+        "race ({name}): {} endpoints inserted, {removals} removed, {} snapshots; {} direct \
+         picks + {} requests through the balancer by {PICKERS} tasks; {} picks of an endpoint \
+         removed while they ran (older snapshot, allowed), {} after the removal was applied; \
+         in flight at most {} per endpoint and {} in the pool ({} samples), {} left at the end",
+        states.len(),
+        shared.seq.load(SeqCst) - 1,
+        shared.picks.load(SeqCst),
+        shared.requests.load(SeqCst),
+        shared.stale.load(SeqCst),
+        shared.violations.load(SeqCst),
+        shared.max_endpoint_in_flight.load(SeqCst),
+        shared.max_pool_in_flight.load(SeqCst),
+        shared.samples.load(SeqCst),
+        pool.in_flight(),
+    );
+    assert_eq!(
+        shared.violations.load(SeqCst),
+        0,
+        "removed endpoints were picked"
+    );
+    assert!(leaked.is_empty(), "in-flight counts left: {leaked:?}");
+    assert_eq!(pool.in_flight(), 0, "pool in-flight count left");
+    assert!(
+        shared.max_endpoint_in_flight.load(SeqCst) <= PICKERS as u64,
+        "an endpoint's in-flight count went past {PICKERS} (negative?)"
+    );
+    assert!(
+        shared.max_pool_in_flight.load(SeqCst) <= PICKERS as u64,
+        "the pool's in-flight count went past {PICKERS} (negative?)"
+    );
+    // Maglev builds a 65537-entry table per snapshot: far fewer updates in the same time.
+    assert!(removals >= 30, "too few removals to race: {removals}");
+    assert!(shared.requests.load(SeqCst) > 1_000, "too few requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removed_endpoints_are_not_picked_and_in_flight_counts_balance() {
+    common::within(Duration::from_secs(20), async {
+        for strategy in [
+            "round_robin",
+            "p2c",
+            "least_connections",
+            "peak_ewma",
+            "maglev",
+            "ring",
+        ] {
+            race(strategy, Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+}
