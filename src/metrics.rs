@@ -35,6 +35,10 @@
 //! from where its series was. When an endpoint leaves the pool its gauges drop to 0 and it
 //! is no longer exported (a Prometheus exporter's idle timeout can then drop its series).
 //!
+//! With `metrics-exporter-prometheus`, give `lbkit_latency_seconds` buckets
+//! (`PrometheusBuilder::set_buckets_for_metric`) to export a Prometheus histogram, which can be
+//! aggregated across instances; `examples/metrics.rs` serves one.
+//!
 //! ```
 //! use std::time::Duration;
 //! use lbkit::{Balancer, metrics::MetricsExporter, strategy::PowerOfTwoChoices};
