@@ -3,6 +3,8 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
+use tower::util::{Oneshot, ServiceExt};
+use tower_service::Service;
 
 use super::completion::{InFlight, TrackCompletion};
 use crate::error::{BoxError, Error};
@@ -50,6 +52,87 @@ pin_project! {
     }
 }
 
+pin_project! {
+    /// The call of the picked endpoint's service, inside a [`ResponseFuture`].
+    ///
+    /// The balancer asks the service whether it is ready once, with the request in hand; a
+    /// ready service (hyper's client, a tonic channel: the usual case) is called at once, and
+    /// only its response future is kept. A service that is not ready yet gets the request
+    /// later, once it is (as [`tower::util::Oneshot`] does), which costs one allocation.
+    pub struct EndpointCall<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        inner: Call<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = CallProj]
+    enum Call<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Called {
+            #[pin]
+            fut: S::Future,
+        },
+        Waiting {
+            oneshot: Pin<Box<Oneshot<S, Req>>>,
+        },
+    }
+}
+
+impl<S, Req> EndpointCall<S, Req>
+where
+    S: Service<Req>,
+{
+    /// Calls `service` now if it is ready, otherwise keeps the request until it is.
+    #[inline]
+    pub(crate) fn new(mut service: S, req: Req) -> Self {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let inner = match service.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Call::Called {
+                fut: service.call(req),
+            },
+            // Not ready, or failed: `Oneshot` polls again with the real waker and reports the
+            // error, if any, through the response future.
+            _ => Call::Waiting {
+                oneshot: Box::pin(service.oneshot(req)),
+            },
+        };
+        EndpointCall { inner }
+    }
+}
+
+impl<S, Req> Future for EndpointCall<S, Req>
+where
+    S: Service<Req>,
+{
+    type Output = Result<S::Response, S::Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.project() {
+            CallProj::Called { fut } => fut.poll(cx),
+            CallProj::Waiting { oneshot } => oneshot.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<S, Req> std::fmt::Debug for EndpointCall<S, Req>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.inner {
+            Call::Called { .. } => "EndpointCall::Called",
+            Call::Waiting { .. } => "EndpointCall::Waiting",
+        })
+    }
+}
+
 impl<F, C> ResponseFuture<F, C> {
     pub(crate) fn failed(error: Error) -> Self {
         ResponseFuture {
@@ -58,21 +141,17 @@ impl<F, C> ResponseFuture<F, C> {
         }
     }
 
-    pub(crate) fn running(fut: F, handle: InFlight, completion: C) -> Self {
+    /// Runs `fut` for the request counted by `handle`, entering `span` on each poll.
+    #[inline]
+    pub(crate) fn running(fut: F, handle: InFlight, completion: C, span: tracing::Span) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
                 handle: Some(handle),
                 completion,
             },
-            span: tracing::Span::none(),
+            span,
         }
-    }
-
-    /// Enters `span` on each poll.
-    pub(crate) fn instrumented(mut self, span: tracing::Span) -> Self {
-        self.span = span;
-        self
     }
 }
 

@@ -14,6 +14,6 @@ mod layer;
 mod service;
 
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
-pub use future::ResponseFuture;
+pub use future::{EndpointCall, ResponseFuture};
 pub use layer::{BalancerLayer, RouteToEndpoint, Target};
 pub use service::Balancer;

@@ -1,10 +1,9 @@
 use std::task::{Context, Poll};
 
-use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
 use super::completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion};
-use super::future::ResponseFuture;
+use super::future::{EndpointCall, ResponseFuture};
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Error};
 use crate::hints::RequestHints;
@@ -20,9 +19,10 @@ use crate::strategy::Strategy;
 ///
 /// # Readiness
 ///
-/// `poll_ready` is always ready: the balancer has no capacity of its own, and the readiness of
-/// the picked endpoint's service is awaited inside the response future (as
-/// [`tower::util::Oneshot`] does). This lets clones of one balancer serve many connections at
+/// `poll_ready` is always ready: the balancer has no capacity of its own. The picked endpoint's
+/// service is asked for readiness with the request in hand: called at once when ready, and
+/// otherwise awaited inside the response future (see [`EndpointCall`]). This lets clones of one
+/// balancer serve many connections at
 /// once without a lock, and lets the endpoint be chosen with the request in hand (hash keys,
 /// stickiness, retries). When no endpoint is available the response future fails at once with
 /// [`Error::is_no_endpoint`]; it never waits for one to appear.
@@ -122,7 +122,7 @@ where
 {
     type Response = C::Output;
     type Error = Error;
-    type Future = ResponseFuture<Oneshot<S, Req>, C>;
+    type Future = ResponseFuture<EndpointCall<S, Req>, C>;
 
     #[inline]
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -158,13 +158,102 @@ where
                 if !span.is_disabled() {
                     span.record("endpoint", tracing::field::display(handle.candidate().id()));
                 }
-                ResponseFuture::running(service.oneshot(req), handle, self.completion.clone())
-                    .instrumented(span)
+                let call = {
+                    let _enter = span.enter();
+                    EndpointCall::new(service, req)
+                };
+                ResponseFuture::running(call, handle, self.completion.clone(), span)
             }
             None => {
                 span.in_scope(|| tracing::debug!("no endpoint available"));
                 ResponseFuture::failed(Error::no_endpoint())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    use tower_service::Service;
+
+    use super::Balancer;
+    use crate::strategy::RoundRobin;
+
+    /// A service that is not ready until `open` is set, and wakes its waiter then.
+    #[derive(Clone, Default)]
+    struct Gate {
+        state: Arc<Mutex<(bool, Option<Waker>)>>,
+    }
+
+    impl Gate {
+        fn open(&self) {
+            let mut s = self.state.lock().unwrap();
+            s.0 = true;
+            if let Some(w) = s.1.take() {
+                w.wake();
+            }
+        }
+    }
+
+    impl Service<http::Request<()>> for Gate {
+        type Response = &'static str;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<&'static str, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            let mut s = self.state.lock().unwrap();
+            if s.0 {
+                Poll::Ready(Ok(()))
+            } else {
+                s.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+
+        fn call(&mut self, _req: http::Request<()>) -> Self::Future {
+            assert!(self.state.lock().unwrap().0, "called before it was ready");
+            std::future::ready(Ok("served"))
+        }
+    }
+
+    #[test]
+    fn a_service_that_is_not_ready_gets_the_request_once_it_is() {
+        let gate = Gate::default();
+        let g = gate.clone();
+        let mut balancer = Balancer::new(["a"], RoundRobin::new(), move |_| g.clone());
+        let mut fut = pin!(balancer.call(http::Request::new(())));
+        let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waker = futures::task::waker(Arc::new(Flag(woken.clone())));
+        let mut cx = Context::from_waker(&waker);
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            balancer.pool().in_flight(),
+            1,
+            "waiting counts as in flight"
+        );
+        gate.open();
+        assert!(
+            woken.load(std::sync::atomic::Ordering::SeqCst),
+            "the real waker was registered"
+        );
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(v)) => assert_eq!(v, "served"),
+            other => panic!("expected the answer, got {other:?}"),
+        }
+        assert_eq!(balancer.pool().in_flight(), 0);
+    }
+
+    struct Flag(Arc<std::sync::atomic::AtomicBool>);
+
+    impl futures::task::ArcWake for Flag {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
