@@ -37,7 +37,7 @@ fn bounds(i: usize) -> (u64, u64) {
 }
 
 /// A fixed-size latency histogram made of atomics: recording is one `fetch_add` on a bucket
-/// (plus the count and the sum), with no lock and no allocation, so it can sit on the request
+/// and one on the running sum, with no lock and no allocation, so it can sit on the request
 /// path.
 ///
 /// Buckets are log-scale, four per power of two, from 1 µs up to about 36 minutes (below 1 µs
@@ -62,7 +62,6 @@ fn bounds(i: usize) -> (u64, u64) {
 /// ```
 pub struct LatencyHistogram {
     buckets: [AtomicU64; BUCKETS],
-    count: AtomicU64,
     sum_ns: AtomicU64,
 }
 
@@ -75,7 +74,7 @@ impl Default for LatencyHistogram {
 impl fmt::Debug for LatencyHistogram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LatencyHistogram")
-            .field("count", &self.count.load(Ordering::Relaxed))
+            .field("count", &self.count())
             .finish_non_exhaustive()
     }
 }
@@ -85,7 +84,6 @@ impl LatencyHistogram {
     pub fn new() -> Self {
         LatencyHistogram {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            count: AtomicU64::new(0),
             sum_ns: AtomicU64::new(0),
         }
     }
@@ -95,18 +93,17 @@ impl LatencyHistogram {
     pub fn record(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// Latencies recorded so far.
+    /// Latencies recorded so far (the sum of the buckets).
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
     /// A copy of the counts as plain numbers. Recording goes on meanwhile: a snapshot taken
-    /// under traffic may count a request in its bucket and not yet in the total, or the other
-    /// way round, so its [`count`](HistogramSnapshot::count) is the sum of its buckets.
+    /// under traffic may have a request in its bucket and not yet in the sum of latencies (so
+    /// in the [`mean`](HistogramSnapshot::mean)), or the other way round.
     pub fn snapshot(&self) -> HistogramSnapshot {
         let buckets: Vec<u64> = self
             .buckets
