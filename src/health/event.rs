@@ -72,7 +72,8 @@ pub enum HealthChange {
         /// How long the endpoint stays out, when outlier detection ejected it.
         duration: Option<Duration>,
     },
-    /// The ejection ended (its time ran out, or it was cleared by hand).
+    /// The ejection ended (its time ran out, it was cleared by hand, or an active check brought
+    /// the endpoint back up after it was down).
     Returned,
 }
 

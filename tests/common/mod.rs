@@ -433,7 +433,15 @@ pub mod fault {
     impl FaultServer {
         /// Starts a server named `name` on a free port of 127.0.0.1.
         pub fn start(name: &str, fault: Fault) -> FaultServer {
-            let listener = bind_at("127.0.0.1:0".parse().expect("addr"));
+            Self::serve(name, bind_at("127.0.0.1:0".parse().expect("addr")), fault)
+        }
+
+        /// Starts a server named `name` on `addr` (a backend that turns faulty on its port).
+        pub async fn start_at(name: &str, addr: SocketAddr, fault: Fault) -> FaultServer {
+            Self::serve(name, rebind(addr).await, fault)
+        }
+
+        fn serve(name: &str, listener: TcpListener, fault: Fault) -> FaultServer {
             let addr = listener.local_addr().expect("local addr");
             let hits = Arc::new(AtomicU64::new(0));
             let h = hits.clone();
