@@ -5,7 +5,9 @@ use crate::hash::mix64;
 /// Maglev consistent hashing (Eisenbud et al., NSDI 2016), weighted.
 ///
 /// Each snapshot fills a lookup table of prime size `M` (by default the first prime at or above
-/// `max(65 537, 100 n)`): every endpoint walks its own permutation of the slots, derived from
+/// `max(65 537, 20 n)`, so small pools get at least a hundred slots per endpoint and large
+/// ones about twenty, which keeps the table in cache: two bytes a slot below 65 536
+/// endpoints): every endpoint walks its own permutation of the slots, derived from
 /// the stable hash of its id, and claims free slots in turn, as often as its weight allows. A
 /// request's hash key (see [`PickContext::with_hash`]) picks slot `key mod M`: one table read,
 /// O(1), no lock, no allocation. Requests without a key get a random slot.
@@ -21,8 +23,11 @@ pub struct Maglev {
 }
 
 impl Maglev {
-    /// The largest table built; pools over `MAX_TABLE / 100` endpoints get fewer slots each.
+    /// The largest table built by default; larger pools get fewer than 20 slots each.
     pub const MAX_TABLE: usize = 4_194_301;
+    /// Slots per endpoint in the default size of large pools (small pools get more, up to
+    /// [`Maglev::MIN_TABLE`]).
+    pub const SLOTS_PER_ENDPOINT: usize = 20;
     /// The smallest table built by default.
     pub const MIN_TABLE: usize = 65_537;
 
@@ -66,13 +71,37 @@ fn next_prime(mut n: usize) -> usize {
 /// The per-snapshot state of [`Maglev`]: the lookup table of candidate indices.
 #[derive(Debug)]
 pub struct MaglevTable {
-    slots: Vec<u32>,
+    slots: Slots,
+}
+
+/// Candidate indices, two bytes each while they fit (half the cache footprint).
+#[derive(Debug)]
+enum Slots {
+    Narrow(Vec<u16>),
+    Wide(Vec<u32>),
 }
 
 impl MaglevTable {
-    /// The table: `slots()[key % len]` is the candidate index for `key`.
-    pub fn slots(&self) -> &[u32] {
-        &self.slots
+    /// The number of slots (a prime).
+    pub fn len(&self) -> usize {
+        match &self.slots {
+            Slots::Narrow(s) => s.len(),
+            Slots::Wide(s) => s.len(),
+        }
+    }
+
+    /// Whether the table has no slot (never: a table is built for at least one endpoint).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The candidate index in slot `i` (`i < len()`).
+    #[inline]
+    pub fn slot(&self, i: usize) -> usize {
+        match &self.slots {
+            Slots::Narrow(s) => s[i] as usize,
+            Slots::Wide(s) => s[i] as usize,
+        }
     }
 }
 
@@ -86,7 +115,9 @@ impl Strategy for Maglev {
         let n = candidates.len();
         let m = next_prime(
             self.table_size
-                .unwrap_or_else(|| (100 * n).clamp(Self::MIN_TABLE, Self::MAX_TABLE))
+                .unwrap_or_else(|| {
+                    (Self::SLOTS_PER_ENDPOINT * n).clamp(Self::MIN_TABLE, Self::MAX_TABLE)
+                })
                 .max(n)
                 .max(2),
         );
@@ -129,6 +160,11 @@ impl Strategy for Maglev {
                 }
             }
         }
+        let slots = if n <= usize::from(u16::MAX) {
+            Slots::Narrow(slots.into_iter().map(|i| i as u16).collect())
+        } else {
+            Slots::Wide(slots)
+        };
         MaglevTable { slots }
     }
 
@@ -140,15 +176,15 @@ impl Strategy for Maglev {
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let key = ctx.hash().unwrap_or_else(fast_rand::u64);
-        let m = t.slots.len();
+        let m = t.len();
         let slot = (key % m as u64) as usize;
-        let idx = t.slots[slot] as usize;
+        let idx = t.slot(slot);
         if ctx.allows(&candidates[idx]) {
             return Some(idx);
         }
         // Consistent second choice: the next slots of the table, in order.
         (1..m)
-            .map(|k| t.slots[(slot + k) % m] as usize)
+            .map(|k| t.slot((slot + k) % m))
             .find(|&i| ctx.allows(&candidates[i]))
             .or_else(|| next_allowed(candidates, ctx, idx))
     }

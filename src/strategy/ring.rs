@@ -57,13 +57,50 @@ impl Ring {
 /// The per-snapshot state of [`Ring`]: the sorted points.
 #[derive(Debug)]
 pub struct RingState {
-    points: Vec<(u64, u32)>,
+    /// Point positions, sorted.
+    positions: Vec<u64>,
+    /// The candidate index of each point, in the same order.
+    owners: Vec<u32>,
+    /// `buckets[b]` is the first point whose position's top bits are `b` or more, so that a
+    /// search only looks among the few points of the key's bucket, not the whole ring (which
+    /// for large pools does not fit in cache).
+    buckets: Vec<u32>,
+    /// How far a position is shifted to get its bucket (64 minus the bucket bits).
+    shift: u32,
 }
 
+/// At most this many bits of a position pick its bucket (65 536 buckets).
+const MAX_BUCKET_BITS: u32 = 16;
+
 impl RingState {
-    /// The ring's points, sorted: `(position, candidate index)`.
-    pub fn points(&self) -> &[(u64, u32)] {
-        &self.points
+    /// The number of points on the ring.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether the ring has no point (never: a ring is built for at least one endpoint).
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The ring's points in order: `(position, candidate index)`.
+    pub fn points(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.positions
+            .iter()
+            .zip(&self.owners)
+            .map(|(&p, &o)| (p, o as usize))
+    }
+
+    /// The first point at or after `key`, wrapping to 0.
+    #[inline]
+    fn first_at(&self, key: u64) -> usize {
+        let b = (key >> self.shift) as usize;
+        let lo = self.buckets[b] as usize;
+        let hi = self
+            .buckets
+            .get(b + 1)
+            .map_or(self.positions.len(), |&h| h as usize);
+        lo + self.positions[lo..hi].partition_point(|&p| p < key)
     }
 }
 
@@ -100,7 +137,26 @@ impl Strategy for Ring {
                     .cmp(candidates[b.1 as usize].id())
             })
         });
-        RingState { points }
+        let positions: Vec<u64> = points.iter().map(|p| p.0).collect();
+        let owners: Vec<u32> = points.iter().map(|p| p.1).collect();
+        // About one bucket per point: a bucket holds a point or two on average.
+        let bits = (usize::BITS - positions.len().leading_zeros()).clamp(1, MAX_BUCKET_BITS);
+        let shift = 64 - bits;
+        let mut buckets = Vec::with_capacity(1 << bits);
+        let mut at = 0usize;
+        for b in 0..(1u64 << bits) {
+            let from = b << shift;
+            while at < positions.len() && positions[at] < from {
+                at += 1;
+            }
+            buckets.push(at as u32);
+        }
+        RingState {
+            positions,
+            owners,
+            buckets,
+            shift,
+        }
     }
 
     fn pick(
@@ -110,13 +166,13 @@ impl Strategy for Ring {
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let key = ctx.hash().unwrap_or_else(fast_rand::u64);
-        let len = s.points.len();
-        let start = s.points.partition_point(|p| p.0 < key);
+        let len = s.len();
+        let start = s.first_at(key);
         let n = candidates.len() as f64;
         let mut limit: Option<f64> = None;
         let mut first_allowed = None;
         for k in 0..len {
-            let idx = s.points[(start + k) % len].1 as usize;
+            let idx = s.owners[(start + k) % len] as usize;
             let c = &candidates[idx];
             if !ctx.allows(c) {
                 continue;
@@ -148,5 +204,31 @@ impl Strategy for Ring {
 
     fn name(&self) -> &'static str {
         "ring"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Pool;
+
+    #[test]
+    fn the_bucket_index_finds_what_a_full_search_finds() {
+        for n in [1usize, 3, 50, 700] {
+            let pool = Pool::new(Ring::new(), |_: &crate::Endpoint| ());
+            pool.extend((0..n).map(|i| crate::Endpoint::new(format!("ep-{i}"))));
+            let snap = pool.snapshot();
+            let ring = Ring::new().prepare(snap.eligible());
+            for i in 0..20_000u64 {
+                let key = mix64(i);
+                let full = ring.positions.partition_point(|&p| p < key);
+                assert_eq!(ring.first_at(key), full, "n = {n}, key = {key:#x}");
+            }
+            assert_eq!(ring.first_at(0), 0);
+            assert_eq!(
+                ring.first_at(u64::MAX),
+                ring.positions.partition_point(|&p| p < u64::MAX)
+            );
+        }
     }
 }
