@@ -146,6 +146,34 @@ impl Scenario {
     ///
     /// Runs on a thread of its own (and so may be called from async code, which it blocks
     /// until the run ends).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use lbkit::sim::{Latency, Scenario, SimEndpoint, SimService};
+    /// use tower::balance::p2c::Balance;
+    /// use tower::discover::ServiceList;
+    /// use tower::load::{CompleteOnResponse, PendingRequestsDiscover};
+    ///
+    /// /// Tower's default generator is seeded by the OS: seed one for repeatable runs.
+    /// struct Counter(u64);
+    /// impl tower::util::rng::Rng for Counter {
+    ///     fn next_u64(&mut self) -> u64 {
+    ///         self.0 += 1;
+    ///         lbkit::hash::mix64(self.0)
+    ///     }
+    /// }
+    ///
+    /// let latency = Latency::exponential(Duration::from_millis(10));
+    /// let scenario = Scenario::new("tower")
+    ///     .endpoints((0..3).map(|i| SimEndpoint::new(format!("e{i}"), latency)));
+    /// let report = scenario.run_service("tower p2c", |services: Vec<SimService>| {
+    ///     let discover =
+    ///         PendingRequestsDiscover::new(ServiceList::new(services), CompleteOnResponse::default());
+    ///     Balance::from_rng(discover, Counter(scenario.get_seed()))
+    /// });
+    /// assert_eq!(report.requests, 1_000);
+    /// assert_eq!(report.endpoints.iter().map(|e| e.requests).sum::<u64>(), 1_000);
+    /// ```
     pub fn run_service<F, Svc>(&self, label: &str, make: F) -> Report
     where
         F: FnOnce(Vec<SimService>) -> Svc + Send,
