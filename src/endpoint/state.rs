@@ -57,7 +57,6 @@ impl std::fmt::Debug for PoolShared {
 #[derive(Debug)]
 pub struct EndpointState {
     in_flight: AtomicU64,
-    requests: AtomicU64,
     errors: AtomicU64,
     /// Peak-EWMA of the round trip time in nanoseconds, stored as `f64` bits.
     ewma_ns: AtomicU64,
@@ -107,7 +106,6 @@ impl EndpointState {
     pub(crate) fn new(default_rtt: Duration, decay: Duration, shared: Arc<PoolShared>) -> Self {
         EndpointState {
             in_flight: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             ewma_ns: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
             ewma_at: AtomicU64::new(clock_ns(now())),
@@ -131,9 +129,14 @@ impl EndpointState {
         self.shared.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Requests sent to this endpoint since it joined the pool.
+    /// Requests sent to this endpoint since it joined the pool: those finished (counted in the
+    /// latency histogram) and those in flight. No counter of its own is kept for it, one atomic
+    /// operation less per request; read while requests finish, it may count one of them twice.
     pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
+        // In flight first: a request that finishes between the two reads is then seen in both
+        // rather than in neither (it is recorded before it leaves the in-flight count).
+        let in_flight = self.in_flight();
+        self.latency.count() + in_flight
     }
 
     /// Requests to this endpoint that ended in an error.
@@ -272,12 +275,13 @@ impl EndpointState {
     pub(crate) fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one request as ended after `rtt`, feeding the latency estimate and the
     /// consecutive failure count of outlier detection.
     pub(crate) fn finish(&self, rtt: Duration, now: Instant, failed: bool) {
+        // Recorded before it leaves the in-flight count, so `requests()` never misses it.
+        self.latency.record(rtt);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         if failed {
@@ -292,12 +296,12 @@ impl EndpointState {
             // Read first: a healthy endpoint's counter stays 0 and its cache line clean.
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
-        self.latency.record(rtt);
         let now_ns = clock_ns(now);
         let rtt = rtt.as_nanos() as f64;
         // Racing completions may each read the same previous estimate; one of their updates
         // then wins. The estimate stays a valid EWMA either way, which is all picking needs.
-        let prev_at = self.ewma_at.swap(now_ns, Ordering::Relaxed);
+        let prev_at = self.ewma_at.load(Ordering::Relaxed);
+        self.ewma_at.store(now_ns, Ordering::Relaxed);
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let next = if rtt > prev {
             // Peak sensitivity: a slow response raises the estimate at once.
