@@ -66,6 +66,7 @@ use std::time::{Duration, Instant};
 use futures::future::{self, Either};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::rdata::SRV;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{Name, ResolveError, TokioResolver};
 use tokio::sync::watch;
@@ -438,15 +439,7 @@ async fn resolve_srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Dns
         .map_err(|e| DnsError::from_resolve(name, e))?;
     let mut valid_until = srv.as_lookup().valid_until();
 
-    let mut skipped = 0usize;
-    let mut records = Vec::new();
-    for record in srv.iter() {
-        if record.port() == 0 || record.target().is_root() {
-            skipped += 1;
-        } else {
-            records.push(record);
-        }
-    }
+    let (records, skipped) = usable_srv(srv.iter());
     if records.is_empty() && skipped == 0 {
         return Err(DnsError::new(Kind::Empty, name));
     }
@@ -480,6 +473,28 @@ async fn resolve_srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Dns
         }
     }
 
+    let set = srv_set(&records, &addrs);
+    finish(name, set, skipped, ttl_until(valid_until))
+}
+
+/// The SRV records that offer a service, and how many say "no service here" (port 0, or the
+/// target `"."`).
+fn usable_srv<'a>(records: impl IntoIterator<Item = &'a SRV>) -> (Vec<&'a SRV>, usize) {
+    let mut skipped = 0usize;
+    let mut usable = Vec::new();
+    for record in records {
+        if record.port() == 0 || record.target().is_root() {
+            skipped += 1;
+        } else {
+            usable.push(record);
+        }
+    }
+    (usable, skipped)
+}
+
+/// The endpoints of usable SRV `records`, given the usable addresses of each target (a target
+/// missing from `addrs` did not resolve).
+fn srv_set(records: &[&SRV], addrs: &HashMap<&Name, Vec<IpAddr>>) -> EndpointSet {
     // Tiers rank the priorities that gave at least one address.
     let live: Vec<_> = records
         .iter()
@@ -500,7 +515,37 @@ async fn resolve_srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Dns
             );
         }
     }
-    finish(name, set, skipped, ttl_until(valid_until))
+    set
+}
+
+/// What SRV discovery makes of an answer, without any lookup: the endpoints of the SRV
+/// `records` of `name`, given the addresses each target resolved to (a target missing from
+/// `addrs` did not resolve), or the error that keeps a pool as it is. Unspecified and
+/// multicast addresses are skipped, as in a lookup.
+///
+/// Pure and deterministic: for fuzzing and tests of the answer handling (`fuzz/`), not a
+/// stable API.
+#[doc(hidden)]
+pub fn srv_endpoints(
+    name: &str,
+    records: &[SRV],
+    addrs: &HashMap<Name, Vec<IpAddr>>,
+) -> Result<Vec<Endpoint>, DnsError> {
+    let (records, skipped) = usable_srv(records);
+    if records.is_empty() && skipped == 0 {
+        return Err(DnsError::new(Kind::Empty, name));
+    }
+    let addrs: HashMap<&Name, Vec<IpAddr>> = addrs
+        .iter()
+        .map(|(target, ips)| {
+            (
+                target,
+                ips.iter().copied().filter(|ip| !unusable(ip)).collect(),
+            )
+        })
+        .collect();
+    let set = srv_set(&records, &addrs);
+    finish(name, set, skipped, Duration::ZERO).map(|answer| answer.endpoints)
 }
 
 /// A good answer, or the error that says why there is none.
