@@ -61,19 +61,19 @@ pub mod hash;
 pub mod health;
 pub mod hints;
 pub mod key;
-pub mod pool;
-pub mod proxy;
-#[cfg(feature = "cookie")]
-#[cfg_attr(docsrs, doc(cfg(feature = "cookie")))]
-pub mod sticky;
-pub mod stats;
-pub mod strategy;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
+pub mod pool;
+pub mod proxy;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
+pub mod stats;
+#[cfg(feature = "cookie")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cookie")))]
+pub mod sticky;
+pub mod strategy;
 
 pub use balance::{Balancer, BalancerLayer};
 pub use endpoint::{Endpoint, EndpointId, Tier};
