@@ -52,7 +52,9 @@ struct Config {
 /// Errors are [`ForwardError`]s telling a refused connection, a timeout and other failures
 /// apart; [`ErrorResponseLayer`](super::ErrorResponseLayer) turns them into 502/503/504.
 pub struct Forward<B> {
-    client: Client<HttpConnector, B>,
+    // Behind one `Arc`: the balancer clones an endpoint's service for every request, and a
+    // hyper-util client is several reference counts of its own.
+    client: Arc<Client<HttpConnector, B>>,
     config: Arc<Config>,
 }
 
@@ -106,7 +108,7 @@ where
             .set_host(false)
             .build(connector);
         Forward {
-            client,
+            client: Arc::new(client),
             config: Arc::new(Config {
                 forwarded: ForwardedHeaders::default(),
                 proto: "http",
