@@ -56,7 +56,7 @@ fn endpoint(i: usize, weighted: bool) -> Endpoint {
     ));
     if weighted {
         // Weights 1 to 10, so weighted round robin needs a real schedule.
-        e.weight(1 + (i % 10) as u32)
+        e.with_weight(1 + (i % 10) as u32)
     } else {
         e
     }

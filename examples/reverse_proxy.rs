@@ -121,7 +121,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         for n in 1..=3 {
             let addr = spawn_backend(n).await?;
             let weight = if n == 1 { 2 } else { 1 };
-            endpoints.push(Endpoint::from(addr).weight(weight));
+            endpoints.push(Endpoint::from(addr).with_weight(weight));
             tracing::info!(backend = n, %addr, weight, "demo backend listening");
         }
     } else {

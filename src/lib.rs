@@ -31,7 +31,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! // Three endpoints, weighted 2:1:1; each endpoint's service says who it is.
-//! let endpoints = [Endpoint::new("a").weight(2), Endpoint::new("b"), Endpoint::new("c")];
+//! let endpoints = [Endpoint::new("a").with_weight(2), Endpoint::new("b"), Endpoint::new("c")];
 //! let balancer = Balancer::new(endpoints, RoundRobin::new(), |ep: &Endpoint| {
 //!     let id = ep.id().clone();
 //!     service_fn(move |_req: http::Request<()>| {

@@ -118,7 +118,7 @@ fn pool<St: Strategy>(strategy: St, n: usize, weighted: bool) -> Pool<Noop, St> 
     pool.extend((0..n).map(|i| {
         let e = Endpoint::new(format!("10.0.{}.{}:8080", i / 256, i % 256));
         if weighted {
-            e.weight(1 + (i % 5) as u32)
+            e.with_weight(1 + (i % 5) as u32)
         } else {
             e
         }

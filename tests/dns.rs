@@ -277,7 +277,7 @@ async fn pool_follows_a_and_aaaa_records() {
         .await;
         let kept = pool.state(&"127.0.0.11:8080".into()).unwrap();
         for (e, _) in pool.endpoints() {
-            assert_eq!((e.get_weight(), e.get_tier()), (1, Tier::PRIMARY));
+            assert_eq!((e.weight(), e.tier()), (1, Tier::PRIMARY));
         }
 
         // One address leaves, one joins, and an AAAA record appears.
@@ -343,7 +343,7 @@ async fn srv_records_give_ports_weights_and_tiers() {
         ];
         let described = |eps: &[Endpoint]| -> Vec<(String, u32, Tier)> {
             eps.iter()
-                .map(|e| (e.id().to_string(), e.get_weight(), e.get_tier()))
+                .map(|e| (e.id().to_string(), e.weight(), e.tier()))
                 .collect()
         };
         let want: Vec<(String, u32, Tier)> = want

@@ -161,7 +161,7 @@ impl Backend {
     }
 
     fn endpoint(&self) -> Endpoint {
-        Endpoint::new(self.name.as_str()).addr(self.addr)
+        Endpoint::new(self.name.as_str()).with_addr(self.addr)
     }
 
     fn hits(&self) -> u64 {
@@ -655,7 +655,7 @@ async fn backups_take_over_when_primaries_are_down_and_hand_back() {
         let bal = balancer::<Full<Bytes>>([
             p0.endpoint(),
             p1.endpoint(),
-            backup.endpoint().tier(Tier::BACKUP),
+            backup.endpoint().with_tier(Tier::BACKUP),
         ]);
         let pool = bal.pool().clone();
         let svc = FailoverLayer::new(RetryBudget::default()).layer(bal);

@@ -826,7 +826,7 @@ async fn slow_start_ramps_new_endpoints_and_stops_cleanly() {
     let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
     pool.extend(["a", "b"].map(Endpoint::new));
     let slow = SlowStart::new(Duration::from_secs(60)).spawn(&pool);
-    pool.insert(Endpoint::new("c").weight(2));
+    pool.insert(Endpoint::new("c").with_weight(2));
     let snap = pool.snapshot();
     let w: Vec<_> = snap.eligible().iter().map(|c| c.weight()).collect();
     assert_eq!(

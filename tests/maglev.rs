@@ -151,9 +151,9 @@ fn weighted_maglev_shares_follow_weights() {
     let p = pool(
         Maglev::new(),
         [
-            Endpoint::new("w1").weight(1),
-            Endpoint::new("w2").weight(2),
-            Endpoint::new("w3").weight(3),
+            Endpoint::new("w1").with_weight(1),
+            Endpoint::new("w2").with_weight(2),
+            Endpoint::new("w3").with_weight(3),
         ],
     );
     let owners = owners(&p);

@@ -186,7 +186,7 @@ fn writer(pool: RacePool, shared: Arc<Shared>) {
         pool.update(|c| {
             for _ in 0..add {
                 let weight = 1 + (rand() % 5) as u32;
-                c.insert(Endpoint::new(id_of(next)).weight(weight));
+                c.insert(Endpoint::new(id_of(next)).with_weight(weight));
                 added.push(next);
                 next += 1;
             }

@@ -79,7 +79,7 @@ async fn stats_count_errors_of_a_dead_endpoint() {
     within(LIMIT, async {
         let servers = start_servers(2).await;
         let mut eps = endpoints(&servers);
-        eps.push(Endpoint::new("dead").addr(dead_addr().await));
+        eps.push(Endpoint::new("dead").with_addr(dead_addr().await));
         let balancer = balancer(eps, RoundRobin::new());
         let mut failed = 0;
         for _ in 0..30 {
@@ -176,7 +176,7 @@ async fn stats_follow_health_marks_and_slow_start() {
         // others keep theirs (in the unit of the configured weight, not the ramp's scale).
         let _ramp = SlowStart::new(Duration::from_secs(60)).spawn(pool);
         let extra = common::start_server("s3").await;
-        pool.insert(extra.endpoint().weight(2));
+        pool.insert(extra.endpoint().with_weight(2));
         let stats = pool.stats();
         let s3 = stats.endpoint("s3").unwrap();
         assert!(s3.warming_up && s3.eligible);
@@ -420,7 +420,7 @@ async fn metrics_export_the_documented_names_and_labels() {
     within(LIMIT, async {
         let servers = start_servers(2).await;
         let mut eps = endpoints(&servers);
-        eps.push(Endpoint::new("dead").addr(dead_addr().await));
+        eps.push(Endpoint::new("dead").with_addr(dead_addr().await));
         let balancer = balancer(eps, RoundRobin::new());
         for _ in 0..9 {
             let _ = ask(&balancer).await;

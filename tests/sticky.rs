@@ -91,7 +91,7 @@ impl Server {
     }
 
     fn endpoint(&self) -> Endpoint {
-        Endpoint::new(self.name.as_str()).addr(self.addr)
+        Endpoint::new(self.name.as_str()).with_addr(self.addr)
     }
 
     fn hits(&self) -> u64 {

@@ -39,7 +39,7 @@ async fn smooth_weighted_round_robin_5_1_1() {
     within(LIMIT, async {
         let servers = start_servers(3).await;
         let eps = [
-            servers[0].endpoint().weight(5),
+            servers[0].endpoint().with_weight(5),
             servers[1].endpoint(),
             servers[2].endpoint(),
         ];
@@ -285,7 +285,7 @@ async fn no_endpoint_fails_at_once() {
 async fn dead_backend_is_an_endpoint_error() {
     within(LIMIT, async {
         let dead = dead_addr().await;
-        let b = balancer([Endpoint::new("dead").addr(dead)], RoundRobin::new());
+        let b = balancer([Endpoint::new("dead").with_addr(dead)], RoundRobin::new());
         let err = ask(&b).await.expect_err("nothing listens there");
         println!("error: {err} (source: {:?})", err.source());
         assert!(err.is_endpoint() && !err.is_no_endpoint(), "{err:?}");
@@ -309,7 +309,7 @@ async fn backup_tier_takes_over_only_while_primaries_are_down() {
         let eps = [
             servers[0].endpoint(),
             servers[1].endpoint(),
-            servers[2].endpoint().tier(Tier::BACKUP),
+            servers[2].endpoint().with_tier(Tier::BACKUP),
         ];
         let b = balancer(eps, RoundRobin::new());
         let pool = b.pool();

@@ -23,7 +23,7 @@ fn pool(strategy: AnyStrategy, weights: &[u32]) -> TestPool {
         weights
             .iter()
             .enumerate()
-            .map(|(i, &w)| Endpoint::new(format!("e{i}")).weight(w)),
+            .map(|(i, &w)| Endpoint::new(format!("e{i}")).with_weight(w)),
     );
     pool
 }

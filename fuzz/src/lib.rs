@@ -342,7 +342,7 @@ pub fn dns_srv(data: &[u8]) {
                 .map(|e| {
                     let sa = e.socket_addr().expect("an address");
                     assert_eq!(e.id().as_str(), sa.to_string());
-                    (sa, e.get_tier().0, e.get_weight())
+                    (sa, e.tier().0, e.weight())
                 })
                 .collect();
             assert!(!got.is_empty(), "a good answer without endpoints");

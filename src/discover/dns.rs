@@ -397,8 +397,8 @@ impl EndpointSet {
             .into_iter()
             .map(|(addr, (tier, weight))| {
                 Endpoint::from(addr)
-                    .weight(weight.clamp(1, Endpoint::MAX_WEIGHT))
-                    .tier(Tier(tier))
+                    .with_weight(weight.clamp(1, Endpoint::MAX_WEIGHT))
+                    .with_tier(Tier(tier))
             })
             .collect()
     }
@@ -786,9 +786,9 @@ mod tests {
         set.add(addr("10.0.0.3:80"), 0, 70_000);
         let eps = set.into_endpoints();
         assert_eq!(eps.len(), 3);
-        assert_eq!((eps[0].get_tier(), eps[0].get_weight()), (Tier::PRIMARY, 5));
-        assert_eq!(eps[1].get_weight(), 1, "weight 0 counts as 1");
-        assert_eq!(eps[2].get_weight(), Endpoint::MAX_WEIGHT);
+        assert_eq!((eps[0].tier(), eps[0].weight()), (Tier::PRIMARY, 5));
+        assert_eq!(eps[1].weight(), 1, "weight 0 counts as 1");
+        assert_eq!(eps[2].weight(), Endpoint::MAX_WEIGHT);
     }
 
     #[test]

@@ -101,11 +101,11 @@ impl Tier {
 /// ```
 /// use lbkit::endpoint::{Endpoint, Tier};
 ///
-/// let a = Endpoint::from("127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()).weight(5);
-/// let b = Endpoint::new("spare").tier(Tier::BACKUP);
+/// let a = Endpoint::from("127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()).with_weight(5);
+/// let b = Endpoint::new("spare").with_tier(Tier::BACKUP);
 /// assert_eq!(a.id().as_str(), "127.0.0.1:8080");
-/// assert_eq!(a.get_weight(), 5);
-/// assert_eq!(b.get_tier(), Tier::BACKUP);
+/// assert_eq!(a.weight(), 5);
+/// assert_eq!(b.tier(), Tier::BACKUP);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -130,20 +130,20 @@ impl Endpoint {
     }
 
     /// Sets the socket address the endpoint's service connects to.
-    pub fn addr(mut self, addr: SocketAddr) -> Self {
+    pub fn with_addr(mut self, addr: SocketAddr) -> Self {
         self.addr = Some(addr);
         self
     }
 
     /// Sets the weight (relative share of traffic). A weight of 0 takes the endpoint out of
     /// rotation without removing it; weights above [`Endpoint::MAX_WEIGHT`] are clamped.
-    pub fn weight(mut self, weight: u32) -> Self {
+    pub fn with_weight(mut self, weight: u32) -> Self {
         self.weight = weight.min(Self::MAX_WEIGHT);
         self
     }
 
     /// Sets the tier.
-    pub fn tier(mut self, tier: Tier) -> Self {
+    pub fn with_tier(mut self, tier: Tier) -> Self {
         self.tier = tier;
         self
     }
@@ -159,12 +159,12 @@ impl Endpoint {
     }
 
     /// The endpoint's configured weight.
-    pub fn get_weight(&self) -> u32 {
+    pub fn weight(&self) -> u32 {
         self.weight
     }
 
     /// The endpoint's tier.
-    pub fn get_tier(&self) -> Tier {
+    pub fn tier(&self) -> Tier {
         self.tier
     }
 }
@@ -172,7 +172,7 @@ impl Endpoint {
 impl From<SocketAddr> for Endpoint {
     /// An endpoint whose id is the address's text and whose address is `addr`.
     fn from(addr: SocketAddr) -> Self {
-        Endpoint::new(addr).addr(addr)
+        Endpoint::new(addr).with_addr(addr)
     }
 }
 
@@ -180,7 +180,7 @@ impl From<&str> for Endpoint {
     /// An endpoint named `id`; when `id` parses as a socket address, it is also the address.
     fn from(id: &str) -> Self {
         match id.parse::<SocketAddr>() {
-            Ok(addr) => Endpoint::new(id).addr(addr),
+            Ok(addr) => Endpoint::new(id).with_addr(addr),
             Err(_) => Endpoint::new(id),
         }
     }

@@ -255,7 +255,7 @@ impl<S> Changes<'_, S> {
         let Some(m) = self.members.get(id) else {
             return false;
         };
-        let updated = (*m.endpoint).clone().weight(weight);
+        let updated = (*m.endpoint).clone().with_weight(weight);
         self.insert(updated);
         true
     }

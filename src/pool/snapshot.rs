@@ -79,17 +79,17 @@ impl<S, T> Snapshot<S, T> {
         St: Strategy<State = T>,
         S: Clone + 'a,
     {
-        let in_rotation = |e: &Endpoint| e.get_weight() > 0;
+        let in_rotation = |e: &Endpoint| e.weight() > 0;
         // The lowest tier with a healthy endpoint in rotation.
         let tier = members
             .clone()
             .filter(|(e, s, _)| in_rotation(e) && s.is_healthy())
-            .map(|(e, _, _)| e.get_tier())
+            .map(|(e, _, _)| e.tier())
             .min();
         // Panic: too few of that tier's endpoints are healthy; spread over all of them.
         let (mut in_tier, mut healthy) = (0usize, 0usize);
         for (e, s, _) in members.clone() {
-            if Some(e.get_tier()) == tier && in_rotation(e) {
+            if Some(e.tier()) == tier && in_rotation(e) {
                 in_tier += 1;
                 healthy += usize::from(s.is_healthy());
             }
@@ -100,7 +100,7 @@ impl<S, T> Snapshot<S, T> {
         for m in members {
             total += 1;
             let (e, s, _) = m;
-            if Some(e.get_tier()) == tier && in_rotation(e) && (panic || s.is_healthy()) {
+            if Some(e.tier()) == tier && in_rotation(e) && (panic || s.is_healthy()) {
                 let share = match (options.slow_start, s.ramp_start()) {
                     (Some(ss), Some(from)) => {
                         ss.share_after(Duration::from_nanos(options.now_ns.saturating_sub(from)))
@@ -115,9 +115,9 @@ impl<S, T> Snapshot<S, T> {
         let mut services = Vec::with_capacity(picked.len());
         for ((e, s, svc), share) in picked {
             let weight = if ramping {
-                ramped_weight(e.get_weight(), share)
+                ramped_weight(e.weight(), share)
             } else {
-                e.get_weight()
+                e.weight()
             };
             eligible.push(Candidate::new(e.clone(), s.clone(), weight));
             services.push(svc.clone());

@@ -74,13 +74,13 @@ impl SimEndpoint {
 
     /// Sets its weight in the pool.
     pub fn weight(mut self, weight: u32) -> Self {
-        self.endpoint = self.endpoint.weight(weight);
+        self.endpoint = self.endpoint.with_weight(weight);
         self
     }
 
     /// Sets its tier in the pool.
     pub fn tier(mut self, tier: Tier) -> Self {
-        self.endpoint = self.endpoint.tier(tier);
+        self.endpoint = self.endpoint.with_tier(tier);
         self
     }
 

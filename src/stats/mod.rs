@@ -146,7 +146,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         // While an endpoint ramps up, the snapshot's weights are on a scale ten times larger.
         let scaled = eligible
             .iter()
-            .any(|c| c.weight() != c.endpoint().get_weight() || c.state().is_warming_up());
+            .any(|c| c.weight() != c.endpoint().weight() || c.state().is_warming_up());
         let scale = if scaled {
             f64::from(crate::health::slow_start::RAMP_SCALE)
         } else {
@@ -173,11 +173,11 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
                     health_changed: state
                         .health_changed_ns()
                         .map(|at| Duration::from_nanos(now_ns.saturating_sub(at))),
-                    weight: endpoint.get_weight(),
+                    weight: endpoint.weight(),
                     effective_weight: position
                         .map_or(0.0, |i| f64::from(eligible[i].weight()) / scale),
                     warming_up: state.is_warming_up(),
-                    tier: endpoint.get_tier(),
+                    tier: endpoint.tier(),
                     eligible: position.is_some(),
                 }
             })

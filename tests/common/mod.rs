@@ -66,7 +66,7 @@ impl TestServer {
 
     /// An endpoint named after the server, at its address.
     pub fn endpoint(&self) -> Endpoint {
-        Endpoint::new(self.name.as_str()).addr(self.addr)
+        Endpoint::new(self.name.as_str()).with_addr(self.addr)
     }
 
     /// Requests received so far (counted when they arrive, before any delay).
@@ -465,7 +465,7 @@ pub mod fault {
 
         /// An endpoint named after the server, at its address.
         pub fn endpoint(&self) -> Endpoint {
-            Endpoint::new(self.name.as_str()).addr(self.addr)
+            Endpoint::new(self.name.as_str()).with_addr(self.addr)
         }
 
         /// Request heads read so far.
