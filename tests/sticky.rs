@@ -337,6 +337,44 @@ async fn killed_endpoint_fails_over_and_the_cookie_follows() {
 /// Tampered, garbled, truncated, foreign, non-UTF-8, empty and oversized cookies are ignored:
 /// the request is balanced as if it had none, and gets a fresh, valid cookie. A cookie sealed
 /// with another key cannot steer requests to the endpoint it names.
+/// Rotating the key: a layer with a new key that accepts the old one keeps old cookies' clients
+/// where they were and re-seals their cookies with the new key; without the old key they would
+/// be re-balanced.
+#[tokio::test]
+async fn a_rotated_key_keeps_clients_in_place_and_reseals_their_cookies() {
+    within(Duration::from_secs(30), async {
+        let servers = Server::start_n(3).await;
+        let bal = balancer(servers.iter().map(Server::endpoint), RoundRobin::new());
+        let old_key = StickyKey::from_bytes(*b"a test key, 32 bytes, not secret");
+        let new_key = StickyKey::from_bytes(*b"the next key, also 32 bytes long");
+        let old = StickyLayer::cookie("lb", old_key.clone()).layer(bal.clone());
+        let rotated = StickyLayer::cookie("lb", new_key.clone())
+            .accept_previous_key(old_key)
+            .layer(bal.clone());
+        let new_only = StickyLayer::cookie("lb", new_key.clone());
+
+        let first = send(&old, None, |_| {}).await;
+        let old_cookie = first.set_cookie.expect("a cookie from the old key");
+        for _ in 0..10 {
+            let a = send(&rotated, cookie(&old_cookie), |_| {}).await;
+            assert_eq!(a.server, first.server, "the client stays on its endpoint");
+            let resealed = a.set_cookie.expect("the old cookie is replaced");
+            assert_eq!(
+                new_only.open(resealed.as_bytes()).map(|id| id.to_string()),
+                Some(first.server.clone()),
+                "the new cookie is sealed with the new key"
+            );
+            // With the re-sealed cookie, no cookie is set again.
+            let b = send(&rotated, cookie(&resealed), |_| {}).await;
+            assert_eq!(b.server, first.server);
+            assert!(b.set_cookie.is_none());
+        }
+        // A layer that does not accept the old key ignores the old cookie.
+        assert_eq!(new_only.open(old_cookie.as_bytes()), None);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn tampered_cookies_are_ignored_and_replaced() {
     within(Duration::from_secs(30), async {

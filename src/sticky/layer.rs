@@ -27,6 +27,8 @@ pub enum SameSite {
 pub(super) struct Config {
     pub(super) name: Box<str>,
     pub(super) sealer: Sealer,
+    /// Keys being rotated out: cookies sealed with them are still honoured, and replaced.
+    previous: Vec<Sealer>,
     path: Box<str>,
     domain: Option<Box<str>>,
     max_age: Option<Duration>,
@@ -61,9 +63,21 @@ impl Config {
         self.attributes = a;
     }
 
-    /// The endpoint named by a valid cookie in `headers`, if any.
-    pub(super) fn endpoint_in(&self, headers: &http::HeaderMap) -> Option<EndpointId> {
-        crate::key::cookie_values(headers, &self.name).find_map(|v| self.sealer.open(&self.name, v))
+    /// The endpoint named by a valid cookie in `headers`, if any, and whether the cookie was
+    /// sealed with the current key (`false`: with a previous one, so it should be replaced).
+    pub(super) fn endpoint_in(&self, headers: &http::HeaderMap) -> Option<(EndpointId, bool)> {
+        crate::key::cookie_values(headers, &self.name).find_map(|v| self.open(v))
+    }
+
+    /// Opens a cookie value with the current key, then with the previous ones.
+    fn open(&self, value: &[u8]) -> Option<(EndpointId, bool)> {
+        if let Some(id) = self.sealer.open(&self.name, value) {
+            return Some((id, true));
+        }
+        self.previous
+            .iter()
+            .find_map(|s| s.open(&self.name, value))
+            .map(|id| (id, false))
     }
 
     /// The `Set-Cookie` value pinning a client to `id`.
@@ -154,6 +168,7 @@ impl StickyLayer {
         let mut config = Config {
             name: name.into_boxed_str(),
             sealer: Sealer::new(&key),
+            previous: Vec::new(),
             path: "/".into(),
             domain: None,
             max_age: None,
@@ -173,6 +188,23 @@ impl StickyLayer {
         f(c);
         c.render();
         self
+    }
+
+    /// Also honours cookies sealed with `key`, a key being rotated out: a client with such a
+    /// cookie keeps its endpoint and gets the cookie again, sealed with the current key. Call it
+    /// once per old key; drop the old keys once their cookies have expired or been replaced.
+    ///
+    /// ```
+    /// use lbkit::sticky::{StickyKey, StickyLayer};
+    ///
+    /// let (old, new) = (StickyKey::generate(), StickyKey::generate());
+    /// let before = StickyLayer::cookie("lb", old.clone());
+    /// let after = StickyLayer::cookie("lb", new).accept_previous_key(old);
+    /// let cookie = before.seal(&"backend-1".into()).unwrap();
+    /// assert_eq!(after.open(cookie.as_bytes()).unwrap(), "backend-1");
+    /// ```
+    pub fn accept_previous_key(self, key: StickyKey) -> Self {
+        self.edit(|c| c.previous.push(Sealer::new(&key)))
     }
 
     /// Sets the cookie's `Path` (default `/`).
@@ -237,14 +269,15 @@ impl StickyLayer {
     }
 
     /// The endpoint a cookie value names, if this layer (or another with the same key and
-    /// cookie name) made it; `None` for anything else.
+    /// cookie name) made it, with the current key or one given to
+    /// [`accept_previous_key`](Self::accept_previous_key); `None` for anything else.
     pub fn open(&self, value: &[u8]) -> Option<EndpointId> {
-        self.config.sealer.open(&self.config.name, value)
+        self.config.open(value).map(|(id, _)| id)
     }
 
     /// The endpoint named by a valid affinity cookie among `headers`' `Cookie` headers.
     pub fn endpoint_in(&self, headers: &http::HeaderMap) -> Option<EndpointId> {
-        self.config.endpoint_in(headers)
+        self.config.endpoint_in(headers).map(|(id, _)| id)
     }
 }
 

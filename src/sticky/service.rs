@@ -39,12 +39,15 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let pinned = self.config.endpoint_in(req.headers());
+        let cookie = self.config.endpoint_in(req.headers());
         let hints = PickHints::of_mut(&mut req);
-        if let Some(id) = &pinned {
+        if let Some((id, _)) = &cookie {
             tracing::trace!(endpoint = %id, "affinity cookie");
             hints.prefer(id.clone());
         }
+        // A cookie sealed with a previous key counts as none on the way out: it is set again,
+        // sealed with the current key.
+        let pinned = cookie.and_then(|(id, current)| current.then_some(id));
         let record = hints.record_pick();
         ResponseFuture::new(self.inner.call(req), pinned, record, self.config.clone())
     }
