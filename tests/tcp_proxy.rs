@@ -215,3 +215,75 @@ async fn no_backend_closes_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_open_connections_finish() {
+    within(async {
+        let b = backend("a").await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let proxy = TcpProxy::new([b.addr], RoundRobin::new());
+        let server = tokio::spawn(proxy.serve_with_shutdown(
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        let (_, mut open) = greet(addr).await;
+        stop.send(()).unwrap();
+        // The listener closes: new connections are refused.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while TcpStream::connect(addr).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "still accepting");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The open connection still works, to its end.
+        open.write_all(b"still here").await.unwrap();
+        open.shutdown().await.unwrap();
+        let mut echoed = Vec::new();
+        open.read_to_end(&mut echoed).await.unwrap();
+        assert_eq!(echoed, b"still here");
+        // With it gone, the server returns long before the grace period.
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .expect("the server ends once its connections are done")
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_left_after_the_grace_period_are_closed() {
+    within(async {
+        let b = backend("a").await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = TcpProxy::new([b.addr], RoundRobin::new());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(proxy.serve_with_shutdown(
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_millis(200),
+        ));
+        let (_, mut idle) = greet(addr).await;
+        let started = tokio::time::Instant::now();
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            idle.read(&mut buf).await.unwrap_or(0),
+            0,
+            "closed by the proxy"
+        );
+    })
+    .await;
+}

@@ -244,6 +244,85 @@ async fn http1_over_tls_by_alpn_is_balanced() {
     .await;
 }
 
+/// Graceful shutdown: the server stops accepting, closes an idle HTTP/1.1 keep-alive
+/// connection and an HTTP/2 one (GOAWAY) after their requests, and returns before its grace
+/// period is over.
+#[tokio::test]
+async fn shutdown_closes_connections_gracefully() {
+    within(async {
+        let dir = TempDir::new();
+        let (cert_pem, key_pem, der) = self_signed();
+        let config = tls::server_config_from_pem(
+            dir.write("cert.pem", cert_pem),
+            dir.write("key.pem", key_pem),
+        )
+        .unwrap();
+        let backends = [backend("a").await];
+        let proxy = ServiceBuilder::new()
+            .layer(ErrorResponseLayer::new())
+            .layer(BalancerLayer::new(
+                [Endpoint::from(backends[0].addr)],
+                RoundRobin::new(),
+            ))
+            .service(Forward::<Incoming>::new().proto("https"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tls::TlsServer::new(config, proxy).serve_with_shutdown(
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(10),
+        ));
+
+        let tls1 = connect(addr, &der, &[b"http/1.1"]).await.unwrap();
+        let (mut send1, conn1) = hyper::client::conn::http1::handshake(TokioIo::new(tls1))
+            .await
+            .unwrap();
+        let conn1 = tokio::spawn(conn1);
+        let tls2 = connect(addr, &der, &[b"h2"]).await.unwrap();
+        let (mut send2, conn2) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls2))
+                .await
+                .unwrap();
+        let conn2 = tokio::spawn(conn2);
+        let get = || {
+            Request::get("https://localhost/")
+                .header("host", "localhost")
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
+        send1.ready().await.unwrap();
+        assert_eq!(
+            text(send1.send_request(get()).await.unwrap()).await,
+            "a proto=https"
+        );
+        send2.ready().await.unwrap();
+        assert_eq!(
+            text(send2.send_request(get()).await.unwrap()).await,
+            "a proto=https"
+        );
+
+        let started = std::time::Instant::now();
+        stop.send(()).unwrap();
+        // Both client connections are closed by the server, and the server returns.
+        conn1.await.unwrap().unwrap();
+        conn2.await.unwrap().unwrap();
+        server.await.unwrap().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "no longer accepting"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn http2_over_tls_by_alpn_is_balanced() {
     within(async {

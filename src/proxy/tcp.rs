@@ -142,10 +142,39 @@ impl<St: Strategy> TcpProxy<St> {
     /// Accepts connections from `listener` and balances them until this future is dropped,
     /// which also closes the connections it is serving. Returns only on a fatal accept error.
     pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
-        accept_loop(listener, |stream, peer| {
-            let this = self.clone();
-            async move { this.handle(stream, peer).await }
-        })
+        self.serve_with_shutdown(listener, std::future::pending(), Duration::ZERO)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
+    /// `listener`), lets the open connections run to their end for up to `grace`, closes those
+    /// left, and returns `Ok`. For a restart or a deploy of the proxy itself without cutting
+    /// connections short.
+    ///
+    /// ```no_run
+    /// # async fn run(proxy: lbkit::proxy::TcpProxy<lbkit::strategy::RoundRobin>) -> std::io::Result<()> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:6432").await?;
+    /// let ctrl_c = async { let _ = tokio::signal::ctrl_c().await; };
+    /// proxy.serve_with_shutdown(listener, ctrl_c, std::time::Duration::from_secs(30)).await
+    /// # }
+    /// ```
+    pub async fn serve_with_shutdown(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+        grace: Duration,
+    ) -> io::Result<()> {
+        accept_loop(
+            listener,
+            |stream, peer, _drain| {
+                // A TCP stream has no way to ask the peer to close: the splice runs to its end
+                // (or the grace period's).
+                let this = self.clone();
+                async move { this.handle(stream, peer).await }
+            },
+            shutdown,
+            grace,
+        )
         .await
     }
 

@@ -26,11 +26,12 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::proxy::accept::accept_loop;
+use crate::proxy::accept::{accept_loop, Drain};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -301,7 +302,27 @@ where
     /// Accepts connections from `listener` and serves them until this future is dropped, which
     /// also closes the connections it is serving. Returns only on a fatal accept error.
     pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
-        accept_loop(listener, |stream, peer| self.serve_connection(stream, peer)).await
+        self.serve_with_shutdown(listener, std::future::pending(), Duration::ZERO)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
+    /// `listener`) and shuts every connection down gracefully: requests in flight finish, an
+    /// HTTP/1.1 connection closes after its current response, an HTTP/2 one sends `GOAWAY`.
+    /// Connections still open after `grace` are closed, and it returns `Ok`.
+    pub async fn serve_with_shutdown(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+        grace: Duration,
+    ) -> io::Result<()> {
+        accept_loop(
+            listener,
+            |stream, peer, drain| self.serve_draining(stream, peer, Some(drain)),
+            shutdown,
+            grace,
+        )
+        .await
     }
 
     /// Serves one accepted connection from `peer`: TLS handshake, then HTTP until the client
@@ -312,6 +333,15 @@ where
         &self,
         stream: TcpStream,
         peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.serve_draining(stream, peer, None)
+    }
+
+    fn serve_draining(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        drain: Option<Drain>,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let acceptor = self.acceptor.clone();
         let handshake_timeout = self.handshake_timeout;
@@ -336,22 +366,43 @@ where
             let service = TowerToHyperService::new(service);
             let io = TokioIo::new(tls);
             let result = if h2 {
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
-                    .serve_connection(io, service)
-                    .await
+                    .serve_connection(io, service);
+                let mut conn = std::pin::pin!(conn);
+                until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await
             } else {
-                hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .serve_connection(io, service)
-                    .with_upgrades()
-                    .await
+                    .with_upgrades();
+                let mut conn = std::pin::pin!(conn);
+                until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, h2, error = %e, "TLS connection ended with an error");
             }
         }
     }
+}
+
+/// Drives `conn` to its end; when `drain` says the server is shutting down, asks it to close
+/// gracefully (with `shutdown`) and goes on driving it.
+async fn until_drained<C, T>(
+    mut conn: Pin<&mut C>,
+    drain: Option<Drain>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> T
+where
+    C: std::future::Future<Output = T>,
+{
+    if let Some(mut drain) = drain {
+        tokio::select! {
+            out = conn.as_mut() => return out,
+            () = drain.started() => shutdown(conn.as_mut()),
+        }
+    }
+    conn.await
 }
 
 /// Inserts the connection's [`ClientAddr`] into each request.
