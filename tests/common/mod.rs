@@ -124,7 +124,13 @@ async fn bind() -> (TcpListener, SocketAddr) {
 
 /// Starts a server named `name` that answers every request with its name, after its delay.
 pub async fn start_server(name: &str) -> TestServer {
-    let (listener, addr) = bind().await;
+    let (listener, _) = bind().await;
+    serve_name(listener, name)
+}
+
+/// Serves `name` (after the delay the returned handle sets) on `listener`.
+fn serve_name(listener: TcpListener, name: &str) -> TestServer {
+    let addr = listener.local_addr().expect("local addr");
     let delay_ms = Arc::new(AtomicU64::new(0));
     let hits = Arc::new(AtomicU64::new(0));
     let body = Bytes::from(name.to_owned());
@@ -328,7 +334,7 @@ pub mod fault {
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
-    use http::{Request, Response, StatusCode};
+    use http::{Request, StatusCode};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
     use hyper_util::rt::TokioIo;
@@ -378,30 +384,7 @@ pub mod fault {
     /// Starts a server like [`super::start_server`] (answers its name, after its delay), on
     /// `addr`: a backend restarted on the port it had.
     pub async fn start_server_at(name: &str, addr: SocketAddr) -> TestServer {
-        let listener = rebind(addr).await;
-        let addr = listener.local_addr().expect("local addr");
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let hits = Arc::new(AtomicU64::new(0));
-        let body = Bytes::from(name.to_owned());
-        let (d, h) = (delay_ms.clone(), hits.clone());
-        let task = super::spawn_server(listener, move |_req| {
-            h.fetch_add(1, Ordering::SeqCst);
-            let delay = d.load(Ordering::SeqCst);
-            let body = body.clone();
-            async move {
-                if delay > 0 {
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                }
-                Response::new(Full::new(body).boxed_unsync())
-            }
-        });
-        TestServer {
-            name: name.to_owned(),
-            addr,
-            delay_ms,
-            hits,
-            task,
-        }
+        super::serve_name(rebind(addr).await, name)
     }
 
     /// How a [`FaultServer`] misbehaves once it has read a request head.
