@@ -155,6 +155,19 @@ impl Drop for TlsProxy {
 }
 
 async fn start_tls_proxy(config: Arc<tls::ServerConfig>, endpoints: Vec<Endpoint>) -> TlsProxy {
+    let (addr, task) =
+        spawn_tls_proxy(config, endpoints, std::future::pending(), Duration::ZERO).await;
+    TlsProxy { addr, task }
+}
+
+/// The TLS proxy on 127.0.0.1 over `endpoints`, serving until `shutdown` (then draining for
+/// up to `grace`).
+async fn spawn_tls_proxy(
+    config: Arc<tls::ServerConfig>,
+    endpoints: Vec<Endpoint>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
@@ -162,10 +175,18 @@ async fn start_tls_proxy(config: Arc<tls::ServerConfig>, endpoints: Vec<Endpoint
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tls::TlsServer::new(config, proxy).handshake_timeout(Duration::from_secs(2));
-    TlsProxy {
-        addr,
-        task: tokio::spawn(server.serve(listener)),
-    }
+    let task = tokio::spawn(server.serve_with_shutdown(listener, shutdown, grace));
+    (addr, task)
+}
+
+/// A self-signed certificate and its key written to `dir` as PEM files, loaded as a server
+/// config; and the certificate, for clients to trust.
+fn pem_config(dir: &TempDir) -> (Arc<tls::ServerConfig>, CertificateDer<'static>) {
+    let (cert_pem, key_pem, der) = self_signed();
+    let cert = dir.write("cert.pem", cert_pem);
+    let key = dir.write("key.pem", key_pem);
+    let config = tls::server_config_from_pem(&cert, &key).expect("valid PEM files");
+    (config, der)
 }
 
 /// A rustls client trusting only `cert`, offering `alpn` (nothing when empty).
@@ -198,10 +219,7 @@ async fn text(res: Response<Incoming>) -> String {
 /// Two backends, the PEM files, and the TLS proxy in front.
 async fn setup() -> (TempDir, CertificateDer<'static>, [Backend; 2], TlsProxy) {
     let dir = TempDir::new();
-    let (cert_pem, key_pem, der) = self_signed();
-    let cert = dir.write("cert.pem", cert_pem);
-    let key = dir.write("key.pem", key_pem);
-    let config = tls::server_config_from_pem(&cert, &key).expect("valid PEM files");
+    let (config, der) = pem_config(&dir);
     let backends = [backend("a").await, backend("b").await];
     let endpoints = backends.iter().map(|b| Endpoint::from(b.addr)).collect();
     let proxy = start_tls_proxy(config, endpoints).await;
@@ -251,30 +269,18 @@ async fn http1_over_tls_by_alpn_is_balanced() {
 async fn shutdown_closes_connections_gracefully() {
     within(async {
         let dir = TempDir::new();
-        let (cert_pem, key_pem, der) = self_signed();
-        let config = tls::server_config_from_pem(
-            dir.write("cert.pem", cert_pem),
-            dir.write("key.pem", key_pem),
-        )
-        .unwrap();
+        let (config, der) = pem_config(&dir);
         let backends = [backend("a").await];
-        let proxy = ServiceBuilder::new()
-            .layer(ErrorResponseLayer::new())
-            .layer(BalancerLayer::new(
-                [Endpoint::from(backends[0].addr)],
-                RoundRobin::new(),
-            ))
-            .service(Forward::<Incoming>::new().proto("https"));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tls::TlsServer::new(config, proxy).serve_with_shutdown(
-            listener,
+        let (addr, server) = spawn_tls_proxy(
+            config,
+            vec![Endpoint::from(backends[0].addr)],
             async {
                 let _ = stopped.await;
             },
             Duration::from_secs(10),
-        ));
+        )
+        .await;
 
         let tls1 = connect(addr, &der, &[b"http/1.1"]).await.unwrap();
         let (mut send1, conn1) = hyper::client::conn::http1::handshake(TokioIo::new(tls1))
