@@ -107,12 +107,6 @@ impl<'a> PickContext<'a> {
     pub fn allows(&self, candidate: &Candidate) -> bool {
         self.avoid.is_empty() || !self.avoid.contains(candidate.id())
     }
-
-    /// Whether nothing is to be avoided.
-    #[inline]
-    pub fn avoids_nothing(&self) -> bool {
-        self.avoid.is_empty()
-    }
 }
 
 /// The first allowed candidate at or after `start`, wrapping around; `None` if none is allowed.
