@@ -1,10 +1,13 @@
-//! A balancing reverse proxy in front of three demo backends, all in one process.
+//! A balancing reverse proxy in front of three demo backends, all in one process: the full
+//! stack users copy, every piece from the library.
 //!
 //! Run it:
 //!
 //! ```text
 //! cargo run --example reverse_proxy
 //! cargo run --example reverse_proxy -- --strategy p2c --listen 127.0.0.1:9000
+//! cargo run --example reverse_proxy -- --sticky                # affinity cookie `lb`
+//! cargo run --example reverse_proxy -- --strategy maglev --hash-header x-user
 //! ```
 //!
 //! Then try, from another terminal:
@@ -14,37 +17,46 @@
 //! curl -si http://127.0.0.1:8080/headers                           # what a backend sees: X-Forwarded-*
 //! ```
 //!
+//! The stack, outermost first:
+//!
+//! - `Server`: HTTP/1.1 and HTTP/2 (h2c), header-read and idle timeouts, a connection limit,
+//!   accept errors (such as running out of file descriptors) waited out, graceful shutdown on
+//!   Ctrl-C;
+//! - `ErrorResponseLayer`: failures become 502/503/504 with a short body;
+//! - `FailoverLayer`: a failed idempotent request (connection refused, reset, 502/503/504,
+//!   per-try timeout) is sent again to another backend, within a retry budget, so a backend
+//!   that dies under load costs no client a failed request;
+//! - `--sticky` (`StickyLayer`) or `--hash-header NAME` (`HashKeyLayer`, for `maglev`/`ring`);
+//! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked
+//!   (`GET /` every second; `--check-path`) and watched by outlier detection;
+//! - `Forward`: the request goes to the picked backend over pooled keep-alive connections.
+//!
 //! Backend 1 has weight 2, so with the default smooth weighted round robin it answers half of
 //! the requests, interleaved with the others. Strategies: round_robin, random,
-//! least_connections, p2c, peak_ewma, maglev, ring. Every backend is health-checked
-//! (`GET /` each second) and watched by outlier detection. Stop with Ctrl-C.
+//! least_connections, p2c, peak_ewma, maglev, ring.
 //!
 //! Other flags: `--backends 127.0.0.1:9001,127.0.0.1:9002` balances over backends of your
 //! own instead of the demo ones (the end-to-end benchmark, `benches/e2e/compare.sh`, uses it),
 //! and `--threads N` sets the runtime's worker threads (default: one per core).
 
-use std::convert::Infallible;
+mod demo;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use lbkit::balance::RouteToEndpoint;
+use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::health::{HealthChecker, HttpCheck, OutlierDetection};
-use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+use lbkit::key::HashKeyLayer;
+use lbkit::proxy::{ErrorResponseLayer, Forward};
+use lbkit::server::Server;
+use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
-use lbkit::{Balancer, Endpoint};
+use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tracing_subscriber::EnvFilter;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 // A proxy allocates small, short-lived buffers and header maps per request; mimalloc serves
 // those faster than the system allocator.
@@ -56,6 +68,9 @@ struct Args {
     listen: SocketAddr,
     backends: Vec<SocketAddr>,
     threads: Option<usize>,
+    sticky: bool,
+    hash_header: Option<String>,
+    check_path: String,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -64,13 +79,22 @@ fn parse_args() -> Result<Args, BoxError> {
         listen: "127.0.0.1:8080".parse()?,
         backends: Vec::new(),
         threads: None,
+        sticky: false,
+        hash_header: None,
+        check_path: "/".into(),
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
+        if arg == "--sticky" {
+            args.sticky = true;
+            continue;
+        }
         match (arg.as_str(), argv.next()) {
             ("--strategy", Some(v)) => args.strategy = v.parse()?,
             ("--listen", Some(v)) => args.listen = v.parse()?,
             ("--threads", Some(v)) => args.threads = Some(v.parse()?),
+            ("--hash-header", Some(v)) => args.hash_header = Some(v),
+            ("--check-path", Some(v)) => args.check_path = v,
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -79,7 +103,8 @@ fn parse_args() -> Result<Args, BoxError> {
             _ => {
                 eprintln!(
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
-                     [--backends ADDR,ADDR,...] [--threads N]"
+                     [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
+                     [--hash-header NAME] [--check-path PATH]"
                 );
                 std::process::exit(2);
             }
@@ -108,107 +133,72 @@ fn main() -> Result<(), BoxError> {
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
-    let Args {
-        strategy,
-        listen,
-        backends,
-        ..
-    } = args;
-
     let mut endpoints = Vec::new();
-    if backends.is_empty() {
+    if args.backends.is_empty() {
         // Three demo backends on ports the OS picks.
         for n in 1..=3 {
-            let addr = spawn_backend(n).await?;
+            let addr = demo::backend(format!("backend-{n}")).await?;
             let weight = if n == 1 { 2 } else { 1 };
             endpoints.push(Endpoint::from(addr).with_weight(weight));
             tracing::info!(backend = n, %addr, weight, "demo backend listening");
         }
     } else {
-        endpoints.extend(backends.iter().copied().map(Endpoint::from));
+        endpoints.extend(args.backends.iter().copied().map(Endpoint::from));
     }
     let backend_count = endpoints.len();
+    let strategy_name = lbkit::strategy::Strategy::name(&args.strategy);
 
-    // Each endpoint's service is the shared forwarding client, routed to that endpoint.
-    let forward = Forward::<Incoming>::new()
-        .timeout(Duration::from_secs(10))
-        .hide_response_header(http::header::SERVER);
-    let balancer = Balancer::new(endpoints, strategy, move |ep: &Endpoint| {
-        RouteToEndpoint::new(forward.clone(), ep)
-    })
-    .http();
-    // Active checks find a stopped backend; outlier detection one that answers 5xx.
-    HealthChecker::new(HttpCheck::get("/"))
+    // The pool behind the balancer: active checks find a stopped backend, outlier detection
+    // one that fails requests. Both stop when the pool is dropped.
+    let balancer = BalancerLayer::new(endpoints, args.strategy);
+    HealthChecker::new(HttpCheck::get(&args.check_path))
         .interval(Duration::from_secs(1))
         .spawn(balancer.pool());
     OutlierDetection::new().spawn(balancer.pool());
+
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
-        .service(balancer);
+        // Keep the request body so that a failed attempt can be sent again (bodies that
+        // stream are sent once and never retried).
+        .map_request(|req: Request<Incoming>| req.map(ReplayBody::new))
+        .layer(
+            FailoverLayer::new(RetryBudget::default())
+                .per_try_timeout(Duration::from_secs(10))
+                .deadline(Duration::from_secs(30)),
+        )
+        .option_layer(
+            args.sticky
+                .then(|| StickyLayer::cookie("lb", StickyKey::generate())),
+        )
+        .option_layer(args.hash_header.as_deref().map(HashKeyLayer::header))
+        .layer(balancer)
+        .service(
+            Forward::<ReplayBody<Incoming>>::new()
+                .timeout(Duration::from_secs(10))
+                .hide_response_header(http::header::SERVER),
+        );
 
-    let listener = match TcpListener::bind(listen).await {
+    let listener = match TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cannot listen on {listen}: {e} (choose another with --listen ADDR)");
+            eprintln!(
+                "cannot listen on {}: {e} (choose another with --listen ADDR)",
+                args.listen
+            );
             std::process::exit(1);
         }
     };
-    let strategy_name = lbkit::strategy::Strategy::name(&strategy);
+    let listen = listener.local_addr()?;
     println!("lbkit proxy on http://{listen} ({strategy_name}) over {backend_count} backends");
     println!("try: for i in 1 2 3 4 5 6; do curl -s http://{listen}/; done");
 
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            _ = tokio::signal::ctrl_c() => break,
-        };
-        let svc = ServiceBuilder::new()
-            .map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(ClientAddr(peer));
-                req
-            })
-            .service(proxy.clone());
-        tokio::spawn(async move {
-            let conn = auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = conn
-                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
-                .await
-            {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-        });
-    }
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: finishing requests in flight");
+    };
+    Server::new(proxy)
+        .serve_with_shutdown(listener, ctrl_c, Duration::from_secs(10))
+        .await;
     println!("bye");
     Ok(())
-}
-
-/// A demo backend that says who it is and echoes the headers it received at `/headers`.
-async fn spawn_backend(n: usize) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let svc = service_fn(move |req: Request<Incoming>| async move {
-                let body = if req.uri().path() == "/headers" {
-                    let mut text = format!("backend-{n} received:\n");
-                    for (name, value) in req.headers() {
-                        text.push_str(&format!("  {name}: {}\n", value.to_str().unwrap_or("?")));
-                    }
-                    text
-                } else {
-                    format!("hello from backend-{n}: {} {}\n", req.method(), req.uri())
-                };
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-            });
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }

@@ -66,6 +66,7 @@ pub mod key;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod server;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;

@@ -4,9 +4,13 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::completion::CompleteOnBody;
+use super::completion::{CompleteOnBody, InFlight, TrackCompletion};
+use super::future::{EndpointCall, ResponseFuture};
+use super::service::dispatch;
+#[cfg(doc)]
 use super::service::Balancer;
 use crate::endpoint::Endpoint;
+use crate::error::{BoxError, Error};
 use crate::pool::Pool;
 use crate::strategy::Strategy;
 
@@ -85,55 +89,149 @@ where
     }
 }
 
-/// A [`Layer`] that turns one HTTP service into a [`Balancer`] over a list of endpoints.
+/// A [`Layer`] that puts a balancer in front of one HTTP service: each request is tagged with
+/// the [`Target`] endpoint picked for it, and the inner service (a forwarding proxy, a client)
+/// sends it there.
 ///
-/// Each endpoint's service is a [`RouteToEndpoint`] around a clone of the inner service, which
-/// finds its destination in the request's [`Target`] extension. Requests count as in flight
-/// until their response body ends ([`CompleteOnBody`]).
+/// The layer holds its [`Pool`] of [`Target`]s, and every service it makes ([`Balanced`])
+/// shares that pool: keep a clone of it ([`BalancerLayer::pool`], or build the layer
+/// [`from_pool`](BalancerLayer::from_pool)) to add and remove endpoints, run health checks and
+/// outlier detection, follow discovery, or read statistics while traffic flows. Requests count
+/// as in flight until their response body ends ([`CompleteOnBody`]).
 ///
 /// ```
+/// use lbkit::health::OutlierDetection;
 /// use lbkit::{BalancerLayer, balance::Target, strategy::PowerOfTwoChoices};
 /// use tower::{service_fn, ServiceBuilder, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let balancer = BalancerLayer::new(["10.0.0.1:80", "10.0.0.2:80"], PowerOfTwoChoices::new());
+/// // The pool is the layer's: manage it while the stack serves.
+/// OutlierDetection::new().spawn(balancer.pool());
 /// let svc = ServiceBuilder::new()
-///     .layer(BalancerLayer::new(["10.0.0.1:80", "10.0.0.2:80"], PowerOfTwoChoices::new()))
+///     .layer(balancer.clone())
 ///     .service(service_fn(|req: http::Request<String>| async move {
 ///         let to = req.extensions().get::<Target>().unwrap().endpoint().id().clone();
 ///         Ok::<_, std::convert::Infallible>(http::Response::new(to.to_string()))
 ///     }));
 /// let res = svc.oneshot(http::Request::new(String::new())).await.unwrap();
 /// assert!(res.body().get_ref().starts_with("10.0.0."));
+/// balancer.pool().remove(&"10.0.0.1:80".into());
 /// # }
 /// ```
-#[derive(Clone, Debug)]
-pub struct BalancerLayer<St> {
-    endpoints: Vec<Endpoint>,
-    strategy: St,
+pub struct BalancerLayer<St: Strategy> {
+    pool: Pool<Target, St>,
 }
 
-impl<St: Strategy + Clone> BalancerLayer<St> {
-    /// A layer balancing over `endpoints` with `strategy`.
-    pub fn new<E: Into<Endpoint>>(endpoints: impl IntoIterator<Item = E>, strategy: St) -> Self {
+impl<St: Strategy> Clone for BalancerLayer<St> {
+    fn clone(&self) -> Self {
         BalancerLayer {
-            endpoints: endpoints.into_iter().map(Into::into).collect(),
-            strategy,
+            pool: self.pool.clone(),
         }
     }
 }
 
-impl<S, St> Layer<S> for BalancerLayer<St>
-where
-    S: Clone + Send + Sync + 'static,
-    St: Strategy + Clone,
-{
-    type Service = Balancer<RouteToEndpoint<S>, St, CompleteOnBody>;
+impl<St: Strategy> std::fmt::Debug for BalancerLayer<St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalancerLayer")
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+impl<St: Strategy> BalancerLayer<St> {
+    /// A layer balancing over `endpoints` with `strategy`, in a pool of its own (see
+    /// [`pool`](BalancerLayer::pool)).
+    pub fn new<E: Into<Endpoint>>(endpoints: impl IntoIterator<Item = E>, strategy: St) -> Self {
+        let pool = Pool::new(strategy, Target::new);
+        pool.extend(endpoints.into_iter().map(Into::into));
+        BalancerLayer { pool }
+    }
+
+    /// A layer balancing over `pool`, built with [`Target::new`] as its service factory
+    /// (`Pool::new(strategy, Target::new)`, or [`PoolBuilder::build`](crate::pool::PoolBuilder::build)
+    /// for non-default pool settings). The pool may be fed, health-checked and read by others
+    /// while the layer's services use it.
+    pub fn from_pool(pool: Pool<Target, St>) -> Self {
+        BalancerLayer { pool }
+    }
+
+    /// The pool every service of this layer balances over.
+    pub fn pool(&self) -> &Pool<Target, St> {
+        &self.pool
+    }
+}
+
+impl<S, St: Strategy> Layer<S> for BalancerLayer<St> {
+    type Service = Balanced<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let pool = Pool::new(self.strategy.clone(), move |ep: &Endpoint| {
-            RouteToEndpoint::new(inner.clone(), ep)
-        });
-        pool.extend(self.endpoints.iter().cloned());
-        Balancer::from_pool(pool).http()
+        Balanced {
+            pool: self.pool.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of a [`BalancerLayer`]: picks an endpoint from the layer's pool for each request,
+/// inserts its [`Target`] into the request's extensions, and calls the inner service.
+///
+/// As [`Balancer`] does, it is always ready, counts the request in flight at the endpoint until
+/// the response body ends, feeds the outcome to the strategy and to outlier detection, and
+/// fails at once with [`Error::is_no_endpoint`](crate::Error::is_no_endpoint) when no endpoint
+/// is up. The inner service is cloned per request, so it should be cheap to clone (a hyper
+/// client, [`Forward`](crate::proxy::Forward) and tonic channels are).
+pub struct Balanced<S, St: Strategy> {
+    pool: Pool<Target, St>,
+    inner: S,
+}
+
+impl<S: Clone, St: Strategy> Clone for Balanced<S, St> {
+    fn clone(&self) -> Self {
+        Balanced {
+            pool: self.pool.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S, St: Strategy> std::fmt::Debug for Balanced<S, St> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balanced")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St: Strategy> Balanced<S, St> {
+    /// The pool this service balances over.
+    pub fn pool(&self) -> &Pool<Target, St> {
+        &self.pool
+    }
+}
+
+impl<S, St, B> Service<http::Request<B>> for Balanced<S, St>
+where
+    S: Service<http::Request<B>> + Clone,
+    S::Error: Into<BoxError>,
+    St: Strategy,
+    CompleteOnBody: TrackCompletion<InFlight, S::Response>,
+{
+    type Response = <CompleteOnBody as TrackCompletion<InFlight, S::Response>>::Output;
+    type Error = Error;
+    type Future = ResponseFuture<EndpointCall<S, http::Request<B>>, CompleteOnBody>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let inner = &self.inner;
+        dispatch(&self.pool, &CompleteOnBody, req, |target, req| {
+            req.extensions_mut().insert(target);
+            inner.clone()
+        })
     }
 }

@@ -15,5 +15,5 @@ mod service;
 
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
-pub use layer::{BalancerLayer, RouteToEndpoint, Target};
+pub use layer::{Balanced, BalancerLayer, RouteToEndpoint, Target};
 pub use service::Balancer;

@@ -130,44 +130,65 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let hints = req.hints();
-        // One span per call, around the pick and every poll of the forward. When its level is
-        // off, `debug_span!` is a cached check that returns a disabled span, and no field is
-        // formatted.
-        let span = tracing::debug_span!(
-            "lbkit.balance",
-            strategy = self.pool.strategy().name(),
-            attempt = tracing::field::Empty,
-            endpoint = tracing::field::Empty,
-        );
-        if !span.is_disabled() {
-            // A retry avoids the endpoints it already tried: one per earlier attempt.
-            span.record("attempt", hints.map_or(1, |h| h.avoided().len() + 1));
+        dispatch(&self.pool, &self.completion, req, |service, _req| service)
+    }
+}
+
+/// Picks an endpoint of `pool` for `req` and starts the call: what every balancer does per
+/// request. `bind` turns the picked endpoint's pool entry (a clone of it) into the service to
+/// call, and may tag the request for it.
+#[inline]
+pub(super) fn dispatch<P, St, C, S, Req>(
+    pool: &Pool<P, St>,
+    completion: &C,
+    mut req: Req,
+    bind: impl FnOnce(P, &mut Req) -> S,
+) -> ResponseFuture<EndpointCall<S, Req>, C>
+where
+    P: Clone,
+    St: Strategy,
+    C: Clone,
+    S: Service<Req>,
+    Req: RequestHints,
+{
+    let hints = req.hints();
+    // One span per call, around the pick and every poll of the forward. When its level is
+    // off, `debug_span!` is a cached check that returns a disabled span, and no field is
+    // formatted.
+    let span = tracing::debug_span!(
+        "lbkit.balance",
+        strategy = pool.strategy().name(),
+        attempt = tracing::field::Empty,
+        endpoint = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        // A retry avoids the endpoints it already tried: one per earlier attempt.
+        span.record("attempt", hints.map_or(1, |h| h.avoided().len() + 1));
+    }
+    let picked = {
+        let _enter = span.enter();
+        pool.pick_with(hints, |candidate, entry| {
+            if let Some(record) = hints.and_then(|h| h.pick_record()) {
+                record.set(candidate.id());
+            }
+            (InFlight::start(candidate.clone()), entry.clone())
+        })
+    };
+    match picked {
+        Some((handle, entry)) => {
+            if !span.is_disabled() {
+                span.record("endpoint", tracing::field::display(handle.candidate().id()));
+            }
+            let call = {
+                let _enter = span.enter();
+                let service = bind(entry, &mut req);
+                EndpointCall::new(service, req)
+            };
+            ResponseFuture::running(call, handle, completion.clone(), span)
         }
-        let picked = {
-            let _enter = span.enter();
-            self.pool.pick_with(hints, |candidate, service| {
-                if let Some(record) = hints.and_then(|h| h.pick_record()) {
-                    record.set(candidate.id());
-                }
-                (InFlight::start(candidate.clone()), service.clone())
-            })
-        };
-        match picked {
-            Some((handle, service)) => {
-                if !span.is_disabled() {
-                    span.record("endpoint", tracing::field::display(handle.candidate().id()));
-                }
-                let call = {
-                    let _enter = span.enter();
-                    EndpointCall::new(service, req)
-                };
-                ResponseFuture::running(call, handle, self.completion.clone(), span)
-            }
-            None => {
-                span.in_scope(|| tracing::debug!("no endpoint available"));
-                ResponseFuture::failed(Error::no_endpoint())
-            }
+        None => {
+            span.in_scope(|| tracing::debug!("no endpoint available"));
+            ResponseFuture::failed(Error::no_endpoint())
         }
     }
 }

@@ -30,7 +30,6 @@
 //! # let _ = proxy; Ok(()) }
 //! ```
 
-mod accept;
 pub mod headers;
 mod tcp;
 

@@ -12,12 +12,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use super::accept::accept_loop;
 use crate::balance::InFlight;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::hash::stable_hash;
 use crate::hints::PickHints;
 use crate::pool::Pool;
+use crate::server::accept::accept_loop;
 use crate::strategy::Strategy;
 
 /// The service of an endpoint in a TCP pool: the address to connect to.
@@ -31,6 +31,7 @@ struct Config {
     attempts: usize,
     hash_client_ip: bool,
     buffer: usize,
+    max_connections: usize,
 }
 
 /// A TCP load balancer over a [`Pool`] of socket addresses.
@@ -105,6 +106,7 @@ impl<St: Strategy> TcpProxy<St> {
                 attempts: 3,
                 hash_client_ip: false,
                 buffer: 16 * 1024,
+                max_connections: 10_000,
             }),
         }
     }
@@ -139,8 +141,17 @@ impl<St: Strategy> TcpProxy<St> {
         self
     }
 
+    /// The most client connections open at once (default 10 000). Past it the proxy stops
+    /// accepting; new connections wait in the kernel's listen backlog until one closes.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_connections = max.max(1);
+        self
+    }
+
     /// Accepts connections from `listener` and balances them until this future is dropped,
-    /// which also closes the connections it is serving. Returns only on a fatal accept error.
+    /// which also closes the connections it is serving. Accept errors (such as running out of
+    /// file descriptors) are logged and retried after a pause, never fatal, so this returns
+    /// `Ok` only after a shutdown.
     pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
         self.serve_with_shutdown(listener, std::future::pending(), Duration::ZERO)
             .await
@@ -166,6 +177,7 @@ impl<St: Strategy> TcpProxy<St> {
     ) -> io::Result<()> {
         accept_loop(
             listener,
+            self.config.max_connections,
             |stream, peer, _drain| {
                 // A TCP stream has no way to ask the peer to close: the splice runs to its end
                 // (or the grace period's).
@@ -175,7 +187,8 @@ impl<St: Strategy> TcpProxy<St> {
             shutdown,
             grace,
         )
-        .await
+        .await;
+        Ok(())
     }
 
     /// Balances one accepted connection from `peer` to a backend, and splices the two until

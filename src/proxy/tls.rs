@@ -26,26 +26,20 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::proxy::accept::{accept_loop, Drain};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 pub use rustls::ServerConfig;
 
 use crate::error::BoxError;
-use crate::hints::ClientAddr;
+use crate::server::Server;
 
 /// The ALPN protocol id of HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
@@ -225,7 +219,7 @@ fn build(
 }
 
 /// Accepts TLS connections on `listener` and serves `service` on each until this future is
-/// dropped (see [`TlsServer`], whose defaults this uses).
+/// dropped: [`Server::new(service).tls(config)`](Server::tls) with the default limits.
 pub async fn serve<S, B>(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -239,29 +233,27 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    TlsServer::new(config, service).serve(listener).await
+    Server::new(service).tls(config).serve(listener).await;
+    Ok(())
 }
 
-/// A TLS-terminating HTTP server for a proxy service.
+/// A TLS-terminating HTTP server for a proxy service: a [`Server`] with
+/// [`tls`](Server::tls), and the same limits and timeouts.
 ///
 /// For each accepted connection it does the TLS handshake (bounded by
 /// [`handshake_timeout`](TlsServer::handshake_timeout)), then serves HTTP/2 when ALPN chose
 /// `h2` and HTTP/1.1 otherwise (with protocol upgrades, so WebSockets pass through
-/// [`Forward`](super::Forward)). Each request carries the peer's [`ClientAddr`] in its
-/// extensions. Give [`Forward`](super::Forward) `.proto("https")` so the backends learn the
-/// clients' scheme.
+/// [`Forward`](super::Forward)). Each request carries the peer's
+/// [`ClientAddr`](crate::hints::ClientAddr) in its extensions. Give
+/// [`Forward`](super::Forward) `.proto("https")` so the backends learn the clients' scheme.
 pub struct TlsServer<S> {
-    acceptor: TlsAcceptor,
-    service: S,
-    handshake_timeout: Duration,
+    server: Server<S>,
 }
 
 impl<S: Clone> Clone for TlsServer<S> {
     fn clone(&self) -> Self {
         TlsServer {
-            acceptor: self.acceptor.clone(),
-            service: self.service.clone(),
-            handshake_timeout: self.handshake_timeout,
+            server: self.server.clone(),
         }
     }
 }
@@ -269,8 +261,8 @@ impl<S: Clone> Clone for TlsServer<S> {
 impl<S> fmt::Debug for TlsServer<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsServer")
-            .field("handshake_timeout", &self.handshake_timeout)
-            .finish_non_exhaustive()
+            .field("server", &self.server)
+            .finish()
     }
 }
 
@@ -284,26 +276,30 @@ where
     B::Error: Into<BoxError>,
 {
     /// A server with `config` (see [`server_config_from_pem`]) in front of `service`, with a
-    /// 10 s handshake timeout.
+    /// 10 s handshake timeout and [`Server`]'s default limits.
     pub fn new(config: Arc<ServerConfig>, service: S) -> Self {
         TlsServer {
-            acceptor: TlsAcceptor::from(config),
-            service,
-            handshake_timeout: Duration::from_secs(10),
+            server: Server::new(service).tls(config),
         }
     }
 
     /// How long a client may take to finish the TLS handshake before it is dropped.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.handshake_timeout = timeout;
+        self.server = self.server.tls_handshake_timeout(timeout);
+        self
+    }
+
+    /// Changes the server's other limits (timeouts, connection limit, HTTP/2 settings).
+    pub fn map_server(mut self, f: impl FnOnce(Server<S>) -> Server<S>) -> Self {
+        self.server = f(self.server);
         self
     }
 
     /// Accepts connections from `listener` and serves them until this future is dropped, which
-    /// also closes the connections it is serving. Returns only on a fatal accept error.
+    /// also closes the connections it is serving. Accept errors never end it.
     pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
-        self.serve_with_shutdown(listener, std::future::pending(), Duration::ZERO)
-            .await
+        self.server.serve(listener).await;
+        Ok(())
     }
 
     /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
@@ -316,13 +312,10 @@ where
         shutdown: impl std::future::Future<Output = ()>,
         grace: Duration,
     ) -> io::Result<()> {
-        accept_loop(
-            listener,
-            |stream, peer, drain| self.serve_draining(stream, peer, Some(drain)),
-            shutdown,
-            grace,
-        )
-        .await
+        self.server
+            .serve_with_shutdown(listener, shutdown, grace)
+            .await;
+        Ok(())
     }
 
     /// Serves one accepted connection from `peer`: TLS handshake, then HTTP until the client
@@ -334,99 +327,7 @@ where
         stream: TcpStream,
         peer: SocketAddr,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.serve_draining(stream, peer, None)
-    }
-
-    fn serve_draining(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        drain: Option<Drain>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let acceptor = self.acceptor.clone();
-        let handshake_timeout = self.handshake_timeout;
-        let service = WithClientAddr {
-            inner: self.service.clone(),
-            peer,
-        };
-        async move {
-            let _ = stream.set_nodelay(true);
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-            let service = TowerToHyperService::new(service);
-            let io = TokioIo::new(tls);
-            let result = if h2 {
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .serve_connection(io, service);
-                let mut conn = std::pin::pin!(conn);
-                until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await
-            } else {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .serve_connection(io, service)
-                    .with_upgrades();
-                let mut conn = std::pin::pin!(conn);
-                until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, h2, error = %e, "TLS connection ended with an error");
-            }
-        }
-    }
-}
-
-/// Drives `conn` to its end; when `drain` says the server is shutting down, asks it to close
-/// gracefully (with `shutdown`) and goes on driving it.
-async fn until_drained<C, T>(
-    mut conn: Pin<&mut C>,
-    drain: Option<Drain>,
-    shutdown: impl FnOnce(Pin<&mut C>),
-) -> T
-where
-    C: std::future::Future<Output = T>,
-{
-    if let Some(mut drain) = drain {
-        tokio::select! {
-            out = conn.as_mut() => return out,
-            () = drain.started() => shutdown(conn.as_mut()),
-        }
-    }
-    conn.await
-}
-
-/// Inserts the connection's [`ClientAddr`] into each request.
-#[derive(Clone)]
-struct WithClientAddr<S> {
-    inner: S,
-    peer: SocketAddr,
-}
-
-impl<S, Req> Service<Request<Req>> for WithClientAddr<S>
-where
-    S: Service<Request<Req>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Req>) -> S::Future {
-        req.extensions_mut().insert(ClientAddr(self.peer));
-        self.inner.call(req)
+        self.server.serve_connection(stream, peer)
     }
 }
 

@@ -1,0 +1,157 @@
+//! One HTTP connection: the service wrapper that gives each request its [`ClientAddr`] and
+//! counts it, and the driver that closes an idle connection gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use pin_project_lite::pin_project;
+use tower::util::{Oneshot, ServiceExt};
+use tower_service::Service;
+
+use super::accept::Drain;
+use crate::hints::ClientAddr;
+
+/// What a connection's requests tell its driver: how many started or ended (a change means
+/// the connection is not idle) and how many are in flight.
+#[derive(Debug, Default)]
+pub(super) struct Activity {
+    events: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// The service hyper calls for each request of one connection: inserts the peer's
+/// [`ClientAddr`], counts the request in the connection's [`Activity`], and calls a clone of the
+/// user's service.
+#[derive(Debug)]
+pub(super) struct ConnService<S> {
+    pub(super) inner: S,
+    pub(super) peer: SocketAddr,
+    pub(super) activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<Request<B>> for ConnService<S>
+where
+    S: Service<Request<B>> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Counted<Oneshot<S, Request<B>>>;
+
+    fn call(&self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut().insert(ClientAddr(self.peer));
+        self.activity.events.fetch_add(1, Ordering::Relaxed);
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            fut: self.inner.clone().oneshot(req),
+            activity: Some(self.activity.clone()),
+        }
+    }
+}
+
+pin_project! {
+    /// A request's future that counts as in flight on its connection until it ends or is
+    /// dropped.
+    pub(super) struct Counted<F> {
+        #[pin]
+        fut: F,
+        activity: Option<Arc<Activity>>,
+    }
+
+    impl<F> PinnedDrop for Counted<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(a) = this.project().activity.take() {
+                a.in_flight.fetch_sub(1, Ordering::Relaxed);
+                a.events.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().fut.poll(cx)
+    }
+}
+
+/// When a connection counts as idle.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct IdleRules {
+    /// How long a new connection may go without a request.
+    pub(super) first_request: Duration,
+    /// How long a connection may go with no request in flight, after the first.
+    pub(super) idle: Duration,
+}
+
+/// Drives `conn` to its end. Asks it to close gracefully (with `shutdown`, once) when the
+/// server drains, when no request came within `rules.first_request`, or when no request was
+/// in flight and none started or ended for `rules.idle` (checked every half of it, so an idle
+/// connection closes after between one and one and a half times `idle`).
+///
+/// A graceful close never cuts a request short: HTTP/1 closes after the response being
+/// written, HTTP/2 sends `GOAWAY` and lets open streams finish.
+pub(super) async fn drive<C, T>(
+    mut conn: Pin<&mut C>,
+    activity: &Activity,
+    rules: IdleRules,
+    mut drain: Option<Drain>,
+    mut shutdown: impl FnMut(Pin<&mut C>),
+) -> T
+where
+    C: Future<Output = T>,
+{
+    let tick = (rules.idle / 2).max(Duration::from_millis(1));
+    let timer = tokio::time::sleep(rules.first_request);
+    let mut timer = std::pin::pin!(timer);
+    let mut first = true;
+    let mut seen = 0;
+    let mut quiet = 0u8;
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            out = conn.as_mut() => return out,
+            () = started(&mut drain), if !closing => {
+                shutdown(conn.as_mut());
+                closing = true;
+            }
+            () = timer.as_mut(), if !closing => {
+                let events = activity.events.load(Ordering::Relaxed);
+                let busy = activity.in_flight.load(Ordering::Relaxed) > 0;
+                if first && events == 0 {
+                    tracing::debug!("no request in time: closing the connection");
+                    shutdown(conn.as_mut());
+                    closing = true;
+                    continue;
+                }
+                first = false;
+                if busy || events != seen {
+                    seen = events;
+                    quiet = 0;
+                } else {
+                    quiet += 1;
+                    if quiet >= 2 {
+                        tracing::debug!("idle: closing the connection");
+                        shutdown(conn.as_mut());
+                        closing = true;
+                        continue;
+                    }
+                }
+                timer.as_mut().reset(tokio::time::Instant::now() + tick);
+            }
+        }
+    }
+}
+
+async fn started(drain: &mut Option<Drain>) {
+    match drain {
+        Some(d) => d.started().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,356 @@
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tower_service::Service;
+
+use super::accept::{accept_loop, Drain};
+use super::conn::{drive, Activity, ConnService, IdleRules};
+use crate::error::BoxError;
+
+/// A hardened HTTP/1.1 and HTTP/2 server for a tower service: see the [module docs](super) for
+/// what it protects against and its defaults.
+///
+/// Each accepted connection is served with hyper-util's `auto` builder (HTTP/2 by prior
+/// knowledge or ALPN, HTTP/1.1 with upgrades otherwise, so WebSockets pass through
+/// [`Forward`](crate::proxy::Forward)); each request carries the peer's
+/// [`ClientAddr`](crate::hints::ClientAddr). With [`tls`](Server::tls) (feature `tls`) it
+/// terminates TLS first and serves what ALPN chose.
+pub struct Server<S> {
+    service: S,
+    settings: Settings,
+}
+
+#[derive(Clone, Debug)]
+struct Settings {
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+    max_header_bytes: usize,
+    h2_max_concurrent_streams: u32,
+    h2_keep_alive_interval: Option<Duration>,
+    h2_keep_alive_timeout: Duration,
+    #[cfg(feature = "tls")]
+    tls: Option<Tls>,
+}
+
+#[cfg(feature = "tls")]
+#[derive(Clone)]
+struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
+}
+
+#[cfg(feature = "tls")]
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Clone> Clone for Server<S> {
+    fn clone(&self) -> Self {
+        Server {
+            service: self.service.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Server<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Server<S> {
+    /// A server for `service`, with the default limits (see the [module docs](super)).
+    pub fn new(service: S) -> Self {
+        Server {
+            service,
+            settings: Settings {
+                header_read_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(60),
+                max_connections: 10_000,
+                max_header_bytes: 64 * 1024,
+                h2_max_concurrent_streams: 128,
+                h2_keep_alive_interval: Some(Duration::from_secs(20)),
+                h2_keep_alive_timeout: Duration::from_secs(20),
+                #[cfg(feature = "tls")]
+                tls: None,
+            },
+        }
+    }
+
+    /// How long a client may take to send a request head (default 30 s; nginx's
+    /// `client_header_timeout` is 60 s, HAProxy configurations usually set `timeout
+    /// http-request` to 10 s). A new connection must also send its first request (or, for
+    /// HTTP/2, open its first stream) within this time. For HTTP/1.1 the timer also runs while
+    /// a kept-alive connection waits for its next request, so an idle HTTP/1.1 connection
+    /// closes after the shorter of this and the [idle timeout](Server::idle_timeout).
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.header_read_timeout = timeout;
+        self
+    }
+
+    /// How long a connection may stay open with no request in flight before it is closed
+    /// gracefully (default 60 s; nginx's `keepalive_timeout` is 75 s). Checked every half of
+    /// it, so an idle connection closes after between one and one and a half times this.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.idle_timeout = timeout;
+        self
+    }
+
+    /// The most client connections open at once (default 10 000). Past it the server stops
+    /// accepting; new connections wait in the kernel's listen backlog until one closes.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.settings.max_connections = max.max(1);
+        self
+    }
+
+    /// The largest request head, in bytes (default 64 KiB, at least 8 KiB): for HTTP/1.1 the
+    /// size of the read buffer that must hold the head, for HTTP/2 the header list size
+    /// announced to the client.
+    pub fn max_header_bytes(mut self, max: usize) -> Self {
+        self.settings.max_header_bytes = max.max(8 * 1024);
+        self
+    }
+
+    /// The most HTTP/2 streams a client may have open on one connection (default 128, as
+    /// nginx's `http2_max_concurrent_streams`).
+    pub fn http2_max_concurrent_streams(mut self, max: u32) -> Self {
+        self.settings.h2_max_concurrent_streams = max;
+        self
+    }
+
+    /// HTTP/2 keep-alive: a `PING` every `interval` on a connection that sent nothing, closed
+    /// when the answer takes longer than `timeout` (default: every 20 s, 20 s). `None` turns
+    /// the pings off.
+    pub fn http2_keep_alive(mut self, interval: Option<Duration>, timeout: Duration) -> Self {
+        self.settings.h2_keep_alive_interval = interval;
+        self.settings.h2_keep_alive_timeout = timeout;
+        self
+    }
+
+    /// Terminates TLS with `config` (see
+    /// [`server_config_from_pem`](crate::proxy::tls::server_config_from_pem)) and serves HTTP/2
+    /// or HTTP/1.1 as ALPN chose. A client gets 10 s for the handshake (see
+    /// [`tls_handshake_timeout`](Server::tls_handshake_timeout)). Give
+    /// [`Forward`](crate::proxy::Forward) `.proto("https")` so the backends learn the clients'
+    /// scheme.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.settings.tls = Some(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            handshake_timeout: Duration::from_secs(10),
+        });
+        self
+    }
+
+    /// How long a client may take to finish the TLS handshake before it is dropped (default
+    /// 10 s). Only with [`tls`](Server::tls).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        if let Some(tls) = &mut self.settings.tls {
+            tls.handshake_timeout = timeout;
+        }
+        self
+    }
+}
+
+impl<S, B> Server<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Accepts connections from `listener` and serves them until this future is dropped, which
+    /// also closes the connections it is serving. Accept errors never end it.
+    pub async fn serve(self, listener: TcpListener) {
+        self.serve_with_shutdown(listener, std::future::pending(), Duration::ZERO)
+            .await
+    }
+
+    /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
+    /// `listener`) and shuts every connection down gracefully: requests in flight finish, an
+    /// HTTP/1.1 connection closes after its current response, an HTTP/2 one sends `GOAWAY`.
+    /// Connections still open after `grace` are closed, and it returns.
+    pub async fn serve_with_shutdown(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) {
+        let max_connections = self.settings.max_connections;
+        let conn = ConnParts::new(self);
+        accept_loop(
+            listener,
+            max_connections,
+            |stream, peer, drain| conn.clone().serve(stream, peer, Some(drain)),
+            shutdown,
+            grace,
+        )
+        .await
+    }
+
+    /// Serves one connection accepted elsewhere, from `peer`, with this server's settings
+    /// (but outside its connection limit and graceful shutdown): TLS handshake if configured,
+    /// then HTTP until the client closes or the connection times out. Errors are logged, not
+    /// returned.
+    pub fn serve_connection(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        ConnParts::new(self.clone()).serve(stream, peer, None)
+    }
+}
+
+/// Which protocol a connection speaks.
+#[derive(Clone, Copy)]
+enum Proto {
+    /// Sniffed: HTTP/2 if the client starts with its preface, else HTTP/1.1.
+    Auto,
+    /// HTTP/1.1, as ALPN chose.
+    #[cfg(feature = "tls")]
+    H1,
+    /// HTTP/2, as ALPN chose.
+    #[cfg(feature = "tls")]
+    H2,
+}
+
+/// What a connection needs: a clone of the service, and what every connection of the server
+/// shares.
+#[derive(Clone)]
+struct ConnParts<S> {
+    service: S,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    rules: IdleRules,
+    /// Sniffs the protocol (HTTP/2 preface or HTTP/1.1).
+    auto: auto::Builder<TokioExecutor>,
+    /// For TLS connections whose ALPN chose one protocol.
+    #[cfg(feature = "tls")]
+    h1: auto::Builder<TokioExecutor>,
+    #[cfg(feature = "tls")]
+    h2: auto::Builder<TokioExecutor>,
+    #[cfg(feature = "tls")]
+    tls: Option<Tls>,
+}
+
+impl<S, B> ConnParts<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    fn new(server: Server<S>) -> Self {
+        let s = server.settings;
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout)
+            .max_buf_size(s.max_header_bytes)
+            .keep_alive(true);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(s.h2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(s.h2_keep_alive_interval)
+            .keep_alive_timeout(s.h2_keep_alive_timeout);
+        let shared = Shared {
+            rules: IdleRules {
+                first_request: s.header_read_timeout,
+                idle: s.idle_timeout,
+            },
+            #[cfg(feature = "tls")]
+            h1: auto.clone().http1_only(),
+            #[cfg(feature = "tls")]
+            h2: auto.clone().http2_only(),
+            auto,
+            #[cfg(feature = "tls")]
+            tls: s.tls,
+        };
+        ConnParts {
+            service: server.service,
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Serves one connection to its end (the future owns what it needs, so it can be spawned).
+    async fn serve(self, stream: TcpStream, peer: SocketAddr, drain: Option<Drain>) {
+        let _ = stream.set_nodelay(true);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.shared.tls {
+            let accept = tls.acceptor.accept(stream);
+            let stream = match tokio::time::timeout(tls.handshake_timeout, accept).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let proto = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Proto::H2,
+                Some(b"http/1.1") => Proto::H1,
+                _ => Proto::Auto,
+            };
+            return self.http(proto, stream, peer, drain).await;
+        }
+        self.http(Proto::Auto, stream, peer, drain).await
+    }
+
+    async fn http<I>(self, proto: Proto, io: I, peer: SocketAddr, drain: Option<Drain>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let ConnParts { service, shared } = self;
+        let builder = match proto {
+            Proto::Auto => &shared.auto,
+            #[cfg(feature = "tls")]
+            Proto::H1 => &shared.h1,
+            #[cfg(feature = "tls")]
+            Proto::H2 => &shared.h2,
+        };
+        let activity = Arc::new(Activity::default());
+        let service = ConnService {
+            inner: service,
+            peer,
+            activity: activity.clone(),
+        };
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = std::pin::pin!(conn);
+        let result = drive(conn, &activity, shared.rules, drain, |c| {
+            c.graceful_shutdown()
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+    }
+}
