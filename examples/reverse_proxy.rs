@@ -41,11 +41,13 @@
 
 mod demo;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::Request;
 use hyper::body::Incoming;
+use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::health::{HealthChecker, HttpCheck, OutlierDetection};
 use lbkit::key::HashKeyLayer;
@@ -53,7 +55,7 @@ use lbkit::proxy::{ErrorResponseLayer, Forward};
 use lbkit::server::Server;
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
-use lbkit::{BalancerLayer, BoxError, Endpoint};
+use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tracing_subscriber::EnvFilter;
@@ -63,26 +65,37 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Args {
-    strategy: AnyStrategy,
-    listen: SocketAddr,
-    backends: Vec<SocketAddr>,
-    threads: Option<usize>,
-    sticky: bool,
-    hash_header: Option<String>,
-    check_path: String,
+/// What the flags set (`tests/reverse_proxy.rs` runs this same proxy with shorter timers).
+pub struct Args {
+    pub strategy: AnyStrategy,
+    pub listen: SocketAddr,
+    pub backends: Vec<SocketAddr>,
+    pub threads: Option<usize>,
+    pub sticky: bool,
+    pub hash_header: Option<String>,
+    pub check_path: String,
+    pub check_interval: Duration,
+    pub ejection_time: Duration,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Args {
+            strategy: AnyStrategy::RoundRobin(lbkit::strategy::RoundRobin::new()),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            backends: Vec::new(),
+            threads: None,
+            sticky: false,
+            hash_header: None,
+            check_path: "/".into(),
+            check_interval: Duration::from_secs(1),
+            ejection_time: Duration::from_secs(30),
+        }
+    }
 }
 
 fn parse_args() -> Result<Args, BoxError> {
-    let mut args = Args {
-        strategy: "round_robin".parse()?,
-        listen: "127.0.0.1:8080".parse()?,
-        backends: Vec::new(),
-        threads: None,
-        sticky: false,
-        hash_header: None,
-        check_path: "/".into(),
-    };
+    let mut args = Args::default();
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
         if arg == "--sticky" {
@@ -148,13 +161,48 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let backend_count = endpoints.len();
     let strategy_name = lbkit::strategy::Strategy::name(&args.strategy);
 
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "cannot listen on {}: {e} (choose another with --listen ADDR)",
+                args.listen
+            );
+            std::process::exit(1);
+        }
+    };
+    let listen = listener.local_addr()?;
+    println!("lbkit proxy on http://{listen} ({strategy_name}) over {backend_count} backends");
+    println!("try: for i in 1 2 3 4 5 6; do curl -s http://{listen}/; done");
+
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: finishing requests in flight");
+    };
+    let (_pool, serving) = proxy(endpoints, &args, listener, ctrl_c);
+    serving.await;
+    println!("bye");
+    Ok(())
+}
+
+/// The proxy over `endpoints`, served on `listener` until `shutdown` resolves: the pool (to
+/// watch or change while it serves) and the future that serves.
+pub fn proxy(
+    endpoints: Vec<Endpoint>,
+    args: &Args,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Pool<Target, AnyStrategy>, impl Future<Output = ()> + Send) {
     // The pool behind the balancer: active checks find a stopped backend, outlier detection
     // one that fails requests. Both stop when the pool is dropped.
-    let balancer = BalancerLayer::new(endpoints, args.strategy);
+    let balancer = BalancerLayer::new(endpoints, args.strategy.clone());
     HealthChecker::new(HttpCheck::get(&args.check_path))
-        .interval(Duration::from_secs(1))
+        .interval(args.check_interval)
         .spawn(balancer.pool());
-    OutlierDetection::new().spawn(balancer.pool());
+    OutlierDetection::new()
+        .base_ejection_time(args.ejection_time)
+        .spawn(balancer.pool());
+    let pool = balancer.pool().clone();
 
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
@@ -177,28 +225,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 .timeout(Duration::from_secs(10))
                 .hide_response_header(http::header::SERVER),
         );
-
-    let listener = match TcpListener::bind(args.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "cannot listen on {}: {e} (choose another with --listen ADDR)",
-                args.listen
-            );
-            std::process::exit(1);
-        }
-    };
-    let listen = listener.local_addr()?;
-    println!("lbkit proxy on http://{listen} ({strategy_name}) over {backend_count} backends");
-    println!("try: for i in 1 2 3 4 5 6; do curl -s http://{listen}/; done");
-
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("shutting down: finishing requests in flight");
-    };
-    Server::new(proxy)
-        .serve_with_shutdown(listener, ctrl_c, Duration::from_secs(10))
-        .await;
-    println!("bye");
-    Ok(())
+    let serving =
+        Server::new(proxy).serve_with_shutdown(listener, shutdown, Duration::from_secs(10));
+    (pool, serving)
 }
