@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use http::Request;
 use pin_project_lite::pin_project;
 use tower::util::{Oneshot, ServiceExt};
@@ -108,9 +110,9 @@ where
     C: Future<Output = T>,
 {
     let tick = (rules.idle / 2).max(Duration::from_millis(1));
-    let timer = tokio::time::sleep(rules.first_request);
+    let first_deadline = Instant::now() + rules.first_request;
+    let timer = tokio::time::sleep_until(first_deadline.min(Instant::now() + tick));
     let mut timer = std::pin::pin!(timer);
-    let mut first = true;
     let mut seen = 0;
     let mut quiet = 0u8;
     let mut closing = false;
@@ -122,16 +124,19 @@ where
                 closing = true;
             }
             () = timer.as_mut(), if !closing => {
+                let now = Instant::now();
                 let events = activity.events.load(Ordering::Relaxed);
-                let busy = activity.in_flight.load(Ordering::Relaxed) > 0;
-                if first && events == 0 {
-                    tracing::debug!("no request in time: closing the connection");
-                    shutdown(conn.as_mut());
-                    closing = true;
+                if events == 0 {
+                    if now >= first_deadline {
+                        tracing::debug!("no request in time: closing the connection");
+                        shutdown(conn.as_mut());
+                        closing = true;
+                    } else {
+                        timer.as_mut().reset(first_deadline.min(now + tick));
+                    }
                     continue;
                 }
-                first = false;
-                if busy || events != seen {
+                if activity.in_flight.load(Ordering::Relaxed) > 0 || events != seen {
                     seen = events;
                     quiet = 0;
                 } else {
@@ -143,7 +148,7 @@ where
                         continue;
                     }
                 }
-                timer.as_mut().reset(tokio::time::Instant::now() + tick);
+                timer.as_mut().reset(now + tick);
             }
         }
     }

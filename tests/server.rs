@@ -1,0 +1,279 @@
+//! lbkit's `Server` over real sockets on 127.0.0.1, against clients that misbehave: a request
+//! head that never ends, a connection that says nothing, an idle HTTP/2 connection (h2c, and
+//! h2 chosen by ALPN over TLS), more connections than the limit, and a graceful shutdown with a
+//! request in flight.
+//!
+//! Timers are set short so the tests are quick, but nothing asserts how fast anything happens:
+//! each test waits for a condition (the server closing the connection, a request being served)
+//! under a generous limit that only catches hangs.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lbkit::proxy::ClientAddr;
+use lbkit::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+const HANG: Duration = Duration::from_secs(30);
+
+async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(HANG, f)
+        .await
+        .unwrap_or_else(|_| panic!("hung for {HANG:?}: {what}"))
+}
+
+type Svc = tower::util::BoxCloneSyncService<Request<Incoming>, Response<Full<Bytes>>, Infallible>;
+
+/// A service answering `peer=<ClientAddr>` and counting its requests.
+fn echo_peer(count: Arc<AtomicU64>) -> Svc {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Request<Incoming>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let peer = req
+            .extensions()
+            .get::<ClientAddr>()
+            .map_or("none".to_owned(), |c| c.0.to_string());
+        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+            format!("peer={peer}"),
+        )))))
+    }))
+}
+
+/// Serves `server` on a new listener; the task stops the server when aborted.
+async fn serve(server: Server<Svc>) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    (addr, tokio::spawn(server.serve(listener)))
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns what was read.
+async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a new connection; the response body.
+async fn get(addr: SocketAddr) -> String {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
+    let res = send.send_request(req).await.expect("response");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn every_request_carries_the_client_address() {
+    let (addr, task) = serve(Server::new(echo_peer(Arc::default()))).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    drop(stream);
+    let body = within("a request", get(addr)).await;
+    assert!(body.starts_with("peer=127.0.0.1:"), "{body}");
+    assert_ne!(body, format!("peer={local}"), "a new connection, a new port");
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_unfinished_request_head_is_closed_after_the_header_read_timeout() {
+    let count = Arc::new(AtomicU64::new(0));
+    let timeout = Duration::from_millis(300);
+    let server = Server::new(echo_peer(count.clone()))
+        .header_read_timeout(timeout)
+        .idle_timeout(Duration::from_secs(600));
+    let (addr, task) = serve(server).await;
+
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    // First a whole request, so the connection is past protocol detection and the
+    // first-request deadline; then a head that never ends.
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = within("the first response", slow.read(&mut buf)).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let started = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ").await.unwrap();
+    within("the server to close a slow head", read_to_close(&mut slow)).await;
+    assert!(started.elapsed() >= timeout, "closed before the timeout");
+    assert_eq!(count.load(Ordering::SeqCst), 1, "the slow request was never served");
+
+    // The server still serves others.
+    assert!(within("a request", get(addr)).await.starts_with("peer="));
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let server = Server::new(echo_peer(Arc::default()))
+        .header_read_timeout(Duration::from_millis(200))
+        .idle_timeout(Duration::from_secs(600));
+    let (addr, task) = serve(server).await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let got = within("the server to close a silent connection", read_to_close(&mut silent)).await;
+    assert!(got.is_empty(), "nothing was asked, nothing answered");
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_with_goaway() {
+    let count = Arc::new(AtomicU64::new(0));
+    let server = Server::new(echo_peer(count.clone()))
+        .header_read_timeout(Duration::from_secs(600))
+        .idle_timeout(Duration::from_millis(200));
+    let (addr, task) = serve(server).await;
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    let conn = tokio::spawn(conn);
+    let res = send
+        .send_request(Request::get("http://x/").body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .expect("an h2c request");
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    res.into_body().collect().await.unwrap();
+    // Idle from here: the server sends GOAWAY and closes, which ends the client's connection.
+    within("the idle h2c connection to close", conn)
+        .await
+        .expect("connection task")
+        .expect("a clean close (GOAWAY), not an error");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_silent_h2_client_after_alpn_is_closed() {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let config = lbkit::proxy::tls::server_config_from_pem_bytes(
+        ck.cert.pem().as_bytes(),
+        ck.signing_key.serialize_pem().as_bytes(),
+    )
+    .unwrap();
+    let server = Server::new(echo_peer(Arc::default()))
+        .tls(config)
+        .header_read_timeout(Duration::from_millis(200))
+        .idle_timeout(Duration::from_secs(600));
+    let (addr, task) = serve(server).await;
+
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut client = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = within(
+        "the TLS handshake",
+        tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // Say nothing, not even the HTTP/2 preface: the server must close the connection.
+    let mut buf = Vec::new();
+    let _ = within("the server to close a silent h2 client", tls.read_to_end(&mut buf)).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn past_the_connection_limit_clients_wait_in_the_backlog() {
+    let count = Arc::new(AtomicU64::new(0));
+    let (addr, task) = serve(Server::new(echo_peer(count.clone())).max_connections(2)).await;
+
+    // Two connections take both slots and stay open.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = within("a response", s.read(&mut buf)).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        open.push(s);
+    }
+    // A third connects (the kernel completes the handshake) but is not accepted: its request
+    // is not served while the two are open.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 1024];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served past the connection limit");
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+
+    // One closes: the third is accepted and served.
+    drop(open.pop());
+    let n = within("the waiting client to be served", third.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+    task.abort();
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
+    let release = Arc::new(Notify::new());
+    let arrived = Arc::new(Notify::new());
+    let (r, a) = (release.clone(), arrived.clone());
+    let svc = tower::util::BoxCloneSyncService::new(tower::service_fn(
+        move |_req: Request<Incoming>| {
+            let (r, a) = (r.clone(), a.clone());
+            async move {
+                a.notify_one();
+                r.notified().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("done"))))
+            }
+        },
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(Notify::new());
+    let s = stop.clone();
+    let server = tokio::spawn(Server::new(svc).serve_with_shutdown(
+        listener,
+        async move { s.notified().await },
+        HANG,
+    ));
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    within("the request to arrive", arrived.notified()).await;
+    stop.notify_one();
+    // New connections are refused once the listener is closed; the one in flight goes on.
+    within("the listener to close", async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    release.notify_one();
+    let got = within("the response and the close", read_to_close(&mut client)).await;
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.ends_with("done"), "{text}");
+    within("the server to return", server).await.unwrap();
+}
