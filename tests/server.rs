@@ -89,7 +89,11 @@ async fn every_request_carries_the_client_address() {
     drop(stream);
     let body = within("a request", get(addr)).await;
     assert!(body.starts_with("peer=127.0.0.1:"), "{body}");
-    assert_ne!(body, format!("peer={local}"), "a new connection, a new port");
+    assert_ne!(
+        body,
+        format!("peer={local}"),
+        "a new connection, a new port"
+    );
     task.abort();
 }
 
@@ -105,15 +109,25 @@ async fn an_unfinished_request_head_is_closed_after_the_header_read_timeout() {
     let mut slow = TcpStream::connect(addr).await.unwrap();
     // First a whole request, so the connection is past protocol detection and the
     // first-request deadline; then a head that never ends.
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 1024];
-    let n = within("the first response", slow.read(&mut buf)).await.unwrap();
+    let n = within("the first response", slow.read(&mut buf))
+        .await
+        .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     let started = Instant::now();
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .unwrap();
     within("the server to close a slow head", read_to_close(&mut slow)).await;
     assert!(started.elapsed() >= timeout, "closed before the timeout");
-    assert_eq!(count.load(Ordering::SeqCst), 1, "the slow request was never served");
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "the slow request was never served"
+    );
 
     // The server still serves others.
     assert!(within("a request", get(addr)).await.starts_with("peer="));
@@ -127,7 +141,11 @@ async fn a_connection_that_sends_nothing_is_closed() {
         .idle_timeout(Duration::from_secs(600));
     let (addr, task) = serve(server).await;
     let mut silent = TcpStream::connect(addr).await.unwrap();
-    let got = within("the server to close a silent connection", read_to_close(&mut silent)).await;
+    let got = within(
+        "the server to close a silent connection",
+        read_to_close(&mut silent),
+    )
+    .await;
     assert!(got.is_empty(), "nothing was asked, nothing answered");
     task.abort();
 }
@@ -147,7 +165,11 @@ async fn an_idle_http2_connection_is_closed_with_goaway() {
             .expect("h2c handshake");
     let conn = tokio::spawn(conn);
     let res = send
-        .send_request(Request::get("http://x/").body(Empty::<Bytes>::new()).unwrap())
+        .send_request(
+            Request::get("http://x/")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .expect("an h2c request");
     assert_eq!(res.version(), http::Version::HTTP_2);
@@ -195,7 +217,11 @@ async fn a_silent_h2_client_after_alpn_is_closed() {
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     // Say nothing, not even the HTTP/2 preface: the server must close the connection.
     let mut buf = Vec::new();
-    let _ = within("the server to close a silent h2 client", tls.read_to_end(&mut buf)).await;
+    let _ = within(
+        "the server to close a silent h2 client",
+        tls.read_to_end(&mut buf),
+    )
+    .await;
     task.abort();
 }
 
@@ -208,7 +234,9 @@ async fn past_the_connection_limit_clients_wait_in_the_backlog() {
     let mut open = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 1024];
         let n = within("a response", s.read(&mut buf)).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
@@ -217,7 +245,10 @@ async fn past_the_connection_limit_clients_wait_in_the_backlog() {
     // A third connects (the kernel completes the handshake) but is not accepted: its request
     // is not served while the two are open.
     let mut third = TcpStream::connect(addr).await.unwrap();
-    third.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    third
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 1024];
     let early = tokio::time::timeout(Duration::from_millis(300), third.read(&mut buf)).await;
     assert!(early.is_err(), "served past the connection limit");
@@ -238,16 +269,15 @@ async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
     let release = Arc::new(Notify::new());
     let arrived = Arc::new(Notify::new());
     let (r, a) = (release.clone(), arrived.clone());
-    let svc = tower::util::BoxCloneSyncService::new(tower::service_fn(
-        move |_req: Request<Incoming>| {
+    let svc =
+        tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Incoming>| {
             let (r, a) = (r.clone(), a.clone());
             async move {
                 a.notify_one();
                 r.notified().await;
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("done"))))
             }
-        },
-    ));
+        }));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(Notify::new());
@@ -259,7 +289,10 @@ async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
     ));
 
     let mut client = TcpStream::connect(addr).await.unwrap();
-    client.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     within("the request to arrive", arrived.notified()).await;
     stop.notify_one();
     // New connections are refused once the listener is closed; the one in flight goes on.
