@@ -65,6 +65,11 @@ pin_project! {
     {
         #[pin]
         inner: Call<S, Req>,
+        // The conversion of the service's error, chosen where `S::Error: Into<BoxError>` is
+        // known. A bound on the `Future` impl instead would make rustc fail to prove a
+        // spawned caller `Send` when `S::Error` is `BoxError` ("implementation of `From` is
+        // not general enough").
+        into_box: fn(S::Error) -> BoxError,
     }
 }
 
@@ -90,7 +95,10 @@ where
 {
     /// Calls `service` now if it is ready, otherwise keeps the request until it is.
     #[inline]
-    pub(crate) fn new(mut service: S, req: Req) -> Self {
+    pub(crate) fn new(mut service: S, req: Req) -> Self
+    where
+        S::Error: Into<BoxError>,
+    {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         let inner = match service.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => Call::Called {
@@ -102,7 +110,10 @@ where
                 oneshot: Box::pin(service.oneshot(req)),
             },
         };
-        EndpointCall { inner }
+        EndpointCall {
+            inner,
+            into_box: Into::into,
+        }
     }
 }
 
@@ -110,14 +121,16 @@ impl<S, Req> Future for EndpointCall<S, Req>
 where
     S: Service<Req>,
 {
-    type Output = Result<S::Response, S::Error>;
+    type Output = Result<S::Response, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().inner.project() {
-            CallProj::Called { fut } => fut.poll(cx),
-            CallProj::Waiting { oneshot } => oneshot.as_mut().poll(cx),
-        }
+        let this = self.project();
+        let res = match this.inner.project() {
+            CallProj::Called { fut } => ready!(fut.poll(cx)),
+            CallProj::Waiting { oneshot } => ready!(oneshot.as_mut().poll(cx)),
+        };
+        Poll::Ready(res.map_err(*this.into_box))
     }
 }
 
@@ -161,10 +174,9 @@ impl<F, C> std::fmt::Debug for ResponseFuture<F, C> {
     }
 }
 
-impl<F, T, E, C> Future for ResponseFuture<F, C>
+impl<F, T, C> Future for ResponseFuture<F, C>
 where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
+    F: Future<Output = Result<T, BoxError>>,
     C: TrackCompletion<InFlight, T>,
 {
     type Output = Result<C::Output, Error>;
@@ -189,7 +201,7 @@ where
                         h.fail();
                         let id = h.candidate().id().clone();
                         drop(h);
-                        Err(Error::endpoint(id, e.into()))
+                        Err(Error::endpoint(id, e))
                     }
                 })
             }

@@ -1,4 +1,3 @@
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tower_layer::Layer;
@@ -9,49 +8,11 @@ use super::future::{EndpointCall, ResponseFuture};
 use super::service::dispatch;
 #[cfg(doc)]
 use super::service::Balancer;
+use super::target::Target;
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Error};
 use crate::pool::Pool;
 use crate::strategy::Strategy;
-
-/// The endpoint a request was routed to, in the request's extensions.
-///
-/// [`RouteToEndpoint`] inserts it, so that one inner service (a forwarding proxy, a client) can
-/// serve every endpoint by reading where to send each request.
-#[derive(Clone, Debug)]
-pub struct Target(Arc<TargetInner>);
-
-#[derive(Debug)]
-struct TargetInner {
-    endpoint: Endpoint,
-    authority: Option<http::uri::Authority>,
-}
-
-impl Target {
-    /// A target for `endpoint`.
-    pub fn new(endpoint: &Endpoint) -> Self {
-        let authority = match endpoint.socket_addr() {
-            Some(addr) => http::uri::Authority::try_from(addr.to_string()).ok(),
-            None => http::uri::Authority::try_from(endpoint.id().as_str()).ok(),
-        };
-        Target(Arc::new(TargetInner {
-            endpoint: endpoint.clone(),
-            authority,
-        }))
-    }
-
-    /// The endpoint to send the request to.
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.0.endpoint
-    }
-
-    /// The endpoint as a URI authority (`host:port`): its socket address, or else its id when
-    /// that is a valid authority. Computed once per endpoint, so forwarding does not format it
-    /// per request.
-    pub fn authority(&self) -> Option<&http::uri::Authority> {
-        self.0.authority.as_ref()
-    }
-}
 
 /// An endpoint's service made from one shared inner service: it tags each request with its
 /// [`Target`] and calls the inner service.
@@ -98,6 +59,13 @@ where
 /// [`from_pool`](BalancerLayer::from_pool)) to add and remove endpoints, run health checks and
 /// outlier detection, follow discovery, or read statistics while traffic flows. Requests count
 /// as in flight until their response body ends ([`CompleteOnBody`]).
+///
+/// For a client, [`TargetUri`](super::TargetUri) is the inner service that sends each request
+/// to its target with a hyper-util client. A hand-written inner service should have a concrete
+/// error type: one made with `service_fn` whose `async` block returns `Result<_, BoxError>`
+/// works when awaited, but its calls cannot be spawned (`tokio::spawn` fails to compile with
+/// "implementation of `From` is not general enough", a rustc limitation that every tower
+/// middleware bounding `S::Error: Into<BoxError>` shares).
 ///
 /// ```
 /// use lbkit::health::OutlierDetection;

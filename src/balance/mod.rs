@@ -12,8 +12,10 @@ mod completion;
 mod future;
 mod layer;
 mod service;
+mod target;
 
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
-pub use layer::{Balanced, BalancerLayer, RouteToEndpoint, Target};
+pub use layer::{Balanced, BalancerLayer, RouteToEndpoint};
+pub use target::{Target, TargetUri, TargetUriFuture};
 pub use service::Balancer;

@@ -149,6 +149,7 @@ where
     St: Strategy,
     C: Clone,
     S: Service<Req>,
+    S::Error: Into<BoxError>,
     Req: RequestHints,
 {
     let hints = req.hints();
