@@ -1,39 +1,130 @@
-//! Demo backends for the examples: small HTTP servers on 127.0.0.1, served by lbkit's own
-//! [`Server`], so that every example runs with no other setup. Not an example itself: the
-//! examples include it with `mod demo;`.
+//! Demo backends for the examples: small servers on 127.0.0.1, on ports the OS picks, so that
+//! every example runs with no other setup. The HTTP ones are served by lbkit's own [`Server`].
+//! Not an example itself: the examples include it with `mod demo;`, each using a part of it.
+//!
+//! - [`backend`] and [`slow_backend`]: an HTTP backend that says who it is;
+//! - [`hello`]: that backend's service, for an example that serves it itself (to stop and
+//!   restart it on the same port);
+//! - [`serve`]: serves an example's own service, as the demo backends are served;
+//! - [`echo_backend`]: a TCP line-echo server, for the TCP proxy.
+
+// Each example uses a part of this module.
+#![allow(dead_code)]
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use lbkit::server::Server;
+use lbkit::BoxError;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tower::Service;
 
-/// Starts a backend named `name` on a port the OS picks and returns its address. It answers
-/// `hello from NAME: METHOD URI`, and at `/headers` lists the request headers it received
-/// (what a proxy in front of it added).
+/// The response header in which a demo backend gives its name, on every answer.
+pub const NAME_HEADER: HeaderName = HeaderName::from_static("x-backend");
+
+/// Starts an HTTP backend named `name` and returns its address; it serves until the program
+/// ends. What it answers: see [`hello`].
 pub async fn backend(name: impl ToString) -> std::io::Result<SocketAddr> {
+    serve(hello(&name.to_string(), Duration::ZERO)).await
+}
+
+/// As [`backend`], but every answer waits `delay` first: a slower (or busier) server.
+pub async fn slow_backend(name: impl ToString, delay: Duration) -> std::io::Result<SocketAddr> {
+    serve(hello(&name.to_string(), delay)).await
+}
+
+/// The service of a demo backend named `name`: after `delay` it answers `/health` with `ok`,
+/// `/headers` with the request headers it received (what a proxy in front of it added), and
+/// anything else with `hello from NAME: METHOD URI`; every answer carries [`NAME_HEADER`].
+pub fn hello(
+    name: &str,
+    delay: Duration,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    let name = name.to_string();
+    tower::service_fn(move |req: Request<Incoming>| {
+        let body = match req.uri().path() {
+            "/health" => "ok\n".to_owned(),
+            "/headers" => {
+                let mut text = format!("{name} received:\n");
+                for (header, value) in req.headers() {
+                    let value = value.to_str().unwrap_or("?");
+                    text.push_str(&format!("  {header}: {value}\n"));
+                }
+                text
+            }
+            _ => format!("hello from {name}: {} {}\n", req.method(), req.uri()),
+        };
+        let res = Response::builder()
+            .header(NAME_HEADER, name.as_str())
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response");
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(res)
+        }
+    })
+}
+
+/// Serves `service` with lbkit's [`Server`] on a port the OS picks, until the program ends, and
+/// returns the address. (`Sync`: the server's future is `Send` only for a `Sync` service.)
+pub async fn serve<S, B>(service: S) -> std::io::Result<SocketAddr>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(Server::new(service).serve(listener));
+    Ok(addr)
+}
+
+/// Starts a TCP echo server named `name` and returns its address: it greets each connection
+/// with a line `NAME`, sends every line back upper-cased, and closes once the client has closed
+/// its side. (lbkit's [`Server`] speaks HTTP; a raw TCP backend needs its own accept loop.)
+pub async fn echo_backend(name: impl ToString) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let name = name.to_string();
-    let svc = tower::service_fn(move |req: Request<Incoming>| {
-        let body = if req.uri().path() == "/headers" {
-            let mut text = format!("{name} received:\n");
-            for (header, value) in req.headers() {
-                let value = value.to_str().unwrap_or("?");
-                text.push_str(&format!("  {header}: {value}\n"));
-            }
-            text
-        } else {
-            format!("hello from {name}: {} {}\n", req.method(), req.uri())
-        };
-        std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
-            body,
-        )))))
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                // Out of file descriptors, say: wait a little rather than spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let greeting = format!("{name}\n");
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                w.write_all(greeting.as_bytes()).await?;
+                let mut lines = BufReader::new(r).lines();
+                while let Some(line) = lines.next_line().await? {
+                    w.write_all(format!("{}\n", line.to_uppercase()).as_bytes())
+                        .await?;
+                }
+                w.shutdown().await
+            });
+        }
     });
-    tokio::spawn(Server::new(svc).serve(listener));
     Ok(addr)
 }
