@@ -1,4 +1,5 @@
-//! An L4 (TCP) balancer in front of three local echo servers.
+//! An L4 (TCP) balancer in front of three local echo servers (the shared demo ones,
+//! `examples/demo`).
 //!
 //! ```text
 //! cargo run --example tcp_proxy
@@ -17,6 +18,8 @@
 //! works too: `printf 'hi\n' | nc -N 127.0.0.1 9000` sends, shuts its write side, and still reads the
 //! answer before the backend closes.
 
+mod demo;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -33,7 +36,7 @@ const LISTEN: &str = "127.0.0.1:9000";
 async fn main() -> Result<(), BoxError> {
     let mut backends = Vec::new();
     for n in 1..=3 {
-        let addr = spawn_echo(n).await?;
+        let addr = demo::echo_backend(format!("echo-{n}")).await?;
         println!("echo-{n} on {addr}");
         backends.push(addr);
     }
@@ -86,29 +89,4 @@ async fn talk((mut lines, mut w): Conn, line: &str) -> Result<String, BoxError> 
     w.write_all(format!("{line}\n").as_bytes()).await?;
     w.shutdown().await?;
     Ok(lines.next_line().await?.unwrap_or_default())
-}
-
-/// An echo server: greets with `echo-N`, then sends every line back upper-cased, and closes
-/// when the client has closed its side.
-async fn spawn_echo(n: usize) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                w.write_all(format!("echo-{n}\n").as_bytes()).await?;
-                let mut lines = BufReader::new(r).lines();
-                while let Some(line) = lines.next_line().await? {
-                    w.write_all(format!("{}\n", line.to_uppercase()).as_bytes())
-                        .await?;
-                }
-                w.shutdown().await
-            });
-        }
-    });
-    Ok(addr)
 }
