@@ -1,5 +1,5 @@
 //! TLS termination: an HTTPS balancing proxy on 127.0.0.1:8443 in front of three plain-HTTP
-//! backends, with a self-signed certificate made at start.
+//! demo backends (`examples/demo`), with a self-signed certificate made at start.
 //!
 //! ```text
 //! cargo run --example tls_termination
@@ -7,8 +7,10 @@
 //!
 //! It writes a self-signed certificate for `localhost` and 127.0.0.1 (made with rcgen) as PEM
 //! files into a temporary directory, loads them with `tls::server_config_from_pem` as a real
-//! deployment loads its own, asks itself once over HTTP/1.1 and once over HTTP/2 to show both
-//! work, and then serves until Ctrl-C. Try, from another terminal:
+//! deployment loads its own, and serves the proxy with lbkit's `Server` and `.tls(config)`
+//! (ALPN offers `h2` and `http/1.1`). It asks itself once over HTTP/1.1 and once over HTTP/2 to
+//! show both work, and then serves until Ctrl-C (requests in flight finish). Try, from another
+//! terminal:
 //!
 //! ```text
 //! curl -k https://127.0.0.1:8443/                 # HTTP/2 by ALPN; answers rotate over the backends
@@ -17,17 +19,19 @@
 //! curl --cacert <printed cert path> https://localhost:8443/   # trust the cert instead of -k
 //! ```
 
-use std::convert::Infallible;
+mod demo;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::proxy::{tls, ErrorResponseLayer, Forward};
+use lbkit::server::Server;
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,7 +62,7 @@ async fn main() -> Result<(), BoxError> {
 
     let mut endpoints = Vec::new();
     for n in 1..=3 {
-        endpoints.push(Endpoint::from(spawn_backend(n).await?));
+        endpoints.push(Endpoint::from(demo::backend(format!("backend-{n}")).await?));
     }
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
@@ -73,7 +77,15 @@ async fn main() -> Result<(), BoxError> {
         }
     };
     let addr = listener.local_addr()?;
-    let serving = tokio::spawn(tls::serve(listener, config, proxy));
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("shutting down: finishing requests in flight");
+    };
+    let serving = tokio::spawn(Server::new(proxy).tls(config).serve_with_shutdown(
+        listener,
+        ctrl_c,
+        Duration::from_secs(10),
+    ));
 
     // Ask ourselves once per protocol, trusting the new certificate.
     let cert = certified.cert.der().clone();
@@ -87,11 +99,9 @@ async fn main() -> Result<(), BoxError> {
         cert_path.display()
     );
     println!("try: curl -k https://127.0.0.1:8443/   (Ctrl-C to stop)");
-    tokio::select! {
-        res = serving => res??,
-        _ = tokio::signal::ctrl_c() => println!("bye"),
-    }
+    serving.await?;
     let _ = std::fs::remove_dir_all(&dir);
+    println!("bye");
     Ok(())
 }
 
@@ -135,32 +145,4 @@ async fn ask(
     let body = res.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&body);
     Ok(format!("{version:?} {}", text.lines().next().unwrap_or("")))
-}
-
-/// A plain-HTTP backend that says who it is, and lists the headers it got at `/headers`.
-async fn spawn_backend(n: usize) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let svc = service_fn(move |req: Request<Incoming>| async move {
-                let mut text = format!("hello from backend-{n} over plain HTTP\n");
-                if req.uri().path() == "/headers" {
-                    for (name, value) in req.headers() {
-                        text.push_str(&format!("  {name}: {}\n", value.to_str().unwrap_or("?")));
-                    }
-                }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }
