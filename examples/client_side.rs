@@ -5,36 +5,34 @@
 //! cargo run --example client_side
 //! ```
 //!
-//! It starts three local hosts (host-3 is ten times slower than the others), sends 300 calls
-//! through the balanced client, 30 at a time, prints how they were spread, and exits (within a
-//! second). Power of two choices sends each call to the less busy of two random hosts, counting
-//! calls in flight until their response body ends, so the slow host, whose calls stay in
-//! flight longer, gets far fewer of them (typically 137 / 141 / 22). Try `RoundRobin::new()`
-//! instead of `PowerOfTwoChoices::new()` below: every host then gets 100, and the run takes
-//! several times longer.
+//! It starts three demo hosts (`examples/demo`; host-3 is ten times slower than the others),
+//! sends 300 calls through the balanced client, 30 at a time, prints how they were spread (by
+//! the `x-backend` header each host puts on its answers), and exits (within a second). Power
+//! of two choices sends each call to the less busy of two random hosts, counting calls in
+//! flight until their response body ends, so the slow host, whose calls stay in flight longer,
+//! gets far fewer of them (typically about 135 / 140 / 25). Try `RoundRobin::new()` instead of
+//! `PowerOfTwoChoices::new()` below: every host then gets 100, and the run takes several times
+//! longer.
 //!
 //! The building blocks: `BalancerLayer` wraps one inner service and tells it, per call, which
 //! endpoint was picked (the `Target` request extension); the inner service here is a plain
 //! `tower::service_fn` that rewrites the URI to that host and sends with a pooled hyper-util
 //! client.
 
+mod demo;
+
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
+use http::{Request, Uri};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use lbkit::balance::Target;
 use lbkit::strategy::PowerOfTwoChoices;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
-use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 
 #[tokio::main]
@@ -42,7 +40,7 @@ async fn main() -> Result<(), BoxError> {
     // Three hosts; host-3 takes 50 ms per call, the others 5 ms.
     let mut hosts = Vec::new();
     for (n, delay_ms) in [(1, 5), (2, 5), (3, 50)] {
-        let addr = spawn_host(n, Duration::from_millis(delay_ms)).await?;
+        let addr = demo::slow_backend(format!("host-{n}"), Duration::from_millis(delay_ms)).await?;
         println!("host-{n} on {addr}, answers in {delay_ms} ms");
         hosts.push(Endpoint::from(addr));
     }
@@ -77,8 +75,10 @@ async fn main() -> Result<(), BoxError> {
         async move {
             let req = Request::get(format!("/item/{i}")).body(Empty::new())?;
             let res = balanced.oneshot(req).await?;
-            let body = res.into_body().collect().await?.to_bytes();
-            Ok::<_, BoxError>(String::from_utf8_lossy(&body).into_owned())
+            let host = res.headers().get(demo::NAME_HEADER).cloned();
+            // The call counts as in flight until its body ends: read it.
+            res.into_body().collect().await?;
+            Ok::<_, BoxError>(host.ok_or("no x-backend header")?.to_str()?.to_owned())
         }
     });
     let answers: Vec<Result<String, BoxError>> = futures::StreamExt::buffer_unordered(calls, 30)
@@ -97,27 +97,4 @@ async fn main() -> Result<(), BoxError> {
         println!("  {host}: {n:3} {}", "#".repeat(n / 4));
     }
     Ok(())
-}
-
-/// A host that answers `host-N` after `delay`.
-async fn spawn_host(n: usize, delay: Duration) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let svc = service_fn(move |_req: Request<Incoming>| async move {
-                tokio::time::sleep(delay).await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("host-{n}")))))
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }
