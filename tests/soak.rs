@@ -306,7 +306,7 @@ async fn soak_with_a_mixed_fault_schedule() {
         *steps.entry(step).or_default() += 1;
         k += 1;
         tokio::time::sleep(CALM).await;
-        if k % STEPS.len() == 0 {
+        if k.is_multiple_of(STEPS.len()) {
             eprintln!(
                 "  {:>4.0} s: {k} faults, RSS {} KiB",
                 started.elapsed().as_secs_f64(),

@@ -17,5 +17,5 @@ mod target;
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
 pub use layer::{Balanced, BalancerLayer, RouteToEndpoint};
-pub use target::{Target, TargetUri, TargetUriFuture};
 pub use service::Balancer;
+pub use target::{Target, TargetUri, TargetUriFuture};

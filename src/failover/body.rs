@@ -164,7 +164,7 @@ impl<B: Body> ReplayBody<B> {
 
 /// Whether an optional body is absent or at its end.
 fn ended<B: Body>(body: Option<&B>) -> bool {
-    body.map_or(true, Body::is_end_stream)
+    body.is_none_or(Body::is_end_stream)
 }
 
 impl<B: Body> Replay for ReplayBody<B>

@@ -214,7 +214,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         for m in members.values() {
             if let Some(from) = m.state.ramp_start() {
                 let elapsed = Duration::from_nanos(now_ns.saturating_sub(from));
-                if slow_start.map_or(true, |s| s.share_after(elapsed).is_none()) {
+                if slow_start.is_none_or(|s| s.share_after(elapsed).is_none()) {
                     m.state.end_ramp();
                     tracing::debug!(endpoint = %m.endpoint.id(), "slow start over");
                 }

@@ -316,7 +316,7 @@ fn most_common(values: impl Iterator<Item = Latency>) -> Option<Latency> {
     }
     let mut best: Option<(Latency, usize)> = None;
     for (v, n) in counts {
-        if best.map_or(true, |(_, m)| n > m) {
+        if best.is_none_or(|(_, m)| n > m) {
             best = Some((v, n));
         }
     }
@@ -375,7 +375,7 @@ where
         }
         Arrivals::Closed { workers: n, think } => {
             let n = usize::try_from(total).map_or(n, |t| t.min(n));
-            workers.extend(std::iter::repeat(start).take(n));
+            workers.extend(std::iter::repeat_n(start, n));
             (usize::MAX, think)
         }
     };
