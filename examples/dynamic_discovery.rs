@@ -6,37 +6,33 @@
 //! cargo run --example dynamic_discovery
 //! ```
 //!
-//! It starts five demo backends on 127.0.0.1, a balancing proxy over the first two, and a
-//! client that keeps sending requests through the proxy. Every second it prints how many
-//! requests each backend answered, while a scaler changes the pool through its live handle:
+//! It starts five demo backends on 127.0.0.1 (`examples/demo`, each a little slow so that
+//! requests overlap), a balancing proxy over the first two (lbkit's `Server` in front of
+//! `ErrorResponseLayer`, `BalancerLayer` and `Forward`), and a client that keeps sending
+//! requests through the proxy. Every second it prints how many requests each backend answered
+//! (by the `x-backend` header of the answers), while a scaler changes the layer's pool:
 //! two backends join, one gets three times the weight, one is removed (its in-flight requests
 //! finish: it drains) and another joins. Watch the columns follow, and the failure count stay
 //! at zero. It stops by itself after about ten seconds.
 
+mod demo;
+
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use lbkit::balance::RouteToEndpoint;
+use hyper_util::rt::TokioExecutor;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
+use lbkit::server::Server;
 use lbkit::strategy::RoundRobin;
-use lbkit::{Balancer, Endpoint};
+use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One step of the scaling script: what it does, and doing it.
 type Step = (&'static str, Box<dyn Fn()>);
@@ -49,34 +45,21 @@ async fn main() -> Result<(), BoxError> {
 
     let mut backends = Vec::new();
     for n in 1..=5 {
-        backends.push(spawn_backend(n).await?);
+        let name = format!("backend-{n}");
+        backends.push(demo::slow_backend(name, Duration::from_millis(2)).await?);
     }
 
-    // The balancer over a live pool; the pool handle is kept for the scaler.
-    let forward = Forward::<Incoming>::new();
-    let balancer = Balancer::new(
-        [Endpoint::from(backends[0]), Endpoint::from(backends[1])],
-        RoundRobin::new(),
-        move |ep: &Endpoint| RouteToEndpoint::new(forward.clone(), ep),
-    )
-    .http();
+    // The balancer layer over a live pool; the pool handle is kept for the scaler.
+    let balancer = BalancerLayer::new([backends[0], backends[1]], RoundRobin::new());
     let pool = balancer.pool().clone();
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
-        .service(balancer);
+        .layer(balancer)
+        .service(Forward::<Incoming>::new());
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let svc = TowerToHyperService::new(proxy.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(Server::new(proxy).serve(listener));
     println!("proxy on http://{proxy_addr}; backends 1 and 2 in the pool");
 
     // A client sending requests through the proxy, four at a time.
@@ -93,8 +76,10 @@ async fn main() -> Result<(), BoxError> {
                 let answer = async {
                     let res = client.get(uri).await?;
                     let ok = res.status().is_success();
-                    let body = res.into_body().collect().await?.to_bytes();
-                    Ok::<_, BoxError>((ok, String::from_utf8_lossy(&body).into_owned()))
+                    let who = res.headers().get(demo::NAME_HEADER).cloned();
+                    res.into_body().collect().await?;
+                    let who = who.ok_or("no x-backend header")?.to_str()?.to_owned();
+                    Ok::<_, BoxError>((ok, who))
                 };
                 match answer.await {
                     Ok((true, who)) => *counts.lock().unwrap().entry(who).or_default() += 1,
@@ -151,26 +136,4 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     Ok(())
-}
-
-/// A demo backend answering `backend-N`, a little slowly so that requests overlap.
-async fn spawn_backend(n: usize) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let svc = service_fn(move |_req: Request<Incoming>| async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
-                    "backend-{n}"
-                )))))
-            });
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
 }
