@@ -3,15 +3,19 @@
 //! `HealthChecker` and `OutlierDetection` on the pool, and clients sending real HTTP to it
 //! (see `common::fault`).
 //!
-//! - a backend killed under load: no client sees a failure, and the dead backend is out of
-//!   rotation within the configured detection time;
+//! - a backend killed under load: no client sees a failure, the health check marks it down
+//!   after exactly `fall` failed checks, and no attempt reaches it after that;
 //! - a rolling restart: every in-flight request completes, no client sees a failure;
-//! - backends that hang, answer slowly, reset: 504/502 within the timeouts, others unaffected;
-//! - every backend down: 503 at once, memory flat, traffic back when one returns.
+//! - backends that hang, answer slowly, reset: 504/502, others unaffected, and the faulty ones
+//!   ejected and then left alone;
+//! - every backend down: 503 without an attempt to reach any, memory flat, traffic back when
+//!   one returns, after exactly `rise` passed checks.
 //!
-//! The figures (requests, failures, detection times, memory) are printed: run with
-//! `cargo test --test faults -- --nocapture` to see them. The tests take turns (one lock), so
-//! that their timings do not disturb each other on a small machine.
+//! Nothing here depends on how fast the machine is: the load is counted in requests, health
+//! in check rounds, traffic in attempts seen by the endpoint services, and the time limits
+//! only catch hangs. The figures (requests, failures, times, memory) are printed: run with
+//! `cargo test --test faults -- --nocapture` to see them. The load tests take turns (one
+//! lock): each keeps a small machine busy on its own.
 
 mod common;
 
@@ -23,89 +27,100 @@ use common::fault::{
     exchange, get, rss_kib, start_server_at, Fault, FaultServer, Load, Outcome, ProxyStack,
     StackConfig,
 };
-use common::{endpoints, http_client, start_server, start_servers, wait_until, within};
+use common::{
+    endpoints, http_client, next_event, start_server, start_servers, wait_until, within, HANG,
+};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use lbkit::endpoint::Health;
 use lbkit::health::HealthChange;
 use lbkit::EndpointId;
 
-/// One test at a time: their load and timings would disturb each other on two cores.
+/// One load test at a time: each keeps two cores busy on its own.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Scheduling slack on a noisy machine, on top of configured times.
-const SLACK: Duration = Duration::from_millis(250);
+/// Bound on a whole test; only catches a hang (each wait inside has its own, [`HANG`]).
+const LIMIT: Duration = Duration::from_secs(180);
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn is_down(c: &HealthChange) -> bool {
+    matches!(c, HealthChange::Down { .. })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_one_of_three_under_load_fails_no_request() {
     let _turn = SERIAL.lock().await;
-    within(Duration::from_secs(20), async {
+    within(LIMIT, async {
         let mut servers = start_servers(3).await;
         let config = StackConfig::default();
-        let bound = config.check_detection_bound();
-        let proxy = ProxyStack::start(endpoints(&servers), config).await;
+        let proxy = ProxyStack::start(endpoints(&servers), config.clone()).await;
         let mut events = proxy.pool.health_events();
+        // Every backend passes a check first: from then on the health check needs `fall`
+        // failed checks in a row to mark one down (the first failed check of a new endpoint
+        // marks it down at once).
+        wait_until(HANG, "a passed check of every backend", || {
+            servers
+                .iter()
+                .all(|s| proxy.checks.passed(&EndpointId::from(s.name())) > 0)
+        })
+        .await;
 
         let load = Load::start(proxy.addr, 8, 1_000_000, Duration::ZERO);
-        load.wait_for(1_000, Duration::from_secs(5)).await;
+        load.wait_for(1_000, HANG).await;
 
-        // Kill s1 abruptly: its listener and every open connection go at once.
+        // Kill s1 abruptly: its listener and every open connection go at once. Its port stays
+        // reserved: connecting to it is refused from now on.
         let victim = servers.remove(1);
-        let id = victim.name().to_owned();
+        let id = EndpointId::from(victim.name());
+        let state = proxy.pool.state(&id).expect("s1 in the pool");
         let sent_at_kill = load.sent();
         let killed = Instant::now();
         drop(victim);
 
-        // The first mark that takes it out of rotation, and the active checker's mark.
-        let mut out_of_rotation: Option<(Duration, HealthChange)> = None;
-        let mut marked_down: Option<Duration> = None;
-        let watch_until = killed + bound + SLACK;
-        while marked_down.is_none() && Instant::now() < watch_until {
-            let left = watch_until.saturating_duration_since(Instant::now());
-            let Ok(Ok(ev)) = tokio::time::timeout(left, events.recv()).await else {
-                break;
-            };
-            if ev.endpoint().as_str() != id || ev.health() == Health::Healthy {
-                continue;
+        // Out of rotation: maybe ejected by outlier detection first, in any case marked down
+        // by the health check.
+        let mut first_out = None;
+        let down = loop {
+            let ev = next_event(&mut events, &id, |c| !c.is_recovery()).await;
+            first_out.get_or_insert_with(|| ev.clone());
+            if is_down(ev.change()) {
+                break ev;
             }
-            let after = ev.at().saturating_duration_since(killed);
-            out_of_rotation.get_or_insert((after, ev.change().clone()));
-            if matches!(ev.change(), HealthChange::Down { .. }) {
-                marked_down = Some(after);
-            }
-        }
-        // Keep the load on well past detection: nothing may reach the dead backend any more.
-        load.wait_for(2_000, Duration::from_secs(5)).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let attempts_after_detection_window = proxy.taps.calls(&id);
-        load.wait_for(500, Duration::from_secs(5)).await;
-        let report = load.stop().await;
-        let last_attempt = proxy
-            .taps
-            .last_call(&id)
-            .map(|t| t.saturating_duration_since(killed));
+        };
+        let first_out = first_out.expect("an event");
+        let failed_checks = proxy.checks.between(&id, false, killed, down.at());
+        let passed_after_kill = proxy.checks.between(&id, true, killed, down.at());
 
-        let (detection, how) = out_of_rotation.expect("the dead backend was never taken out");
+        // Once the attempts picked before the mark have ended, no new one goes to s1: after
+        // a thousand more requests, its attempt count stays put for two thousand more.
+        wait_until(
+            HANG,
+            "the attempts to s1 picked before its mark to end",
+            || state.in_flight() == 0,
+        )
+        .await;
+        load.wait_for(1_000, HANG).await;
+        let attempts_after_detection = proxy.taps.calls(id.as_str());
+        load.wait_for(2_000, HANG).await;
+        let report = load.stop().await;
+
         eprintln!(
             "kill 1 of 3 under load: {} requests ({} after the kill), {} failures; \
-             out of rotation {:.1} ms after the kill ({}), marked down by the TCP check after \
-             {:?} ms (bound {:.0} ms); last attempt to it {:?} ms after the kill; {} retries; \
+             out of rotation {:.1} ms after the kill ({:?}), marked down by the TCP check \
+             {:.1} ms after it, after {failed_checks} failed checks (fall {}; {} passed \
+             first); {attempts_after_detection} attempts to it in all; {} retries; \
              p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms; answers {:?}",
             report.sent,
             report.sent - sent_at_kill,
             report.failures,
-            ms(detection),
-            match how {
-                HealthChange::Ejected { .. } => "ejected by outlier detection",
-                _ => "marked down by the health check",
-            },
-            marked_down.map(|d| ms(d).round()),
-            ms(bound),
-            last_attempt.map(|d| ms(d).round()),
+            ms(first_out.at().saturating_duration_since(killed)),
+            first_out.change(),
+            ms(down.at().saturating_duration_since(killed)),
+            config.fall,
+            passed_after_kill,
             proxy.budget.retries(),
             ms(report.percentile(50.0)),
             ms(report.percentile(99.0)),
@@ -118,25 +133,27 @@ async fn killing_one_of_three_under_load_fails_no_request() {
             report.failures,
             report.sample_failures()
         );
-        assert!(
-            detection <= bound + SLACK,
-            "out of rotation after {detection:?}, configured bound {bound:?}"
-        );
-        assert!(
-            marked_down.is_some(),
-            "the health check did not mark it down within {bound:?}"
+        if let HealthChange::Ejected {
+            consecutive_failures,
+            ..
+        } = first_out.change()
+        {
+            assert!(
+                *consecutive_failures >= config.outlier_failures.expect("outlier detection"),
+                "ejected after {consecutive_failures} failures"
+            );
+        }
+        assert_eq!(
+            failed_checks, config.fall as usize,
+            "marked down after {failed_checks} failed checks, with fall {}",
+            config.fall
         );
         assert_eq!(
-            proxy.taps.calls(&id),
-            attempts_after_detection_window,
-            "attempts still reached the dead backend after detection"
-        );
-        assert!(
-            last_attempt.is_some_and(|t| t <= bound + SLACK),
-            "last attempt {last_attempt:?} after the kill"
+            proxy.taps.calls(id.as_str()),
+            attempts_after_detection,
+            "attempts still reached the dead backend after it was marked down"
         );
         assert_eq!(proxy.pool.in_flight(), 0, "in-flight count leaked");
-        assert!(report.ok > 2_500, "too little load: {}", report.ok);
     })
     .await;
 }
@@ -144,54 +161,58 @@ async fn killing_one_of_three_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_completes_every_request() {
     let _turn = SERIAL.lock().await;
-    within(Duration::from_secs(20), async {
+    within(LIMIT, async {
         let mut servers = start_servers(3).await;
-        // Requests take a while, so that each backend has some in flight when it goes.
-        for s in &servers {
-            s.set_delay(Duration::from_millis(20));
-        }
-        let proxy = ProxyStack::start(endpoints(&servers), StackConfig::default()).await;
+        // Each backend holds requests while it is taken out (see below), for as long as the
+        // machine takes: no timeout may cut them short.
+        let config = StackConfig {
+            forward_timeout: HANG,
+            per_try_timeout: HANG,
+            deadline: HANG * 2,
+            ..StackConfig::default()
+        };
+        let proxy = ProxyStack::start(endpoints(&servers), config).await;
         let load = Load::start(proxy.addr, 8, 1_000_000, Duration::ZERO);
-        load.wait_for(200, Duration::from_secs(5)).await;
+        load.wait_for(200, HANG).await;
 
         let mut states = Vec::new();
         let mut lines = Vec::new();
+        // Each restart may cost one retried request per connection the old process had open
+        // (a pooled connection to it, reused before the client read its close).
+        let mut connections_at_stops = 0;
         for old in std::mem::take(&mut servers) {
             let (name, addr) = (old.name().to_owned(), old.addr());
             let id = EndpointId::new(name.as_str());
             let state = proxy.pool.state(&id).expect("endpoint in the pool");
-            // Out of discovery first: no new request, the ones in flight finish (drain).
-            let in_flight = state.in_flight();
-            assert!(proxy.pool.remove(&id));
-            let removed = Instant::now();
-            wait_until(Duration::from_secs(5), "the drain", || {
-                state.in_flight() == 0
+            // Requests in flight on it when it goes: it holds the answers until released.
+            old.hold(1);
+            wait_until(HANG, "requests held by the backend", || {
+                state.in_flight() >= 1
             })
             .await;
-            let drained = removed.elapsed();
+            // Out of discovery first: no new request, the ones in flight finish (drain).
+            assert!(proxy.pool.remove(&id));
+            let in_flight = state.in_flight();
+            assert!(in_flight >= 1, "{name}: nothing in flight at its removal");
+            old.release();
+            wait_until(HANG, "the drain", || state.in_flight() == 0).await;
             // Then stop it and start it again on its port; back into discovery.
+            connections_at_stops += old.open_connections();
             drop(old);
             let new_server = start_server_at(&name, addr).await;
-            new_server.set_delay(Duration::from_millis(20));
             proxy.pool.insert(new_server.endpoint());
-            let back = Instant::now();
-            wait_until(
-                Duration::from_secs(5),
-                "traffic to the restarted backend",
-                || new_server.hits() > 0,
-            )
+            wait_until(HANG, "traffic to the restarted backend", || {
+                new_server.hits() > 0
+            })
             .await;
             lines.push(format!(
-                "{name}: {in_flight} in flight at removal, drained in {:.1} ms, {} errors, \
-                 traffic again {:.1} ms after re-adding",
-                ms(drained),
+                "{name}: {in_flight} in flight at removal, all completed; {} errors",
                 state.errors(),
-                ms(back.elapsed())
             ));
             states.push((name, in_flight, state));
             servers.push(new_server);
         }
-        load.wait_for(300, Duration::from_secs(5)).await;
+        load.wait_for(300, HANG).await;
         let report = load.stop().await;
         for s in &servers {
             states.push((
@@ -204,12 +225,13 @@ async fn rolling_restart_completes_every_request() {
         let in_flight_at_removal: u64 = states.iter().map(|(_, n, _)| n).sum();
         eprintln!(
             "rolling restart of 3 backends under load: {} requests, {} failures, {} retries, \
-             {} endpoint errors, {} requests in flight at the removals all completed; \
-             p50 {:.1} ms, max {:.1} ms\n  {}",
+             {} endpoint errors ({} connections open at the stops), {} requests in flight at \
+             the removals all completed; p50 {:.1} ms, max {:.1} ms\n  {}",
             report.sent,
             report.failures,
             proxy.budget.retries(),
             errors,
+            connections_at_stops,
             in_flight_at_removal,
             ms(report.percentile(50.0)),
             ms(report.percentile(100.0)),
@@ -220,22 +242,15 @@ async fn rolling_restart_completes_every_request() {
             "client-visible failures: {:?}",
             report.sample_failures()
         );
-        // The forwarding client pools keep-alive connections per address. A backend restarted
-        // on its port can leave an idle connection to its old process in that pool for a
-        // moment (until the client reads its close), and a request sent on it then fails and
-        // is retried elsewhere: at most one per restart, never seen by the client.
         assert!(
-            errors <= 3,
-            "{errors} requests failed at an endpoint (more than one per restart)"
+            errors <= connections_at_stops,
+            "{errors} requests failed at an endpoint, more than the {connections_at_stops} \
+             connections the stopped backends had open"
         );
         assert_eq!(
             proxy.budget.retries(),
             errors,
             "each failure at an endpoint was retried once"
-        );
-        assert!(
-            in_flight_at_removal > 0,
-            "no request was in flight at any removal: the drain was not exercised"
         );
         for (name, _, state) in &states {
             assert_eq!(state.in_flight(), 0, "{name}: in-flight count leaked");
@@ -256,25 +271,30 @@ fn post_to(addr: std::net::SocketAddr, endpoint: &str) -> Request<Full<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
     let _turn = SERIAL.lock().await;
-    within(Duration::from_secs(20), async {
+    within(LIMIT, async {
         let ok = start_server("ok").await;
         let hang = FaultServer::start("hang", Fault::Hang);
         let slow = start_server("slow").await;
-        slow.set_delay(Duration::from_secs(3));
         let reset = FaultServer::start("reset", Fault::ResetBeforeHead);
         let midbody = FaultServer::start("midbody", Fault::ResetMidBody);
         let config = StackConfig {
-            forward_timeout: Duration::from_secs(1),
-            per_try_timeout: Duration::from_millis(300),
-            deadline: Duration::from_millis(1_500),
+            forward_timeout: Duration::from_secs(2),
+            per_try_timeout: Duration::from_secs(1),
+            // Room for the three faulty attempts a GET may make before it reaches "ok".
+            deadline: Duration::from_secs(10),
             max_attempts: 4,
             // Generous, so that every GET may go round the faulty endpoints until they are
             // ejected (the default budget is tested elsewhere).
             budget: Some((Duration::from_secs(10), 200, 1.0)),
             outlier_failures: Some(3),
+            // Ejected endpoints stay out for the rest of the test.
+            ejection_time: Duration::from_secs(600),
             max_ejection_percent: 75,
             ..StackConfig::default()
         };
+        // "slow" answers long after the per-try timeout, on any machine: a timer that cannot
+        // fire before its time.
+        slow.set_delay(config.per_try_timeout * 5);
         let per_try = config.per_try_timeout;
         let proxy = ProxyStack::start(
             vec![
@@ -300,15 +320,14 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
                 .insert("x-route", http::HeaderValue::from_static("ok"));
             req
         });
-        healthy.wait_for(100, Duration::from_secs(5)).await;
+        healthy.wait_for(100, HANG).await;
         let mut aimed = Vec::new();
         for target in ["hang", "slow", "reset", "midbody", "ok"] {
             for _ in 0..2 {
                 aimed.push(tokio::spawn(async move {
                     let client = http_client();
                     let started = Instant::now();
-                    let outcome =
-                        exchange(&client, post_to(addr, target), Duration::from_secs(5)).await;
+                    let outcome = exchange(&client, post_to(addr, target), HANG).await;
                     (target, outcome, started.elapsed())
                 }));
             }
@@ -318,6 +337,8 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
             let (target, outcome, took) = t.await.expect("client task");
             results.entry(target).or_default().push((outcome, took));
         }
+        // The healthy backend's clients go on meanwhile.
+        healthy.wait_for(100, HANG).await;
         let healthy = healthy.stop().await;
         let mut line = String::new();
         for target in ["hang", "slow", "reset", "midbody", "ok"] {
@@ -350,26 +371,19 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
                     matches!(outcome, Outcome::Status(s, _) if *s == want),
                     "{target}: {outcome:?}, expected {want}"
                 );
-                let limit = if want == StatusCode::GATEWAY_TIMEOUT {
+                if want == StatusCode::GATEWAY_TIMEOUT {
+                    // Timers never fire early.
                     assert!(
                         *took >= per_try,
                         "{target}: answered before the timeout: {took:?}"
                     );
-                    per_try + SLACK
-                } else {
-                    SLACK
-                };
-                assert!(
-                    *took <= limit,
-                    "{target}: {took:?}, expected within {limit:?}"
-                );
+                }
             }
         }
-        // The head was already on its way to the client when the backend reset: the client
+        // The head was already on its way to the client when the backend closed: the client
         // sees the body break (never a short body passed off as complete).
-        for (outcome, took) in &results["midbody"] {
+        for (outcome, _) in &results["midbody"] {
             assert_eq!(*outcome, Outcome::BodyError(StatusCode::OK), "midbody");
-            assert!(*took <= SLACK, "midbody: {took:?}");
         }
         for (outcome, _) in &results["ok"] {
             assert_eq!(*outcome, Outcome::Ok("ok".into()));
@@ -379,9 +393,11 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
             "the healthy backend's clients saw failures: {:?}",
             healthy.sample_failures()
         );
-        assert!(
-            healthy.percentile(50.0) < Duration::from_millis(50),
-            "the healthy backend slowed down"
+        assert_eq!(
+            healthy.by_backend.get("ok").copied(),
+            Some(healthy.sent),
+            "{:?}",
+            healthy.by_backend
         );
 
         // Phase 2: plain GETs over every endpoint (the mid-body one taken out of discovery:
@@ -392,20 +408,37 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
         let started = Instant::now();
         let load = Load::start(addr, 8, 1_000_000, Duration::ZERO);
         let mut ejected: HashMap<String, Duration> = HashMap::new();
-        let until = started + Duration::from_secs(6);
-        while ejected.len() < 3 && Instant::now() < until {
-            let left = until.saturating_duration_since(Instant::now());
-            let Ok(Ok(ev)) = tokio::time::timeout(left, events.recv()).await else {
-                break;
-            };
+        while ejected.len() < 3 {
+            let ev = tokio::time::timeout(HANG, events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("ejected within {HANG:?}: only {ejected:?}"))
+                .expect("health events");
             if matches!(ev.change(), HealthChange::Ejected { .. }) {
-                ejected
-                    .entry(ev.endpoint().to_string())
-                    .or_insert_with(|| ev.at().saturating_duration_since(started));
+                ejected.insert(
+                    ev.endpoint().to_string(),
+                    ev.at().saturating_duration_since(started),
+                );
             }
         }
+        // Ejected, they get no attempt any more: once those picked before the ejections have
+        // ended, their attempt counts stay put over a thousand requests.
+        wait_until(
+            HANG,
+            "the attempts picked before the ejections to end",
+            || {
+                ["hang", "slow", "reset"].iter().all(|id| {
+                    proxy
+                        .pool
+                        .state(&EndpointId::from(*id))
+                        .is_some_and(|s| s.in_flight() == 0)
+                })
+            },
+        )
+        .await;
         let ejected_sent = load.sent();
-        load.wait_for(1_000, Duration::from_secs(5)).await;
+        let calls = |id: &str| proxy.taps.calls(id);
+        let attempts: Vec<u64> = ["hang", "slow", "reset"].map(calls).to_vec();
+        load.wait_for(1_000, HANG).await;
         let report = load.stop().await;
         let mut ejections: Vec<_> = ejected.iter().collect();
         ejections.sort();
@@ -431,12 +464,13 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
             "client-visible failures: {:?}",
             report.sample_failures()
         );
-        assert!(
-            report.percentile(100.0) <= config.deadline + SLACK,
-            "a request outlived the deadline"
+        assert_eq!(
+            ["hang", "slow", "reset"].map(calls).to_vec(),
+            attempts,
+            "attempts reached ejected endpoints"
         );
         for id in ["hang", "slow", "reset"] {
-            assert!(ejected.contains_key(id), "{id} was never ejected");
+            assert_eq!(proxy.pool.health(&id.into()), Some(Health::Ejected), "{id}");
         }
         assert_eq!(proxy.pool.in_flight(), 0, "in-flight count leaked");
         drop((hang, slow, reset, midbody, ok));
@@ -447,32 +481,36 @@ async fn hanging_slow_and_resetting_backends_get_504_and_502_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_down_gives_503_at_once_then_recovers() {
     let _turn = SERIAL.lock().await;
-    within(Duration::from_secs(20), async {
+    within(LIMIT, async {
         let servers = start_servers(3).await;
         let config = StackConfig::default();
         let proxy = ProxyStack::start(endpoints(&servers), config.clone()).await;
         let warm = Load::start(proxy.addr, 4, 100, Duration::ZERO)
             .finish()
             .await;
-        assert!(warm.failures == 0);
+        assert!(warm.failures == 0, "{:?}", warm.sample_failures());
 
         let addrs: Vec<_> = servers
             .iter()
             .map(|s| (s.name().to_owned(), s.addr()))
             .collect();
+        let ids: Vec<EndpointId> = addrs.iter().map(|(n, _)| n.as_str().into()).collect();
         let killed = Instant::now();
+        // Their ports stay reserved: connecting is refused from now on.
         drop(servers);
         // Requests meanwhile let outlier detection eject one of them too.
         let during = Load::start(proxy.addr, 4, 1_000_000, Duration::from_millis(2));
         let pool = proxy.pool.clone();
-        wait_until(
-            Duration::from_secs(3),
-            "every backend out of rotation",
-            || pool.endpoints().iter().all(|(_, s)| !s.is_healthy()),
-        )
+        wait_until(HANG, "every backend out of rotation", || {
+            pool.endpoints().iter().all(|(_, s)| !s.is_healthy())
+        })
         .await;
         let all_out = killed.elapsed();
         let during = during.stop().await;
+        wait_until(HANG, "the attempts picked before the marks to end", || {
+            pool.in_flight() == 0
+        })
+        .await;
 
         // Warm up the 503 path, then measure memory across two rounds of many more.
         let clients = 8u64;
@@ -485,6 +523,7 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
         )
         .finish()
         .await;
+        let attempts: Vec<u64> = ids.iter().map(|id| proxy.taps.calls(id.as_str())).collect();
         let rss_before = rss_kib();
         let first = Load::start(
             proxy.addr,
@@ -504,6 +543,7 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
         .finish()
         .await;
         let rss_after = rss_kib();
+        let attempts_after: Vec<u64> = ids.iter().map(|id| proxy.taps.calls(id.as_str())).collect();
 
         // Bring back the one outlier detection ejected, if any (the hardest case), or s0.
         let ejected = proxy
@@ -517,21 +557,23 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
             .find(|(n, _)| Some(n) == ejected.as_ref())
             .unwrap_or(&addrs[0])
             .clone();
-        let back = start_server_at(&name, addr).await;
+        let id = EndpointId::from(name.as_str());
+        let mut events = proxy.pool.health_events();
         let restarted = Instant::now();
+        let back = start_server_at(&name, addr).await;
+        let up = next_event(&mut events, &id, |c| matches!(c, HealthChange::Up)).await;
+        let passed_checks = proxy.checks.between(&id, true, restarted, up.at());
         let client = http_client();
         let mut attempts_until_back = 0u64;
         let resumed = loop {
             attempts_until_back += 1;
-            if let Outcome::Ok(body) =
-                exchange(&client, get(proxy.addr), Duration::from_secs(2)).await
-            {
+            if let Outcome::Ok(body) = exchange(&client, get(proxy.addr), HANG).await {
                 assert_eq!(body, name);
                 break restarted.elapsed();
             }
             assert!(
-                restarted.elapsed() < Duration::from_secs(5),
-                "traffic did not resume within 5 s of {name} coming back"
+                restarted.elapsed() < HANG,
+                "traffic did not resume within {HANG:?} of {name} coming back"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
@@ -544,8 +586,9 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
              {:?}); then 2 x {round} requests: {:?} and {:?}, p50 {:.2} ms, p99 {:.2} ms, \
              max {:.1} ms; RSS {rss_before} KiB before, {rss_between} KiB after the first \
              round ({:+} KiB), {rss_after} KiB after the second ({:+} KiB; {} warm-up \
-             requests first); {name} (ejected: {}) back: traffic resumed {:.0} ms after its \
-             restart ({} tries); then {} requests, {} failures",
+             requests first); {name} (ejected: {}) back: up after {passed_checks} passed checks \
+             (rise {}), {:.0} ms after its restart, traffic resumed after {:.0} ms ({} tries); \
+             then {} requests, {} failures",
             ms(all_out),
             during.sent,
             during.failure_kinds,
@@ -558,6 +601,8 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
             rss_after as i64 - rss_between as i64,
             warmup.sent,
             ejected.is_some(),
+            config.rise,
+            ms(up.at().saturating_duration_since(restarted)),
             ms(resumed),
             attempts_until_back,
             after.sent,
@@ -572,19 +617,21 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
                 r.failure_kinds
             );
         }
-        // At once: no request waits for a timeout or a connect.
-        assert!(report.percentile(99.0) < Duration::from_millis(50));
-        assert!(report.percentile(100.0) < config.per_try_timeout);
+        // At once: no request tried to reach a backend (no connect, no timeout to wait for).
+        assert_eq!(
+            attempts_after, attempts,
+            "503s made attempts to the endpoints"
+        );
         assert!(
             rss_after.saturating_sub(rss_before) < 10 * 1024,
             "memory grew by {} KiB over {} requests",
             rss_after - rss_before,
             2 * round
         );
-        let bound = config.check_detection_bound() + config.check_interval * config.rise + SLACK;
-        assert!(
-            resumed <= bound,
-            "resumed after {resumed:?}, expected within {bound:?}"
+        assert_eq!(
+            passed_checks, config.rise as usize,
+            "back up after {passed_checks} passed checks, with rise {}",
+            config.rise
         );
         assert!(after.failures == 0, "{:?}", after.sample_failures());
         assert_eq!(proxy.pool.in_flight(), 0, "in-flight count leaked");
@@ -598,33 +645,37 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
 #[tokio::test]
 async fn an_attempt_given_up_on_counts_as_a_failure_of_its_endpoint() {
     use tower::ServiceExt;
-    // An endpoint that never answers; the caller gives up after 20 ms (as a failover per-try
-    // timeout does). Counted as a success, the abandon reset outlier detection's count and a
-    // hanging backend was never ejected.
-    let balancer = lbkit::Balancer::new(["hang"], lbkit::strategy::RoundRobin::new(), |_| {
-        tower::service_fn(|_req: Request<()>| async {
-            std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>().await
-        })
+    within(LIMIT, async {
+        // A backend that reads requests and never answers; the caller gives up once its
+        // request is there (as a failover per-try timeout does). Counted as a success, the
+        // abandon reset outlier detection's count and a hanging backend was never ejected.
+        let hang = FaultServer::start("hang", Fault::Hang);
+        let balancer =
+            common::balancer([hang.endpoint()], lbkit::strategy::RoundRobin::new()).http();
+        let state = balancer.pool().state(&"hang".into()).expect("endpoint");
+        for n in 1..=3u64 {
+            let mut call = Box::pin(balancer.clone().oneshot(common::get()));
+            tokio::select! {
+                res = &mut call => panic!("the hanging backend answered: {:?}", res.map(|_| ())),
+                () = wait_until(HANG, "the request at the backend", || hang.hits() == n) => {}
+            }
+            assert_eq!(state.in_flight(), 1);
+            drop(call);
+            assert_eq!(state.in_flight(), 0);
+            assert_eq!(state.errors(), n);
+            assert_eq!(state.consecutive_failures(), n as u32);
+        }
     })
-    .http();
-    let state = balancer.pool().state(&"hang".into()).expect("endpoint");
-    for n in 1..=3 {
-        let call = balancer.clone().oneshot(Request::new(()));
-        assert!(tokio::time::timeout(Duration::from_millis(20), call)
-            .await
-            .is_err());
-        assert_eq!(state.in_flight(), 0);
-        assert_eq!(state.errors(), n);
-        assert_eq!(state.consecutive_failures(), n as u32);
-    }
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_backend_that_returns_is_no_longer_kept_out_by_its_ejection() {
     use lbkit::health::{HealthChecker, TcpCheck};
-    within(Duration::from_secs(10), async {
+    within(LIMIT, async {
         let server = start_server("s0").await;
         let (endpoint, addr) = (server.endpoint(), server.addr());
+        // Its port stays reserved: connecting is refused until it is back.
         drop(server);
         let pool = lbkit::Pool::new(lbkit::strategy::RoundRobin::new(), |e: &lbkit::Endpoint| {
             e.id().clone()
@@ -638,14 +689,11 @@ async fn a_dead_backend_that_returns_is_no_longer_kept_out_by_its_ejection() {
             .rise(2)
             .spawn(&pool);
         let state = pool.state(&id).expect("endpoint");
-        wait_until(Duration::from_secs(3), "marked down", || state.is_down()).await;
+        wait_until(HANG, "marked down", || state.is_down()).await;
         // It comes back: the checker brings it up, and lifts the ejection with it.
         let back = start_server_at("s0", addr).await;
         let restarted = Instant::now();
-        wait_until(Duration::from_secs(3), "healthy again", || {
-            state.is_healthy()
-        })
-        .await;
+        wait_until(HANG, "healthy again", || state.is_healthy()).await;
         eprintln!(
             "ejected and down, restarted: healthy again after {:.0} ms",
             ms(restarted.elapsed())

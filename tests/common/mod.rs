@@ -6,12 +6,13 @@
 //! Every test binary compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,10 +24,11 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use lbkit::health::{CheckFuture, HealthChange, HealthCheck, HealthEvent};
 use lbkit::strategy::Strategy;
-use lbkit::{Balancer, BoxError, Endpoint};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use lbkit::{Balancer, BoxError, Endpoint, EndpointId};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tower::Service;
 
@@ -36,6 +38,99 @@ type ServerBody = UnsyncBoxBody<Bytes, Infallible>;
 /// The request body the balancer's endpoint services send.
 pub type ReqBody = Full<Bytes>;
 
+/// How long a test waits for something that must happen: long enough for any machine, however
+/// slow or busy; reached only when the test hangs.
+pub const HANG: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Ports.
+
+/// Reserves a port of 127.0.0.1 for the rest of this test process and returns its address.
+///
+/// The port is held by a socket bound with `SO_REUSEADDR` that never listens: connecting to it
+/// is refused (RST) while no server listens there, no other socket's `bind(0)` is handed it
+/// (nor is it used as an outgoing port), and a server can bind it with [`try_bind_at`] (also
+/// `SO_REUSEADDR`) at any time, again after an earlier one closed. So a stopped backend's
+/// address stays dead, and a backend restarted on its port gets it back, whatever the other
+/// tests of the process (or other processes) bind meanwhile.
+pub fn reserve_port() -> SocketAddr {
+    let socket = TcpSocket::new_v4().expect("a TCP socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("local addr");
+    // Held (not listening) until the process exits.
+    std::mem::forget(socket);
+    addr
+}
+
+/// Listens on `addr` with `SO_REUSEADDR` (a port from [`reserve_port`], or port 0 for any).
+pub fn try_bind_at(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Listens on `addr` again once the server that had it is gone (an aborted task drops its
+/// listener a moment later): retries until it can, for up to [`HANG`].
+pub async fn rebind(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + HANG;
+    loop {
+        match try_bind_at(addr) {
+            Ok(l) => return l,
+            Err(e) if Instant::now() >= deadline => panic!("cannot bind {addr} again: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// A listener on a port reserved for the rest of the process (see [`reserve_port`]).
+pub fn listen_reserved() -> (TcpListener, SocketAddr) {
+    let addr = reserve_port();
+    (try_bind_at(addr).expect("bind a reserved port"), addr)
+}
+
+/// An address on 127.0.0.1 where nothing listens, and nothing will: its port is reserved (see
+/// [`reserve_port`]), so connecting to it is refused for as long as the test runs.
+pub async fn dead_addr() -> SocketAddr {
+    reserve_port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers.
+
+/// Holds a server's answers: a request that arrives while its gate holds `n` waits until the
+/// gate has been advanced `n` times since (see [`TestServer::hold`]).
+#[derive(Debug)]
+struct Gate {
+    /// How many advances a request arriving now waits for; 0: none.
+    hold: AtomicU64,
+    /// Advances so far.
+    level: watch::Sender<u64>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Gate {
+            hold: AtomicU64::new(0),
+            level: watch::Sender::new(0),
+        }
+    }
+
+    /// Waits as long as the gate holds a request arriving now.
+    async fn pass(&self) {
+        // The level first: a `release` in between then lets this request go.
+        let mut level = self.level.subscribe();
+        let target = *level.borrow_and_update() + self.hold.load(Ordering::SeqCst);
+        let _ = level.wait_for(|l| *l >= target).await;
+    }
+}
+
+/// Advances by [`TestServer::release`]: more than any test holds for.
+const RELEASE: u64 = 1 << 40;
+
 /// One real HTTP/1.1 server on 127.0.0.1; it stops (with all its connections) when dropped.
 #[derive(Debug)]
 pub struct TestServer {
@@ -43,6 +138,9 @@ pub struct TestServer {
     addr: SocketAddr,
     delay_ms: Arc<AtomicU64>,
     hits: Arc<AtomicU64>,
+    /// Connections open now.
+    open: Arc<AtomicU64>,
+    gate: Arc<Gate>,
     task: JoinHandle<()>,
 }
 
@@ -74,6 +172,11 @@ impl TestServer {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// Connections open now (accepted and not yet ended).
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::SeqCst)
+    }
+
     /// Sets how long the server waits before answering the requests that arrive from now on.
     pub fn set_delay(&self, delay: Duration) {
         self.delay_ms
@@ -84,11 +187,32 @@ impl TestServer {
     pub fn delay_handle(&self) -> Arc<AtomicU64> {
         self.delay_ms.clone()
     }
+
+    /// Holds the answers to the requests that arrive from now on until [`advance`] was called
+    /// `n` times after their arrival, or [`release`]. A held request is in flight for as long
+    /// as the test wants, however fast the machine: a slow backend without a clock.
+    ///
+    /// [`advance`]: TestServer::advance
+    /// [`release`]: TestServer::release
+    pub fn hold(&self, n: u64) {
+        self.gate.hold.store(n, Ordering::SeqCst);
+    }
+
+    /// Counts one step for the held requests (see [`hold`](TestServer::hold)).
+    pub fn advance(&self) {
+        self.gate.level.send_modify(|l| *l += 1);
+    }
+
+    /// Answers every held request, and holds no more.
+    pub fn release(&self) {
+        self.gate.hold.store(0, Ordering::SeqCst);
+        self.gate.level.send_modify(|l| *l += RELEASE);
+    }
 }
 
 /// Accepts connections on `listener` and serves each with `handler` over HTTP/1.1 until the
-/// returned task is aborted.
-fn spawn_server<H, Fut>(listener: TcpListener, handler: H) -> JoinHandle<()>
+/// returned task is aborted; `open` counts the connections open.
+fn spawn_server<H, Fut>(listener: TcpListener, open: Arc<AtomicU64>, handler: H) -> JoinHandle<()>
 where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ServerBody>> + Send + 'static,
@@ -100,6 +224,8 @@ where
                 continue;
             };
             let handler = handler.clone();
+            open.fetch_add(1, Ordering::SeqCst);
+            let open = open.clone();
             conns.spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let res = handler(req);
@@ -108,21 +234,21 @@ where
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
+                open.fetch_sub(1, Ordering::SeqCst);
             });
             while conns.try_join_next().is_some() {}
         }
     })
 }
 
+/// A listener on a port reserved for the rest of the process: a server stopped by the test
+/// leaves a dead address (and can start again on it).
 async fn bind() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local addr");
-    (listener, addr)
+    listen_reserved()
 }
 
-/// Starts a server named `name` that answers every request with its name, after its delay.
+/// Starts a server named `name` that answers every request with its name, after its delay
+/// (and its gate, see [`TestServer::hold`]).
 pub async fn start_server(name: &str) -> TestServer {
     let (listener, _) = bind().await;
     serve_name(listener, name)
@@ -133,13 +259,17 @@ fn serve_name(listener: TcpListener, name: &str) -> TestServer {
     let addr = listener.local_addr().expect("local addr");
     let delay_ms = Arc::new(AtomicU64::new(0));
     let hits = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(Gate::new());
+    let open = Arc::new(AtomicU64::new(0));
     let body = Bytes::from(name.to_owned());
-    let (d, h) = (delay_ms.clone(), hits.clone());
-    let task = spawn_server(listener, move |_req| {
+    let (d, h, g) = (delay_ms.clone(), hits.clone(), gate.clone());
+    let task = spawn_server(listener, open.clone(), move |_req| {
         h.fetch_add(1, Ordering::SeqCst);
         let delay = d.load(Ordering::SeqCst);
         let body = body.clone();
+        let g = g.clone();
         async move {
+            g.pass().await;
             if delay > 0 {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
@@ -151,6 +281,8 @@ fn serve_name(listener: TcpListener, name: &str) -> TestServer {
         addr,
         delay_ms,
         hits,
+        open,
+        gate,
         task,
     }
 }
@@ -187,7 +319,8 @@ pub async fn start_streaming_server(
     let hits = Arc::new(AtomicU64::new(0));
     let (senders_tx, senders_rx) = mpsc::unbounded_channel();
     let h = hits.clone();
-    let task = spawn_server(listener, move |_req| {
+    let open = Arc::new(AtomicU64::new(0));
+    let task = spawn_server(listener, open.clone(), move |_req| {
         h.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = futures::channel::mpsc::unbounded();
         // If the test is gone, the body ends at once; nothing else to do.
@@ -199,16 +332,11 @@ pub async fn start_streaming_server(
         addr,
         delay_ms: Arc::new(AtomicU64::new(0)),
         hits,
+        open,
+        gate: Arc::new(Gate::new()),
         task,
     };
     (server, senders_rx)
-}
-
-/// An address on 127.0.0.1 where nothing listens (bound, then closed).
-pub async fn dead_addr() -> SocketAddr {
-    let (listener, addr) = bind().await;
-    drop(listener);
-    addr
 }
 
 /// The hyper-util client the endpoint services share: HTTP/1.1 with keep-alive.
@@ -302,7 +430,8 @@ pub async fn ask<St: Strategy>(
     Ok(body_text(res.into_body()).await)
 }
 
-/// Polls `cond` every few milliseconds until it holds; panics naming `what` after `limit`.
+/// Polls `cond` every few milliseconds until it holds; panics naming `what` after `limit`
+/// (which only catches a hang: pass [`HANG`] or more).
 pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
@@ -314,11 +443,129 @@ pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
+/// The next health event of `id` that `accept` takes (other events are skipped); panics
+/// after [`HANG`].
+pub async fn next_event(
+    events: &mut broadcast::Receiver<HealthEvent>,
+    id: &EndpointId,
+    accept: impl Fn(&HealthChange) -> bool,
+) -> HealthEvent {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(e) if e.endpoint() == id && accept(e.change()) => return e,
+                Ok(_) => {}
+                Err(e) => panic!("health events of the pool: {e} (waiting for {id})"),
+            }
+        }
+    };
+    tokio::time::timeout(HANG, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no awaited health event of {id} within {HANG:?}"))
+}
+
 /// Runs `test`, failing if it takes longer than `limit`.
 pub async fn within<F: Future>(limit: Duration, test: F) -> F::Output {
     tokio::time::timeout(limit, test)
         .await
         .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health checks, counted.
+
+/// The verdicts of every health check a [`Logged`] check ran, per endpoint, with when each
+/// ended: tests count check rounds instead of timing them.
+#[derive(Clone, Debug, Default)]
+pub struct CheckLog {
+    by_id: Arc<Mutex<HashMap<EndpointId, Vec<(Instant, bool)>>>>,
+}
+
+impl CheckLog {
+    fn record(&self, id: &EndpointId, passed: bool) {
+        let mut map = self.by_id.lock().unwrap();
+        map.entry(id.clone())
+            .or_default()
+            .push((Instant::now(), passed));
+    }
+
+    fn count(&self, id: &EndpointId, filter: impl Fn(Instant, bool) -> bool) -> usize {
+        let map = self.by_id.lock().unwrap();
+        map.get(id)
+            .map_or(0, |v| v.iter().filter(|(at, ok)| filter(*at, *ok)).count())
+    }
+
+    /// Checks of `id` that passed so far.
+    pub fn passed(&self, id: &EndpointId) -> usize {
+        self.count(id, |_, ok| ok)
+    }
+
+    /// Checks of `id` that failed so far (timed out included).
+    pub fn failed(&self, id: &EndpointId) -> usize {
+        self.count(id, |_, ok| !ok)
+    }
+
+    /// Checks of `id` so far.
+    pub fn checks(&self, id: &EndpointId) -> usize {
+        self.count(id, |_, _| true)
+    }
+
+    /// Checks of `id` that passed (`passed`) or failed (`!passed`) and ended after `after` and
+    /// no later than `until`. A check ends before the checker acts on its verdict, and the next
+    /// one starts an interval later, so with `until` a health event's time this counts exactly
+    /// the checks that led to the event.
+    pub fn between(&self, id: &EndpointId, passed: bool, after: Instant, until: Instant) -> usize {
+        self.count(id, |at, ok| ok == passed && at > after && at <= until)
+    }
+}
+
+/// A health check that records each verdict in a [`CheckLog`] (a check the checker's timeout
+/// cuts short counts as failed, as it does for the checker).
+pub struct Logged<C> {
+    inner: C,
+    log: CheckLog,
+}
+
+impl<C> Logged<C> {
+    /// `inner`, recording into `log`.
+    pub fn new(inner: C, log: &CheckLog) -> Self {
+        Logged {
+            inner,
+            log: log.clone(),
+        }
+    }
+}
+
+/// Records a failed check if dropped before its verdict (timed out).
+struct Unfinished {
+    log: CheckLog,
+    id: EndpointId,
+    done: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if !self.done {
+            self.log.record(&self.id, false);
+        }
+    }
+}
+
+impl<C: HealthCheck> HealthCheck for Logged<C> {
+    fn check(&self, endpoint: &Endpoint) -> CheckFuture {
+        let fut = self.inner.check(endpoint);
+        let mut guard = Unfinished {
+            log: self.log.clone(),
+            id: endpoint.id().clone(),
+            done: false,
+        };
+        Box::pin(async move {
+            let verdict = fut.await;
+            guard.done = true;
+            guard.log.record(&guard.id, verdict.is_ok());
+            verdict
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,41 +595,22 @@ pub mod fault {
     use lbkit::strategy::AnyStrategy;
     use lbkit::{Balancer, Endpoint, EndpointId, PickHints, Pool};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::task::{JoinHandle, JoinSet};
     use tower::{Service, ServiceBuilder};
 
-    use super::{HttpClient, TestServer};
+    use super::{CheckLog, HttpClient, Logged, TestServer};
 
-    /// Binds 127.0.0.1 at `addr` (port 0: any port), with `SO_REUSEADDR` so that a backend
-    /// restarted on its old port binds at once.
-    pub fn try_bind_at(addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let socket = TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
-    }
+    pub use super::{rebind, try_bind_at};
 
     /// [`try_bind_at`], panicking on failure.
     pub fn bind_at(addr: SocketAddr) -> TcpListener {
         try_bind_at(addr).expect("bind 127.0.0.1")
     }
 
-    /// Binds `addr` again once the server that had it is gone (an aborted task drops its
-    /// listener a moment later), trying for up to a second.
-    pub async fn rebind(addr: SocketAddr) -> TcpListener {
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            match try_bind_at(addr) {
-                Ok(l) => return l,
-                Err(e) if Instant::now() >= deadline => panic!("cannot bind {addr} again: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
-    }
-
     /// Starts a server like [`super::start_server`] (answers its name, after its delay), on
-    /// `addr`: a backend restarted on the port it had.
+    /// `addr`: a backend restarted on the port it had (reserved for the process when the
+    /// server was first started, so nothing else took it meanwhile).
     pub async fn start_server_at(name: &str, addr: SocketAddr) -> TestServer {
         super::serve_name(rebind(addr).await, name)
     }
@@ -394,7 +622,8 @@ pub mod fault {
         Hang,
         /// Resets the connection (TCP RST) before sending anything.
         ResetBeforeHead,
-        /// Sends a `200 OK` head announcing 1000 bytes, 100 of them, then resets.
+        /// Sends a `200 OK` head announcing 1000 bytes, 100 of them, then closes the
+        /// connection: the body ends short.
         ResetMidBody,
     }
 
@@ -414,9 +643,9 @@ pub mod fault {
     }
 
     impl FaultServer {
-        /// Starts a server named `name` on a free port of 127.0.0.1.
+        /// Starts a server named `name` on a port of 127.0.0.1 reserved for the process.
         pub fn start(name: &str, fault: Fault) -> FaultServer {
-            Self::serve(name, bind_at("127.0.0.1:0".parse().expect("addr")), fault)
+            Self::serve(name, super::listen_reserved().0, fault)
         }
 
         /// Starts a server named `name` on `addr` (a backend that turns faulty on its port).
@@ -491,10 +720,17 @@ pub mod fault {
                 let _ = stream.write_all(head).await;
                 let _ = stream.write_all(&[b'x'; 100]).await;
                 let _ = stream.flush().await;
-                // Let the head and the first bytes reach the proxy before the reset.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let _ = stream.set_zero_linger();
-                drop(stream);
+                // End with a FIN, after the head and the first bytes: whenever the proxy reads,
+                // it gets them first, then the end of a body 900 bytes short. (A reset could
+                // overtake the bytes and discard them at the proxy, which would then see no
+                // response head at all.) Then read until the proxy closes, so that no unread
+                // request bytes turn the close into a reset either.
+                let _ = stream.shutdown().await;
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -619,7 +855,9 @@ pub mod fault {
                 budget: None,
                 check: Some(Check::Tcp),
                 check_interval: Duration::from_millis(100),
-                check_timeout: Duration::from_millis(100),
+                // Far more than a connect on 127.0.0.1 takes, even on a busy machine: a check
+                // of a live backend never times out.
+                check_timeout: Duration::from_secs(1),
                 check_jitter: Duration::from_millis(10),
                 fall: 2,
                 rise: 2,
@@ -650,6 +888,8 @@ pub mod fault {
         pub pool: ProxyPool,
         pub budget: Arc<RetryBudget>,
         pub taps: Taps,
+        /// The verdicts of the active health checks.
+        pub checks: CheckLog,
         pub config: StackConfig,
         task: JoinHandle<()>,
         health: Vec<HealthTask>,
@@ -679,9 +919,10 @@ pub mod fault {
             .http();
             let pool = balancer.pool().clone();
             let mut health = Vec::new();
+            let checks = CheckLog::default();
             if let Some(check) = config.check {
                 let settings = |c: Box<dyn HealthCheck>| {
-                    HealthChecker::new(c)
+                    HealthChecker::new(Logged::new(c, &checks))
                         .interval(config.check_interval)
                         .timeout(config.check_timeout)
                         .jitter(config.check_jitter)
@@ -744,6 +985,7 @@ pub mod fault {
                 pool,
                 budget,
                 taps,
+                checks,
                 config,
                 task,
                 health,
@@ -947,11 +1189,17 @@ pub mod fault {
             self.sent.load(Ordering::Relaxed)
         }
 
-        /// Waits until at least `n` more requests were sent (or `limit` passes).
+        /// Waits until at least `n` more requests were sent; panics if that takes longer
+        /// than `limit` (which only catches a hang: pass [`super::HANG`] or more).
         pub async fn wait_for(&self, n: u64, limit: Duration) {
             let target = self.sent() + n;
             let deadline = Instant::now() + limit;
-            while self.sent() < target && Instant::now() < deadline {
+            while self.sent() < target {
+                assert!(
+                    Instant::now() < deadline,
+                    "the load sent {} of {n} more requests in {limit:?}",
+                    n - (target - self.sent()),
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
