@@ -9,32 +9,40 @@
 //!
 //! - a few times a second a request goes through the balancer; each second a line says how
 //!   the last second's requests were spread over the backends;
-//! - at 3 s backend `b` stops: the requests that land on it fail until, within
-//!   `fall × interval` (2 × 500 ms), lbkit's own `WARN` event "endpoint marked down by health
-//!   check" says so, with the reason (connection refused); from then on `b` gets no requests
-//!   and none fails (a retry layer would hide the few failures in between);
+//! - at 3 s backend `b` stops: the requests that land on it fail until lbkit takes it out,
+//!   with a `WARN` event and the reason: outlier detection after five failures in a row
+//!   ("endpoint ejected by outlier detection"), or the health check within `fall × interval`
+//!   (2 × 500 ms; "endpoint marked down by health check", connection refused), whichever
+//!   comes first; from then on `b` gets no requests and none fails (a retry layer would hide
+//!   the few failures in between);
 //! - at 7 s `b` starts again: after `rise` (2) checks at the faster `down_interval`, an `INFO`
-//!   "endpoint up", then slow start ramps `b` from a tenth of its share to all of it over
-//!   3 s: watch its count per second climb;
+//!   "endpoint up" (and, if it was ejected, "endpoint returned from ejection"), then slow start
+//!   ramps `b` from a tenth of its share to all of it over 3 s: watch its count per second
+//!   climb;
 //! - the health events are also printed as the subscription API sees them (`event: ...`).
+//!
+//! The backends are the shared demo ones (`examples/demo`; `/health` answers `ok`), each
+//! served by lbkit's `Server` in a task of its own: stopping a backend aborts its task, which
+//! closes its listener and connections, and starting it again serves on the same port.
+
+mod demo;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use lbkit::health::{HealthChecker, HttpCheck, OutlierDetection, SlowStart};
 use lbkit::hints::PickHints;
+use lbkit::server::Server;
 use lbkit::strategy::RoundRobin;
 use lbkit::{Balancer, Endpoint, EndpointId};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 use tower::ServiceExt;
 
@@ -148,8 +156,8 @@ async fn main() {
     tracing::info!("done");
 }
 
-/// A hyper backend that answers `/health` with "ok" and anything else with its name, and can
-/// be stopped (listener and connections closed) and started again on the same port.
+/// A demo backend that answers `/health` with `ok` and can be stopped (listener and
+/// connections closed) and started again on the same port.
 struct Backend {
     name: &'static str,
     addr: SocketAddr,
@@ -161,11 +169,20 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tracing::info!(backend = name, %addr, "backend listening");
-        Backend {
+        let mut backend = Backend {
             name,
             addr,
-            task: Some(tokio::spawn(serve(listener, name))),
-        }
+            task: None,
+        };
+        backend.serve(listener);
+        backend
+    }
+
+    /// Serves on `listener` in a task of its own (dropping the server's future, as aborting the
+    /// task does, closes the connections it serves).
+    fn serve(&mut self, listener: TcpListener) {
+        let service = demo::hello(self.name, Duration::ZERO);
+        self.task = Some(tokio::spawn(Server::new(service).serve(listener)));
     }
 
     async fn stop(&mut self) {
@@ -178,35 +195,9 @@ impl Backend {
     async fn restart(&mut self) {
         loop {
             match TcpListener::bind(self.addr).await {
-                Ok(listener) => {
-                    self.task = Some(tokio::spawn(serve(listener, self.name)));
-                    return;
-                }
+                Ok(listener) => return self.serve(listener),
                 Err(_) => sleep(Duration::from_millis(50)).await,
             }
         }
-    }
-}
-
-async fn serve(listener: TcpListener, name: &'static str) {
-    let mut conns = JoinSet::new();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        conns.spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| async move {
-                let body = if req.uri().path() == "/health" {
-                    "ok"
-                } else {
-                    name
-                };
-                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-        while conns.try_join_next().is_some() {}
     }
 }
