@@ -6,7 +6,7 @@ mod common;
 use std::error::Error as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::join_all;
@@ -23,10 +23,11 @@ use tower::ServiceExt;
 
 use common::{
     ask, balancer, body_text, dead_addr, endpoints, get, hits, start_servers,
-    start_streaming_server, wait_until, within, HttpEndpoint,
+    start_streaming_server, wait_until, within, HttpEndpoint, HANG,
 };
 
-const LIMIT: Duration = Duration::from_secs(30);
+/// Bound on a whole test; only catches a hang.
+const LIMIT: Duration = Duration::from_secs(120);
 
 fn id(s: &str) -> EndpointId {
     EndpointId::new(s)
@@ -80,9 +81,9 @@ async fn smooth_weighted_round_robin_5_1_1() {
 async fn least_connections_avoids_the_endpoint_holding_slow_requests() {
     within(LIMIT, async {
         let servers = start_servers(3).await;
-        // Long enough that the new requests below surely end first, even on a busy machine
-        // (checked below rather than assumed).
-        servers[0].set_delay(Duration::from_secs(2));
+        // s0 holds its answers until released: its requests stay in flight for as long as the
+        // test needs, on any machine.
+        servers[0].hold(1);
         let b = balancer(endpoints(&servers), LeastConnections::new());
         let slow_state = b.pool().state(&id("s0")).expect("s0 is in the pool");
 
@@ -97,11 +98,9 @@ async fn least_connections_avoids_the_endpoint_holding_slow_requests() {
                 body_text(res.into_body()).await
             });
         }
-        wait_until(
-            Duration::from_secs(10),
-            "the slow requests to reach s0",
-            || servers[0].hits() == SLOW,
-        )
+        wait_until(HANG, "the slow requests to reach s0", || {
+            servers[0].hits() == SLOW
+        })
         .await;
         assert_eq!(slow_state.in_flight(), SLOW);
 
@@ -113,11 +112,7 @@ async fn least_connections_avoids_the_endpoint_holding_slow_requests() {
                 answers.push(r.expect("new request"));
             }
         }
-        assert_eq!(
-            slow_state.in_flight(),
-            SLOW,
-            "the slow requests ended before the new ones did: the test proved nothing"
-        );
+        assert_eq!(slow_state.in_flight(), SLOW, "the slow requests are held");
         let after = hits(&servers);
         println!(
             "new requests per server: {:?}",
@@ -131,6 +126,7 @@ async fn least_connections_avoids_the_endpoint_holding_slow_requests() {
         assert_eq!(after[0], before[0], "s0 got new requests");
         assert_eq!(after[1] + after[2] - before[1] - before[2], 20);
 
+        servers[0].release();
         while let Some(done) = slow.join_next().await {
             assert_eq!(done.expect("slow task"), "s0");
         }
@@ -140,24 +136,45 @@ async fn least_connections_avoids_the_endpoint_holding_slow_requests() {
     .await;
 }
 
-/// Sends `TOTAL` requests with `CONCURRENCY` workers over 3 servers of which `s0` answers after
-/// 200 ms and the others at once; returns the requests each server received.
+/// Sends `TOTAL` requests with `CONCURRENCY` workers over 3 servers of which `s0` is slow and
+/// the others answer at once; returns the requests each server received.
+///
+/// Slow without a clock: `s0` holds each answer until the other two have answered `HOLD`
+/// requests since it arrived (and all of them once every request is sent), so it is many
+/// times slower than they are on any machine. An even split would give it a third; with
+/// power of two choices over in-flight counts it never holds more than 8 requests at once
+/// (a pick of `s0` needs the other sample to hold as many, out of the 15 other workers), so
+/// it gets at most 8 per `HOLD` answers of the others, plus 8: 32 of 300.
 async fn load_with_one_slow_server<St: Strategy>(strategy: St) -> Vec<u64> {
     const TOTAL: usize = 300;
     const CONCURRENCY: usize = 16;
-    let servers = start_servers(3).await;
-    servers[0].set_delay(Duration::from_millis(200));
+    const HOLD: u64 = 100;
+    let servers = Arc::new(start_servers(3).await);
+    servers[0].hold(HOLD);
     let b: Balancer<HttpEndpoint, St> = balancer(endpoints(&servers), strategy);
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = JoinSet::new();
     for _ in 0..CONCURRENCY {
-        let (b, next) = (b.clone(), next.clone());
+        let (b, next, servers) = (b.clone(), next.clone(), servers.clone());
         workers.spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < TOTAL {
-                ask(&b).await.expect("request");
+                if ask(&b).await.expect("request") != "s0" {
+                    servers[0].advance();
+                }
             }
         });
     }
+    // Once every request is sent, s0 answers the ones it holds. (Were all the workers held
+    // by s0, as with a strategy blind to load, it lets them go instead of hanging the test.)
+    let s0 = b.pool().state(&id("s0")).expect("s0 is in the pool");
+    wait_until(HANG, "every request sent", || {
+        if s0.in_flight() == CONCURRENCY as u64 {
+            (0..HOLD).for_each(|_| servers[0].advance());
+        }
+        next.load(Ordering::Relaxed) >= TOTAL
+    })
+    .await;
+    servers[0].release();
     while let Some(done) = workers.join_next().await {
         done.expect("worker");
     }
@@ -168,8 +185,8 @@ async fn load_with_one_slow_server<St: Strategy>(strategy: St) -> Vec<u64> {
 }
 
 /// The share of requests the slow server may get. An even split would give it 1/3; load-aware
-/// strategies give it a few requests at the start (about 5 in flight before its load shows)
-/// and then few more. Seen locally: about 2 %.
+/// strategies give it a few requests at the start (while its load does not show yet) and then
+/// few more. Seen locally: about 7 % (round robin: a third).
 const SLOW_SHARE_BOUND: f64 = 0.15;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,17 +229,18 @@ async fn peak_ewma_sends_little_to_a_slow_server() {
 async fn peak_ewma_remembers_a_slow_answer() {
     within(LIMIT, async {
         let servers = start_servers(3).await;
-        servers[0].set_delay(Duration::from_millis(200));
+        // Slower than an answer on 127.0.0.1 takes on any machine, however busy.
+        servers[0].set_delay(Duration::from_secs(1));
         let b = balancer(endpoints(&servers), PeakEwma::new());
         let mut req = get();
         PickHints::of_mut(&mut req).prefer(id("s0"));
         let res = b.clone().oneshot(req).await.expect("slow request");
         assert_eq!(body_text(res.into_body()).await, "s0");
         let slow = b.pool().state(&id("s0")).expect("in the pool");
-        assert!(slow.latency_ewma() >= Duration::from_millis(200));
+        assert!(slow.latency_ewma() >= Duration::from_secs(1));
 
         // The estimate decays over the pool's 10 s window: far from the 30 ms that new
-        // endpoints start with, for the second or so these requests take.
+        // endpoints start with, for the many seconds these requests could take.
         let mut answers = Vec::new();
         for _ in 0..50 {
             answers.push(ask(&b).await.expect("request"));
@@ -235,9 +253,9 @@ async fn peak_ewma_remembers_a_slow_answer() {
     .await;
 }
 
-/// Asserts that a request through `b` fails with "no endpoint" on its very first poll.
+/// Asserts that a request through `b` fails with "no endpoint" on its very first poll (at
+/// once: nothing to wait for).
 fn assert_no_endpoint<St: Strategy>(b: &Balancer<HttpEndpoint, St>, what: &str) {
-    let started = Instant::now();
     let res = b
         .clone()
         .oneshot(get())
@@ -248,10 +266,6 @@ fn assert_no_endpoint<St: Strategy>(b: &Balancer<HttpEndpoint, St>, what: &str) 
     assert!(
         !err.is_endpoint() && err.endpoint_id().is_none(),
         "{what}: {err:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_millis(50),
-        "{what}: too slow"
     );
 }
 
