@@ -1,4 +1,5 @@
-//! A tiny shopping cart behind a sticky-session proxy, all in one process.
+//! A tiny shopping cart behind a sticky-session proxy, all in one process, every server
+//! (proxy and backends) lbkit's own `Server`.
 //!
 //! Run it:
 //!
@@ -35,23 +36,19 @@ use http::header::{COOKIE, SET_COOKIE};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::rt::TokioExecutor;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::proxy::{ErrorResponseLayer, Forward};
+use lbkit::server::Server;
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::RoundRobin;
-use lbkit::{BalancerLayer, Endpoint};
+use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::TcpListener;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tower::ServiceBuilder;
 use tracing_subscriber::EnvFilter;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
@@ -78,19 +75,7 @@ async fn main() -> Result<(), BoxError> {
         .service(Forward::<ReplayBody<Incoming>>::new());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let svc = TowerToHyperService::new(proxy.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(Server::new(proxy).serve(listener));
     println!("proxy on http://{proxy_addr}, backends:");
     for b in &backends {
         println!("  backend-{} on {}", b.n, b.addr);
@@ -152,7 +137,7 @@ struct CartBackend {
 
 impl Drop for CartBackend {
     fn drop(&mut self) {
-        // The accept loop owns the connections: aborting it closes them all.
+        // The server's future owns the connections: aborting its task closes them all.
         self.task.abort();
     }
 }
@@ -162,25 +147,11 @@ impl CartBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let carts: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let carts = carts.clone();
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let answer = handle(n, &carts, &req);
-                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer)))) }
-                });
-                conns.spawn(async move {
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
+        let svc = tower::service_fn(move |req: Request<Incoming>| {
+            let answer = handle(n, &carts, &req);
+            async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer)))) }
         });
+        let task = tokio::spawn(Server::new(svc).serve(listener));
         Ok(CartBackend { n, addr, task })
     }
 }
