@@ -7,8 +7,9 @@
 //! cargo run --example metrics -- --seconds 60 --port 9187
 //! ```
 //!
-//! While it runs, try the `curl` command it prints: `lbkit_requests_total`,
-//! `lbkit_errors_total`, `lbkit_latency_seconds` (a summary with quantiles), `lbkit_in_flight`,
+//! `GET /metrics` is an axum route, and the router is served by lbkit's own `Server` (a router
+//! is a tower service). While it runs, try the `curl` command it prints: `lbkit_requests_total`,
+//! `lbkit_errors_total`, `lbkit_latency_seconds` (a histogram), `lbkit_in_flight`,
 //! `lbkit_endpoint_healthy` and the other series are labelled with `pool="demo"` and each
 //! endpoint. Peak EWMA sends fewer requests to the slower `b`; `c`'s errors count up. At the
 //! end the example prints the pool's statistics (`Pool::stats`) and the `lbkit_` lines.
@@ -19,6 +20,7 @@ use std::time::Duration;
 use axum::routing::get;
 use lbkit::hash::mix64;
 use lbkit::metrics::MetricsExporter;
+use lbkit::server::Server;
 use lbkit::strategy::PeakEwma;
 use lbkit::{Balancer, BoxError, Endpoint};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -90,7 +92,7 @@ async fn main() -> Result<(), BoxError> {
     );
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::spawn(Server::new(app).serve(listener));
     println!("serving metrics for {seconds} s (Ctrl-C to stop); try:");
     println!("  curl -s http://{addr}/metrics | grep '^lbkit_'");
 
