@@ -47,7 +47,7 @@ fn endpoint(
         async move {
             let base = if name == "b" { 40 } else { 10 };
             tokio::time::sleep(Duration::from_millis(base / 2 + r % base)).await;
-            if name == "c" && r % 10 == 0 {
+            if name == "c" && r.is_multiple_of(10) {
                 return Err(BoxError::from("c failed"));
             }
             Ok(name)
