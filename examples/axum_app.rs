@@ -50,7 +50,6 @@ use lbkit::proxy::{ErrorResponseLayer, Forward};
 use lbkit::server::Server;
 use lbkit::strategy::PowerOfTwoChoices;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
-use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::compression::CompressionLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
@@ -92,21 +91,11 @@ async fn main() -> Result<(), BoxError> {
         // Compresses local and proxied responses alike when the client accepts gzip.
         .layer(CompressionLayer::new());
 
-    let listener = match TcpListener::bind(LISTEN).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {LISTEN}: {e}");
-            std::process::exit(1);
-        }
-    };
+    let listener = demo::listen(LISTEN).await;
     let addr = listener.local_addr()?;
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("shutting down: finishing requests in flight");
-    };
     let server = tokio::spawn(Server::new(app).serve_with_shutdown(
         listener,
-        ctrl_c,
+        demo::ctrl_c(),
         Duration::from_secs(10),
     ));
 

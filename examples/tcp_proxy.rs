@@ -28,7 +28,7 @@ use lbkit::strategy::LeastConnections;
 use lbkit::BoxError;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const LISTEN: &str = "127.0.0.1:9000";
 
@@ -44,13 +44,7 @@ async fn main() -> Result<(), BoxError> {
     let proxy = TcpProxy::new(backends, LeastConnections::new())
         .connect_timeout(Duration::from_secs(2))
         .idle_timeout(Duration::from_secs(300));
-    let listener = match TcpListener::bind(LISTEN).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {LISTEN}: {e}");
-            std::process::exit(1);
-        }
-    };
+    let listener = demo::listen(LISTEN).await;
     let addr = listener.local_addr()?;
     let serving = tokio::spawn(proxy.serve(listener));
 

@@ -34,7 +34,7 @@ use lbkit::proxy::{tls, ErrorResponseLayer, Forward};
 use lbkit::server::Server;
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
@@ -69,21 +69,11 @@ async fn main() -> Result<(), BoxError> {
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
         .service(Forward::<Incoming>::new().proto("https"));
 
-    let listener = match TcpListener::bind(LISTEN).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("cannot listen on {LISTEN}: {e}");
-            std::process::exit(1);
-        }
-    };
+    let listener = demo::listen(LISTEN).await;
     let addr = listener.local_addr()?;
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("shutting down: finishing requests in flight");
-    };
     let serving = tokio::spawn(Server::new(proxy).tls(config).serve_with_shutdown(
         listener,
-        ctrl_c,
+        demo::ctrl_c(),
         Duration::from_secs(10),
     ));
 

@@ -6,7 +6,8 @@
 //! - [`hello`]: that backend's service, for an example that serves it itself (to stop and
 //!   restart it on the same port);
 //! - [`serve`]: serves an example's own service, as the demo backends are served;
-//! - [`echo_backend`]: a TCP line-echo server, for the TCP proxy.
+//! - [`echo_backend`]: a TCP line-echo server, for the TCP proxy;
+//! - [`listen`] and [`ctrl_c`]: the listener and the shutdown signal of an example's own server.
 
 // Each example uses a part of this module.
 #![allow(dead_code)]
@@ -127,4 +128,23 @@ pub async fn echo_backend(name: impl ToString) -> std::io::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// Binds `addr` for an example's own server (a proxy), or exits with a message saying why (the
+/// port is taken, say).
+pub async fn listen(addr: &str) -> TcpListener {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Resolves when the user presses Ctrl-C, saying so: the shutdown signal for
+/// [`Server::serve_with_shutdown`].
+pub async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+    println!("shutting down: finishing requests in flight");
 }
