@@ -195,7 +195,7 @@ pub fn proxy(
 ) -> (Pool<Target, AnyStrategy>, impl Future<Output = ()> + Send) {
     // The pool behind the balancer: active checks find a stopped backend, outlier detection
     // one that fails requests. Both stop when the pool is dropped.
-    let balancer = BalancerLayer::new(endpoints, args.strategy.clone());
+    let balancer = BalancerLayer::new(endpoints, args.strategy);
     HealthChecker::new(HttpCheck::get(&args.check_path))
         .interval(args.check_interval)
         .spawn(balancer.pool());

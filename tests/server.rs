@@ -98,6 +98,17 @@ async fn every_request_carries_the_client_address() {
 }
 
 #[tokio::test]
+async fn a_service_that_is_send_but_not_sync_can_be_served_from_a_spawned_task() {
+    // `BoxCloneService` is `Send` but not `Sync`: the server must not need more.
+    let svc = tower::util::BoxCloneService::new(echo_peer(Arc::default()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(Server::new(svc).serve(listener));
+    assert!(within("a request", get(addr)).await.starts_with("peer="));
+    task.abort();
+}
+
+#[tokio::test]
 async fn an_unfinished_request_head_is_closed_after_the_header_read_timeout() {
     let count = Arc::new(AtomicU64::new(0));
     let timeout = Duration::from_millis(300);

@@ -84,10 +84,10 @@ pub fn hello(
 }
 
 /// Serves `service` with lbkit's [`Server`] on a port the OS picks, until the program ends, and
-/// returns the address. (`Sync`: the server's future is `Send` only for a `Sync` service.)
+/// returns the address.
 pub async fn serve<S, B>(service: S) -> std::io::Result<SocketAddr>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body + Send + 'static,

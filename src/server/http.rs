@@ -202,7 +202,7 @@ where
         accept_loop(
             listener,
             max_connections,
-            |stream, peer, drain| conn.clone().serve(stream, peer, Some(drain)),
+            move |stream, peer, drain| conn.clone().serve(stream, peer, Some(drain)),
             shutdown,
             grace,
         )
