@@ -197,7 +197,7 @@ async fn an_idle_http2_connection_is_closed_with_goaway() {
 #[tokio::test]
 async fn a_silent_h2_client_after_alpn_is_closed() {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let config = lbkit::proxy::tls::server_config_from_pem_bytes(
+    let config = lbkit::server::tls::server_config_from_pem_bytes(
         ck.cert.pem().as_bytes(),
         ck.signing_key.serialize_pem().as_bytes(),
     )

@@ -1,5 +1,5 @@
 //! TLS termination over real sockets on 127.0.0.1: a self-signed certificate made with rcgen
-//! and written as PEM files, the proxy behind `lbkit::proxy::tls`, and rustls clients that
+//! and written as PEM files, the proxy behind `lbkit::server::Server::tls`, and rustls clients that
 //! trust that certificate and ask for HTTP/1.1 or HTTP/2 by ALPN.
 
 use std::convert::Infallible;
@@ -16,7 +16,8 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lbkit::proxy::{tls, ErrorResponseLayer, Forward};
+use lbkit::proxy::{ErrorResponseLayer, Forward};
+use lbkit::server::{tls, Server};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, Endpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -145,7 +146,7 @@ async fn backend(name: &'static str) -> Backend {
 /// The TLS proxy on 127.0.0.1 over `endpoints`; stops when the handle is dropped.
 struct TlsProxy {
     addr: SocketAddr,
-    task: JoinHandle<std::io::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Drop for TlsProxy {
@@ -167,14 +168,16 @@ async fn spawn_tls_proxy(
     endpoints: Vec<Endpoint>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-) -> (SocketAddr, JoinHandle<std::io::Result<()>>) {
+) -> (SocketAddr, JoinHandle<()>) {
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
         .service(Forward::<Incoming>::new().proto("https"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tls::TlsServer::new(config, proxy).handshake_timeout(Duration::from_secs(2));
+    let server = Server::new(proxy)
+        .tls(config)
+        .tls_handshake_timeout(Duration::from_secs(2));
     let task = tokio::spawn(server.serve_with_shutdown(listener, shutdown, grace));
     (addr, task)
 }
@@ -315,7 +318,7 @@ async fn shutdown_closes_connections_gracefully() {
         // Both client connections are closed by the server, and the server returns.
         conn1.await.unwrap().unwrap();
         conn2.await.unwrap().unwrap();
-        server.await.unwrap().unwrap();
+        server.await.unwrap();
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

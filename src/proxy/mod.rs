@@ -12,8 +12,8 @@
 //! [`TcpProxy`] balances TCP connections (L4) over the same pools and strategies.
 //!
 //! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
-//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util); `tls`
-//! (TLS termination with rustls, HTTP/1.1 and HTTP/2 by ALPN) needs the `tls` feature.
+//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util). Serving the
+//! stack to clients (and TLS termination) is [`server`](crate::server)'s job.
 //!
 //! ```no_run
 //! # #[cfg(feature = "http-proxy")]
@@ -50,7 +50,4 @@ pub use error::{
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardFuture};
 
-#[cfg(feature = "tls")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-pub mod tls;
 pub use crate::hints::ClientAddr;

@@ -144,7 +144,7 @@ impl<S> Server<S> {
     }
 
     /// Terminates TLS with `config` (see
-    /// [`server_config_from_pem`](crate::proxy::tls::server_config_from_pem)) and serves HTTP/2
+    /// [`server_config_from_pem`](super::tls::server_config_from_pem)) and serves HTTP/2
     /// or HTTP/1.1 as ALPN chose. A client gets 10 s for the handshake (see
     /// [`tls_handshake_timeout`](Server::tls_handshake_timeout)). Give
     /// [`Forward`](crate::proxy::Forward) `.proto("https")` so the backends learn the clients'

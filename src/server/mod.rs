@@ -48,6 +48,9 @@ pub(crate) mod accept;
 mod conn;
 #[cfg(feature = "http-proxy")]
 mod http;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub mod tls;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]

@@ -1,8 +1,9 @@
-//! TLS termination for the HTTP proxy with rustls: load a certificate and key from PEM, accept
-//! TLS connections, and serve HTTP/1.1 or HTTP/2 as ALPN chose.
+//! TLS configuration for [`Server::tls`](super::Server::tls): a rustls server configuration
+//! from a certificate chain and a key in PEM files, offering HTTP/2 and HTTP/1.1 by ALPN.
 //!
 //! ```no_run
-//! use lbkit::proxy::{tls, ErrorResponseLayer, Forward};
+//! use lbkit::proxy::{ErrorResponseLayer, Forward};
+//! use lbkit::server::{tls, Server};
 //! use lbkit::{strategy::RoundRobin, BalancerLayer};
 //! use tower::ServiceBuilder;
 //!
@@ -14,7 +15,7 @@
 //!     // The clients speak https: say so in X-Forwarded-Proto / Forwarded.
 //!     .service(Forward::<hyper::body::Incoming>::new().proto("https"));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
-//! tls::serve(listener, config, proxy).await?;
+//! Server::new(proxy).tls(config).serve(listener).await;
 //! # Ok(()) }
 //! ```
 //!
@@ -23,23 +24,15 @@
 
 use std::error::Error as StdError;
 use std::fmt;
-use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tower_service::Service;
 
 pub use rustls::ServerConfig;
 
 use crate::error::BoxError;
-use crate::server::Server;
 
 /// The ALPN protocol id of HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
@@ -216,119 +209,6 @@ fn build(
         })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Accepts TLS connections on `listener` and serves `service` on each until this future is
-/// dropped: [`Server::new(service).tls(config)`](Server::tls) with the default limits.
-pub async fn serve<S, B>(
-    listener: TcpListener,
-    config: Arc<ServerConfig>,
-    service: S,
-) -> io::Result<()>
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    Server::new(service).tls(config).serve(listener).await;
-    Ok(())
-}
-
-/// A TLS-terminating HTTP server for a proxy service: a [`Server`] with
-/// [`tls`](Server::tls), and the same limits and timeouts.
-///
-/// For each accepted connection it does the TLS handshake (bounded by
-/// [`handshake_timeout`](TlsServer::handshake_timeout)), then serves HTTP/2 when ALPN chose
-/// `h2` and HTTP/1.1 otherwise (with protocol upgrades, so WebSockets pass through
-/// [`Forward`](super::Forward)). Each request carries the peer's
-/// [`ClientAddr`](crate::hints::ClientAddr) in its extensions. Give
-/// [`Forward`](super::Forward) `.proto("https")` so the backends learn the clients' scheme.
-pub struct TlsServer<S> {
-    server: Server<S>,
-}
-
-impl<S: Clone> Clone for TlsServer<S> {
-    fn clone(&self) -> Self {
-        TlsServer {
-            server: self.server.clone(),
-        }
-    }
-}
-
-impl<S> fmt::Debug for TlsServer<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsServer")
-            .field("server", &self.server)
-            .finish()
-    }
-}
-
-impl<S, B> TlsServer<S>
-where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    /// A server with `config` (see [`server_config_from_pem`]) in front of `service`, with a
-    /// 10 s handshake timeout and [`Server`]'s default limits.
-    pub fn new(config: Arc<ServerConfig>, service: S) -> Self {
-        TlsServer {
-            server: Server::new(service).tls(config),
-        }
-    }
-
-    /// How long a client may take to finish the TLS handshake before it is dropped.
-    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.server = self.server.tls_handshake_timeout(timeout);
-        self
-    }
-
-    /// Changes the server's other limits (timeouts, connection limit, HTTP/2 settings).
-    pub fn map_server(mut self, f: impl FnOnce(Server<S>) -> Server<S>) -> Self {
-        self.server = f(self.server);
-        self
-    }
-
-    /// Accepts connections from `listener` and serves them until this future is dropped, which
-    /// also closes the connections it is serving. Accept errors never end it.
-    pub async fn serve(self, listener: TcpListener) -> io::Result<()> {
-        self.server.serve(listener).await;
-        Ok(())
-    }
-
-    /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
-    /// `listener`) and shuts every connection down gracefully: requests in flight finish, an
-    /// HTTP/1.1 connection closes after its current response, an HTTP/2 one sends `GOAWAY`.
-    /// Connections still open after `grace` are closed, and it returns `Ok`.
-    pub async fn serve_with_shutdown(
-        self,
-        listener: TcpListener,
-        shutdown: impl std::future::Future<Output = ()>,
-        grace: Duration,
-    ) -> io::Result<()> {
-        self.server
-            .serve_with_shutdown(listener, shutdown, grace)
-            .await;
-        Ok(())
-    }
-
-    /// Serves one accepted connection from `peer`: TLS handshake, then HTTP until the client
-    /// closes. Errors (a failed handshake, a broken connection) are logged, not returned.
-    ///
-    /// The returned future owns clones of what it needs, so it can be spawned.
-    pub fn serve_connection(
-        &self,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.server.serve_connection(stream, peer)
-    }
 }
 
 #[cfg(test)]
