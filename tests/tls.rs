@@ -2,6 +2,8 @@
 //! and written as PEM files, the proxy behind `lbkit::server::Server::tls`, and rustls clients that
 //! trust that certificate and ask for HTTP/1.1 or HTTP/2 by ALPN.
 
+mod common;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -34,7 +36,8 @@ use tokio_tungstenite::WebSocketStream;
 use tower::ServiceBuilder;
 
 async fn within<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(30), f)
+    // Only a hang takes that long.
+    tokio::time::timeout(Duration::from_secs(120), f)
         .await
         .expect("test did not finish in time")
 }
@@ -173,8 +176,9 @@ async fn spawn_tls_proxy(
         .layer(ErrorResponseLayer::new())
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
         .service(Forward::<Incoming>::new().proto("https"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    // A port reserved for the test process: once the server stops listening, connecting to it
+    // is refused (no other test's listener can take it).
+    let (listener, addr) = common::listen_reserved();
     let server = Server::new(proxy)
         .tls(config)
         .tls_handshake_timeout(Duration::from_secs(2));
@@ -267,7 +271,7 @@ async fn http1_over_tls_by_alpn_is_balanced() {
 
 /// Graceful shutdown: the server stops accepting, closes an idle HTTP/1.1 keep-alive
 /// connection and an HTTP/2 one (GOAWAY) after their requests, and returns before its grace
-/// period is over.
+/// period (an hour, which the test would never see the end of) is over.
 #[tokio::test]
 async fn shutdown_closes_connections_gracefully() {
     within(async {
@@ -281,7 +285,7 @@ async fn shutdown_closes_connections_gracefully() {
             async {
                 let _ = stopped.await;
             },
-            Duration::from_secs(10),
+            Duration::from_secs(3600),
         )
         .await;
 
@@ -313,17 +317,11 @@ async fn shutdown_closes_connections_gracefully() {
             "a proto=https"
         );
 
-        let started = std::time::Instant::now();
         stop.send(()).unwrap();
         // Both client connections are closed by the server, and the server returns.
         conn1.await.unwrap().unwrap();
         conn2.await.unwrap().unwrap();
         server.await.unwrap();
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
         assert!(
             TcpStream::connect(addr).await.is_err(),
             "no longer accepting"
@@ -419,7 +417,7 @@ async fn failed_handshakes_leave_the_server_serving() {
             .await
             .unwrap();
         let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
+        let _ = tokio::time::timeout(common::HANG, plain.read_to_end(&mut buf)).await;
         assert!(!String::from_utf8_lossy(&buf).contains("proto="));
 
         // A client that trusts another certificate refuses the proxy's.
@@ -445,7 +443,7 @@ async fn failed_handshakes_leave_the_server_serving() {
         );
 
         let mut byte = [0u8; 1];
-        let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut byte)).await;
+        let closed = tokio::time::timeout(common::HANG, idle.read(&mut byte)).await;
         assert!(
             matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
             "a silent client is closed after the handshake timeout"
@@ -464,11 +462,8 @@ async fn errors_over_tls_name_no_backend() {
             dir.write("key.pem", key_pem),
         )
         .unwrap();
-        let dead = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Reserved, never listening: connecting is refused.
+        let dead = common::dead_addr().await;
         let proxy = start_tls_proxy(config, vec![Endpoint::from(dead)]).await;
         let tls = connect(proxy.addr, &der, &[b"h2"]).await.unwrap();
         let (mut send, conn) =
