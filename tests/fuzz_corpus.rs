@@ -76,6 +76,43 @@ fn replay_the_fuzz_corpus() {
     eprintln!("fuzz corpus: {total} inputs, no failure");
 }
 
+/// The names of the entries of `dir` (relative to the crate) that `keep` takes, sorted.
+fn entries(dir: &str, keep: impl Fn(&Path) -> Option<String>) -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| keep(&e.expect("directory entry").path()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// [`TARGETS`] is every fuzz target there is: a new target in `fuzz/fuzz_targets/` (or a new
+/// corpus directory) without a replay here fails this test.
+#[test]
+fn every_fuzz_target_is_replayed() {
+    let mut replayed: Vec<String> = TARGETS.iter().map(|(n, _)| n.to_string()).collect();
+    replayed.sort();
+    let targets = entries("fuzz/fuzz_targets", |p| {
+        (p.is_file() && p.extension().is_some_and(|e| e == "rs"))
+            .then(|| p.file_stem()?.to_str().map(str::to_owned))
+            .flatten()
+    });
+    assert_eq!(
+        targets, replayed,
+        "fuzz targets, and the ones replayed here"
+    );
+    let corpora = entries("fuzz/corpus", |p| {
+        p.is_dir()
+            .then(|| p.file_name()?.to_str().map(str::to_owned))
+            .flatten()
+    });
+    assert_eq!(
+        corpora, replayed,
+        "corpus directories, and the targets replayed here"
+    );
+}
+
 /// Writes `data` as `fuzz/corpus/<target>/seed-<name>`.
 fn seed(target: &str, name: &str, data: &[u8]) {
     let dir = corpus_dir(target);
