@@ -4,16 +4,23 @@
 //! restarted, added back), one replaced by a server that hangs or one that resets
 //! connections, every backend down at once, and a fifth backend added and removed again.
 //!
-//! Ignored by default (it runs for minutes); run it by name:
+//! The soak itself is ignored by default (it runs for minutes); run it by name:
 //!
 //! ```text
 //! cargo test --test soak -- --ignored --nocapture
 //! LBKIT_SOAK_SECS=600 cargo test --release --test soak -- --ignored --nocapture
 //! ```
 //!
+//! A smoke run of the same code, every step of the schedule once, runs with `cargo test`.
+//!
 //! It prints a summary: requests, failures (those while every backend was down are expected:
 //! 503s; any other fails the test), retries, ejections, latency, and memory (resident at the
 //! start and end, and the peak).
+//!
+//! Nothing in it depends on how fast the machine is: a fault lasts a number of requests, the
+//! calm between two faults lasts until every backend is healthy again and a number of requests
+//! went through, an outage ends once every backend is healthy again, and the time limits only
+//! catch hangs. Only the soak's total length is a time.
 
 mod common;
 
@@ -27,7 +34,8 @@ use common::fault::{
     exchange, get, proc_status_kib, rss_kib, start_server_at, Fault, FaultServer, ProxyStack,
     StackConfig,
 };
-use common::{endpoints, http_client, start_server, start_servers, wait_until, TestServer};
+use common::{endpoints, http_client, start_server, start_servers, wait_until, TestServer, HANG};
+use lbkit::endpoint::Health;
 use lbkit::health::HealthChange;
 use lbkit::EndpointId;
 
@@ -91,8 +99,14 @@ struct Tally {
     latency: Histogram,
 }
 
-/// One client: sends `GET /` until `stop`, classing failures by the outage flag.
-async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, outage: Arc<AtomicU64>) -> Tally {
+/// One client: sends `GET /` until `stop`, classing failures by the outage flag, counting the
+/// requests it sent in `sent`.
+async fn client(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    outage: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+) -> Tally {
     let http = http_client();
     let mut t = Tally {
         sent: 0,
@@ -104,9 +118,10 @@ async fn client(addr: SocketAddr, stop: Arc<AtomicBool>, outage: Arc<AtomicU64>)
     while !stop.load(Ordering::Relaxed) {
         let during_outage = outage.load(Ordering::SeqCst) > 0;
         let started = Instant::now();
-        let outcome = exchange(&http, get(addr), Duration::from_secs(10)).await;
+        let outcome = exchange(&http, get(addr), HANG).await;
         t.latency.record(started.elapsed());
         t.sent += 1;
+        sent.fetch_add(1, Ordering::SeqCst);
         if outcome.is_ok() {
             t.ok += 1;
             continue;
@@ -160,36 +175,74 @@ const STEPS: [Step; 7] = [
     Step::ScaleOutAndIn,
 ];
 
-/// How long a fault lasts.
-const FAULT: Duration = Duration::from_millis(1_500);
-/// Calm between two steps.
-const CALM: Duration = Duration::from_millis(1_000);
+/// How long a fault lasts, in requests sent by the clients.
+const FAULT: u64 = 400;
+/// The calm between two steps, in requests sent once every backend is healthy again.
+const CALM: u64 = 300;
 
-async fn run_step(
-    step: Step,
-    slots: &mut [Slot],
-    k: usize,
-    proxy: &ProxyStack,
-    outage: &AtomicU64,
-) {
+/// What the steps need of the run.
+struct Run<'a> {
+    proxy: &'a ProxyStack,
+    outage: &'a AtomicU64,
+    /// Requests sent by the clients so far.
+    sent: &'a AtomicU64,
+}
+
+impl Run<'_> {
+    /// Waits until the clients have sent `n` more requests.
+    async fn requests(&self, n: u64) {
+        let target = self.sent.load(Ordering::SeqCst) + n;
+        wait_until(HANG, "the clients' requests", || {
+            self.sent.load(Ordering::SeqCst) >= target
+        })
+        .await;
+    }
+
+    fn health(&self, slot: &Slot) -> Option<Health> {
+        self.proxy.pool.health(&EndpointId::new(slot.name.as_str()))
+    }
+
+    /// Waits until `slot` is out of rotation (marked down or ejected).
+    async fn out(&self, slot: &Slot) {
+        wait_until(HANG, "the backend out of rotation", || {
+            self.health(slot) != Some(Health::Healthy)
+        })
+        .await;
+    }
+
+    /// Waits until every backend of `slots` is healthy (back up, ejections over).
+    async fn all_healthy(&self, slots: &[Slot]) {
+        wait_until(HANG, "every backend healthy", || {
+            slots
+                .iter()
+                .all(|s| self.health(s) == Some(Health::Healthy))
+        })
+        .await;
+    }
+}
+
+async fn run_step(step: Step, slots: &mut [Slot], k: usize, run: &Run<'_>) {
     let i = k % slots.len();
+    let proxy = run.proxy;
     match step {
         Step::Kill => {
             slots[i].server = None;
-            tokio::time::sleep(FAULT).await;
+            run.out(&slots[i]).await;
+            run.requests(FAULT).await;
             slots[i].restart().await;
         }
         Step::Slow => {
             let server = slots[i].server.as_ref().expect("running");
-            server.set_delay(Duration::from_millis(1_000));
-            tokio::time::sleep(FAULT).await;
+            // Far past the per-try timeout, on any machine.
+            server.set_delay(proxy.config.per_try_timeout * 5);
+            run.requests(FAULT).await;
             server.set_delay(Duration::ZERO);
         }
         Step::RollingRestart => {
             let id = EndpointId::new(slots[i].name.as_str());
             let state = proxy.pool.state(&id).expect("in the pool");
             assert!(proxy.pool.remove(&id));
-            wait_until(Duration::from_secs(5), "drain", || state.in_flight() == 0).await;
+            wait_until(HANG, "drain", || state.in_flight() == 0).await;
             slots[i].restart().await;
             let endpoint = slots[i].server.as_ref().expect("running").endpoint();
             proxy.pool.insert(endpoint);
@@ -202,34 +255,54 @@ async fn run_step(
             };
             slots[i].server = None;
             let faulty = FaultServer::start_at(&slots[i].name, slots[i].addr, fault).await;
-            tokio::time::sleep(FAULT).await;
+            run.requests(FAULT).await;
             drop(faulty);
             slots[i].restart().await;
         }
         Step::AllDown => {
-            outage.fetch_add(1, Ordering::SeqCst);
+            run.outage.fetch_add(1, Ordering::SeqCst);
             for s in slots.iter_mut() {
                 s.server = None;
             }
-            tokio::time::sleep(Duration::from_millis(1_000)).await;
+            for s in slots.iter() {
+                run.out(s).await;
+            }
+            run.requests(FAULT).await;
             for s in slots.iter_mut() {
                 s.restart().await;
             }
-            // Back within the active check's rise (and ejections are lifted with it).
-            let bound = proxy.config.check_detection_bound() + proxy.config.check_interval * 3;
-            tokio::time::sleep(bound).await;
-            outage.fetch_sub(1, Ordering::SeqCst);
+            // Back once the active check has seen them up (ejections are lifted with it).
+            run.all_healthy(slots).await;
+            run.outage.fetch_sub(1, Ordering::SeqCst);
         }
         Step::ScaleOutAndIn => {
             let extra = start_server(&format!("extra{k}")).await;
             proxy.pool.insert(extra.endpoint());
-            tokio::time::sleep(FAULT).await;
+            wait_until(HANG, "traffic to the added backend", || extra.hits() >= 10).await;
             let id = EndpointId::new(extra.name());
             let state = proxy.pool.state(&id).expect("in the pool");
             assert!(proxy.pool.remove(&id));
-            wait_until(Duration::from_secs(5), "drain", || state.in_flight() == 0).await;
+            wait_until(HANG, "drain", || state.in_flight() == 0).await;
         }
     }
+    // Calm: every backend back, then some requests.
+    run.all_healthy(slots).await;
+    run.requests(CALM).await;
+}
+
+/// The smoke run: every step of the schedule once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_smoke_runs_every_step_once() {
+    tokio::time::timeout(Duration::from_secs(600), soak(Length::Steps(STEPS.len())))
+        .await
+        .expect("the smoke run hung");
+}
+
+/// How long a soak runs.
+#[derive(Clone, Copy, Debug)]
+enum Length {
+    For(Duration),
+    Steps(usize),
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,12 +312,17 @@ async fn soak_with_a_mixed_fault_schedule() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(120);
-    let run_for = Duration::from_secs(secs);
+    soak(Length::For(Duration::from_secs(secs))).await;
+}
+
+async fn soak(length: Length) {
     let servers = start_servers(4).await;
     let config = StackConfig {
-        per_try_timeout: Duration::from_millis(300),
-        deadline: Duration::from_secs(2),
-        ejection_time: Duration::from_secs(5),
+        // Far more than a healthy backend's answer takes on any machine: only the faults
+        // time out.
+        per_try_timeout: Duration::from_secs(1),
+        deadline: Duration::from_secs(10),
+        ejection_time: Duration::from_secs(2),
         ..StackConfig::default()
     };
     let proxy = ProxyStack::start(endpoints(&servers), config).await;
@@ -287,25 +365,40 @@ async fn soak_with_a_mixed_fault_schedule() {
     };
 
     let outage = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..8)
-        .map(|_| tokio::spawn(client(proxy.addr, stop.clone(), outage.clone())))
+        .map(|_| {
+            tokio::spawn(client(
+                proxy.addr,
+                stop.clone(),
+                outage.clone(),
+                sent.clone(),
+            ))
+        })
         .collect();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = Run {
+        proxy: &proxy,
+        outage: &outage,
+        sent: &sent,
+    };
+    run.requests(CALM).await;
     let rss_start = rss_kib();
     let started = Instant::now();
     eprintln!(
-        "soak: {secs} s of load through the proxy over 4 backends, faults every {:?}",
-        FAULT + CALM
+        "soak: {length:?} of load through the proxy over 4 backends, a fault of {FAULT} \
+         requests then a calm of {CALM} after each step"
     );
 
     let mut steps: BTreeMap<Step, u64> = BTreeMap::new();
     let mut k = 0usize;
-    while started.elapsed() < run_for {
+    while match length {
+        Length::For(d) => started.elapsed() < d,
+        Length::Steps(n) => k < n,
+    } {
         let step = STEPS[k % STEPS.len()];
-        run_step(step, &mut slots, k, &proxy, &outage).await;
+        run_step(step, &mut slots, k, &run).await;
         *steps.entry(step).or_default() += 1;
         k += 1;
-        tokio::time::sleep(CALM).await;
         if k.is_multiple_of(STEPS.len()) {
             eprintln!(
                 "  {:>4.0} s: {k} faults, RSS {} KiB",
