@@ -2,6 +2,8 @@
 //! re-balancing when the endpoint goes, tampered cookies ignored, no address leaked) and key
 //! affinity through consistent hashing (a header, the client IP behind a trusted proxy).
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,7 +28,6 @@ use lbkit::key::{HashKeyLayer, Key};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::{Maglev, Ring, RoundRobin, Strategy};
 use lbkit::{Balancer, BoxError, Endpoint, EndpointId};
-use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::{Layer, Service, ServiceExt};
 
@@ -50,8 +51,9 @@ impl Drop for Server {
 
 impl Server {
     async fn start(name: &str) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        // A port reserved for the test process: a killed server leaves an address where
+        // connecting is refused (no other test's listener can take it).
+        let (listener, addr) = common::listen_reserved();
         let hits = Arc::new(AtomicU64::new(0));
         let (h, body) = (hits.clone(), Bytes::from(name.to_owned()));
         let task = tokio::spawn(async move {
