@@ -279,7 +279,7 @@ fn writer(pool: RacePool, shared: Arc<Shared>) -> usize {
             pool.set_down(&id_of(idx), true);
             pool.set_down(&id_of(idx), false);
         }
-        if rounds % 16 == 0 {
+        if rounds.is_multiple_of(16) {
             std::thread::yield_now();
         }
     }
@@ -310,10 +310,10 @@ async fn picker(
         // Preferring the endpoint removed last, which must not be honoured once removed.
         let mut req = Request::new(());
         let last = shared.last_removed.load(SeqCst);
-        if n % 3 == 0 && last != u64::MAX {
+        if n.is_multiple_of(3) && last != u64::MAX {
             PickHints::of_mut(&mut req).prefer(id_of(last as usize));
         }
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             PickHints::of_mut(&mut req).set_hash(n.wrapping_mul(0x9e37_79b9));
         }
         let mode = match (n + me as u64) % 10 {
@@ -344,7 +344,7 @@ async fn picker(
                 Ok(res) => {
                     let Served(idx) = *res.extensions().get::<Served>().expect("served");
                     shared.check(seen, idx);
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         // Read to the end: in flight until then.
                         let body = res.into_body().collect().await.expect("body");
                         assert_eq!(body.to_bytes(), "hello");
@@ -356,7 +356,7 @@ async fn picker(
                 Err(e) => assert!(e.is_no_endpoint(), "{e}"),
             },
         }
-        if n % 32 == 0 {
+        if n.is_multiple_of(32) {
             tokio::task::yield_now().await;
         }
     }

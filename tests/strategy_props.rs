@@ -82,7 +82,7 @@ proptest! {
             let contexts = hashes
                 .iter()
                 .map(|&h| base.with_hash(h))
-                .chain(std::iter::repeat(base).take(16));
+                .chain(std::iter::repeat_n(base, 16));
             for ctx in contexts {
                 let i = pool.pick_in(&snap, &ctx);
                 prop_assert!(i.is_some(), "{}: no pick while some endpoint is allowed", name);

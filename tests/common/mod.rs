@@ -478,8 +478,11 @@ pub async fn within<F: Future>(limit: Duration, test: F) -> F::Output {
 /// ended: tests count check rounds instead of timing them.
 #[derive(Clone, Debug, Default)]
 pub struct CheckLog {
-    by_id: Arc<Mutex<HashMap<EndpointId, Vec<(Instant, bool)>>>>,
+    by_id: Arc<Mutex<HashMap<EndpointId, Verdicts>>>,
 }
+
+/// When each check of an endpoint ended, and whether it passed.
+type Verdicts = Vec<(Instant, bool)>;
 
 impl CheckLog {
     fn record(&self, id: &EndpointId, passed: bool) {
