@@ -3,11 +3,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// The first pause after a failed accept; it doubles on each failure in a row, up to
@@ -19,16 +22,64 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// Tells a connection that the server is shutting down: finish what is in flight, take no new
 /// requests, and close. (A TCP splice has no way to ask its peer to close, so only the HTTP
 /// server reads it.)
-#[derive(Clone, Debug)]
+///
+/// Polled on every wake-up of its connection, so polling it takes no lock: a flag and the
+/// connection's own waker. (A `watch` or `Notify` shared by all connections locks its waiter
+/// list on each poll, a lock every request of every connection would take.)
+#[derive(Debug)]
 #[cfg_attr(not(feature = "http-proxy"), allow(dead_code))]
-pub(crate) struct Drain(watch::Receiver<bool>);
+pub(crate) struct Drain {
+    signal: Arc<DrainSignal>,
+    waker: Arc<AtomicWaker>,
+}
+
+/// What the accept loop shares with its connections' [`Drain`]s.
+#[derive(Debug, Default)]
+struct DrainSignal {
+    draining: AtomicBool,
+    /// The wakers of the connections that may wait (dead ones pruned as it grows).
+    wakers: Mutex<Vec<Weak<AtomicWaker>>>,
+}
+
+impl DrainSignal {
+    fn subscribe(self: &Arc<Self>) -> Drain {
+        let waker = Arc::new(AtomicWaker::new());
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        if wakers.len() == wakers.capacity() {
+            wakers.retain(|w| w.strong_count() > 0);
+        }
+        wakers.push(Arc::downgrade(&waker));
+        Drain {
+            signal: self.clone(),
+            waker,
+        }
+    }
+
+    fn start(&self) {
+        self.draining.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut *self.wakers.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in wakers.iter().filter_map(Weak::upgrade) {
+            w.wake();
+        }
+    }
+}
 
 #[cfg_attr(not(feature = "http-proxy"), allow(dead_code))]
 impl Drain {
     /// Resolves once the server starts shutting down (never, if it does not).
     pub(crate) async fn started(&mut self) {
-        // A closed channel means the server is gone: that is a shutdown too.
-        let _ = self.0.wait_for(|draining| *draining).await;
+        std::future::poll_fn(|cx| {
+            if self.signal.draining.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.signal.draining.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 
@@ -54,7 +105,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     F: FnMut(TcpStream, SocketAddr, Drain) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = watch::channel(false);
+    let signal = Arc::new(DrainSignal::default());
     let slots = Arc::new(Semaphore::new(
         max_connections.clamp(1, Semaphore::MAX_PERMITS),
     ));
@@ -89,7 +140,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                 Ok((stream, peer)) => {
                     backoff = MIN_BACKOFF;
                     let permit = slot.take();
-                    let conn = handle(stream, peer, Drain(rx.clone()));
+                    let conn = handle(stream, peer, signal.subscribe());
                     conns.spawn(async move {
                         conn.await;
                         drop(permit);
@@ -113,7 +164,7 @@ pub(crate) async fn accept_loop<F, Fut>(
         ?grace,
         "shutting down: draining connections"
     );
-    let _ = tx.send(true);
+    signal.start();
     let drained =
         tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
