@@ -5,6 +5,7 @@
 //! it picks. The balancer reads hints from any request type that implements [`RequestHints`],
 //! which `http::Request` does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::endpoint::EndpointId;
@@ -112,7 +113,13 @@ impl PickHints {
 /// # }
 /// ```
 #[derive(Clone, Debug, Default)]
-pub struct PickRecord(Arc<Mutex<Option<EndpointId>>>);
+pub struct PickRecord(Arc<RecordInner>);
+
+#[derive(Debug, Default)]
+struct RecordInner {
+    endpoint: Mutex<Option<EndpointId>>,
+    gave_up: AtomicBool,
+}
 
 impl PickRecord {
     /// The latest endpoint picked for the request, once the balancer has picked one.
@@ -128,11 +135,26 @@ impl PickRecord {
     /// Forgets the pick, before the request is sent again.
     pub(crate) fn clear(&self) {
         *self.slot() = None;
+        self.0.gave_up.store(false, Ordering::Relaxed);
+    }
+
+    /// Says that the caller gives up on the current attempt because the endpoint took too long
+    /// (a per-try timeout or a deadline, as the failover layer's), just before it drops the
+    /// attempt: the balancer then counts it as the endpoint's failure, so that outlier
+    /// detection ejects an endpoint that hangs. An attempt dropped without this (a client that
+    /// went away) is counted as cancelled, never against the endpoint.
+    pub fn give_up(&self) {
+        self.0.gave_up.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`give_up`](PickRecord::give_up) was called for the current attempt.
+    pub(crate) fn gave_up(&self) -> bool {
+        self.0.gave_up.load(Ordering::Relaxed)
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<EndpointId>> {
         // Nothing can be left half-written in an Option: go on after a panic elsewhere.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.0.endpoint.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

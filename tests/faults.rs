@@ -643,27 +643,40 @@ async fn all_backends_down_gives_503_at_once_then_recovers() {
 // Regression tests of the two library fixes the fault tests above led to.
 
 #[tokio::test]
-async fn an_attempt_given_up_on_counts_as_a_failure_of_its_endpoint() {
+async fn an_attempt_given_up_on_counts_as_a_failure_of_its_endpoint_and_a_client_gone_does_not() {
     use tower::ServiceExt;
     within(LIMIT, async {
-        // A backend that reads requests and never answers; the caller gives up once its
-        // request is there (as a failover per-try timeout does). Counted as a success, the
-        // abandon reset outlier detection's count and a hanging backend was never ejected.
+        // A backend that reads requests and never answers. A caller that gives up because it
+        // is too slow says so (as the failover layer's per-try timeout does): a failure, so
+        // a hanging backend is ejected. Counted as a success, the abandon would reset outlier
+        // detection's count.
         let hang = FaultServer::start("hang", Fault::Hang);
         let balancer =
             common::balancer([hang.endpoint()], lbkit::strategy::RoundRobin::new()).http();
         let state = balancer.pool().state(&"hang".into()).expect("endpoint");
-        for n in 1..=3u64 {
-            let mut call = Box::pin(balancer.clone().oneshot(common::get()));
+        for n in 1..=4u64 {
+            let mut req = common::get();
+            let record = lbkit::PickHints::of_mut(&mut req).record_pick();
+            let mut call = Box::pin(balancer.clone().oneshot(req));
             tokio::select! {
                 res = &mut call => panic!("the hanging backend answered: {:?}", res.map(|_| ())),
                 () = wait_until(HANG, "the request at the backend", || hang.hits() == n) => {}
             }
             assert_eq!(state.in_flight(), 1);
-            drop(call);
+            if n <= 3 {
+                record.give_up();
+                drop(call);
+                assert_eq!(state.errors(), n);
+                assert_eq!(state.consecutive_failures(), n as u32);
+            } else {
+                // A caller that just goes away (a client disconnecting) cancels: neither a
+                // failure nor a success of the endpoint.
+                drop(call);
+                assert_eq!(state.errors(), 3);
+                assert_eq!(state.consecutive_failures(), 3);
+                assert_eq!(state.cancelled(), 1);
+            }
             assert_eq!(state.in_flight(), 0);
-            assert_eq!(state.errors(), n);
-            assert_eq!(state.consecutive_failures(), n as u32);
         }
     })
     .await;

@@ -86,3 +86,70 @@ async fn a_backend_killed_under_load_costs_no_request_and_gets_traffic_back() {
         after.by_backend
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_give_up_never_count_against_a_backend() {
+    let servers = common::start_servers(3).await;
+    let args = reverse_proxy::Args {
+        // No health check while the answers are held below (the first comes after one
+        // interval).
+        check_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (pool, serving) = reverse_proxy::proxy(
+        common::endpoints(&servers),
+        &args,
+        listener,
+        std::future::pending(),
+    );
+    let task = tokio::spawn(serving);
+    for s in &servers {
+        s.hold(u64::MAX);
+    }
+
+    // 30 clients, one after the other: each sends a request, waits until a backend has it,
+    // and goes away (as `curl -m 0.2` against a slow page does).
+    let total = |servers: &[common::TestServer]| servers.iter().map(|s| s.hits()).sum::<u64>();
+    for _ in 0..30 {
+        let before = total(&servers);
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("write");
+        common::wait_until(HANG, "the request to reach a backend", || {
+            total(&servers) > before
+        })
+        .await;
+        drop(client);
+    }
+    common::wait_until(
+        HANG,
+        "the given-up requests to leave the in-flight count",
+        || pool.in_flight() == 0,
+    )
+    .await;
+
+    let states = pool.endpoints();
+    let cancelled: u64 = states.iter().map(|(_, s)| s.cancelled()).sum();
+    let errors: u64 = states.iter().map(|(_, s)| s.errors()).sum();
+    assert_eq!(
+        cancelled, 30,
+        "every request given up on is counted as cancelled"
+    );
+    assert_eq!(
+        errors, 0,
+        "a client going away is no failure of the backend"
+    );
+    for (ep, state) in &states {
+        assert_eq!(state.health(), Health::Healthy, "{} was taken out", ep.id());
+    }
+
+    for s in &servers {
+        s.release();
+    }
+    let after = Load::start(addr, 1, 9, Duration::ZERO).finish().await;
+    assert_eq!(after.failures, 0, "{:?}", after.sample_failures());
+    task.abort();
+}

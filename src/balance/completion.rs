@@ -17,7 +17,15 @@ use crate::endpoint::Candidate;
 pub struct InFlight {
     candidate: Candidate,
     start: Instant,
-    failed: bool,
+    outcome: Outcome,
+}
+
+/// How a request in flight ended, as far as its endpoint is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Failed,
+    Cancelled,
 }
 
 impl InFlight {
@@ -26,7 +34,7 @@ impl InFlight {
         InFlight {
             candidate,
             start: now(),
-            failed: false,
+            outcome: Outcome::Success,
         }
     }
 
@@ -37,16 +45,30 @@ impl InFlight {
 
     /// Marks the request as failed, so it is counted in the endpoint's errors.
     pub fn fail(&mut self) {
-        self.failed = true;
+        self.outcome = Outcome::Failed;
+    }
+
+    /// Marks the request as given up on by its caller (see
+    /// [`EndpointState::cancelled`](crate::endpoint::EndpointState::cancelled)): neither an
+    /// error nor a success of the endpoint.
+    pub fn cancel(&mut self) {
+        self.outcome = Outcome::Cancelled;
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let state = self.candidate.state();
+        if self.outcome == Outcome::Cancelled {
+            state.cancel();
+            return;
+        }
         let now = now();
-        self.candidate
-            .state()
-            .finish(now.saturating_duration_since(self.start), now, self.failed);
+        state.finish(
+            now.saturating_duration_since(self.start),
+            now,
+            self.outcome == Outcome::Failed,
+        );
     }
 }
 

@@ -8,6 +8,7 @@ use tower_service::Service;
 
 use super::completion::{InFlight, TrackCompletion};
 use crate::error::{BoxError, Error};
+use crate::hints::PickRecord;
 
 pin_project! {
     /// The response future of a [`Balancer`](super::Balancer).
@@ -15,9 +16,14 @@ pin_project! {
     /// Resolves to the endpoint's response (passed through the completion policy), or to an
     /// [`Error`]: at once when no endpoint was available, or when the endpoint's service fails.
     ///
-    /// Dropped before the endpoint answered (a failover per-try timeout or deadline, a timeout
-    /// layer, a caller that went away), the request counts as failed at that endpoint: an
-    /// endpoint that hangs is then ejected by outlier detection like one that fails.
+    /// Dropped before the endpoint answered, the request counts as *cancelled* at that
+    /// endpoint (see [`EndpointState::cancelled`](crate::endpoint::EndpointState::cancelled)):
+    /// a client that disconnects or resets its stream is not the endpoint's fault, and must not
+    /// get a healthy backend ejected. Only a caller that says it gave up because the endpoint
+    /// was too slow ([`PickRecord::give_up`](crate::hints::PickRecord::give_up), as the failover
+    /// layer's per-try timeout and deadline do) makes it a failure, so that an endpoint that
+    /// hangs is ejected like one that fails. (`Forward::timeout` fails the request with an error,
+    /// which counts too.)
     pub struct ResponseFuture<F, C> {
         #[pin]
         state: State<F, C>,
@@ -27,13 +33,19 @@ pin_project! {
 
     impl<F, C> PinnedDrop for ResponseFuture<F, C> {
         fn drop(this: Pin<&mut Self>) {
-            // Still waiting for the answer: the attempt was given up on. Counted as a success,
-            // it would reset the endpoint's run of failures and hide a hanging endpoint.
+            // Still waiting for the answer: the attempt was given up on. A timeout of the
+            // caller's is the endpoint's failure; anything else a cancellation.
             if let StateProj::Running {
-                handle: Some(h), ..
+                handle: Some(h),
+                record,
+                ..
             } = this.project().state.project()
             {
-                h.fail();
+                if record.as_ref().is_some_and(PickRecord::gave_up) {
+                    h.fail();
+                } else {
+                    h.cancel();
+                }
             }
         }
     }
@@ -48,6 +60,8 @@ pin_project! {
             fut: F,
             handle: Option<InFlight>,
             completion: C,
+            // The request's pick record, if it has one: says whether the caller gave up.
+            record: Option<PickRecord>,
         },
     }
 }
@@ -156,12 +170,19 @@ impl<F, C> ResponseFuture<F, C> {
 
     /// Runs `fut` for the request counted by `handle`, entering `span` on each poll.
     #[inline]
-    pub(crate) fn running(fut: F, handle: InFlight, completion: C, span: tracing::Span) -> Self {
+    pub(crate) fn running(
+        fut: F,
+        handle: InFlight,
+        completion: C,
+        record: Option<PickRecord>,
+        span: tracing::Span,
+    ) -> Self {
         ResponseFuture {
             state: State::Running {
                 fut,
                 handle: Some(handle),
                 completion,
+                record,
             },
             span,
         }
@@ -192,6 +213,7 @@ where
                 fut,
                 handle,
                 completion,
+                ..
             } => {
                 let res = ready!(fut.poll(cx));
                 let mut h = handle.take().expect("polled after completion");

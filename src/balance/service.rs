@@ -166,15 +166,17 @@ where
         // A retry avoids the endpoints it already tried: one per earlier attempt.
         span.record("attempt", hints.map_or(1, |h| h.avoided().len() + 1));
     }
+    let record = hints.and_then(|h| h.pick_record());
     let picked = {
         let _enter = span.enter();
         pool.pick_with(hints, |candidate, entry| {
-            if let Some(record) = hints.and_then(|h| h.pick_record()) {
+            if let Some(record) = record {
                 record.set(candidate.id());
             }
             (InFlight::start(candidate.clone()), entry.clone())
         })
     };
+    let record = record.cloned();
     match picked {
         Some((handle, entry)) => {
             if !span.is_disabled() {
@@ -185,7 +187,7 @@ where
                 let service = bind(entry, &mut req);
                 EndpointCall::new(service, req)
             };
-            ResponseFuture::running(call, handle, completion.clone(), span)
+            ResponseFuture::running(call, handle, completion.clone(), record, span)
         }
         None => {
             span.in_scope(|| tracing::debug!("no endpoint available"));

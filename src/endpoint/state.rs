@@ -58,6 +58,8 @@ impl std::fmt::Debug for PoolShared {
 pub struct EndpointState {
     in_flight: AtomicU64,
     errors: AtomicU64,
+    /// Requests the caller gave up on before the endpoint answered (a client that went away).
+    cancelled: AtomicU64,
     /// Peak-EWMA of the round trip time in nanoseconds, stored as `f64` bits.
     ewma_ns: AtomicU64,
     /// When `ewma_ns` last changed, in nanoseconds since [`clock_base`].
@@ -107,6 +109,7 @@ impl EndpointState {
         EndpointState {
             in_flight: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             ewma_ns: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
             ewma_at: AtomicU64::new(clock_ns(now())),
             health: AtomicU8::new(0),
@@ -136,7 +139,14 @@ impl EndpointState {
         // In flight first: a request that finishes between the two reads is then seen in both
         // rather than in neither (it is recorded before it leaves the in-flight count).
         let in_flight = self.in_flight();
-        self.latency.count() + in_flight
+        self.latency.count() + self.cancelled() + in_flight
+    }
+
+    /// Requests to this endpoint that the caller gave up on before it answered: a client that
+    /// disconnected, an HTTP/2 stream reset, a caller's own timeout. Not the endpoint's fault,
+    /// so they count neither as errors nor as successes, and feed no latency estimate.
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     /// Requests to this endpoint that ended in an error.
@@ -275,6 +285,14 @@ impl EndpointState {
     pub(crate) fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one request as given up on by its caller: it leaves the in-flight count, and
+    /// nothing else about the endpoint changes.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Counts one request as ended after `rtt`, feeding the latency estimate and the

@@ -117,6 +117,11 @@ where
             if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
                 if deadline.poll(cx).is_ready() {
                     tracing::debug!(attempts = *this.attempts, "failover deadline passed");
+                    // The attempt in flight (dropped with this future) took too long: the
+                    // endpoint's failure, not a cancellation.
+                    if matches!(this.state.as_mut().project(), StateProj::Calling { .. }) {
+                        this.record.give_up();
+                    }
                     return Poll::Ready(Err(Box::new(Elapsed::new())));
                 }
             }
@@ -153,6 +158,8 @@ where
                             if !timed_out {
                                 return Poll::Pending;
                             }
+                            // Said before the attempt is dropped just below.
+                            this.record.give_up();
                             Outcome::TimedOut
                         }
                     };

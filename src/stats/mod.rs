@@ -103,6 +103,9 @@ pub struct EndpointStats {
     /// Requests to it that failed (an error of its service, or a failure status with
     /// [`Balancer::http`](crate::Balancer::http)).
     pub errors: u64,
+    /// Requests to it that the caller gave up on before it answered (a client that went
+    /// away): neither errors nor successes.
+    pub cancelled: u64,
     /// Requests in flight to it now.
     pub in_flight: u64,
     /// Failed requests in a row, up to now (what outlier detection watches).
@@ -164,6 +167,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
                     addr: endpoint.socket_addr(),
                     requests: state.requests(),
                     errors: state.errors(),
+                    cancelled: state.cancelled(),
                     in_flight: state.in_flight(),
                     consecutive_failures: state.consecutive_failures(),
                     latency_ewma: state.latency_ewma(),
