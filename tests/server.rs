@@ -118,6 +118,8 @@ async fn an_unfinished_request_head_is_closed_after_the_header_read_timeout() {
     let (addr, task) = serve(server).await;
 
     let mut slow = TcpStream::connect(addr).await.unwrap();
+    // The wait for a head starts when the first response has gone out, after this instant.
+    let started = Instant::now();
     // First a whole request, so the connection is past protocol detection and the
     // first-request deadline; then a head that never ends.
     slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -128,7 +130,6 @@ async fn an_unfinished_request_head_is_closed_after_the_header_read_timeout() {
         .await
         .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-    let started = Instant::now();
     slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ")
         .await
         .unwrap();

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +25,8 @@ use crate::hints::ClientAddr;
 pub(super) struct Activity {
     events: AtomicU64,
     in_flight: AtomicUsize,
+    /// Whether the connection speaks HTTP/2 (seen on its requests).
+    h2: AtomicBool,
 }
 
 /// The service hyper calls for each request of one connection: inserts the peer's
@@ -47,6 +49,9 @@ where
 
     fn call(&self, mut req: Request<B>) -> Self::Future {
         req.extensions_mut().insert(ClientAddr(self.peer));
+        if req.version() == http::Version::HTTP_2 {
+            self.activity.h2.store(true, Ordering::Relaxed);
+        }
         self.activity.events.fetch_add(1, Ordering::Relaxed);
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         Counted {
@@ -88,14 +93,18 @@ impl<F: Future> Future for Counted<F> {
 pub(super) struct IdleRules {
     /// How long a new connection may go without a request.
     pub(super) first_request: Duration,
-    /// How long a connection may go with no request in flight, after the first.
+    /// How long an HTTP/2 connection may go with no request in flight, after the first.
     pub(super) idle: Duration,
+    /// The same for HTTP/1.1, where waiting for the next request is also waiting for its
+    /// head: the shorter of the idle and header-read timeouts.
+    pub(super) idle_h1: Duration,
 }
 
 /// Drives `conn` to its end. Asks it to close gracefully (with `shutdown`, once) when the
 /// server drains, when no request came within `rules.first_request`, or when no request was
-/// in flight and none started or ended for `rules.idle` (checked every half of it, so an idle
-/// connection closes after between one and one and a half times `idle`).
+/// in flight and none started or ended for `rules.idle` (`rules.idle_h1` for HTTP/1.1;
+/// checked every half of it, so an idle connection closes after between one and one and a
+/// half times that).
 ///
 /// A graceful close never cuts a request short: HTTP/1 closes after the response being
 /// written, HTTP/2 sends `GOAWAY` and lets open streams finish.
@@ -109,9 +118,16 @@ pub(super) async fn drive<C, T>(
 where
     C: Future<Output = T>,
 {
-    let tick = (rules.idle / 2).max(Duration::from_millis(1));
+    let tick = |rules: &IdleRules| {
+        let idle = if activity.h2.load(Ordering::Relaxed) {
+            rules.idle
+        } else {
+            rules.idle_h1
+        };
+        (idle / 2).max(Duration::from_millis(1))
+    };
     let first_deadline = Instant::now() + rules.first_request;
-    let timer = tokio::time::sleep_until(first_deadline.min(Instant::now() + tick));
+    let timer = tokio::time::sleep_until(first_deadline.min(Instant::now() + tick(&rules)));
     let mut timer = std::pin::pin!(timer);
     let mut seen = 0;
     let mut quiet = 0u8;
@@ -132,7 +148,7 @@ where
                         shutdown(conn.as_mut());
                         closing = true;
                     } else {
-                        timer.as_mut().reset(first_deadline.min(now + tick));
+                        timer.as_mut().reset(first_deadline.min(now + tick(&rules)));
                     }
                     continue;
                 }
@@ -148,7 +164,7 @@ where
                         continue;
                     }
                 }
-                timer.as_mut().reset(now + tick);
+                timer.as_mut().reset(now + tick(&rules));
             }
         }
     }

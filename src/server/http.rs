@@ -95,10 +95,12 @@ impl<S> Server<S> {
 
     /// How long a client may take to send a request head (default 30 s; nginx's
     /// `client_header_timeout` is 60 s, HAProxy configurations usually set `timeout
-    /// http-request` to 10 s). A new connection must also send its first request (or, for
-    /// HTTP/2, open its first stream) within this time. For HTTP/1.1 the timer also runs while
-    /// a kept-alive connection waits for its next request, so an idle HTTP/1.1 connection
-    /// closes after the shorter of this and the [idle timeout](Server::idle_timeout).
+    /// http-request` to 10 s). A new connection must send its first request in full (or, for
+    /// HTTP/2, open its first stream) within this time, or it is closed. On HTTP/1.1, where
+    /// waiting for the next request and receiving its head are one wait, a kept-alive
+    /// connection with no request in flight is closed gracefully after the shorter of this and
+    /// the [idle timeout](Server::idle_timeout) (checked every half of it, so after between one
+    /// and one and a half times that).
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.settings.header_read_timeout = timeout;
         self
@@ -268,9 +270,11 @@ where
     fn new(server: Server<S>) -> Self {
         let s = server.settings;
         let mut auto = auto::Builder::new(TokioExecutor::new());
+        // No hyper header-read timer for HTTP/1.1: it arms (and allocates) a timer for every
+        // request, about 2 us of CPU each. The connection's idle rule bounds the same wait
+        // (see `header_read_timeout`).
         auto.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(s.header_read_timeout)
+            .header_read_timeout(None::<Duration>)
             .max_buf_size(s.max_header_bytes)
             .keep_alive(true);
         auto.http2()
@@ -283,6 +287,7 @@ where
             rules: IdleRules {
                 first_request: s.header_read_timeout,
                 idle: s.idle_timeout,
+                idle_h1: s.idle_timeout.min(s.header_read_timeout),
             },
             #[cfg(feature = "tls")]
             h1: auto.clone().http1_only(),
