@@ -11,6 +11,9 @@ mod reverse_proxy;
 
 mod common;
 
+#[path = "../examples/demo/mod.rs"]
+mod demo;
+
 use std::time::Duration;
 
 use common::fault::{start_server_at, Load};
@@ -152,4 +155,32 @@ async fn clients_that_give_up_never_count_against_a_backend() {
     let after = Load::start(addr, 1, 9, Duration::ZERO).finish().await;
     assert_eq!(after.failures, 0, "{:?}", after.sample_failures());
     task.abort();
+}
+
+#[tokio::test]
+async fn a_client_cannot_strip_host_to_spoof_what_the_proxy_asserts() {
+    let backend = demo::backend("backend-1").await.expect("demo backend");
+    let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = "GET /headers HTTP/1.1\r\nhost: shop.example\r\nconnection: host, close\r\n\
+                   x-forwarded-host: evil.example\r\nx-forwarded-proto: https\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tokio::time::timeout(
+        HANG,
+        tokio::io::AsyncReadExt::read_to_string(&mut client, &mut answer),
+    )
+    .await
+    .expect("no answer")
+    .expect("read");
+    task.abort();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("x-forwarded-host: shop.example"),
+        "{answer}"
+    );
+    assert!(answer.contains("x-forwarded-proto: http\n"), "{answer}");
+    assert!(!answer.contains("evil.example"), "{answer}");
 }

@@ -37,7 +37,28 @@ fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Removes hop-by-hop headers: the standard ones and every header named in `Connection`.
+/// Headers a `Connection` list never removes: they carry the message itself (its target host,
+/// framing, type, credentials) or what the proxy asserts about the client, so a client must not
+/// be able to strip them on the way (`Connection: host` would drop `Host` before the proxy
+/// copies it into `X-Forwarded-Host`, letting the client's own `X-Forwarded-Host` through).
+const NEVER_HOP_BY_HOP: [&str; 11] = [
+    "host",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "authorization",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+];
+
+/// Removes hop-by-hop headers: the standard ones and every header named in `Connection`,
+/// except the end-to-end headers a client must not be able to strip (`Host`,
+/// `Content-Length`, `Content-Type`, `Content-Encoding`, `Authorization`, `Cookie` and the
+/// forwarding headers).
 ///
 /// With `keep_upgrade`, an upgrade handshake survives: `Upgrade` is kept and `Connection` is set
 /// to `upgrade` alone, as a proxy that forwards the upgrade must do.
@@ -50,6 +71,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         for t in connection_tokens(v) {
             if ["keep-alive", "close", "upgrade"]
                 .iter()
+                .chain(NEVER_HOP_BY_HOP.iter())
                 .any(|k| t.eq_ignore_ascii_case(k))
             {
                 continue;
@@ -91,7 +113,13 @@ pub enum ForwardedHeaders {
 
 /// Appends the client to the forwarding headers as `kind` says: `client` is the peer's address,
 /// `proto` the scheme the client used (`"http"` or `"https"`), and the original `Host` header
-/// is taken from `headers`. Existing values from earlier proxies are kept and appended to.
+/// is taken from `headers`. Existing `X-Forwarded-For` and `Forwarded` values from earlier
+/// proxies are kept and appended to.
+///
+/// What the proxy asserts is always its own: a client's `X-Forwarded-Host`, `-Proto` and
+/// `-Port` are dropped (also when `kind` writes none, and when the request has no `Host` to
+/// put in its place), and without a `client` address the client's `X-Forwarded-For` and
+/// `Forwarded` are dropped rather than passed on unchecked (fail closed).
 pub fn append_forwarded(
     headers: &mut HeaderMap,
     kind: ForwardedHeaders,
@@ -99,6 +127,13 @@ pub fn append_forwarded(
     proto: &'static str,
 ) {
     let host = headers.get(header::HOST).cloned();
+    for asserted in ["x-forwarded-host", "x-forwarded-proto", "x-forwarded-port"] {
+        headers.remove(asserted);
+    }
+    if client.is_none() {
+        headers.remove("x-forwarded-for");
+        headers.remove(header::FORWARDED);
+    }
     if matches!(kind, ForwardedHeaders::XForwarded | ForwardedHeaders::Both) {
         if let Some(addr) = client {
             let ip = addr.ip().to_string();
@@ -374,5 +409,50 @@ mod tests {
             "http",
         );
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_connection_list_cannot_strip_host_to_spoof_the_forwarded_host() {
+        let mut h = map(&[
+            ("host", "shop.example"),
+            (
+                "connection",
+                "host, content-length, x-forwarded-host, x-custom",
+            ),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("content-length", "0"),
+            ("x-custom", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["host"], "shop.example");
+        assert_eq!(h["content-length"], "0");
+        assert!(h.get("x-custom").is_none(), "other named headers still go");
+        append_forwarded(
+            &mut h,
+            ForwardedHeaders::XForwarded,
+            Some(([10, 0, 0, 1], 1).into()),
+            "http",
+        );
+        assert_eq!(h["x-forwarded-host"], "shop.example");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(h.get("x-forwarded-port").is_none());
+    }
+
+    #[test]
+    fn without_a_host_or_a_client_address_the_clients_values_are_dropped() {
+        let mut h = map(&[
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+        ]);
+        append_forwarded(&mut h, ForwardedHeaders::Both, None, "http");
+        assert!(h.get("x-forwarded-host").is_none());
+        assert!(h.get("x-forwarded-for").is_none());
+        assert_eq!(h["forwarded"], "proto=http");
+        let mut h = map(&[("x-forwarded-proto", "https")]);
+        append_forwarded(&mut h, ForwardedHeaders::None, None, "http");
+        assert!(h.is_empty(), "{h:?}");
     }
 }
