@@ -4,6 +4,12 @@
 #
 #   bash benches/e2e/compare.sh            # 3 interleaved rounds of 10 s per target
 #   DURATION=5 ROUNDS=1 bash benches/e2e/compare.sh
+#   WORKERS=2 bash benches/e2e/compare.sh   # two worker threads/processes per proxy
+#   BASELINE=/path/to/old/reverse_proxy bash benches/e2e/compare.sh   # also an older build
+#
+# Besides requests/s and latency it reports each proxy's CPU time per request: utime + stime
+# of the proxy's processes (all threads; nginx's master and workers) from /proc over each wrk
+# run, divided by the requests wrk counted.
 #
 # Everything listens on 127.0.0.1 only; everything it starts is stopped when it exits.
 # Setup kept equal: three identical nginx backends (static 200, keep-alive), each proxy with
@@ -36,7 +42,8 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
 B1=127.0.0.1:19001; B2=127.0.0.1:19002; B3=127.0.0.1:19003
-LBKIT=127.0.0.1:19100; NGX=127.0.0.1:19101; HAP=127.0.0.1:19102
+LBKIT=127.0.0.1:19100; NGX=127.0.0.1:19101; HAP=127.0.0.1:19102; BASE=127.0.0.1:19103
+declare -A PID
 
 # --- backends: one nginx, three identical servers answering a small static body.
 mkdir -p "$WORK/backends" "$WORK/proxy"
@@ -86,7 +93,7 @@ http {
 }
 CONF
 "$NGINX" -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" &
-PIDS+=($!)
+PIDS+=($!); PID[nginx]=$!
 
 # --- HAProxy.
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -111,7 +118,7 @@ backend be
   server b3 $B3
 CONF
 "$HAPROXY" -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
-PIDS+=($!)
+PIDS+=($!); PID[haproxy]=$!
 
 # --- lbkit: the README's example in release mode, over the same backends.
 echo "building examples/reverse_proxy (release)..." >&2
@@ -119,7 +126,13 @@ echo "building examples/reverse_proxy (release)..." >&2
 RUST_LOG=error "$ROOT/target/release/examples/reverse_proxy" \
   --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
   >/dev/null 2>&1 &
-PIDS+=($!)
+PIDS+=($!); PID[lbkit]=$!
+if [ -n "${BASELINE:-}" ]; then
+  RUST_LOG=error "$BASELINE" \
+    --listen "$BASE" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
+    >/dev/null 2>&1 &
+  PIDS+=($!); PID[lbkit_base]=$!
+fi
 
 wait_up() {
   for _ in $(seq 1 100); do
@@ -129,18 +142,35 @@ wait_up() {
   echo "$1 did not come up" >&2
   exit 1
 }
-for a in $B1 $B2 $B3 $LBKIT $NGX $HAP; do wait_up "$a"; done
+for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do wait_up "$a"; done
 
-# One wrk run; prints "rps p50_ms p99_ms errors".
+# CPU ticks (utime + stime, all threads) of a process and its children (nginx's workers).
+ticks() {
+  local pid="$1" total=0 p
+  for p in "$pid" $(pgrep -P "$pid" || true); do
+    [ -r "/proc/$p/stat" ] || continue
+    total=$((total + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+HZ="$(getconf CLK_TCK)"
+
+# One wrk run against target $1; prints "rps p50_ms p99_ms errors cpu_us_per_request".
 measure() {
-  local out
-  out="$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://$1/" 2>&1)"
-  local rps p50 p99 errs
+  local out t0 t1 pid="${PID[$1]:-}"
+  [ -n "$pid" ] && t0="$(ticks "$pid")"
+  out="$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://${NAME[$1]}/" 2>&1)"
+  [ -n "$pid" ] && t1="$(ticks "$pid")"
+  local rps p50 p99 errs reqs cpu=0
   rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
   p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
   p99="$(awk '$1=="99%" {print $2}' <<<"$out")"
   errs="$(awk '/Non-2xx|Socket errors/ {n++} END {print n+0}' <<<"$out")"
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errs"
+  reqs="$(awk '/requests in/ {print $1}' <<<"$out")"
+  if [ -n "$pid" ] && [ "${reqs:-0}" -gt 0 ]; then
+    cpu="$(awk -v d="$((t1 - t0))" -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.1f", d / hz * 1e6 / n}')"
+  fi
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errs $cpu"
 }
 to_ms() {
   awk -v v="$1" 'BEGIN {
@@ -150,16 +180,17 @@ to_ms() {
     else print v }'
 }
 
-declare -A NAME=([direct]=$B1 [lbkit]=$LBKIT [nginx]=$NGX [haproxy]=$HAP)
+declare -A NAME=([direct]=$B1 [lbkit]=$LBKIT [nginx]=$NGX [haproxy]=$HAP [lbkit_base]=$BASE)
 ORDER=(direct lbkit nginx haproxy)
+[ -n "${BASELINE:-}" ] && ORDER+=(lbkit_base)
 echo "warming up..." >&2
 for t in "${ORDER[@]}"; do wrk -t1 -c"$CONNS" -d2s "http://${NAME[$t]}/" >/dev/null 2>&1; done
 
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${ORDER[@]}"; do
-    res="$(measure "${NAME[$t]}")"
+    res="$(measure "$t")"
     echo "$t $res" >> "$WORK/results"
-    echo "round $r  $t: $res   (rps p50ms p99ms error-lines)" >&2
+    echo "round $r  $t: $res   (rps p50ms p99ms error-lines cpu-us/req)" >&2
   done
 done
 
@@ -170,12 +201,14 @@ echo
 echo "Machine: $(nproc) cores, $(uname -sr); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds interleaved, medians."
 echo "Proxies: $WORKERS worker thread/process each, round robin over 3 nginx backends, keep-alive."
 echo
-echo "| target | requests/s | p50 ms | p99 ms | rps vs nginx | rps vs direct |"
-echo "|---|---|---|---|---|---|"
-NG_RPS="$(col nginx 2)"; DIR_RPS="$(col direct 2)"
+echo "| target | requests/s | p50 ms | p99 ms | rps vs nginx | rps vs direct | CPU µs/request | CPU vs nginx |"
+echo "|---|---|---|---|---|---|---|---|"
+NG_RPS="$(col nginx 2)"; DIR_RPS="$(col direct 2)"; NG_CPU="$(col nginx 6)"
 for t in "${ORDER[@]}"; do
-  rps="$(col "$t" 2)"; p50="$(col "$t" 3)"; p99="$(col "$t" 4)"
-  printf "| %s | %.0f | %s | %s | %.2f | %.2f |\n" "$t" "$rps" "$p50" "$p99" \
+  rps="$(col "$t" 2)"; p50="$(col "$t" 3)"; p99="$(col "$t" 4)"; cpu="$(col "$t" 6)"
+  printf "| %s | %.0f | %s | %s | %.2f | %.2f | %s | %s |\n" "$t" "$rps" "$p50" "$p99" \
     "$(awk -v a="$rps" -v b="$NG_RPS" 'BEGIN {print a/b}')" \
-    "$(awk -v a="$rps" -v b="$DIR_RPS" 'BEGIN {print a/b}')"
+    "$(awk -v a="$rps" -v b="$DIR_RPS" 'BEGIN {print a/b}')" \
+    "$( [ "$t" = direct ] && echo - || echo "$cpu")" \
+    "$( [ "$t" = direct ] && echo - || awk -v a="$cpu" -v b="$NG_CPU" 'BEGIN {printf "%.2f", a/b}')"
 done
