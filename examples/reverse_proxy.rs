@@ -39,7 +39,7 @@
 //! own instead of the demo ones (the end-to-end benchmark, `benches/e2e/compare.sh`, uses it),
 //! and `--threads N` sets the runtime's worker threads (default: one per core).
 
-mod demo;
+pub mod demo;
 
 use std::future::Future;
 use std::net::SocketAddr;

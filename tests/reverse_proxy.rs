@@ -11,9 +11,6 @@ mod reverse_proxy;
 
 mod common;
 
-#[path = "../examples/demo/mod.rs"]
-mod demo;
-
 use std::time::Duration;
 
 use common::fault::{start_server_at, Load};
@@ -159,7 +156,9 @@ async fn clients_that_give_up_never_count_against_a_backend() {
 
 #[tokio::test]
 async fn a_client_cannot_strip_host_to_spoof_what_the_proxy_asserts() {
-    let backend = demo::backend("backend-1").await.expect("demo backend");
+    let backend = reverse_proxy::demo::backend("backend-1")
+        .await
+        .expect("demo backend");
     let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
     let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = "GET /headers HTTP/1.1\r\nhost: shop.example\r\nconnection: host, close\r\n\
