@@ -154,13 +154,15 @@ impl EndpointState {
         self.errors.load(Ordering::Relaxed)
     }
 
-    /// The current health.
+    /// The current health. An endpoint both down and ejected is [`Health::Down`]: the active
+    /// check's word is the stronger (it cannot be reached), and bringing it up again also
+    /// lifts the ejection (see [`is_ejected`](EndpointState::is_ejected) for the flag alone).
     pub fn health(&self) -> Health {
         let h = self.health.load(Ordering::Acquire);
-        if h & EJECTED != 0 {
-            Health::Ejected
-        } else if h & DOWN != 0 {
+        if h & DOWN != 0 {
             Health::Down
+        } else if h & EJECTED != 0 {
+            Health::Ejected
         } else {
             Health::Healthy
         }
@@ -349,7 +351,8 @@ mod tests {
         assert!(!s.set_down(true));
         assert_eq!(s.health(), Health::Down);
         assert!(s.set_ejected(true));
-        assert_eq!(s.health(), Health::Ejected);
+        assert_eq!(s.health(), Health::Down, "down says more than ejected");
+        assert!(s.is_down() && s.is_ejected());
         assert!(s.set_down(false));
         assert_eq!(s.health(), Health::Ejected);
         assert!(s.set_ejected(false));

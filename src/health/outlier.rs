@@ -124,7 +124,9 @@ impl OutlierDetection {
     }
 
     /// Sets the most endpoints that may be ejected at once, in percent of the pool (default
-    /// 10); at least one endpoint may always be ejected.
+    /// 10, rounded down); at least one endpoint may always be ejected. With the default, a pool
+    /// of up to 19 endpoints ejects at most one at a time: raise it for small pools where two
+    /// backends may fail together (50 lets one of three, and two of four, go at once).
     pub fn max_ejection_percent(mut self, percent: u8) -> Self {
         self.max_ejection_percent = percent.min(100);
         self
