@@ -15,9 +15,28 @@ use pin_project_lite::pin_project;
 /// stays bounded and uploads stream; buffer on purpose with [`ReplayBody::buffer`] (up to a
 /// size you choose) when you want small bodies retried.
 ///
-/// Implemented for every `Clone` body (`http_body_util::Full<Bytes>`, `Empty`, `String`, and
-/// `()` for body-less requests), where the clone is the copy, and for [`ReplayBody`], which
-/// makes any body type replayable when it is empty or buffered.
+/// Implemented for the bodies whose copy is cheap and known in full (`http_body_util::Full` and
+/// `Empty` with the `http-proxy` feature, `Bytes`, `String`, `Vec<u8>`, static strings and
+/// slices, and `()` for body-less requests), where a clone is the copy, and for [`ReplayBody`],
+/// which makes any body type replayable when it is empty or buffered. A server's streaming
+/// body (hyper's `Incoming`, `axum::body::Body`) is not: wrap it with
+/// `req.map(ReplayBody::new)` before the failover layer, and the compiler says so if you
+/// forget. For a `Clone` body type of your own, implement it with `Some(self.clone())`.
+///
+/// ```compile_fail
+/// # // A streaming body behind the failover layer without `ReplayBody`: rejected, with
+/// # // "the request body `MyStream` cannot be sent again for a retry".
+/// use lbkit::failover::{FailoverLayer, RetryBudget};
+/// use tower::{service_fn, Layer, Service};
+///
+/// #[derive(Clone)]
+/// struct MyStream;
+/// let inner = service_fn(|_req: http::Request<MyStream>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(()))
+/// });
+/// let mut svc = FailoverLayer::new(RetryBudget::default()).layer(inner);
+/// let _ = svc.call(http::Request::new(MyStream));
+/// ```
 #[diagnostic::on_unimplemented(
     message = "the request body `{Self}` cannot be sent again for a retry",
     note = "wrap it so that empty or buffered bodies can be retried: `req.map(lbkit::failover::ReplayBody::new)`"
@@ -27,10 +46,30 @@ pub trait Replay: Sized {
     fn replay(&self) -> Option<Self>;
 }
 
-impl<B: Clone> Replay for B {
-    fn replay(&self) -> Option<Self> {
-        Some(self.clone())
-    }
+/// `Replay` by cloning, for body types whose clone is the whole body.
+macro_rules! replay_by_clone {
+    ($($(#[$attr:meta])* [$($gen:tt)*] $ty:ty;)*) => {$(
+        $(#[$attr])*
+        impl<$($gen)*> Replay for $ty {
+            fn replay(&self) -> Option<Self> {
+                Some(self.clone())
+            }
+        }
+    )*};
+}
+
+replay_by_clone! {
+    [] ();
+    [] String;
+    [] Vec<u8>;
+    [] &'static str;
+    [] &'static [u8];
+    #[cfg(feature = "http-proxy")]
+    [] bytes::Bytes;
+    #[cfg(feature = "http-proxy")]
+    [D: Clone] http_body_util::Full<D>;
+    #[cfg(feature = "http-proxy")]
+    [D] http_body_util::Empty<D>;
 }
 
 pin_project! {
