@@ -55,7 +55,7 @@
 //! # }
 //! ```
 //!
-//! [`LatencyHistogram`]: crate::stats::LatencyHistogram
+//! [`LatencyHistogram`]: crate::endpoint::LatencyHistogram
 
 use std::collections::HashMap;
 use std::fmt;
@@ -70,9 +70,9 @@ use ::metrics::{
 };
 use tokio::task::JoinHandle;
 
+use crate::endpoint::HistogramSnapshot;
 use crate::endpoint::{EndpointId, EndpointState, Health};
 use crate::pool::Pool;
-use crate::stats::HistogramSnapshot;
 use crate::strategy::Strategy;
 
 /// The exported metrics' names, as in the [module docs](self).

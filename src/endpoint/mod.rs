@@ -5,8 +5,10 @@
 //! latency, health) in an [`EndpointState`] whose counters are atomics, so reading and updating
 //! them on the request path takes no lock.
 
+mod histogram;
 pub(crate) mod state;
 
+pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary, BUCKETS};
 pub use state::{EndpointState, Health};
 
 use std::fmt;

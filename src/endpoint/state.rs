@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
-use crate::stats::LatencyHistogram;
+use super::histogram::LatencyHistogram;
 
 /// The health of an endpoint as the balancer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -7,7 +7,7 @@
 //! and the current snapshot; the request path is not stopped or slowed (only the pool's
 //! writers' lock is taken, which picks never take).
 //!
-//! Each endpoint keeps a [`LatencyHistogram`]: a fixed set of log-scale buckets made of
+//! Each endpoint keeps a [`LatencyHistogram`](crate::endpoint::LatencyHistogram): a fixed set of log-scale buckets made of
 //! atomics, fed with every request's latency when it ends, from which the stats read
 //! quantiles.
 //!
@@ -33,15 +33,11 @@
 //! # }
 //! ```
 
-mod histogram;
-
-pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary, BUCKETS};
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::endpoint::state::{clock_ns, now};
-use crate::endpoint::{EndpointId, Health, Tier};
+use crate::endpoint::{EndpointId, Health, HistogramSnapshot, LatencySummary, Tier};
 use crate::pool::Pool;
 use crate::strategy::Strategy;
 
