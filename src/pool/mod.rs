@@ -11,6 +11,7 @@
 //! is dropped when the last of them ends.
 
 mod health;
+pub(crate) mod ramp;
 mod snapshot;
 
 pub use snapshot::Snapshot;

@@ -3,9 +3,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ramp::{ramped_weight, SlowStart};
 use crate::endpoint::{Candidate, Endpoint, EndpointId, EndpointState, Tier};
-use crate::health::slow_start::ramped_weight;
-use crate::health::SlowStart;
 use crate::hints::PickHints;
 use crate::strategy::{PickContext, Strategy};
 

@@ -147,7 +147,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             .iter()
             .any(|c| c.weight() != c.endpoint().weight() || c.state().is_warming_up());
         let scale = if scaled {
-            f64::from(crate::health::slow_start::RAMP_SCALE)
+            f64::from(crate::pool::ramp::RAMP_SCALE)
         } else {
             1.0
         };
