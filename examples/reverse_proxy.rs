@@ -28,8 +28,11 @@
 //!   that dies under load costs no client a failed request;
 //! - `--sticky` (`StickyLayer`) or `--hash-header NAME` (`HashKeyLayer`, for `maglev`/`ring`);
 //! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked
-//!   (`GET /` every second; `--check-path`) and watched by outlier detection;
-//! - `Forward`: the request goes to the picked backend over pooled keep-alive connections.
+//!   (`GET /` every second; `--check http:/healthz` for another path, `--check tcp` for a
+//!   backend that answers no plain GET, such as a WebSocket-only or HTTP/2-only server) and
+//!   watched by outlier detection;
+//! - `Forward`: the request goes to the picked backend over pooled keep-alive connections,
+//!   HTTP/1.1 by default or HTTP/2 (h2c) with `--upstream h2`, as gRPC servers want.
 //!
 //! Backend 1 has weight 2, so with the default smooth weighted round robin it answers half of
 //! the requests, interleaved with the others. Strategies: round_robin, random,
@@ -49,7 +52,7 @@ use http::Request;
 use hyper::body::Incoming;
 use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
-use lbkit::health::{HealthChecker, HttpCheck, OutlierDetection};
+use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
 use lbkit::key::HashKeyLayer;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
 use lbkit::server::Server;
@@ -73,7 +76,10 @@ pub struct Args {
     pub threads: Option<usize>,
     pub sticky: bool,
     pub hash_header: Option<String>,
-    pub check_path: String,
+    /// `None`: a TCP connect; `Some(path)`: `GET path`, any 2xx or 3xx.
+    pub check_http: Option<String>,
+    /// HTTP/2 (h2c, prior knowledge) to the backends instead of HTTP/1.1.
+    pub upstream_h2: bool,
     pub check_interval: Duration,
     pub ejection_time: Duration,
 }
@@ -87,7 +93,8 @@ impl Default for Args {
             threads: None,
             sticky: false,
             hash_header: None,
-            check_path: "/".into(),
+            check_http: Some("/".into()),
+            upstream_h2: false,
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
         }
@@ -107,7 +114,11 @@ fn parse_args() -> Result<Args, BoxError> {
             ("--listen", Some(v)) => args.listen = v.parse()?,
             ("--threads", Some(v)) => args.threads = Some(v.parse()?),
             ("--hash-header", Some(v)) => args.hash_header = Some(v),
-            ("--check-path", Some(v)) => args.check_path = v,
+            ("--check", Some(v)) if v == "tcp" => args.check_http = None,
+            ("--check", Some(v)) if v.starts_with("http:/") => {
+                args.check_http = Some(v["http:".len()..].to_owned())
+            }
+            ("--upstream", Some(v)) if v == "h2" || v == "http1" => args.upstream_h2 = v == "h2",
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -117,7 +128,7 @@ fn parse_args() -> Result<Args, BoxError> {
                 eprintln!(
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
                      [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
-                     [--hash-header NAME] [--check-path PATH]"
+                     [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2]"
                 );
                 std::process::exit(2);
             }
@@ -196,9 +207,21 @@ pub fn proxy(
     // The pool behind the balancer: active checks find a stopped backend, outlier detection
     // one that fails requests. Both stop when the pool is dropped.
     let balancer = BalancerLayer::new(endpoints, args.strategy);
-    HealthChecker::new(HttpCheck::get(&args.check_path))
+    let check: Box<dyn HealthCheck> = match &args.check_http {
+        Some(path) => Box::new(HttpCheck::get(path)),
+        None => Box::new(TcpCheck::new()),
+    };
+    HealthChecker::new(check)
         .interval(args.check_interval)
         .spawn(balancer.pool());
+    let forward = Forward::<ReplayBody<Incoming>>::new()
+        .timeout(Duration::from_secs(10))
+        .hide_response_header(http::header::SERVER);
+    let forward = if args.upstream_h2 {
+        forward.http2()
+    } else {
+        forward
+    };
     OutlierDetection::new()
         .base_ejection_time(args.ejection_time)
         .spawn(balancer.pool());
@@ -220,11 +243,7 @@ pub fn proxy(
         )
         .option_layer(args.hash_header.as_deref().map(HashKeyLayer::header))
         .layer(balancer)
-        .service(
-            Forward::<ReplayBody<Incoming>>::new()
-                .timeout(Duration::from_secs(10))
-                .hide_response_header(http::header::SERVER),
-        );
+        .service(forward);
     let serving =
         Server::new(proxy).serve_with_shutdown(listener, shutdown, Duration::from_secs(10));
     (pool, serving)

@@ -183,3 +183,82 @@ async fn a_client_cannot_strip_host_to_spoof_what_the_proxy_asserts() {
     assert!(answer.contains("x-forwarded-proto: http\n"), "{answer}");
     assert!(!answer.contains("evil.example"), "{answer}");
 }
+
+/// An HTTP/2-only backend (as a gRPC server is: an HTTP/1.1 request gets a protocol error)
+/// answering its name, with the protocol it was spoken to in `x-version`.
+async fn h2_only_backend(
+    name: &'static str,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let res = http::Response::builder()
+                        .header("x-version", format!("{:?}", req.version()))
+                        .body(http_body_util::Full::new(bytes::Bytes::from(name)))
+                        .expect("response");
+                    std::future::ready(Ok::<_, std::convert::Infallible>(res))
+                });
+            conns.spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_only_backends_work_with_upstream_h2_and_a_tcp_check() {
+    let mut backends = Vec::new();
+    for name in ["h2-a", "h2-b", "h2-c"] {
+        backends.push(h2_only_backend(name).await);
+    }
+    let endpoints = backends
+        .iter()
+        .zip(["h2-a", "h2-b", "h2-c"])
+        .map(|((addr, _), name)| lbkit::Endpoint::new(name).with_addr(*addr))
+        .collect();
+    let args = reverse_proxy::Args {
+        upstream_h2: true,
+        check_http: None,
+        check_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_pool, serving) = reverse_proxy::proxy(endpoints, &args, listener, std::future::pending());
+    let task = tokio::spawn(serving);
+
+    // HTTP/1.1 clients reach every HTTP/2 backend.
+    let report = Load::start(addr, 3, 20, Duration::ZERO).finish().await;
+    assert_eq!(report.failures, 0, "{:?}", report.sample_failures());
+    assert_eq!(report.by_backend.len(), 3, "{:?}", report.by_backend);
+
+    // So does an HTTP/2 client, and the backend is spoken to in HTTP/2.
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let res = tokio::time::timeout(HANG, send.send_request(req))
+        .await
+        .expect("no answer")
+        .expect("response");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    assert_eq!(res.headers()["x-version"], "HTTP/2.0");
+    task.abort();
+    for (_, t) in backends {
+        t.abort();
+    }
+}
