@@ -262,3 +262,32 @@ async fn http2_only_backends_work_with_upstream_h2_and_a_tcp_check() {
         t.abort();
     }
 }
+
+#[tokio::test]
+async fn an_h2c_upgrade_is_not_tunnelled_to_the_backend() {
+    let backend = reverse_proxy::demo::backend("backend-1")
+        .await
+        .expect("demo backend");
+    let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = "GET /headers HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\n\
+                   upgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+        .await
+        .expect("write");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(
+        HANG,
+        tokio::io::AsyncReadExt::read(&mut client, &mut answer),
+    )
+    .await
+    .expect("no answer")
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    task.abort();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        !answer.contains("upgrade: h2c"),
+        "the upgrade reached the backend: {answer}"
+    );
+}

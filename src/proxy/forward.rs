@@ -32,6 +32,8 @@ struct Config {
     preserve_host: bool,
     http2: bool,
     hide: Vec<http::HeaderName>,
+    /// The protocols a client may upgrade to (lowercase).
+    upgrades: Vec<&'static str>,
 }
 
 /// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
@@ -116,6 +118,7 @@ where
                 preserve_host: true,
                 http2,
                 hide: Vec::new(),
+                upgrades: vec!["websocket"],
             }),
         }
     }
@@ -133,6 +136,16 @@ where
 impl<B> Forward<B> {
     fn config_mut(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
+    }
+
+    /// The protocols a client may switch to through the proxy (default: `websocket` only).
+    /// A request asking to upgrade to anything else (`h2c`, a custom protocol) is forwarded as
+    /// a plain request, its `Upgrade` header removed, so it cannot open a tunnel past the
+    /// checks that apply per request. Names are compared without regard to case; an empty list
+    /// turns upgrades off.
+    pub fn upgrades(mut self, protocols: impl IntoIterator<Item = &'static str>) -> Self {
+        self.config_mut().upgrades = protocols.into_iter().collect();
+        self
     }
 
     /// Which forwarding headers to write (default [`ForwardedHeaders::XForwarded`]).
@@ -193,7 +206,7 @@ where
         else {
             return ForwardFuture::failed(ForwardError::no_target());
         };
-        let upgrade = is_upgrade(req.headers());
+        let upgrade = is_upgrade(req.headers()) && upgrade_allowed(req.headers(), &cfg.upgrades);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         // An HTTP/2 client names the host in `:authority` (the URI), not in `Host`: carry it
@@ -327,6 +340,17 @@ impl Future for ForwardFuture {
         }
         Poll::Ready(Ok(res))
     }
+}
+
+/// Whether every protocol the `Upgrade` header names is in `allowed`.
+fn upgrade_allowed(headers: &http::HeaderMap, allowed: &[&'static str]) -> bool {
+    let mut named = headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("\0").split(','))
+        .map(|p| p.split('/').next().unwrap_or("").trim())
+        .peekable();
+    named.peek().is_some() && named.all(|p| allowed.iter().any(|a| a.eq_ignore_ascii_case(p)))
 }
 
 /// Whether a `TE` header lists `trailers`.
