@@ -212,6 +212,8 @@ impl DnsServer {
             .min_ttl(Duration::from_millis(100))
             .max_ttl(Duration::from_secs(2))
             .retry_interval(Duration::from_millis(100))
+            // The test server answers with loopback addresses.
+            .allow_local(true)
     }
 }
 
@@ -332,6 +334,53 @@ async fn pool_follows_a_and_aaaa_records() {
         let once: Vec<String> = once.iter().map(|e| e.id().to_string()).collect();
         assert_eq!(once, ["127.0.0.11:9000", "127.0.0.12:9000", "[::1]:9000"]);
         task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn answers_cannot_point_at_loopback_link_local_or_mapped_addresses_by_default() {
+    bounded(async {
+        let server = DnsServer::start().await;
+        server.zone(|z| {
+            z.set_ips(
+                "mixed.test",
+                &[
+                    "127.0.0.1",
+                    "169.254.169.254",
+                    "10.0.0.5",
+                    "::ffff:127.0.0.1",
+                    "fe80::1",
+                    "::ffff:10.0.0.6",
+                ],
+            )
+        });
+        let strict = server
+            .discovery(DnsDiscovery::host("mixed.test.", 80))
+            .allow_local(false)
+            .resolve_once()
+            .await
+            .unwrap();
+        let strict: Vec<String> = strict.iter().map(|e| e.id().to_string()).collect();
+        // Private addresses stay; a mapped one is taken as IPv4.
+        assert_eq!(strict, ["10.0.0.5:80", "10.0.0.6:80"]);
+
+        let capped = server
+            .discovery(DnsDiscovery::host("mixed.test.", 80))
+            .max_endpoints(2)
+            .resolve_once()
+            .await
+            .unwrap();
+        assert_eq!(capped.len(), 2);
+
+        server.zone(|z| z.set_ips("meta.test", &["169.254.169.254"]));
+        let err = server
+            .discovery(DnsDiscovery::host("meta.test.", 80))
+            .allow_local(false)
+            .resolve_once()
+            .await
+            .unwrap_err();
+        assert!(err.is_bad_record(), "{err:?}");
     })
     .await;
 }

@@ -365,11 +365,31 @@ pub fn dns_srv(data: &[u8]) {
 /// of the records reaching it, and the weights (0 counting as 1) of that tier's records added
 /// up, clamped to 1..=`MAX_WEIGHT`.
 fn srv_rules(records: &[SRV], addrs: &HashMap<Name, Vec<IpAddr>>) -> Vec<(SocketAddr, u8, u32)> {
-    let usable = |ip: &IpAddr| !ip.is_unspecified() && !ip.is_multicast();
+    // Canonical (IPv4-mapped as IPv4); never unspecified, multicast, broadcast, loopback or
+    // link-local (the default of `DnsDiscovery::allow_local`).
+    let usable = |ip: &IpAddr| -> Option<IpAddr> {
+        let ip = ip.to_canonical();
+        let bad = match ip {
+            IpAddr::V4(v4) => {
+                v4.is_unspecified()
+                    || v4.is_multicast()
+                    || v4.is_broadcast()
+                    || v4.is_loopback()
+                    || v4.is_link_local()
+            }
+            IpAddr::V6(v6) => {
+                v6.is_unspecified()
+                    || v6.is_multicast()
+                    || v6.is_loopback()
+                    || (v6.segments()[0] & 0xffc0) == 0xfe80
+            }
+        };
+        (!bad).then_some(ip)
+    };
     let ips_of = |r: &SRV| -> Vec<IpAddr> {
         addrs
             .get(r.target())
-            .map(|ips| ips.iter().copied().filter(usable).collect())
+            .map(|ips| ips.iter().filter_map(usable).collect())
             .unwrap_or_default()
     };
     let live: Vec<&SRV> = records

@@ -112,6 +112,43 @@ pub struct DnsDiscovery {
     min_ttl: Duration,
     max_ttl: Duration,
     retry_interval: Duration,
+    filter: AddressFilter,
+}
+
+/// Which answered addresses may become endpoints.
+#[derive(Clone, Copy, Debug)]
+struct AddressFilter {
+    /// Loopback and link-local addresses too.
+    allow_local: bool,
+    /// The most endpoints one answer may give.
+    max: usize,
+}
+
+impl Default for AddressFilter {
+    fn default() -> Self {
+        AddressFilter {
+            allow_local: false,
+            max: DnsDiscovery::DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+impl AddressFilter {
+    /// The address to connect to (IPv4-mapped IPv6 addresses as IPv4), or `None` if it must not
+    /// become an endpoint: unspecified, multicast or broadcast always; loopback and link-local
+    /// (such as the cloud metadata address 169.254.169.254) unless local addresses are allowed.
+    fn usable(&self, ip: IpAddr) -> Option<IpAddr> {
+        let ip = ip.to_canonical();
+        let never = ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        let local = ip.is_loopback()
+            || match ip {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+            };
+        (!never && (self.allow_local || !local)).then_some(ip)
+    }
 }
 
 impl DnsDiscovery {
@@ -121,6 +158,8 @@ impl DnsDiscovery {
     pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(300);
     /// The default [`retry_interval`](DnsDiscovery::retry_interval): 5 seconds.
     pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+    /// The default [`max_endpoints`](DnsDiscovery::max_endpoints): 1 024.
+    pub const DEFAULT_MAX_ENDPOINTS: usize = 1024;
 
     fn new(query: Query) -> Self {
         DnsDiscovery {
@@ -130,7 +169,26 @@ impl DnsDiscovery {
             min_ttl: Self::DEFAULT_MIN_TTL,
             max_ttl: Self::DEFAULT_MAX_TTL,
             retry_interval: Self::DEFAULT_RETRY_INTERVAL,
+            filter: AddressFilter::default(),
         }
+    }
+
+    /// Also takes loopback (`127.0.0.0/8`, `::1`) and link-local (`169.254.0.0/16`,
+    /// `fe80::/10`) addresses from answers (default off). Off, a DNS answer cannot point the
+    /// pool at the proxy's own host or at a cloud metadata service (169.254.169.254), also not
+    /// in IPv4-mapped IPv6 form (`::ffff:127.0.0.1`). Private addresses (10/8, 172.16/12,
+    /// 192.168/16, fc00::/7) are always taken: internal service discovery lives there. Turn it
+    /// on for tests and local setups.
+    pub fn allow_local(mut self, allow: bool) -> Self {
+        self.filter.allow_local = allow;
+        self
+    }
+
+    /// The most endpoints one answer may give (default 1 024, at least 1); the rest of a larger
+    /// answer is skipped, with a warning.
+    pub fn max_endpoints(mut self, max: usize) -> Self {
+        self.filter.max = max.max(1);
+        self
     }
 
     /// Follows the A and AAAA records of `name`: one endpoint per address, each on `port`,
@@ -294,8 +352,8 @@ impl DnsDiscovery {
         // The cache is off, but an entry may linger until the cache's housekeeping runs.
         resolver.clear_cache();
         match &self.query {
-            Query::Host { name, port } => resolve_host(resolver, name, *port).await,
-            Query::Srv { name } => resolve_srv(resolver, name).await,
+            Query::Host { name, port } => resolve_host(resolver, name, *port, self.filter).await,
+            Query::Srv { name } => resolve_srv(resolver, name, self.filter).await,
         }
     }
 
@@ -409,12 +467,12 @@ fn ttl_until(valid_until: Instant) -> Duration {
     valid_until.saturating_duration_since(Instant::now())
 }
 
-/// An address no one can connect to.
-fn unusable(ip: &IpAddr) -> bool {
-    ip.is_unspecified() || ip.is_multicast()
-}
-
-async fn resolve_host(resolver: &TokioResolver, name: &str, port: u16) -> Result<Answer, DnsError> {
+async fn resolve_host(
+    resolver: &TokioResolver,
+    name: &str,
+    port: u16,
+    filter: AddressFilter,
+) -> Result<Answer, DnsError> {
     let lookup = resolver
         .lookup_ip(name)
         .await
@@ -423,16 +481,19 @@ async fn resolve_host(resolver: &TokioResolver, name: &str, port: u16) -> Result
     let mut set = EndpointSet::default();
     let mut skipped = 0usize;
     for ip in lookup.iter() {
-        if unusable(&ip) {
-            skipped += 1;
-        } else {
-            set.add(SocketAddr::new(ip, port), 0, 1);
+        match filter.usable(ip) {
+            Some(ip) => set.add(SocketAddr::new(ip, port), 0, 1),
+            None => skipped += 1,
         }
     }
-    finish(name, set, skipped, ttl)
+    finish(name, set, skipped, ttl, filter.max)
 }
 
-async fn resolve_srv(resolver: &TokioResolver, name: &str) -> Result<Answer, DnsError> {
+async fn resolve_srv(
+    resolver: &TokioResolver,
+    name: &str,
+    filter: AddressFilter,
+) -> Result<Answer, DnsError> {
     let srv = resolver
         .srv_lookup(name)
         .await
@@ -457,7 +518,7 @@ async fn resolve_srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Dns
         match lookup {
             Ok(lookup) => {
                 valid_until = valid_until.min(lookup.valid_until());
-                let ips: Vec<IpAddr> = lookup.iter().filter(|ip| !unusable(ip)).collect();
+                let ips: Vec<IpAddr> = lookup.iter().filter_map(|ip| filter.usable(ip)).collect();
                 if ips.is_empty() {
                     tracing::warn!(%target, "SRV target has no usable address; skipped");
                 }
@@ -474,7 +535,7 @@ async fn resolve_srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Dns
     }
 
     let set = srv_set(&records, &addrs);
-    finish(name, set, skipped, ttl_until(valid_until))
+    finish(name, set, skipped, ttl_until(valid_until), filter.max)
 }
 
 /// The SRV records that offer a service, and how many say "no service here" (port 0, or the
@@ -520,8 +581,9 @@ fn srv_set(records: &[&SRV], addrs: &HashMap<&Name, Vec<IpAddr>>) -> EndpointSet
 
 /// What SRV discovery makes of an answer, without any lookup: the endpoints of the SRV
 /// `records` of `name`, given the addresses each target resolved to (a target missing from
-/// `addrs` did not resolve), or the error that keeps a pool as it is. Unspecified and
-/// multicast addresses are skipped, as in a lookup.
+/// `addrs` did not resolve), or the error that keeps a pool as it is. Addresses are filtered
+/// as in a lookup with the default settings (no unspecified, multicast, broadcast, loopback
+/// or link-local address; IPv4-mapped addresses as IPv4), with no cap on the count.
 ///
 /// Pure and deterministic: for fuzzing and tests of the answer handling (`fuzz/`), not a
 /// stable API.
@@ -535,21 +597,41 @@ pub fn srv_endpoints(
     if records.is_empty() && skipped == 0 {
         return Err(DnsError::new(Kind::Empty, name));
     }
+    let filter = AddressFilter::default();
     let addrs: HashMap<&Name, Vec<IpAddr>> = addrs
         .iter()
         .map(|(target, ips)| {
             (
                 target,
-                ips.iter().copied().filter(|ip| !unusable(ip)).collect(),
+                ips.iter().filter_map(|ip| filter.usable(*ip)).collect(),
             )
         })
         .collect();
     let set = srv_set(&records, &addrs);
-    finish(name, set, skipped, Duration::ZERO).map(|answer| answer.endpoints)
+    finish(name, set, skipped, Duration::ZERO, usize::MAX).map(|answer| answer.endpoints)
 }
 
-/// A good answer, or the error that says why there is none.
-fn finish(name: &str, set: EndpointSet, skipped: usize, ttl: Duration) -> Result<Answer, DnsError> {
+/// A good answer (at most `max` endpoints of it), or the error that says why there is none.
+fn finish(
+    name: &str,
+    mut set: EndpointSet,
+    skipped: usize,
+    ttl: Duration,
+    max: usize,
+) -> Result<Answer, DnsError> {
+    if set.by_addr.len() > max {
+        tracing::warn!(
+            name,
+            answered = set.by_addr.len(),
+            max,
+            "DNS answer has more endpoints than allowed; the rest are skipped"
+        );
+        // Keep the best tiers (SRV priorities), then the lowest addresses.
+        let mut entries: Vec<_> = std::mem::take(&mut set.by_addr).into_iter().collect();
+        entries.sort_by_key(|(addr, (tier, _))| (*tier, *addr));
+        entries.truncate(max);
+        set.by_addr = entries.into_iter().collect();
+    }
     if set.by_addr.is_empty() {
         return Err(if skipped > 0 {
             DnsError::new(Kind::BadRecord, name)
