@@ -22,6 +22,8 @@
 //! - `Server`: HTTP/1.1 and HTTP/2 (h2c), header-read and idle timeouts, a connection limit,
 //!   accept errors (such as running out of file descriptors) waited out, graceful shutdown on
 //!   Ctrl-C;
+//! - `--compress`: tower-http's `CompressionLayer` (gzip) for clients that accept it, unless
+//!   the backend already encoded the response;
 //! - `ErrorResponseLayer`: failures become 502/503/504 with a short body;
 //! - `FailoverLayer`: a failed idempotent request (connection refused, reset, 502/503/504,
 //!   per-try timeout) is sent again to another backend, within a retry budget, so a backend
@@ -48,7 +50,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::Request;
+use http::{Extensions, HeaderMap, Request, StatusCode, Version};
 use hyper::body::Incoming;
 use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
@@ -61,6 +63,8 @@ use lbkit::strategy::AnyStrategy;
 use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate};
+use tower_http::compression::CompressionLayer;
 use tracing_subscriber::EnvFilter;
 
 // A proxy allocates small, short-lived buffers and header maps per request; mimalloc serves
@@ -80,6 +84,8 @@ pub struct Args {
     pub check_http: Option<String>,
     /// HTTP/2 (h2c, prior knowledge) to the backends instead of HTTP/1.1.
     pub upstream_h2: bool,
+    /// Compress responses (gzip) for clients that accept it.
+    pub compress: bool,
     pub check_interval: Duration,
     pub ejection_time: Duration,
 }
@@ -95,6 +101,7 @@ impl Default for Args {
             hash_header: None,
             check_http: Some("/".into()),
             upstream_h2: false,
+            compress: false,
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
         }
@@ -105,8 +112,9 @@ fn parse_args() -> Result<Args, BoxError> {
     let mut args = Args::default();
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
-        if arg == "--sticky" {
-            args.sticky = true;
+        if arg == "--sticky" || arg == "--compress" {
+            args.sticky |= arg == "--sticky";
+            args.compress |= arg == "--compress";
             continue;
         }
         match (arg.as_str(), argv.next()) {
@@ -128,7 +136,7 @@ fn parse_args() -> Result<Args, BoxError> {
                 eprintln!(
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
                      [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
-                     [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2]"
+                     [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress]"
                 );
                 std::process::exit(2);
             }
@@ -227,7 +235,15 @@ pub fn proxy(
         .spawn(balancer.pool());
     let pool = balancer.pool().clone();
 
+    // One stack type whether compression is on or not: the predicate says.
+    let compress = args.compress;
     let proxy = ServiceBuilder::new()
+        .layer(
+            CompressionLayer::new().compress_when(
+                (move |_: StatusCode, _: Version, _: &HeaderMap, _: &Extensions| compress)
+                    .and(DefaultPredicate::new()),
+            ),
+        )
         .layer(ErrorResponseLayer::new())
         // Keep the request body so that a failed attempt can be sent again (bodies that
         // stream are sent once and never retried).

@@ -291,3 +291,55 @@ async fn an_h2c_upgrade_is_not_tunnelled_to_the_backend() {
         "the upgrade reached the backend: {answer}"
     );
 }
+
+#[tokio::test]
+async fn with_compress_responses_are_gzipped_for_clients_that_accept_it() {
+    let backend = reverse_proxy::demo::backend("backend-1")
+        .await
+        .expect("demo backend");
+    for compress in [false, true] {
+        let args = reverse_proxy::Args {
+            compress,
+            ..Default::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (_pool, serving) = reverse_proxy::proxy(
+            vec![lbkit::Endpoint::from(backend)],
+            &args,
+            listener,
+            std::future::pending(),
+        );
+        let task = tokio::spawn(serving);
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = "GET /headers HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip\r\nconnection: close\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            HANG,
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut answer),
+        )
+        .await
+        .expect("no answer")
+        .expect("read");
+        task.abort();
+        let head_end = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let head = String::from_utf8_lossy(&answer[..head_end]).to_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let body = &answer[head_end + 4..];
+        if compress {
+            assert!(head.contains("content-encoding: gzip"), "{head}");
+            // A gzip stream (chunked: the first chunk's data starts after its size line).
+            let chunk = body.splitn(2, |&b| b == b'\n').nth(1).expect("a chunk");
+            assert_eq!(&chunk[..2], [0x1f, 0x8b], "not gzip: {head}");
+        } else {
+            assert!(!head.contains("content-encoding"), "{head}");
+            assert!(String::from_utf8_lossy(body).contains("backend-1 received"));
+        }
+    }
+}
