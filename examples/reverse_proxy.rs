@@ -48,9 +48,10 @@ pub mod demo;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
-use http::{Extensions, HeaderMap, Request, StatusCode, Version};
+use http::Request;
 use hyper::body::Incoming;
 use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
@@ -62,8 +63,7 @@ use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
 use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
 use tokio::net::TcpListener;
-use tower::ServiceBuilder;
-use tower_http::compression::predicate::{DefaultPredicate, Predicate};
+use tower::{Layer, ServiceBuilder};
 use tower_http::compression::CompressionLayer;
 use tracing_subscriber::EnvFilter;
 
@@ -235,15 +235,7 @@ pub fn proxy(
         .spawn(balancer.pool());
     let pool = balancer.pool().clone();
 
-    // One stack type whether compression is on or not: the predicate says.
-    let compress = args.compress;
     let proxy = ServiceBuilder::new()
-        .layer(
-            CompressionLayer::new().compress_when(
-                (move |_: StatusCode, _: Version, _: &HeaderMap, _: &Extensions| compress)
-                    .and(DefaultPredicate::new()),
-            ),
-        )
         .layer(ErrorResponseLayer::new())
         // Keep the request body so that a failed attempt can be sent again (bodies that
         // stream are sent once and never retried).
@@ -260,7 +252,14 @@ pub fn proxy(
         .option_layer(args.hash_header.as_deref().map(HashKeyLayer::header))
         .layer(balancer)
         .service(forward);
-    let serving =
-        Server::new(proxy).serve_with_shutdown(listener, shutdown, Duration::from_secs(10));
+    // Compression wraps the stack only when asked: tower-http's layer costs CPU on every
+    // response even when its predicate says no.
+    let grace = Duration::from_secs(10);
+    let serving: Pin<Box<dyn Future<Output = ()> + Send>> = if args.compress {
+        let compressed = CompressionLayer::new().layer(proxy);
+        Box::pin(Server::new(compressed).serve_with_shutdown(listener, shutdown, grace))
+    } else {
+        Box::pin(Server::new(proxy).serve_with_shutdown(listener, shutdown, grace))
+    };
     (pool, serving)
 }
