@@ -49,7 +49,7 @@ fn bounds(i: usize) -> (u64, u64) {
 ///
 /// ```
 /// use std::time::Duration;
-/// use lbkit::stats::LatencyHistogram;
+/// use lbkit::endpoint::LatencyHistogram;
 ///
 /// let h = LatencyHistogram::new();
 /// for ms in 1..=100 {
