@@ -14,42 +14,6 @@ use crate::error::{BoxError, Error};
 use crate::pool::Pool;
 use crate::strategy::Strategy;
 
-/// An endpoint's service made from one shared inner service: it tags each request with its
-/// [`Target`] and calls the inner service.
-#[derive(Clone, Debug)]
-pub struct RouteToEndpoint<S> {
-    inner: S,
-    target: Target,
-}
-
-impl<S> RouteToEndpoint<S> {
-    /// Routes requests through `inner`, tagged for `endpoint`.
-    pub fn new(inner: S, endpoint: &Endpoint) -> Self {
-        RouteToEndpoint {
-            inner,
-            target: Target::new(endpoint),
-        }
-    }
-}
-
-impl<S, B> Service<http::Request<B>> for RouteToEndpoint<S>
-where
-    S: Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> S::Future {
-        req.extensions_mut().insert(self.target.clone());
-        self.inner.call(req)
-    }
-}
-
 /// A [`Layer`] that puts a balancer in front of one HTTP service: each request is tagged with
 /// the [`Target`] endpoint picked for it, and the inner service (a forwarding proxy, a client)
 /// sends it there.

@@ -16,6 +16,6 @@ mod target;
 
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
-pub use layer::{Balanced, BalancerLayer, RouteToEndpoint};
+pub use layer::{Balanced, BalancerLayer};
 pub use service::Balancer;
 pub use target::{Target, TargetUri, TargetUriFuture};

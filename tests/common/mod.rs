@@ -587,16 +587,14 @@ pub mod fault {
     use http::{Request, StatusCode};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::rt::TokioIo;
-    use hyper_util::service::TowerToHyperService;
-    use lbkit::balance::RouteToEndpoint;
+    use lbkit::balance::Target;
     use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
     use lbkit::health::{
         HealthCheck, HealthChecker, HealthTask, HttpCheck, OutlierDetection, TcpCheck,
     };
-    use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+    use lbkit::proxy::{ErrorResponseLayer, Forward};
     use lbkit::strategy::AnyStrategy;
-    use lbkit::{Balancer, Endpoint, EndpointId, PickHints, Pool};
+    use lbkit::{BalancerLayer, Endpoint, EndpointId, PickHints, Pool};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::task::{JoinHandle, JoinSet};
@@ -780,12 +778,12 @@ pub mod fault {
         }
     }
 
-    /// An endpoint's service that counts the attempts sent through it.
+    /// The forwarding service behind the balancer, counting the attempts sent to each endpoint
+    /// (read from the request's `Target`).
     #[derive(Clone, Debug)]
     pub struct Tap<S> {
         inner: S,
-        stats: Arc<TapStats>,
-        epoch: Instant,
+        taps: Taps,
     }
 
     impl<S, B> Service<Request<B>> for Tap<S>
@@ -801,19 +799,20 @@ pub mod fault {
         }
 
         fn call(&mut self, req: Request<B>) -> S::Future {
-            self.stats.calls.fetch_add(1, Ordering::SeqCst);
-            let at = self.epoch.elapsed().as_nanos() as u64 + 1;
-            self.stats.last.fetch_max(at, Ordering::SeqCst);
+            if let Some(target) = req.extensions().get::<Target>() {
+                let stats = self.taps.stats(target.endpoint().id());
+                stats.calls.fetch_add(1, Ordering::SeqCst);
+                let at = self.taps.epoch.elapsed().as_nanos() as u64 + 1;
+                stats.last.fetch_max(at, Ordering::SeqCst);
+            }
             self.inner.call(req)
         }
     }
 
     /// The request body the proxy forwards: the client's, retryable when empty.
     pub type ProxyReqBody = ReplayBody<Incoming>;
-    /// The service of one endpoint of the proxy.
-    pub type EndpointSvc = Tap<RouteToEndpoint<Forward<ProxyReqBody>>>;
-    /// The proxy's pool.
-    pub type ProxyPool = Pool<EndpointSvc, AnyStrategy>;
+    /// The proxy's pool (the balancer layer's).
+    pub type ProxyPool = Pool<Target, AnyStrategy>;
 
     /// Which active health check the proxy runs.
     #[derive(Clone, Copy, Debug)]
@@ -880,9 +879,10 @@ pub mod fault {
         }
     }
 
-    /// The proxy stack a real deployment serves, on 127.0.0.1: `ErrorResponseLayer` ->
-    /// routing hint -> `FailoverLayer` -> `Balancer::http()` over `RouteToEndpoint<Forward>`,
-    /// with a `HealthChecker` and `OutlierDetection` on the pool. A request with an
+    /// The proxy stack a real deployment serves (the README's, with a test's settings), on
+    /// 127.0.0.1 behind lbkit's `Server`: `ErrorResponseLayer` -> `ReplayBody` -> routing hint
+    /// -> `FailoverLayer` -> `BalancerLayer` -> `Forward` (through a [`Tap`] that counts the
+    /// attempts per endpoint), with a `HealthChecker` and `OutlierDetection` on the pool. A request with an
     /// `x-route: <endpoint id>` header prefers that endpoint (a test's way to aim at one).
     /// Stops (with its health tasks) when dropped.
     #[derive(Debug)]
@@ -913,13 +913,7 @@ pub mod fault {
             let strategy: AnyStrategy = config.strategy.parse().expect("strategy");
             let forward = Forward::<ProxyReqBody>::new().timeout(config.forward_timeout);
             let taps = Taps::new();
-            let t = taps.clone();
-            let balancer = Balancer::new(endpoints, strategy, move |ep: &Endpoint| Tap {
-                inner: RouteToEndpoint::new(forward.clone(), ep),
-                stats: t.stats(ep.id()),
-                epoch: t.epoch,
-            })
-            .http();
+            let balancer = BalancerLayer::new(endpoints, strategy);
             let pool = balancer.pool().clone();
             let mut health = Vec::new();
             let checks = CheckLog::default();
@@ -957,32 +951,18 @@ pub mod fault {
                 .deadline(config.deadline);
             let proxy = ServiceBuilder::new()
                 .layer(ErrorResponseLayer::new())
+                .map_request(|req: Request<Incoming>| req.map(ReplayBody::new))
                 .map_request(route_hint)
                 .layer(failover)
-                .service(balancer);
+                .layer(balancer)
+                .service(Tap {
+                    inner: forward,
+                    taps: taps.clone(),
+                });
             let listener = bind_at("127.0.0.1:0".parse().expect("addr"));
             let addr = listener.local_addr().expect("local addr");
-            let task = tokio::spawn(async move {
-                let mut conns = JoinSet::new();
-                loop {
-                    let Ok((stream, peer)) = listener.accept().await else {
-                        continue;
-                    };
-                    let svc = ServiceBuilder::new()
-                        .map_request(move |req: Request<Incoming>| {
-                            let mut req = req.map(ReplayBody::new);
-                            req.extensions_mut().insert(ClientAddr(peer));
-                            req
-                        })
-                        .service(proxy.clone());
-                    conns.spawn(async move {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                            .await;
-                    });
-                    while conns.try_join_next().is_some() {}
-                }
-            });
+            // lbkit's own server, as the README's proxy runs (it sets `ClientAddr`).
+            let task = tokio::spawn(lbkit::server::Server::new(proxy).serve(listener));
             ProxyStack {
                 addr,
                 pool,
