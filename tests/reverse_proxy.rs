@@ -38,6 +38,24 @@ async fn start_proxy(
     (addr, pool, tokio::spawn(serving))
 }
 
+/// Sends `request` (raw HTTP/1.1, with `connection: close`) on a new connection to `addr` and
+/// reads the whole answer.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &str) -> Vec<u8> {
+    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        HANG,
+        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut answer),
+    )
+    .await
+    .expect("no answer")
+    .expect("read");
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_under_load_costs_no_request_and_gets_traffic_back() {
     let mut servers = common::start_servers(3).await;
@@ -160,20 +178,9 @@ async fn a_client_cannot_strip_host_to_spoof_what_the_proxy_asserts() {
         .await
         .expect("demo backend");
     let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
-    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let request = "GET /headers HTTP/1.1\r\nhost: shop.example\r\nconnection: host, close\r\n\
                    x-forwarded-host: evil.example\r\nx-forwarded-proto: https\r\n\r\n";
-    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
-        .await
-        .expect("write");
-    let mut answer = String::new();
-    tokio::time::timeout(
-        HANG,
-        tokio::io::AsyncReadExt::read_to_string(&mut client, &mut answer),
-    )
-    .await
-    .expect("no answer")
-    .expect("read");
+    let answer = String::from_utf8(raw_exchange(addr, request).await).expect("utf-8");
     task.abort();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
@@ -269,21 +276,10 @@ async fn an_h2c_upgrade_is_not_tunnelled_to_the_backend() {
         .await
         .expect("demo backend");
     let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
-    let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = "GET /headers HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings\r\n\
+    let request =
+        "GET /headers HTTP/1.1\r\nhost: x\r\nconnection: upgrade, http2-settings, close\r\n\
                    upgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
-    tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
-        .await
-        .expect("write");
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(
-        HANG,
-        tokio::io::AsyncReadExt::read(&mut client, &mut answer),
-    )
-    .await
-    .expect("no answer")
-    .expect("read");
-    let answer = String::from_utf8_lossy(&answer[..n]).to_lowercase();
+    let answer = String::from_utf8_lossy(&raw_exchange(addr, request).await).to_lowercase();
     task.abort();
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(
@@ -311,19 +307,8 @@ async fn with_compress_responses_are_gzipped_for_clients_that_accept_it() {
             std::future::pending(),
         );
         let task = tokio::spawn(serving);
-        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let request = "GET /headers HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip\r\nconnection: close\r\n\r\n";
-        tokio::io::AsyncWriteExt::write_all(&mut client, request.as_bytes())
-            .await
-            .expect("write");
-        let mut answer = Vec::new();
-        tokio::time::timeout(
-            HANG,
-            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut answer),
-        )
-        .await
-        .expect("no answer")
-        .expect("read");
+        let answer = raw_exchange(addr, request).await;
         task.abort();
         let head_end = answer
             .windows(4)
