@@ -8,7 +8,7 @@
 //!
 //! | limit | default | what happens past it |
 //! |---|---|---|
-//! | [`header_read_timeout`](Server::header_read_timeout) | 30 s | a request head (or, on a new connection, the first request) not received in time: the connection is closed |
+//! | [`header_read_timeout`](Server::header_read_timeout) | 30 s | a new connection's first request not received in time: closed; on HTTP/1.1 a later head (or the wait for it) taking longer: closed gracefully after 1 to 1.5 times it |
 //! | [`idle_timeout`](Server::idle_timeout) | 60 s | no request in flight for that long: closed gracefully (HTTP/1 and HTTP/2) |
 //! | [`max_connections`](Server::max_connections) | 10 000 | no more `accept`: new connections wait in the kernel's backlog |
 //! | [`max_header_bytes`](Server::max_header_bytes) | 64 KiB | `431 Request Header Fields Too Large` (HTTP/1), stream refused (HTTP/2) |
