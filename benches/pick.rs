@@ -272,7 +272,8 @@ fn balancer_calls(c: &mut Criterion) {
     });
     let mut rr = Balancer::new(addrs.clone(), RoundRobin::new(), move |_: &Endpoint| {
         ready_ok()
-    });
+    })
+    .with_completion(lbkit::balance::CompleteOnResponse);
     g.bench_function(BenchmarkId::new("round_robin", N), |b| {
         b.iter(|| send(&mut rr))
     });
@@ -280,7 +281,8 @@ fn balancer_calls(c: &mut Criterion) {
         addrs.clone(),
         PowerOfTwoChoices::new(),
         move |_: &Endpoint| ready_ok(),
-    );
+    )
+    .with_completion(lbkit::balance::CompleteOnResponse);
     g.bench_function(BenchmarkId::new("p2c", N), |b| b.iter(|| send(&mut p2c)));
     // HTTP completion: in flight until the response body ends.
     let mut direct_http = ready_response();
@@ -289,8 +291,7 @@ fn balancer_calls(c: &mut Criterion) {
     });
     let mut p2c_http = Balancer::new(addrs, PowerOfTwoChoices::new(), move |_: &Endpoint| {
         ready_response()
-    })
-    .http();
+    });
     g.bench_function(BenchmarkId::new("p2c_http", N), |b| {
         b.iter(|| send(&mut p2c_http))
     });

@@ -13,7 +13,7 @@
 //! gRPC needs its calls balanced per request, not per connection: one HTTP/2 connection
 //! carries every call, so an L4 balancer would send them all to one server. Here each call is
 //! a request through the `Balancer`, which picks a server for it; the balancer counts a call in
-//! flight until its response body (with the gRPC trailers) ends (`.http()`).
+//! flight until its response body (with the gRPC trailers) ends (the default for HTTP services).
 //!
 //! No protoc needed: the messages are written by hand with `#[derive(prost::Message)]`, and the
 //! calls go through tonic's generic `client::Grpc` / `server::Grpc` with the prost codec, which
@@ -70,8 +70,7 @@ async fn main() -> Result<(), BoxError> {
         Channel::from_shared(format!("http://{addr}"))
             .expect("valid URI")
             .connect_lazy()
-    })
-    .http();
+    });
     let client = tonic::client::Grpc::new(balancer);
 
     println!("\nsix calls, one after the other:");

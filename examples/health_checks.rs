@@ -78,8 +78,7 @@ async fn main() {
                 client.request(req)
             })
         },
-    )
-    .http();
+    );
 
     // Active checks, passive outlier detection and slow start, all on the balancer's pool.
     let pool = balancer.pool();

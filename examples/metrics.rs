@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::routing::get;
+use lbkit::balance::CompleteOnResponse;
 use lbkit::hash::mix64;
 use lbkit::metrics::MetricsExporter;
 use lbkit::server::Server;
@@ -79,7 +80,9 @@ async fn main() -> Result<(), BoxError> {
         )?
         .install_recorder()?;
 
-    let balancer = Balancer::new(["a", "b", "c"], PeakEwma::new(), endpoint);
+    // The endpoints answer plain strings, not HTTP responses: count until the answer arrives.
+    let balancer = Balancer::new(["a", "b", "c"], PeakEwma::new(), endpoint)
+        .with_completion(CompleteOnResponse);
     let export = MetricsExporter::new("demo").spawn(balancer.pool(), Duration::from_secs(1));
 
     // GET /metrics renders the recorder's state in Prometheus text format.

@@ -104,7 +104,9 @@ impl PickHints {
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let balancer = Balancer::new(["a"], RoundRobin::new(), |_| {
-///     service_fn(|_req: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) })
+///     service_fn(|_req: http::Request<()>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+///     })
 /// });
 /// let mut req = http::Request::new(());
 /// let record = PickHints::of_mut(&mut req).record_pick();

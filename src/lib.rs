@@ -35,14 +35,15 @@
 //! let balancer = Balancer::new(endpoints, RoundRobin::new(), |ep: &Endpoint| {
 //!     let id = ep.id().clone();
 //!     service_fn(move |_req: http::Request<()>| {
-//!         let id = id.clone();
-//!         async move { Ok::<_, std::convert::Infallible>(id) }
+//!         let answer = http::Response::new(id.to_string());
+//!         async move { Ok::<_, std::convert::Infallible>(answer) }
 //!     })
 //! });
 //!
 //! let mut served = Vec::new();
 //! for _ in 0..4 {
-//!     served.push(balancer.clone().oneshot(http::Request::new(())).await.unwrap());
+//!     let res = balancer.clone().oneshot(http::Request::new(())).await.unwrap();
+//!     served.push(res.into_body().into_inner());
 //! }
 //! served.sort();
 //! assert_eq!(served, ["a", "a", "b", "c"]);

@@ -13,7 +13,7 @@
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
 //! | `lbkit_requests_total` | counter | `pool`, `endpoint` | requests sent to the endpoint |
-//! | `lbkit_errors_total` | counter | `pool`, `endpoint` | requests to it that failed (errors, and failure statuses with `Balancer::http`) |
+//! | `lbkit_errors_total` | counter | `pool`, `endpoint` | requests to it that failed (errors, and failure statuses of HTTP balancers) |
 //! | `lbkit_in_flight` | gauge | `pool`, `endpoint` | requests in flight to it |
 //! | `lbkit_latency_seconds` | histogram | `pool`, `endpoint` | latency of its finished requests |
 //! | `lbkit_latency_ewma_seconds` | gauge | `pool`, `endpoint` | its peak-EWMA latency estimate |
@@ -47,7 +47,9 @@
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! // First install a recorder, e.g. metrics_exporter_prometheus::PrometheusBuilder.
 //! let balancer = Balancer::new(["a:80", "b:80"], PowerOfTwoChoices::new(), |_| {
-//!     service_fn(|_req: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) })
+//!     service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//!     })
 //! });
 //! let task = MetricsExporter::new("api").spawn(balancer.pool(), Duration::from_secs(5));
 //! drop(balancer); // the task ends with the pool

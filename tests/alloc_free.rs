@@ -235,7 +235,8 @@ fn hashed_picks_do_not_allocate() {
         endpoints.iter().map(String::as_str),
         Ring::new(),
         |_: &Endpoint| ready_service(),
-    );
+    )
+    .with_completion(lbkit::balance::CompleteOnResponse);
     // Response futures count as in flight until dropped.
     let held: Vec<_> = (0..3 * ENDPOINTS)
         .map(|_| busy.call(http::Request::new(())))
@@ -329,7 +330,8 @@ fn balancer_call_does_not_allocate() {
         endpoints.iter().map(String::as_str),
         PowerOfTwoChoices::new(),
         |_: &Endpoint| ready_service(),
-    );
+    )
+    .with_completion(lbkit::balance::CompleteOnResponse);
     let requests = (0..=CALLS).map(|_| http::Request::new(())).collect();
     assert_eq!(call_allocations(&mut balancer, requests), 0);
     assert_eq!(balancer.pool().in_flight(), 0, "every request has ended");
@@ -342,7 +344,8 @@ fn balancer_call_with_hash_key_does_not_allocate() {
         endpoints.iter().map(String::as_str),
         Maglev::new(),
         |_: &Endpoint| ready_service(),
-    );
+    )
+    .with_completion(lbkit::balance::CompleteOnResponse);
     let requests = (0..=CALLS as u64)
         .map(|i| {
             let mut req = http::Request::new(());
@@ -355,7 +358,7 @@ fn balancer_call_with_hash_key_does_not_allocate() {
 
 #[test]
 fn http_balancer_call_does_not_allocate() {
-    // `Balancer::http()`: the request stays in flight until the response body ends. Dropping
+    // HTTP completion: the request stays in flight until the response body ends. Dropping
     // the tracked body ends it; nothing on the way may allocate.
     let endpoints: Vec<String> = (0..ENDPOINTS).map(|i| format!("10.3.0.{i}:80")).collect();
     let mut balancer = Balancer::new(
@@ -368,8 +371,7 @@ fn http_balancer_call_does_not_allocate() {
                 )))
             })
         },
-    )
-    .http();
+    );
     let requests: Vec<_> = (0..=CALLS).map(|_| http::Request::new(())).collect();
     let mut requests = requests.into_iter();
     let first = requests.next().unwrap();

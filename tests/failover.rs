@@ -245,7 +245,6 @@ where
             addr: ep.socket_addr().expect("endpoint address"),
         }
     })
-    .http()
 }
 
 fn get(id: u64) -> Request<Full<Bytes>> {

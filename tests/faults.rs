@@ -1,5 +1,5 @@
 //! Faults under load, through the whole proxy stack on 127.0.0.1: a real hyper server serving
-//! `ErrorResponseLayer` -> `FailoverLayer` -> `Balancer::http()` -> `Forward`, with a
+//! `ErrorResponseLayer` -> `FailoverLayer` -> `Balancer` -> `Forward`, with a
 //! `HealthChecker` and `OutlierDetection` on the pool, and clients sending real HTTP to it
 //! (see `common::fault`).
 //!
@@ -651,8 +651,7 @@ async fn an_attempt_given_up_on_counts_as_a_failure_of_its_endpoint_and_a_client
         // a hanging backend is ejected. Counted as a success, the abandon would reset outlier
         // detection's count.
         let hang = FaultServer::start("hang", Fault::Hang);
-        let balancer =
-            common::balancer([hang.endpoint()], lbkit::strategy::RoundRobin::new()).http();
+        let balancer = common::balancer([hang.endpoint()], lbkit::strategy::RoundRobin::new());
         let state = balancer.pool().state(&"hang".into()).expect("endpoint");
         for n in 1..=4u64 {
             let mut req = common::get();

@@ -212,7 +212,7 @@ fn http_balancer(
             client.request(req)
         })
     };
-    Balancer::new(addrs.iter().copied(), RoundRobin::new(), make).http()
+    Balancer::new(addrs.iter().copied(), RoundRobin::new(), make)
 }
 
 /// Sends one request; returns who served it and the status.

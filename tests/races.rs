@@ -1,6 +1,6 @@
 //! Races on purpose: endpoint-set updates against picks, on a multi-threaded runtime.
 //!
-//! Several tasks pick (`Pool::pick`) and send requests through a `Balancer::http()` (some
+//! Several tasks pick (`Pool::pick`) and send requests through an HTTP `Balancer` (some
 //! answered, some failing, some dropped before their body ends, some cancelled mid-way) while
 //! another task inserts, removes, re-weights and marks endpoints down. Checked:
 //!
@@ -385,7 +385,7 @@ async fn race(strategy: &str) {
     let pool: RacePool = Pool::new(strategy, |ep: &Endpoint| Echo {
         idx: idx_of(ep.id()),
     });
-    let balancer = Balancer::from_pool(pool.clone()).http();
+    let balancer = Balancer::from_pool(pool.clone());
     let shared = Arc::new(Shared::new());
     // Whatever way this run ends (a failed assertion, the hang limit), the writer thread and
     // the tasks stop.

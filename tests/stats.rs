@@ -335,6 +335,7 @@ fn named_balancer(
             Future = impl Send,
         > + Clone,
     RoundRobin,
+    lbkit::balance::CompleteOnResponse,
 > {
     Balancer::new(names.iter().copied(), RoundRobin::new(), |ep: &Endpoint| {
         let name: &'static str = Box::leak(ep.id().to_string().into_boxed_str());
@@ -342,6 +343,7 @@ fn named_balancer(
             move |_req: http::Request<()>| async move { Ok::<_, std::convert::Infallible>(name) },
         )
     })
+    .with_completion(lbkit::balance::CompleteOnResponse)
 }
 
 #[test]

@@ -143,7 +143,6 @@ fn balancer<St: Strategy>(
         client: client.clone(),
         addr: ep.socket_addr().expect("endpoint address"),
     })
-    .http()
 }
 
 /// What one request got back.

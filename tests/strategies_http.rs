@@ -358,13 +358,13 @@ async fn backup_tier_takes_over_only_while_primaries_are_down() {
     .await;
 }
 
-/// With `Balancer::http()`, a request counts as in flight while its body streams, and stops
+/// With HTTP completion (the default), a request counts as in flight while its body streams, and stops
 /// counting when the body ends (before it is dropped), or when it is dropped half read.
 #[tokio::test]
 async fn complete_on_body_counts_streaming_responses() {
     within(LIMIT, async {
         let (server, mut bodies) = start_streaming_server("stream").await;
-        let b = balancer([server.endpoint()], LeastConnections::new()).http();
+        let b = balancer([server.endpoint()], LeastConnections::new());
         let state = b.pool().state(&id("stream")).expect("in the pool");
 
         let mut req = get();

@@ -76,6 +76,11 @@ impl Drop for InFlight {
 /// response, returns the response to hand back, holding the handle as long as it should live.
 ///
 /// As `tower::load::TrackCompletion`, which it mirrors.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot track the completion of a `{V}`",
+    label = "the balancer's completion policy does not fit this response type",
+    note = "balancers track HTTP responses (`http::Response<_>`) by default; for a service whose responses are not HTTP, call `.with_completion(lbkit::balance::CompleteOnResponse)` on the balancer"
+)]
 pub trait TrackCompletion<H, V>: Clone {
     /// The response type handed back.
     type Output;

@@ -2,7 +2,9 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion};
+#[cfg(doc)]
+use super::completion::CompleteOnResponse;
+use super::completion::{CompleteOnBody, InFlight, TrackCompletion};
 use super::future::{EndpointCall, ResponseFuture};
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Error};
@@ -27,6 +29,14 @@ use crate::strategy::Strategy;
 /// stickiness, retries). When no endpoint is available the response future fails at once with
 /// [`Error::is_no_endpoint`]; it never waits for one to appear.
 ///
+/// # Completion
+///
+/// For HTTP services (responses are `http::Response`), a request counts as in flight until its
+/// response body ends, and 5xx answers count as endpoint failures ([`CompleteOnBody`], the
+/// default, so an HTTP balancer needs no extra call). For other response types, choose
+/// [`CompleteOnResponse`] with [`Balancer::with_completion`]; forgetting it is a compile error
+/// that says so.
+///
 /// # Example
 ///
 /// ```
@@ -37,16 +47,53 @@ use crate::strategy::Strategy;
 /// let balancer = Balancer::new(["a", "b"], RoundRobin::new(), |ep| {
 ///     let name = ep.id().clone();
 ///     service_fn(move |req: http::Request<()>| {
-///         let name = name.clone();
-///         async move { Ok::<_, std::convert::Infallible>(format!("{} from {name}", req.uri())) }
+///         let body = format!("{} from {name}", req.uri());
+///         async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
 ///     })
 /// });
 /// let first = balancer.clone().oneshot(http::Request::new(())).await.unwrap();
 /// let second = balancer.clone().oneshot(http::Request::new(())).await.unwrap();
-/// assert_ne!(first, second);
+/// assert_ne!(first.body().get_ref(), second.body().get_ref());
 /// # }
 /// ```
-pub struct Balancer<S, St: Strategy, C = CompleteOnResponse> {
+///
+/// A service whose responses are not HTTP does not compile with the default completion. Where
+/// the balancer is handed to code that needs a `Service` (axum, `ServiceBuilder`, a generic
+/// function), the error names [`CompleteOnResponse`]; a method call such as `oneshot` says that
+/// `Balancer<..>: Service<_>` is not satisfied:
+///
+/// ```compile_fail
+/// use lbkit::{Balancer, strategy::RoundRobin};
+/// use tower::{service_fn, ServiceExt};
+///
+/// # async fn f() {
+/// let balancer = Balancer::new(["a"], RoundRobin::new(), |_| {
+///     service_fn(|_req: http::Request<()>| async { Ok::<_, std::convert::Infallible>("a") })
+/// });
+/// let _ = balancer.oneshot(http::Request::new(())).await;
+/// # }
+/// ```
+///
+/// and compiles with it:
+///
+/// ```
+/// use lbkit::{Balancer, balance::CompleteOnResponse, strategy::RoundRobin};
+/// use tower::{service_fn, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let balancer = Balancer::new(["a", "b"], RoundRobin::new(), |ep| {
+///     let name = ep.id().to_string();
+///     service_fn(move |_req: http::Request<()>| {
+///         let name = name.clone();
+///         async move { Ok::<_, std::convert::Infallible>(name) }
+///     })
+/// })
+/// .with_completion(CompleteOnResponse);
+/// let first = balancer.clone().oneshot(http::Request::new(())).await.unwrap();
+/// assert!(first == "a" || first == "b");
+/// # }
+/// ```
+pub struct Balancer<S, St: Strategy, C = CompleteOnBody> {
     pool: Pool<S, St>,
     completion: C,
 }
@@ -86,7 +133,7 @@ impl<S: Clone, St: Strategy> Balancer<S, St> {
     pub fn from_pool(pool: Pool<S, St>) -> Self {
         Balancer {
             pool,
-            completion: CompleteOnResponse,
+            completion: CompleteOnBody,
         }
     }
 }
@@ -98,17 +145,16 @@ impl<S, St: Strategy, C> Balancer<S, St, C> {
     }
 
     /// Sets when a request stops counting as in flight (see [`TrackCompletion`]).
+    ///
+    /// The default, [`CompleteOnBody`], is right for HTTP services (`http::Response`): a
+    /// request counts until its response body ends, and 5xx answers count as endpoint
+    /// failures. Services whose responses are not `http::Response` take
+    /// `.with_completion(CompleteOnResponse)`: a request counts until its response arrives.
     pub fn with_completion<C2>(self, completion: C2) -> Balancer<S, St, C2> {
         Balancer {
             pool: self.pool,
             completion,
         }
-    }
-
-    /// For HTTP: a request counts as in flight until its response body ends, and responses
-    /// carry the serving endpoint (see [`CompleteOnBody`]).
-    pub fn http(self) -> Balancer<S, St, CompleteOnBody> {
-        self.with_completion(CompleteOnBody)
     }
 }
 
@@ -250,7 +296,8 @@ mod tests {
     fn a_service_that_is_not_ready_gets_the_request_once_it_is() {
         let gate = Gate::default();
         let g = gate.clone();
-        let mut balancer = Balancer::new(["a"], RoundRobin::new(), move |_| g.clone());
+        let mut balancer = Balancer::new(["a"], RoundRobin::new(), move |_| g.clone())
+            .with_completion(crate::balance::CompleteOnResponse);
         let mut fut = pin!(balancer.call(http::Request::new(())));
         let woken = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let waker = futures::task::waker(Arc::new(Flag(woken.clone())));

@@ -18,7 +18,7 @@
 //!   timeout 1 s, rise 2, fall 3.
 //! - **Passive health, or outlier detection** ([`OutlierDetection`]): the balancer already
 //!   sees every request's outcome; after 5 failures in a row (errors, and with
-//!   [`Balancer::http`](crate::Balancer::http) 5xx responses or a classifier of your choice)
+//!   HTTP balancers, 5xx responses or a classifier of your choice)
 //!   an endpoint is ejected for 30 s, longer with each ejection, up to 300 s, with at most 10 %
 //!   of the endpoints ejected at once (but always at least one), as in Envoy.
 //! - **Slow start** ([`SlowStart`]): an endpoint that comes (back) up gets a weight that ramps
@@ -52,8 +52,7 @@
 //!         let id = id.clone();
 //!         async move { Ok::<_, std::convert::Infallible>(http::Response::new(id.to_string())) }
 //!     })
-//! })
-//! .http();
+//! });
 //! let pool = balancer.pool();
 //! HealthChecker::new(TcpCheck::new())
 //!     .interval(Duration::from_secs(1))

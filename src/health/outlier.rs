@@ -2,7 +2,7 @@
 //!
 //! The balancer already sees the outcome of every request it sends: its
 //! [`InFlight`](crate::balance::InFlight) guard records a failure when the endpoint's service
-//! fails, and, for HTTP balancers ([`Balancer::http`](crate::Balancer::http)), when the
+//! fails, and, for HTTP balancers ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default), when the
 //! response is a 5xx (or has a status chosen by [`OutlierDetection::failure_status`]) or its
 //! body fails. Each endpoint's state counts failures in a row with an atomic (any success
 //! resets it), so watching costs the request path nothing more.
@@ -133,7 +133,7 @@ impl OutlierDetection {
     }
 
     /// Chooses which HTTP response statuses count as failures (default: 5xx) for balancers
-    /// built with [`Balancer::http`](crate::Balancer::http). This also decides what counts in
+    /// with HTTP completion ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default). This also decides what counts in
     /// [`EndpointState::errors`]. Errors of the endpoint's service always count.
     pub fn failure_status(
         mut self,

@@ -12,6 +12,7 @@ use super::endpoint::{nanos, Ticket};
 use super::report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
 use super::workload::Arrivals;
 use super::{clock, Latency, SimEndpoint, SimRequest, SimService, Workload};
+use crate::balance::CompleteOnResponse;
 use crate::endpoint::state::clock_ns;
 use crate::hash::mix64;
 use crate::hints::PickHints;
@@ -125,7 +126,7 @@ impl Scenario {
     pub fn run_with<St, F, Svc>(&self, label: &str, strategy: St, stack: F) -> Report
     where
         St: Strategy,
-        F: FnOnce(Balancer<SimService, St>) -> Svc + Send,
+        F: FnOnce(Balancer<SimService, St, CompleteOnResponse>) -> Svc + Send,
         Svc: Service<SimRequest>,
     {
         self.run_service(label, move |services| {
@@ -135,7 +136,7 @@ impl Scenario {
                     changes.insert_with_service(s.spec().endpoint().clone(), s);
                 }
             });
-            stack(Balancer::from_pool(pool))
+            stack(Balancer::from_pool(pool).with_completion(CompleteOnResponse))
         })
     }
 

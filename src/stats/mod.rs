@@ -17,7 +17,9 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let balancer = Balancer::new(["a", "b"], RoundRobin::new(), |_| {
-//!     service_fn(|_req: http::Request<()>| async { Ok::<_, std::convert::Infallible>(()) })
+//!     service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//!     })
 //! });
 //! for _ in 0..10 {
 //!     balancer.clone().oneshot(http::Request::new(())).await.unwrap();
@@ -97,7 +99,7 @@ pub struct EndpointStats {
     /// Requests sent to it.
     pub requests: u64,
     /// Requests to it that failed (an error of its service, or a failure status with
-    /// [`Balancer::http`](crate::Balancer::http)).
+    /// HTTP balancers, see [`CompleteOnBody`](crate::balance::CompleteOnBody)).
     pub errors: u64,
     /// Requests to it that the caller gave up on before it answered (a client that went
     /// away): neither errors nor successes.

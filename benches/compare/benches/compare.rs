@@ -81,7 +81,7 @@ fn p2c(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("lbkit_pick", n), |b| {
             b.iter(|| pool.pick(black_box(None)))
         });
-        let mut balancer = Balancer::from_pool(pool);
+        let mut balancer = Balancer::from_pool(pool).with_completion(lbkit::balance::CompleteOnResponse);
         g.bench_function(BenchmarkId::new("lbkit_call", n), |b| {
             b.iter(|| send(&mut balancer))
         });
@@ -101,7 +101,7 @@ fn peak_ewma(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("lbkit_pick", n), |b| {
             b.iter(|| pool.pick(black_box(None)))
         });
-        let mut balancer = Balancer::from_pool(pool);
+        let mut balancer = Balancer::from_pool(pool).with_completion(lbkit::balance::CompleteOnResponse);
         g.bench_function(BenchmarkId::new("lbkit_call", n), |b| {
             b.iter(|| send(&mut balancer))
         });
@@ -371,7 +371,7 @@ fn threads(c: &mut Criterion) {
         let _entered = rt.enter();
         Buffer::new(tower_p2c(SHARED), 1024)
     };
-    let lbkit_balancer = Balancer::from_pool(p2c.clone());
+    let lbkit_balancer = Balancer::from_pool(p2c.clone()).with_completion(lbkit::balance::CompleteOnResponse);
     for k in THREADS {
         // One iteration is one pick on each thread: the throughput is picks per second.
         g.throughput(Throughput::Elements(k as u64));

@@ -61,7 +61,7 @@ fn main() {
             measured(iters, || drop(black_box(pool.pick(black_box(None)))));
         }
         "p2c_lbkit_call" => {
-            let mut b = Balancer::from_pool(lbkit_pool(PowerOfTwoChoices::new(), n));
+            let mut b = Balancer::from_pool(lbkit_pool(PowerOfTwoChoices::new(), n)).with_completion(lbkit::balance::CompleteOnResponse);
             measured(iters, || drop(black_box(send(&mut b))));
         }
         "p2c_tower_call" => {
@@ -73,7 +73,7 @@ fn main() {
             measured(iters, || drop(black_box(pool.pick(black_box(None)))));
         }
         "ewma_lbkit_call" => {
-            let mut b = Balancer::from_pool(lbkit_pool(PeakEwma::new(), n));
+            let mut b = Balancer::from_pool(lbkit_pool(PeakEwma::new(), n)).with_completion(lbkit::balance::CompleteOnResponse);
             measured(iters, || drop(black_box(send(&mut b))));
         }
         "ewma_tower_call" => {
@@ -140,7 +140,7 @@ fn main() {
         "sizes" => {
             // The sizes of what each call moves around.
             use tower::Service;
-            let mut lb = Balancer::from_pool(lbkit_pool(PowerOfTwoChoices::new(), n));
+            let mut lb = Balancer::from_pool(lbkit_pool(PowerOfTwoChoices::new(), n)).with_completion(lbkit::balance::CompleteOnResponse);
             let mut tw = tower_p2c(n);
             now(std::future::poll_fn(|cx| tw.poll_ready(cx))).expect("ready");
             let req = Request::new(());
