@@ -55,6 +55,7 @@ use http::Request;
 use hyper::body::Incoming;
 use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
+use lbkit::forwarded::Cidr;
 use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
 use lbkit::key::HashKeyLayer;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
@@ -86,6 +87,8 @@ pub struct Args {
     pub upstream_h2: bool,
     /// Compress responses (gzip) for clients that accept it.
     pub compress: bool,
+    /// Proxies in front of this one whose forwarding headers are believed (`--trust-proxy`).
+    pub trusted_proxies: Vec<Cidr>,
     pub check_interval: Duration,
     pub ejection_time: Duration,
 }
@@ -102,6 +105,7 @@ impl Default for Args {
             check_http: Some("/".into()),
             upstream_h2: false,
             compress: false,
+            trusted_proxies: Vec::new(),
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
         }
@@ -127,6 +131,11 @@ fn parse_args() -> Result<Args, BoxError> {
                 args.check_http = Some(v["http:".len()..].to_owned())
             }
             ("--upstream", Some(v)) if v == "h2" || v == "http1" => args.upstream_h2 = v == "h2",
+            ("--trust-proxy", Some(v)) => {
+                for net in v.split(',').filter(|n| !n.is_empty()) {
+                    args.trusted_proxies.push(net.parse()?);
+                }
+            }
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -136,7 +145,8 @@ fn parse_args() -> Result<Args, BoxError> {
                 eprintln!(
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
                      [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
-                     [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress]"
+                     [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress] \
+                     [--trust-proxy CIDR,CIDR,...]"
                 );
                 std::process::exit(2);
             }
@@ -224,7 +234,8 @@ pub fn proxy(
         .spawn(balancer.pool());
     let forward = Forward::<ReplayBody<Incoming>>::new()
         .timeout(Duration::from_secs(10))
-        .hide_response_header(http::header::SERVER);
+        .hide_response_header(http::header::SERVER)
+        .trusted_proxies(args.trusted_proxies.iter().copied());
     let forward = if args.upstream_h2 {
         forward.http2()
     } else {

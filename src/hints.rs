@@ -178,9 +178,3 @@ impl<B> RequestHints for http::Request<B> {
         self.extensions().get::<PickHints>()
     }
 }
-
-/// The address of the peer a request came from, put in the request's extensions by the server
-/// that accepted the connection (see `examples/reverse_proxy.rs`). The proxy writes it into
-/// `X-Forwarded-For`/`Forwarded`, and client-IP keys read it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ClientAddr(pub std::net::SocketAddr);

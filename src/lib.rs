@@ -58,6 +58,7 @@ pub mod discover;
 pub mod endpoint;
 mod error;
 pub mod failover;
+pub mod forwarded;
 pub mod hash;
 pub mod health;
 pub mod hints;

@@ -25,8 +25,8 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use lbkit::proxy::headers::ForwardedHeaders;
-use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+use lbkit::forwarded::{ClientAddr, ForwardedHeaders};
+use lbkit::proxy::{ErrorResponseLayer, Forward};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -372,7 +372,8 @@ async fn request_hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["host"], "shop.example", "Host is preserved");
         assert_eq!(seen.uri.path_and_query().unwrap(), "/a/b?c=d");
-        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        // The client is not a trusted proxy: its own X-Forwarded-For is dropped.
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "shop.example");
         assert!(!h.contains_key("forwarded"));
@@ -459,7 +460,10 @@ async fn forwarded_header_follows_rfc_7239_and_appends() {
         let be = chatty_backend().await;
         let proxy = start_proxy(
             vec![be.endpoint()],
-            Forward::new().forwarded(ForwardedHeaders::Forwarded),
+            // The client stands for a proxy in front: trusted, its chain is appended to.
+            Forward::new()
+                .forwarded(ForwardedHeaders::Forwarded)
+                .trusted_proxies(["127.0.0.1".parse::<lbkit::forwarded::Cidr>().unwrap()]),
         )
         .await;
         let req = get("/")

@@ -191,6 +191,49 @@ async fn a_client_cannot_strip_host_to_spoof_what_the_proxy_asserts() {
     assert!(!answer.contains("evil.example"), "{answer}");
 }
 
+/// What the proxy asserts about the client comes from the connection: a client's own
+/// `X-Forwarded-For`, `Forwarded` and `X-Real-IP` are dropped, unless its address is a
+/// trusted proxy (`--trust-proxy`), whose chain is kept and appended to.
+#[tokio::test]
+async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
+    let backend = reverse_proxy::demo::backend("backend-1")
+        .await
+        .expect("demo backend");
+    let request = "GET /headers HTTP/1.1\r\nhost: shop.example\r\nconnection: close\r\n\
+                   x-forwarded-for: 1.2.3.4\r\nforwarded: for=1.2.3.4\r\n\
+                   x-real-ip: 1.2.3.4\r\nx-forwarded-proto: https\r\n\r\n";
+    for trusted in [false, true] {
+        let args = reverse_proxy::Args {
+            trusted_proxies: if trusted {
+                vec!["127.0.0.0/8".parse().expect("cidr")]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let endpoints = vec![lbkit::Endpoint::from(backend)];
+        let (_pool, serving) =
+            reverse_proxy::proxy(endpoints, &args, listener, std::future::pending());
+        let task = tokio::spawn(serving);
+        let answer = String::from_utf8(raw_exchange(addr, request).await).expect("utf-8");
+        task.abort();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        if trusted {
+            assert!(
+                answer.contains("x-forwarded-for: 1.2.3.4, 127.0.0.1\n"),
+                "{answer}"
+            );
+            assert!(answer.contains("x-forwarded-proto: https\n"), "{answer}");
+        } else {
+            assert!(answer.contains("x-forwarded-for: 127.0.0.1\n"), "{answer}");
+            assert!(answer.contains("x-forwarded-proto: http\n"), "{answer}");
+            assert!(!answer.contains("1.2.3.4"), "{answer}");
+        }
+    }
+}
+
 /// An HTTP/2-only backend (as a gRPC server is: an HTTP/1.1 request gets a protocol error)
 /// answering its name, with the protocol it was spoken to in `x-version`.
 async fn h2_only_backend(

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::failover::{FailoverLayer, RetryBudget};
-use lbkit::hints::ClientAddr;
+use lbkit::forwarded::ClientAddr;
 use lbkit::key::{HashKeyLayer, Key};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::{Maglev, Ring, RoundRobin, Strategy};

@@ -15,13 +15,12 @@ use hickory_proto::rr::{Name, RData};
 use http::header::{HeaderMap, HeaderName, HeaderValue, COOKIE, FORWARDED};
 use lbkit::discover::dns::srv_endpoints;
 use lbkit::endpoint::{Endpoint, EndpointId};
-use lbkit::hash::stable_hash;
-use lbkit::hints::ClientAddr;
-use lbkit::key::forwarded::{
+use lbkit::forwarded::parse::{
     client_from_chain, forwarded_for_nodes, parse_node, x_forwarded_for_nodes,
 };
-use lbkit::key::{hash_ip, Cidr, ClientIp, Key};
-use lbkit::proxy::headers::ForwardedHeaders;
+use lbkit::forwarded::{Cidr, ClientAddr, ClientIp, ForwardedHeaders};
+use lbkit::hash::stable_hash;
+use lbkit::key::{hash_ip, Key};
 use lbkit::sticky::{StickyKey, StickyLayer};
 
 /// The key the sticky seeds were sealed with (`fuzz/corpus/sticky_cookie` holds valid cookies

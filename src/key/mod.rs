@@ -9,9 +9,9 @@
 //! ([`Maglev`](crate::strategy::Maglev), [`Ring`](crate::strategy::Ring)) behind it sends each
 //! key to the same endpoint.
 //!
-//! The client's IP comes from the connection ([`ClientAddr`](crate::hints::ClientAddr)), and
+//! The client's IP comes from the connection ([`ClientAddr`](crate::forwarded::ClientAddr)), and
 //! from `X-Forwarded-For`/`Forwarded` only when the connection comes from a proxy you trust
-//! (see [`ClientIp`] and [`forwarded`]).
+//! (see [`ClientIp`] and [`forwarded`](crate::forwarded)).
 //!
 //! ```
 //! use lbkit::key::{Key, HashKeyLayer};
@@ -22,11 +22,9 @@
 //! ```
 
 mod cookie;
-pub mod forwarded;
 mod layer;
 
 pub(crate) use cookie::cookie_values;
-pub use forwarded::{Cidr, ClientIp, InvalidCidr};
 pub use layer::{HashKey, HashKeyLayer};
 
 use std::fmt;
@@ -36,6 +34,7 @@ use std::sync::Arc;
 use http::header::HeaderName;
 use http::{Extensions, HeaderMap, Method, Uri};
 
+use crate::forwarded::{Cidr, ClientIp};
 use crate::hash::stable_hash;
 
 /// Which part of a request to key on; see the [module docs](self).
@@ -79,7 +78,7 @@ impl Key {
     }
 
     /// The IP address of the connection's peer, from the request's
-    /// [`ClientAddr`](crate::hints::ClientAddr) extension. Forwarding headers are ignored:
+    /// [`ClientAddr`](crate::forwarded::ClientAddr) extension. Forwarding headers are ignored:
     /// behind a proxy, use [`Key::client_ip_trusting`].
     pub fn client_ip() -> Key {
         Key::from(ClientIp::peer())
@@ -162,7 +161,7 @@ impl Key {
             Kind::ClientIp(c) => {
                 let peer = req
                     .extensions
-                    .get::<crate::hints::ClientAddr>()
+                    .get::<crate::forwarded::ClientAddr>()
                     .map(|a| a.0.ip());
                 c.resolve(req.headers, peer).map(hash_ip)
             }
@@ -254,7 +253,7 @@ impl<'a> RequestView<'a> {
         self.headers
     }
 
-    /// The request extensions (such as [`ClientAddr`](crate::hints::ClientAddr)).
+    /// The request extensions (such as [`ClientAddr`](crate::forwarded::ClientAddr)).
     pub fn extensions(&self) -> &'a Extensions {
         self.extensions
     }
@@ -263,7 +262,7 @@ impl<'a> RequestView<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hints::ClientAddr;
+    use crate::forwarded::ClientAddr;
 
     fn req(uri: &str) -> http::Request<()> {
         http::Request::get(uri).body(()).unwrap()

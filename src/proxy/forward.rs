@@ -15,18 +15,18 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::headers::{
-    append_forwarded, hide_backend_authority, is_upgrade, remove_hop_by_hop, ForwardedHeaders,
-};
+use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
 use super::ForwardError;
 use crate::balance::Target;
 use crate::error::BoxError;
-use crate::hints::ClientAddr;
+use crate::forwarded::{append_forwarded, Cidr, ClientAddr, ForwardedHeaders};
 
 /// Settings of a [`Forward`] service.
 #[derive(Clone, Debug)]
 struct Config {
     forwarded: ForwardedHeaders,
+    /// Peers whose forwarding headers are kept and appended to.
+    trusted: Vec<Cidr>,
     proto: &'static str,
     timeout: Option<Duration>,
     preserve_host: bool,
@@ -113,6 +113,7 @@ where
             client: Arc::new(client),
             config: Arc::new(Config {
                 forwarded: ForwardedHeaders::default(),
+                trusted: Vec::new(),
                 proto: "http",
                 timeout: None,
                 preserve_host: true,
@@ -151,6 +152,18 @@ impl<B> Forward<B> {
     /// Which forwarding headers to write (default [`ForwardedHeaders::XForwarded`]).
     pub fn forwarded(mut self, kind: ForwardedHeaders) -> Self {
         self.config_mut().forwarded = kind;
+        self
+    }
+
+    /// The peers trusted to report another client (load balancers or proxies in front of this
+    /// one): from them, `X-Forwarded-For` and `Forwarded` are kept and appended to, and their
+    /// `X-Forwarded-Host`, `-Proto` and `-Port` pass through. From any other peer (default:
+    /// every peer) the client's own forwarding headers are dropped and rewritten from the
+    /// connection, so a client cannot spoof its address, scheme or host to the backends; see
+    /// [`append_forwarded`]. Use the same ranges as for
+    /// [`ClientIp::trusting`](crate::forwarded::ClientIp::trusting).
+    pub fn trusted_proxies<T: Into<Cidr>>(mut self, proxies: impl IntoIterator<Item = T>) -> Self {
+        self.config_mut().trusted = proxies.into_iter().map(Into::into).collect();
         self
     }
 
@@ -231,7 +244,11 @@ where
         if te_trailers {
             headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         }
-        append_forwarded(headers, cfg.forwarded, client, cfg.proto);
+        let trusted = client.is_some_and(|c| {
+            let ip = c.ip().to_canonical();
+            cfg.trusted.iter().any(|net| net.contains(ip))
+        });
+        append_forwarded(headers, cfg.forwarded, client, cfg.proto, trusted);
         if !cfg.preserve_host || !headers.contains_key(http::header::HOST) {
             if let Ok(v) = http::HeaderValue::from_str(authority.as_str()) {
                 headers.insert(http::header::HOST, v);

@@ -1,8 +1,8 @@
-//! Header rewriting for forwarded requests: hop-by-hop removal and `X-Forwarded-*`/`Forwarded`.
+//! Header rewriting for forwarded requests: hop-by-hop removal and hiding the backend's own
+//! address from responses (the forwarding headers are written by
+//! [`forwarded::append_forwarded`](crate::forwarded::append_forwarded)).
 //!
 //! These are plain functions over [`http::HeaderMap`], usable without the rest of the proxy.
-
-use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -92,84 +92,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-}
-
-/// Which forwarding headers the proxy writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum ForwardedHeaders {
-    /// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host` (the default: what most
-    /// backends read).
-    #[default]
-    XForwarded,
-    /// The standard `Forwarded` header of RFC 7239.
-    Forwarded,
-    /// Both.
-    Both,
-    /// Neither: the backend does not learn the client's address.
-    None,
-}
-
-/// Appends the client to the forwarding headers as `kind` says: `client` is the peer's address,
-/// `proto` the scheme the client used (`"http"` or `"https"`), and the original `Host` header
-/// is taken from `headers`. Existing `X-Forwarded-For` and `Forwarded` values from earlier
-/// proxies are kept and appended to.
-///
-/// What the proxy asserts is always its own: a client's `X-Forwarded-Host`, `-Proto` and
-/// `-Port` are dropped (also when `kind` writes none, and when the request has no `Host` to
-/// put in its place), and without a `client` address the client's `X-Forwarded-For` and
-/// `Forwarded` are dropped rather than passed on unchecked (fail closed).
-pub fn append_forwarded(
-    headers: &mut HeaderMap,
-    kind: ForwardedHeaders,
-    client: Option<SocketAddr>,
-    proto: &'static str,
-) {
-    let host = headers.get(header::HOST).cloned();
-    for asserted in ["x-forwarded-host", "x-forwarded-proto", "x-forwarded-port"] {
-        headers.remove(asserted);
-    }
-    if client.is_none() {
-        headers.remove("x-forwarded-for");
-        headers.remove(header::FORWARDED);
-    }
-    if matches!(kind, ForwardedHeaders::XForwarded | ForwardedHeaders::Both) {
-        if let Some(addr) = client {
-            let ip = addr.ip().to_string();
-            let value = match headers.get("x-forwarded-for").map(HeaderValue::to_str) {
-                Some(Ok(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
-            };
-            if let Ok(v) = HeaderValue::try_from(value) {
-                headers.insert("x-forwarded-for", v);
-            }
-        }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-        if let Some(h) = &host {
-            headers.insert("x-forwarded-host", h.clone());
-        }
-    }
-    if matches!(kind, ForwardedHeaders::Forwarded | ForwardedHeaders::Both) {
-        let mut elem = String::with_capacity(64);
-        if let Some(addr) = client {
-            elem.push_str("for=");
-            push_node(&mut elem, addr.ip());
-            elem.push(';');
-        }
-        elem.push_str("proto=");
-        elem.push_str(proto);
-        if let Some(h) = host.as_ref().and_then(|h| h.to_str().ok()) {
-            elem.push_str(";host=");
-            push_quoted_if_needed(&mut elem, h);
-        }
-        let value = match headers.get(header::FORWARDED).map(HeaderValue::to_str) {
-            Some(Ok(prev)) if !prev.trim().is_empty() => format!("{prev}, {elem}"),
-            _ => elem,
-        };
-        if let Ok(v) = HeaderValue::try_from(value) {
-            headers.insert(header::FORWARDED, v);
-        }
     }
 }
 
@@ -277,39 +199,10 @@ fn relative_if_backend(value: &str, backend: &http::uri::Authority) -> Option<He
     HeaderValue::from_str(&relative).ok()
 }
 
-/// A `for=` node: IPv4 bare, IPv6 bracketed and quoted (RFC 7239 §6).
-fn push_node(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => out.push_str(&v4.to_string()),
-        IpAddr::V6(v6) => {
-            out.push_str("\"[");
-            out.push_str(&v6.to_string());
-            out.push_str("]\"");
-        }
-    }
-}
-
-fn push_quoted_if_needed(out: &mut String, v: &str) {
-    let token = !v.is_empty()
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if token {
-        out.push_str(v);
-    } else {
-        out.push('"');
-        for c in v.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
-            }
-            out.push(c);
-        }
-        out.push('"');
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarded::{append_forwarded, ForwardedHeaders};
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -350,20 +243,6 @@ mod tests {
     }
 
     #[test]
-    fn appends_x_forwarded_for_and_forwarded() {
-        let mut h = map(&[("host", "shop.example"), ("x-forwarded-for", "203.0.113.9")]);
-        let client: SocketAddr = "[2001:db8::1]:4711".parse().unwrap();
-        append_forwarded(&mut h, ForwardedHeaders::Both, Some(client), "https");
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 2001:db8::1");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "shop.example");
-        assert_eq!(
-            h["forwarded"],
-            "for=\"[2001:db8::1]\";proto=https;host=shop.example"
-        );
-    }
-
-    #[test]
     fn backend_authority_is_hidden_from_location_and_cookies() {
         let backend: http::uri::Authority = "127.0.0.1:8081".parse().unwrap();
         let mut h = map(&[
@@ -400,18 +279,6 @@ mod tests {
     }
 
     #[test]
-    fn none_writes_nothing() {
-        let mut h = HeaderMap::new();
-        append_forwarded(
-            &mut h,
-            ForwardedHeaders::None,
-            Some(([10, 0, 0, 1], 1).into()),
-            "http",
-        );
-        assert!(h.is_empty());
-    }
-
-    #[test]
     fn a_connection_list_cannot_strip_host_to_spoof_the_forwarded_host() {
         let mut h = map(&[
             ("host", "shop.example"),
@@ -434,25 +301,10 @@ mod tests {
             ForwardedHeaders::XForwarded,
             Some(([10, 0, 0, 1], 1).into()),
             "http",
+            false,
         );
         assert_eq!(h["x-forwarded-host"], "shop.example");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(h.get("x-forwarded-port").is_none());
-    }
-
-    #[test]
-    fn without_a_host_or_a_client_address_the_clients_values_are_dropped() {
-        let mut h = map(&[
-            ("x-forwarded-host", "evil.example"),
-            ("x-forwarded-for", "1.2.3.4"),
-            ("forwarded", "for=1.2.3.4"),
-        ]);
-        append_forwarded(&mut h, ForwardedHeaders::Both, None, "http");
-        assert!(h.get("x-forwarded-host").is_none());
-        assert!(h.get("x-forwarded-for").is_none());
-        assert_eq!(h["forwarded"], "proto=http");
-        let mut h = map(&[("x-forwarded-proto", "https")]);
-        append_forwarded(&mut h, ForwardedHeaders::None, None, "http");
-        assert!(h.is_empty(), "{h:?}");
     }
 }

@@ -18,7 +18,8 @@
 //! ```no_run
 //! # #[cfg(feature = "http-proxy")]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! use lbkit::proxy::{ClientAddr, ErrorResponseLayer, Forward};
+//! use lbkit::forwarded::ClientAddr;
+//! use lbkit::proxy::{ErrorResponseLayer, Forward};
 //! use lbkit::{strategy::PowerOfTwoChoices, BalancerLayer};
 //! use tower::ServiceBuilder;
 //!
@@ -49,5 +50,3 @@ pub use error::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardFuture};
-
-pub use crate::hints::ClientAddr;

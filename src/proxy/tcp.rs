@@ -14,8 +14,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::balance::InFlight;
 use crate::endpoint::{Endpoint, EndpointId};
-use crate::hash::stable_hash;
 use crate::hints::PickHints;
+use crate::key::hash_ip;
 use crate::pool::Pool;
 use crate::server::accept::accept_loop;
 use crate::strategy::Strategy;
@@ -197,10 +197,9 @@ impl<St: Strategy> TcpProxy<St> {
         let _ = client.set_nodelay(true);
         let mut hints = PickHints::default();
         if self.config.hash_client_ip {
-            match peer.ip() {
-                std::net::IpAddr::V4(ip) => hints.set_hash(stable_hash(&ip.octets())),
-                std::net::IpAddr::V6(ip) => hints.set_hash(stable_hash(&ip.octets())),
-            };
+            // As `Key::client_ip` hashes it, so an IPv4 client reached over an IPv6 socket
+            // (`::ffff:a.b.c.d`) lands where it does over IPv4.
+            hints.set_hash(hash_ip(peer.ip()));
         }
         let mut tried: Vec<EndpointId> = Vec::new();
         for _ in 0..self.config.attempts {

@@ -17,7 +17,7 @@ use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
 use super::accept::Drain;
-use crate::hints::ClientAddr;
+use crate::forwarded::ClientAddr;
 
 /// What a connection's requests tell its driver: how many started or ended (a change means
 /// the connection is not idle) and how many are in flight.

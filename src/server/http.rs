@@ -21,7 +21,7 @@ use crate::error::BoxError;
 /// Each accepted connection is served with hyper-util's `auto` builder (HTTP/2 by prior
 /// knowledge or ALPN, HTTP/1.1 with upgrades otherwise, so WebSockets pass through
 /// [`Forward`](crate::proxy::Forward)); each request carries the peer's
-/// [`ClientAddr`](crate::hints::ClientAddr). With [`tls`](Server::tls) (feature `tls`) it
+/// [`ClientAddr`](crate::forwarded::ClientAddr). With [`tls`](Server::tls) (feature `tls`) it
 /// terminates TLS first and serves what ALPN chose.
 pub struct Server<S> {
     service: S,

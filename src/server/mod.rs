@@ -3,7 +3,7 @@
 //!
 //! [`Server`] accepts TCP connections (optionally terminating TLS, feature `tls`), serves
 //! HTTP/1.1 and HTTP/2 on each with hyper-util's `auto` connection builder, and gives every
-//! request the peer's [`ClientAddr`](crate::hints::ClientAddr). It holds up against clients
+//! request the peer's [`ClientAddr`](crate::forwarded::ClientAddr). It holds up against clients
 //! that misbehave, with defaults close to nginx's and HAProxy's:
 //!
 //! | limit | default | what happens past it |

@@ -1,15 +1,6 @@
-//! Finding the client's address behind trusted proxies: `X-Forwarded-For` and RFC 7239
-//! `Forwarded` parsing, and trusted address ranges.
-//!
-//! A forwarding header is only as honest as whoever wrote it: any client can send
-//! `X-Forwarded-For: 1.2.3.4`. So [`ClientIp`] reads it only when the connection's peer is a
-//! proxy you trust, and then walks the list from the right (the entry the nearest proxy added)
-//! past every address that is itself a trusted proxy; the first address that is not is the
-//! client. Everything to its left was written by the client or by proxies you do not control.
-//!
-//! The parsers are plain functions over bytes ([`x_forwarded_for_nodes`],
-//! [`forwarded_for_nodes`], [`parse_node`], [`client_from_chain`]): they never panic and never
-//! allocate; anything malformed reads as "not an address".
+//! The trusted-proxy walk: `X-Forwarded-For` and RFC 7239 `Forwarded` parsing, and trusted
+//! address ranges. The parsers never panic and never allocate; anything malformed reads as
+//! "not an address".
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -17,12 +8,12 @@ use std::str::FromStr;
 
 use http::header::{HeaderMap, FORWARDED};
 
-use crate::proxy::headers::ForwardedHeaders;
+use super::{ClientAddr, ForwardedHeaders};
 
 /// A range of IP addresses in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or one address.
 ///
 /// ```
-/// use lbkit::key::Cidr;
+/// use lbkit::forwarded::Cidr;
 ///
 /// let net: Cidr = "10.0.0.0/8".parse().unwrap();
 /// assert!(net.contains("10.1.2.3".parse().unwrap()));
@@ -155,10 +146,10 @@ impl fmt::Display for Cidr {
 ///
 /// ```
 /// use std::net::IpAddr;
-/// use lbkit::key::ClientIp;
+/// use lbkit::forwarded::ClientIp;
 ///
 /// let lb: IpAddr = "10.0.0.2".parse().unwrap();
-/// let client_ip = ClientIp::trusting(["10.0.0.0/8".parse::<lbkit::key::Cidr>().unwrap()]);
+/// let client_ip = ClientIp::trusting(["10.0.0.0/8".parse::<lbkit::forwarded::Cidr>().unwrap()]);
 /// let mut headers = http::HeaderMap::new();
 /// headers.insert("x-forwarded-for", "198.51.100.7, 203.0.113.9, 10.0.0.1".parse().unwrap());
 /// // From the trusted load balancer: the right-most address that is not a trusted proxy.
@@ -244,14 +235,10 @@ impl ClientIp {
         Some(found.unwrap_or(peer))
     }
 
-    /// The client address of `req`, from its [`ClientAddr`](crate::hints::ClientAddr)
+    /// The client address of `req`, from its [`ClientAddr`]
     /// extension and headers (see [`resolve`](ClientIp::resolve)).
     pub fn of<B>(&self, req: &http::Request<B>) -> Option<IpAddr> {
-        let peer = req
-            .extensions()
-            .get::<crate::hints::ClientAddr>()
-            .map(|a| a.0.ip());
-        self.resolve(req.headers(), peer)
+        self.resolve(req.headers(), ClientAddr::of(req).map(|a| a.ip()))
     }
 }
 
@@ -262,7 +249,7 @@ impl ClientIp {
 /// `unknown`, obfuscated and malformed nodes).
 ///
 /// ```
-/// use lbkit::key::forwarded::{client_from_chain, x_forwarded_for_nodes};
+/// use lbkit::forwarded::parse::{client_from_chain, x_forwarded_for_nodes};
 ///
 /// let proxy = |ip: std::net::IpAddr| ip.to_string().starts_with("10.");
 /// let chain = x_forwarded_for_nodes(b"203.0.113.9, 10.0.0.1");
@@ -308,7 +295,7 @@ pub fn x_forwarded_for_nodes(value: &[u8]) -> impl Iterator<Item = Option<IpAddr
 /// unterminated quoted string).
 ///
 /// ```
-/// use lbkit::key::forwarded::forwarded_for_nodes;
+/// use lbkit::forwarded::parse::forwarded_for_nodes;
 ///
 /// let v = br#"for=192.0.2.60;proto=http, For="[2001:db8:cafe::17]:4711", for=unknown"#;
 /// let nodes: Vec<_> = forwarded_for_nodes(v).collect();
@@ -407,7 +394,7 @@ fn unquote(value: &[u8]) -> Option<&[u8]> {
 /// `unknown` and obfuscated identifiers.
 ///
 /// ```
-/// use lbkit::key::forwarded::parse_node;
+/// use lbkit::forwarded::parse::parse_node;
 ///
 /// assert_eq!(parse_node(b"[::1]:80"), Some("::1".parse().unwrap()));
 /// assert_eq!(parse_node(b" 192.0.2.1 "), Some("192.0.2.1".parse().unwrap()));
