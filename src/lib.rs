@@ -54,6 +54,8 @@
 #![deny(unsafe_code)]
 
 pub mod balance;
+#[cfg(feature = "sim")]
+mod clock;
 pub mod discover;
 pub mod endpoint;
 mod error;

@@ -96,7 +96,7 @@ pub(crate) fn clock_ns(at: Instant) -> u64 {
 #[inline]
 pub(crate) fn now() -> Instant {
     #[cfg(feature = "sim")]
-    if crate::sim::clock::is_simulated() {
+    if crate::clock::is_simulated() {
         return tokio::time::Instant::now().into_std();
     }
     Instant::now()

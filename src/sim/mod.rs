@@ -49,34 +49,3 @@ pub use latency::Latency;
 pub use report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
 pub use scenario::Scenario;
 pub use workload::Workload;
-
-/// Whether this thread runs a simulation, and so whether lbkit reads tokio's (paused) clock.
-pub(crate) mod clock {
-    use std::cell::Cell;
-
-    thread_local! {
-        static SIMULATED: Cell<bool> = const { Cell::new(false) };
-    }
-
-    /// Whether this thread runs a simulation.
-    #[inline]
-    pub(crate) fn is_simulated() -> bool {
-        SIMULATED.try_with(Cell::get).unwrap_or(false)
-    }
-
-    /// Marks this thread as running a simulation until dropped.
-    pub(crate) struct Simulated(());
-
-    impl Simulated {
-        pub(crate) fn enter() -> Self {
-            SIMULATED.with(|s| s.set(true));
-            Simulated(())
-        }
-    }
-
-    impl Drop for Simulated {
-        fn drop(&mut self) {
-            let _ = SIMULATED.try_with(|s| s.set(false));
-        }
-    }
-}

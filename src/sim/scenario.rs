@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::endpoint::{nanos, Ticket};
 use super::report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
 use super::workload::Arrivals;
-use super::{clock, Latency, SimEndpoint, SimRequest, SimService, Workload};
+use super::{Latency, SimEndpoint, SimRequest, SimService, Workload};
 use crate::balance::CompleteOnResponse;
 use crate::endpoint::state::clock_ns;
 use crate::hash::mix64;
@@ -227,7 +227,7 @@ impl Scenario {
     {
         // Start lbkit's clock before the runtime's, so simulated instants all count after it.
         clock_ns(std::time::Instant::now());
-        let _simulated = clock::Simulated::enter();
+        let _simulated = crate::clock::Simulated::enter();
         fast_rand::reseed(mix64(self.seed ^ PICKS));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
