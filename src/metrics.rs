@@ -61,20 +61,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ::metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Label, Unit,
 };
-use tokio::task::JoinHandle;
 
 use crate::endpoint::HistogramSnapshot;
 use crate::endpoint::{EndpointId, EndpointState, Health};
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolTask};
 use crate::strategy::Strategy;
 
 /// The exported metrics' names, as in the [module docs](self).
@@ -235,7 +231,7 @@ impl MetricsExporter {
     /// Exports the pool's statistics every `interval` (at least 10 ms) in a background task,
     /// starting now. The task holds no strong reference to the pool: it ends by itself once
     /// every [`Pool`] and balancer over it is dropped. Must be called within a tokio runtime.
-    pub fn spawn<S, St>(mut self, pool: &Pool<S, St>, interval: Duration) -> ExportTask
+    pub fn spawn<S, St>(mut self, pool: &Pool<S, St>, interval: Duration) -> PoolTask
     where
         S: Clone + Send + Sync + 'static,
         St: Strategy,
@@ -252,50 +248,18 @@ impl MetricsExporter {
                 self.export(&pool);
             }
         });
-        ExportTask { join }
+        PoolTask::new(join)
     }
 }
 
 /// Exports `pool`'s statistics every `interval`, labelled `pool = "default"`: shorthand for
 /// `MetricsExporter::new("default").spawn(pool, interval)`.
-pub fn export<S, St>(pool: &Pool<S, St>, interval: Duration) -> ExportTask
+pub fn export<S, St>(pool: &Pool<S, St>, interval: Duration) -> PoolTask
 where
     S: Clone + Send + Sync + 'static,
     St: Strategy,
 {
     MetricsExporter::new("default").spawn(pool, interval)
-}
-
-/// The background task of [`MetricsExporter::spawn`].
-///
-/// It ends by itself when its pool is dropped (within one interval). Dropping this handle
-/// does *not* stop it; [`abort`](ExportTask::abort) does. Awaiting it waits for it to end.
-#[derive(Debug)]
-pub struct ExportTask {
-    join: JoinHandle<()>,
-}
-
-impl ExportTask {
-    /// Stops the task.
-    pub fn abort(&self) {
-        self.join.abort();
-    }
-
-    /// Whether the task has ended (its pool was dropped, or it was aborted).
-    pub fn is_finished(&self) -> bool {
-        self.join.is_finished()
-    }
-}
-
-impl Future for ExportTask {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match std::task::ready!(Pin::new(&mut self.join).poll(cx)) {
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            _ => Poll::Ready(()),
-        }
-    }
 }
 
 /// Units and help texts, for recorders that show them (Prometheus' `# HELP`).

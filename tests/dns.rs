@@ -20,7 +20,7 @@ use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::xfer::Protocol;
 use lbkit::discover::dns::{
-    DnsDiscovery, DnsTask, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts,
+    DnsDiscovery, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts,
 };
 use lbkit::strategy::RoundRobin;
 use lbkit::{Endpoint, Pool, Tier};
@@ -544,7 +544,7 @@ async fn task_stops_when_the_pool_is_dropped() {
 
         // Dropped during a long sleep (TTL 1 h, bounded to 10 min).
         let pool = new_pool();
-        let task: DnsTask = server
+        let task: lbkit::pool::PoolTask = server
             .discovery(DnsDiscovery::host("stop.test.", 80))
             .max_ttl(Duration::from_secs(600))
             .spawn(&pool)

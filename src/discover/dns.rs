@@ -57,10 +57,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::error::Error as StdError;
 use std::fmt;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::{pin, Pin};
-use std::task::{Context, Poll};
+use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use futures::future::{self, Either};
@@ -70,7 +68,6 @@ use hickory_resolver::proto::rr::rdata::SRV;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{Name, ResolveError, TokioResolver};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 pub use hickory_resolver::config::{
@@ -78,7 +75,7 @@ pub use hickory_resolver::config::{
 };
 
 use crate::endpoint::{Endpoint, Tier};
-use crate::pool::{Pool, WeakPool};
+use crate::pool::{Pool, PoolTask, WeakPool};
 use crate::strategy::Strategy;
 
 /// What is looked up.
@@ -300,7 +297,7 @@ impl DnsDiscovery {
     /// configuration cannot be read. Must be called from within a tokio runtime.
     ///
     /// [`resolver_config`]: DnsDiscovery::resolver_config
-    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> Result<DnsTask, DnsError>
+    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> Result<PoolTask, DnsError>
     where
         S: Clone + Send + Sync + 'static,
         St: Strategy,
@@ -311,7 +308,7 @@ impl DnsDiscovery {
             self.run(resolver, pool.downgrade(), pool.watch())
                 .instrument(span),
         );
-        Ok(DnsTask { join })
+        Ok(PoolTask::new(join))
     }
 
     /// The resolver: the given or the system configuration, the cache off.
@@ -658,40 +655,6 @@ fn is_no_such_record(e: &ResolveError) -> bool {
             ..
         })
     )
-}
-
-/// A handle to the task spawned by [`DnsDiscovery::spawn`].
-///
-/// Await it to wait until the task ends (when the pool is dropped, or after
-/// [`abort`](DnsTask::abort)). Dropping the handle leaves the task running.
-#[derive(Debug)]
-pub struct DnsTask {
-    join: JoinHandle<()>,
-}
-
-impl DnsTask {
-    /// Stops the task. The pool keeps the endpoints it has.
-    pub fn abort(&self) {
-        self.join.abort();
-    }
-
-    /// Whether the task has ended.
-    pub fn is_finished(&self) -> bool {
-        self.join.is_finished()
-    }
-}
-
-impl Future for DnsTask {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match Pin::new(&mut self.join).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) => Poll::Ready(()),
-            Poll::Ready(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Poll::Ready(Err(_)) => Poll::Ready(()),
-        }
-    }
 }
 
 /// Why a DNS poll gave no endpoints; the pool keeps its last good set.

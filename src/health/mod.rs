@@ -37,7 +37,7 @@
 //!
 //! Background tasks hold no strong reference to the pool: they end by themselves once every
 //! pool handle and balancer is dropped, and follow endpoints added and removed at run time.
-//! Each `spawn` returns a [`HealthTask`] to stop one earlier. Spawning needs a tokio runtime.
+//! Each `spawn` returns a [`PoolTask`](crate::pool::PoolTask) to stop one earlier. Spawning needs a tokio runtime.
 //!
 //! ```
 //! use std::time::Duration;
@@ -83,46 +83,3 @@ pub use active::{
 pub use event::{HealthChange, HealthEvent};
 pub use outlier::OutlierDetection;
 pub use slow_start::SlowStart;
-
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::task::JoinHandle;
-
-/// A running health task (checker, outlier detector or slow-start driver).
-///
-/// The task ends by itself when the pool it serves is dropped. Dropping this handle does *not*
-/// stop it; [`abort`](HealthTask::abort) does. Awaiting the handle waits for the task to end.
-#[derive(Debug)]
-pub struct HealthTask {
-    join: JoinHandle<()>,
-}
-
-impl HealthTask {
-    pub(crate) fn new(join: JoinHandle<()>) -> Self {
-        HealthTask { join }
-    }
-
-    /// Stops the task. An outlier detector lets the endpoints it ejected return; a slow-start
-    /// driver gives ramping endpoints their full weight; a checker leaves its marks as they are.
-    pub fn abort(&self) {
-        self.join.abort();
-    }
-
-    /// Whether the task has ended (its pool was dropped, or it was aborted).
-    pub fn is_finished(&self) -> bool {
-        self.join.is_finished()
-    }
-}
-
-impl Future for HealthTask {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match std::task::ready!(Pin::new(&mut self.join).poll(cx)) {
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            _ => Poll::Ready(()),
-        }
-    }
-}

@@ -25,9 +25,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{HealthChange, HealthTask};
+use super::HealthChange;
 use crate::endpoint::state::{PoolShared, StatusClassifier};
 use crate::endpoint::{EndpointId, EndpointState};
+use crate::pool::PoolTask;
 use crate::pool::{Pool, WeakPool};
 use crate::strategy::Strategy;
 
@@ -153,7 +154,7 @@ impl OutlierDetection {
     /// Starts outlier detection on `pool` (for every balancer over it) until the pool is
     /// dropped or the returned task is aborted; aborting lets ejected endpoints return. Must
     /// be called from within a tokio runtime. Run one per pool.
-    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> HealthTask
+    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> PoolTask
     where
         S: Clone + Send + Sync + 'static,
         St: Strategy,
@@ -169,7 +170,7 @@ impl OutlierDetection {
             config: self,
             records: HashMap::new(),
         };
-        HealthTask::new(tokio::spawn(detector.run()))
+        PoolTask::new(tokio::spawn(detector.run()))
     }
 }
 

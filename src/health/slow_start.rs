@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::HealthTask;
 pub use crate::pool::ramp::SlowStart;
+use crate::pool::PoolTask;
 use crate::pool::{Pool, WeakPool};
 use crate::strategy::Strategy;
 
@@ -38,7 +38,7 @@ impl SlowStart {
     ///
     /// Run one per pool; a second replaces the settings of the first. Must be called from
     /// within a tokio runtime.
-    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> HealthTask
+    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> PoolTask
     where
         S: Clone + Send + Sync + 'static,
         St: Strategy,
@@ -47,7 +47,7 @@ impl SlowStart {
         let wake = pool.ramp_wake();
         let guard = Uninstall(pool.downgrade());
         let join = tokio::spawn(drive(guard, wake, self.step()));
-        HealthTask::new(join)
+        PoolTask::new(join)
     }
 }
 

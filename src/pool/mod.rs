@@ -13,8 +13,10 @@
 mod health;
 pub(crate) mod ramp;
 mod snapshot;
+mod task;
 
 pub use snapshot::Snapshot;
+pub use task::PoolTask;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -589,9 +589,7 @@ pub mod fault {
     use hyper::body::Incoming;
     use lbkit::balance::Target;
     use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
-    use lbkit::health::{
-        HealthCheck, HealthChecker, HealthTask, HttpCheck, OutlierDetection, TcpCheck,
-    };
+    use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
     use lbkit::proxy::{ErrorResponseLayer, Forward};
     use lbkit::strategy::AnyStrategy;
     use lbkit::{BalancerLayer, Endpoint, EndpointId, PickHints, Pool};
@@ -895,7 +893,7 @@ pub mod fault {
         pub checks: CheckLog,
         pub config: StackConfig,
         task: JoinHandle<()>,
-        health: Vec<HealthTask>,
+        health: Vec<lbkit::pool::PoolTask>,
     }
 
     impl Drop for ProxyStack {

@@ -19,8 +19,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{HealthChange, HealthTask};
+use super::HealthChange;
 use crate::endpoint::{Endpoint, EndpointId, EndpointState};
+use crate::pool::PoolTask;
 use crate::pool::{Pool, WeakPool};
 use crate::strategy::{fast_rand, Strategy};
 
@@ -165,7 +166,7 @@ impl<C: HealthCheck> HealthChecker<C> {
     /// Starts checking the endpoints of `pool`, including those added later, until the pool
     /// is dropped (or the returned task is aborted). Must be called from within a tokio
     /// runtime.
-    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> HealthTask
+    pub fn spawn<S, St>(self, pool: &Pool<S, St>) -> PoolTask
     where
         S: Clone + Send + Sync + 'static,
         St: Strategy,
@@ -175,7 +176,7 @@ impl<C: HealthCheck> HealthChecker<C> {
             settings: self.settings,
         });
         let join = tokio::spawn(supervise(pool.downgrade(), pool.watch(), checker));
-        HealthTask::new(join)
+        PoolTask::new(join)
     }
 }
 
