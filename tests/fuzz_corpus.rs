@@ -23,11 +23,12 @@ use lbkit::EndpointId;
 type Check = fn(&[u8]);
 
 /// Every fuzz target, by the name of its corpus directory.
-const TARGETS: [(&str, Check); 4] = [
+const TARGETS: [(&str, Check); 5] = [
     ("sticky_cookie", targets::sticky_cookie),
     ("forwarded", targets::forwarded),
     ("hash_key", targets::hash_key),
     ("dns_srv", targets::dns_srv),
+    ("headers", targets::headers),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -330,4 +331,16 @@ fn write_seed_corpus() {
         "compact-unusable",
         &srv_compact(&[(1, 1, 80, 1)], &[(1, Ipv4Addr::new(239, 1, 1, 1))]),
     );
+    // Header rewriting: a mode byte (forwarding kind, trusted peer, IPv6 peer), then lines.
+    for (n, mode, lines) in [
+        ("plain", 0u8, "host: shop.example\naccept: */*"),
+        ("spoof-untrusted", 2u8, "host: shop.example\nx-forwarded-for: 1.2.3.4\nforwarded: for=1.2.3.4\nx-forwarded-host: evil.example\nx-real-ip: 1.2.3.4\nx-forwarded-port: 443"),
+        ("chain-trusted", 6u8, "host: a\nx-forwarded-for: 203.0.113.9, 10.0.0.1\nforwarded: for=203.0.113.9"),
+        ("connection-list", 0u8, "host: a\nconnection: host, x-custom, keep-alive, authorization\nx-custom: 1\nte: trailers\ntransfer-encoding: chunked\nupgrade: h2c\nauthorization: x"),
+        ("location", 9u8, "location: http://10.0.0.9:8080/next?a=1\ncontent-location: //10.0.0.9:8080/x\nset-cookie: a=1; Domain=10.0.0.9"),
+    ] {
+        let mut data = vec![mode];
+        data.extend_from_slice(lines.as_bytes());
+        seed("headers", n, &data);
+    }
 }

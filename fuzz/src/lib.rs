@@ -425,3 +425,139 @@ fn srv_rules(records: &[SRV], addrs: &HashMap<Name, Vec<IpAddr>>) -> Vec<(Socket
         .map(|(sa, (tier, w))| (sa, tier, w.clamp(1, Endpoint::MAX_WEIGHT)))
         .collect()
 }
+
+/// The request and response header rewriting of the proxy: the input's first byte chooses the
+/// forwarding headers written and whether the peer is a trusted proxy; the rest is header lines
+/// (`name: value`, split at `\n`; invalid lines are skipped) put through `remove_hop_by_hop`
+/// and `append_forwarded` as a request, and through `hide_backend_authority` as a response.
+///
+/// - no standard hop-by-hop header is left, nor any header a `Connection` value named, except
+///   the end-to-end ones a client must not be able to strip;
+/// - `Host`, `Authorization` and `Cookie` come out as they went in;
+/// - from an untrusted peer, the forwarding headers are the proxy's alone: `X-Forwarded-For` is
+///   the peer, `X-Forwarded-Host` the `Host` (or absent), `X-Forwarded-Proto` this hop's
+///   scheme, `Forwarded` one element for the peer, and no `X-Forwarded-Port` or `X-Real-IP`;
+/// - from a trusted peer, the chain ends with the peer;
+/// - after `hide_backend_authority`, no `Location` names the backend's authority.
+pub fn headers(data: &[u8]) {
+    use lbkit::forwarded::append_forwarded;
+    use lbkit::proxy::headers::{hide_backend_authority, remove_hop_by_hop, HOP_BY_HOP};
+
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = match mode & 3 {
+        0 => ForwardedHeaders::XForwarded,
+        1 => ForwardedHeaders::Forwarded,
+        2 => ForwardedHeaders::Both,
+        _ => ForwardedHeaders::None,
+    };
+    let trusted = mode & 4 != 0;
+    let peer: SocketAddr = if mode & 8 != 0 {
+        "[2001:db8::7]:4711".parse().expect("addr")
+    } else {
+        "192.0.2.7:4711".parse().expect("addr")
+    };
+
+    let mut headers = HeaderMap::new();
+    for line in rest.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&line[..colon]),
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+        ) else {
+            continue;
+        };
+        headers.append(name, value);
+    }
+    let kept = |h: &HeaderMap, name: &str| -> Vec<HeaderValue> {
+        h.get_all(name).iter().cloned().collect()
+    };
+    let protected = ["host", "authorization", "cookie"];
+    let before: Vec<Vec<HeaderValue>> = protected.iter().map(|n| kept(&headers, n)).collect();
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+
+    let mut request = headers.clone();
+    remove_hop_by_hop(&mut request, false);
+    for name in &HOP_BY_HOP {
+        assert!(!request.contains_key(name), "{name} left");
+    }
+    let never = [
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "authorization",
+        "cookie",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+    ];
+    for name in &named {
+        if !never.contains(&name.as_str()) {
+            assert!(!request.contains_key(name.as_str()), "named {name} left");
+        }
+    }
+    append_forwarded(&mut request, kind, Some(peer), "http", trusted);
+    for (name, was) in protected.iter().zip(&before) {
+        assert_eq!(&kept(&request, name), was, "{name} changed");
+    }
+    let ip = peer.ip().to_string();
+    if !trusted {
+        assert!(!request.contains_key("x-forwarded-port"));
+        assert!(!request.contains_key("x-real-ip"));
+        let xff = kept(&request, "x-forwarded-for");
+        let fwd = kept(&request, "forwarded");
+        if matches!(kind, ForwardedHeaders::XForwarded | ForwardedHeaders::Both) {
+            assert_eq!(xff, [HeaderValue::from_str(&ip).expect("ip")]);
+            assert_eq!(kept(&request, "x-forwarded-proto"), ["http"]);
+            let host = kept(&request, "host");
+            let xfh = kept(&request, "x-forwarded-host");
+            match host.first() {
+                Some(h) => assert_eq!(xfh, [h.clone()]),
+                None => assert!(xfh.is_empty()),
+            }
+        } else {
+            assert!(xff.is_empty());
+            assert!(!request.contains_key("x-forwarded-host"));
+        }
+        if matches!(kind, ForwardedHeaders::Forwarded | ForwardedHeaders::Both) {
+            assert_eq!(fwd.len(), 1);
+            let value = fwd[0].to_str().expect("ascii");
+            assert!(!value.contains(','), "one element: {value}");
+            assert!(value.starts_with("for="), "{value}");
+            assert!(value.contains(&ip), "{value}");
+        } else {
+            assert!(fwd.is_empty());
+        }
+    } else if matches!(kind, ForwardedHeaders::XForwarded | ForwardedHeaders::Both) {
+        // Kept chains are appended to; an unreadable one is replaced.
+        let xff = request
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .expect("x-forwarded-for written");
+        assert!(xff.ends_with(&ip), "{xff}");
+    }
+
+    let backend: http::uri::Authority = "10.0.0.9:8080".parse().expect("authority");
+    let mut response = headers;
+    hide_backend_authority(&mut response, &backend);
+    for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+        for v in response.get_all(&name) {
+            if let Ok(uri) = v.to_str().unwrap_or("").parse::<http::Uri>() {
+                assert_ne!(uri.authority(), Some(&backend), "{name} names the backend");
+            }
+        }
+    }
+}
