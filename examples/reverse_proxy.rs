@@ -42,7 +42,11 @@
 //!
 //! Other flags: `--backends 127.0.0.1:9001,127.0.0.1:9002` balances over backends of your
 //! own instead of the demo ones (the end-to-end benchmark, `benches/e2e/compare.sh`, uses it),
-//! and `--threads N` sets the runtime's worker threads (default: one per core).
+//! `--threads N` sets the runtime's worker threads (default: one per core),
+//! `--trust-proxy CIDR,...` believes the forwarding headers (`X-Forwarded-For`, ...) of proxies
+//! in front, and `--proxy-protocol CIDR,...` takes the client's address from the PROXY protocol
+//! header (v1 or v2) of the L4 balancers in front (AWS NLB, HAProxy in TCP mode), refusing
+//! connections from any other peer.
 
 pub mod demo;
 
@@ -59,7 +63,7 @@ use lbkit::forwarded::Cidr;
 use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
 use lbkit::key::HashKeyLayer;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::Server;
+use lbkit::server::{ProxyProtocol, Server};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
 use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
@@ -89,6 +93,8 @@ pub struct Args {
     pub compress: bool,
     /// Proxies in front of this one whose forwarding headers are believed (`--trust-proxy`).
     pub trusted_proxies: Vec<Cidr>,
+    /// L4 balancers in front that send a PROXY protocol header (`--proxy-protocol`); empty: off.
+    pub proxy_protocol: Vec<Cidr>,
     pub check_interval: Duration,
     pub ejection_time: Duration,
 }
@@ -106,6 +112,7 @@ impl Default for Args {
             upstream_h2: false,
             compress: false,
             trusted_proxies: Vec::new(),
+            proxy_protocol: Vec::new(),
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
         }
@@ -136,6 +143,11 @@ fn parse_args() -> Result<Args, BoxError> {
                     args.trusted_proxies.push(net.parse()?);
                 }
             }
+            ("--proxy-protocol", Some(v)) => {
+                for net in v.split(',').filter(|n| !n.is_empty()) {
+                    args.proxy_protocol.push(net.parse()?);
+                }
+            }
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -146,7 +158,7 @@ fn parse_args() -> Result<Args, BoxError> {
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
                      [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
                      [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress] \
-                     [--trust-proxy CIDR,CIDR,...]"
+                     [--trust-proxy CIDR,CIDR,...] [--proxy-protocol CIDR,CIDR,...]"
                 );
                 std::process::exit(2);
             }
@@ -266,11 +278,19 @@ pub fn proxy(
     // Compression wraps the stack only when asked: tower-http's layer costs CPU on every
     // response even when its predicate says no.
     let grace = Duration::from_secs(10);
+    let proxy_protocol = (!args.proxy_protocol.is_empty())
+        .then(|| ProxyProtocol::trusting(args.proxy_protocol.iter().copied()));
+    fn server<S>(service: S, proxy_protocol: Option<ProxyProtocol>) -> Server<S> {
+        match proxy_protocol {
+            Some(pp) => Server::new(service).proxy_protocol(pp),
+            None => Server::new(service),
+        }
+    }
     let serving: Pin<Box<dyn Future<Output = ()> + Send>> = if args.compress {
         let compressed = CompressionLayer::new().layer(proxy);
-        Box::pin(Server::new(compressed).serve_with_shutdown(listener, shutdown, grace))
+        Box::pin(server(compressed, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
     } else {
-        Box::pin(Server::new(proxy).serve_with_shutdown(listener, shutdown, grace))
+        Box::pin(server(proxy, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
     };
     (pool, serving)
 }

@@ -32,6 +32,10 @@ struct Config {
     hash_client_ip: bool,
     buffer: usize,
     max_connections: usize,
+    #[cfg(feature = "proxy-protocol")]
+    accept_proxy: Option<crate::server::ProxyProtocol>,
+    #[cfg(feature = "proxy-protocol")]
+    send_proxy: bool,
 }
 
 /// A TCP load balancer over a [`Pool`] of socket addresses.
@@ -107,6 +111,10 @@ impl<St: Strategy> TcpProxy<St> {
                 hash_client_ip: false,
                 buffer: 16 * 1024,
                 max_connections: 10_000,
+                #[cfg(feature = "proxy-protocol")]
+                accept_proxy: None,
+                #[cfg(feature = "proxy-protocol")]
+                send_proxy: false,
             }),
         }
     }
@@ -131,6 +139,27 @@ impl<St: Strategy> TcpProxy<St> {
     /// How many backends to try for one connection before giving up (default 3, at least 1).
     pub fn attempts(mut self, n: usize) -> Self {
         Arc::make_mut(&mut self.config).attempts = n.max(1);
+        self
+    }
+
+    /// Takes the client's address from a PROXY protocol header (v1 or v2) sent by the trusted
+    /// L4 balancer in front, for hashing and for [`send_proxy_protocol`](Self::send_proxy_protocol);
+    /// connections from other peers are refused (feature `proxy-protocol`).
+    #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
+    pub fn accept_proxy_protocol(mut self, proxy_protocol: crate::server::ProxyProtocol) -> Self {
+        Arc::make_mut(&mut self.config).accept_proxy = Some(proxy_protocol);
+        self
+    }
+
+    /// Sends a PROXY protocol version 2 header to each backend before the client's bytes, so
+    /// backends that read it (nginx `proxy_protocol`, HAProxy `accept-proxy`, lbkit's
+    /// [`Server::proxy_protocol`](crate::server::Server::proxy_protocol)) learn the client's
+    /// address (default off; feature `proxy-protocol`).
+    #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
+    pub fn send_proxy_protocol(mut self, on: bool) -> Self {
+        Arc::make_mut(&mut self.config).send_proxy = on;
         self
     }
 
@@ -195,6 +224,21 @@ impl<St: Strategy> TcpProxy<St> {
     /// both are done. Errors are logged, not returned.
     pub async fn handle(&self, client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
+        #[cfg(feature = "proxy-protocol")]
+        let (client, peer) = {
+            let mut client = client;
+            let peer = match &self.config.accept_proxy {
+                Some(pp) => match pp.accept(&mut client, peer).await {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "connection refused");
+                        return;
+                    }
+                },
+                None => peer,
+            };
+            (client, peer)
+        };
         let mut hints = PickHints::default();
         if self.config.hash_client_ip {
             // As `Key::client_ip` hashes it, so an IPv4 client reached over an IPv6 socket
@@ -211,6 +255,20 @@ impl<St: Strategy> TcpProxy<St> {
             match timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(backend)) => {
                     let _ = backend.set_nodelay(true);
+                    #[cfg(feature = "proxy-protocol")]
+                    let backend = {
+                        let mut backend = backend;
+                        if self.config.send_proxy {
+                            let local = client.local_addr().unwrap_or(peer);
+                            if let Err(e) = crate::server::write_v2(&mut backend, peer, local).await
+                            {
+                                tracing::warn!(%peer, backend = %guard.candidate().id(), error = %e, "sending the PROXY header failed");
+                                guard.fail();
+                                return;
+                            }
+                        }
+                        backend
+                    };
                     match splice(
                         client,
                         backend,

@@ -39,6 +39,8 @@ struct Settings {
     h2_keep_alive_timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<Tls>,
+    #[cfg(feature = "proxy-protocol")]
+    proxy_protocol: Option<super::ProxyProtocol>,
 }
 
 #[cfg(feature = "tls")]
@@ -89,6 +91,8 @@ impl<S> Server<S> {
                 h2_keep_alive_timeout: Duration::from_secs(20),
                 #[cfg(feature = "tls")]
                 tls: None,
+                #[cfg(feature = "proxy-protocol")]
+                proxy_protocol: None,
             },
         }
     }
@@ -158,6 +162,18 @@ impl<S> Server<S> {
             acceptor: tokio_rustls::TlsAcceptor::from(config),
             handshake_timeout: Duration::from_secs(10),
         });
+        self
+    }
+
+    /// Takes the client's address from a PROXY protocol header (v1 or v2) that the L4 balancer
+    /// in front sends at the start of each connection (before TLS, when both are on); the
+    /// address becomes the requests' [`ClientAddr`](crate::forwarded::ClientAddr). Connections
+    /// from peers the [`ProxyProtocol`](super::ProxyProtocol) does not trust are closed (feature
+    /// `proxy-protocol`).
+    #[cfg(feature = "proxy-protocol")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
+    pub fn proxy_protocol(mut self, proxy_protocol: super::ProxyProtocol) -> Self {
+        self.settings.proxy_protocol = Some(proxy_protocol);
         self
     }
 
@@ -256,6 +272,8 @@ struct Shared {
     h2: auto::Builder<TokioExecutor>,
     #[cfg(feature = "tls")]
     tls: Option<Tls>,
+    #[cfg(feature = "proxy-protocol")]
+    proxy_protocol: Option<super::ProxyProtocol>,
 }
 
 impl<S, B> ConnParts<S>
@@ -296,6 +314,8 @@ where
             auto,
             #[cfg(feature = "tls")]
             tls: s.tls,
+            #[cfg(feature = "proxy-protocol")]
+            proxy_protocol: s.proxy_protocol,
         };
         ConnParts {
             service: server.service,
@@ -306,6 +326,21 @@ where
     /// Serves one connection to its end (the future owns what it needs, so it can be spawned).
     async fn serve(self, stream: TcpStream, peer: SocketAddr, drain: Option<Drain>) {
         let _ = stream.set_nodelay(true);
+        #[cfg(feature = "proxy-protocol")]
+        let (stream, peer) = {
+            let mut stream = stream;
+            let peer = match &self.shared.proxy_protocol {
+                Some(pp) => match pp.accept(&mut stream, peer).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "connection refused");
+                        return;
+                    }
+                },
+                None => peer,
+            };
+            (stream, peer)
+        };
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.shared.tls {
             let accept = tls.acceptor.accept(stream);

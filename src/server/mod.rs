@@ -48,6 +48,8 @@ pub(crate) mod accept;
 mod conn;
 #[cfg(feature = "http-proxy")]
 mod http;
+#[cfg(feature = "proxy-protocol")]
+mod proxy_protocol;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
@@ -55,3 +57,6 @@ pub mod tls;
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use http::Server;
+#[cfg(feature = "proxy-protocol")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
+pub use proxy_protocol::{encode_v2, parse_header, write_v2, ProxyProtocol, ProxyProtocolError};
