@@ -23,12 +23,13 @@ use lbkit::EndpointId;
 type Check = fn(&[u8]);
 
 /// Every fuzz target, by the name of its corpus directory.
-const TARGETS: [(&str, Check); 5] = [
+const TARGETS: [(&str, Check); 6] = [
     ("sticky_cookie", targets::sticky_cookie),
     ("forwarded", targets::forwarded),
     ("hash_key", targets::hash_key),
     ("dns_srv", targets::dns_srv),
     ("headers", targets::headers),
+    ("proxy_protocol", targets::proxy_protocol),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
