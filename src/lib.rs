@@ -4,26 +4,40 @@
 //! own reverse proxy (with axum or hyper) or client-side balancer (a hyper client, a tonic
 //! channel) from small parts.
 //!
-//! - [`pool`]: the live set of endpoints, read lock-free on every request;
-//! - [`strategy`]: how one endpoint is picked (round robin, random, least connections, power of
-//!   two choices, peak EWMA, Maglev, a bounded-load hash ring);
-//! - [`balance`]: the [`Balancer`] service and [`BalancerLayer`];
-//! - [`hints`]: what outer layers tell the balancer about a request (hash key, preferred
-//!   endpoint, endpoints to avoid);
-//! - [`discover`]: feeding a pool (static lists, a live handle, `tower::discover` adapters);
-//! - [`endpoint`]: endpoint descriptions and their live state;
-//! - [`health`]: active health checks, outlier detection, slow start;
-//! - [`proxy`]: HTTP forwarding and error mapping for reverse proxies (feature `http-proxy`);
-//! - [`key`]: request keys (header, cookie, client IP behind trusted proxies, path, query) for
-//!   consistent hashing, and [`HashKeyLayer`](key::HashKeyLayer);
-//! - `sticky`: sticky sessions with sealed affinity cookies (feature `cookie`);
-//! - [`failover`]: retries on another endpoint, with a retry budget, per-try timeout and
-//!   deadline;
-//! - [`stats`]: per-endpoint statistics as plain data ([`Pool::stats`]): requests, errors, in
-//!   flight, latency quantiles, health, effective weight;
-//! - `metrics`: export of those statistics through the `metrics` facade (feature `metrics`);
-//! - `sim`: a deterministic simulator that compares strategies on simulated fleets (feature
-//!   `sim`).
+//! ## The stack, top to bottom
+//!
+//! A request enters at the top and each part hands it to the one below; the code's modules are
+//! layered the same way (a module imports only from those below it; `.ci/modules.py` checks
+//! that no two import each other in a circle):
+//!
+//! ```text
+//!  client
+//!    |
+//!  server        Server: accept loop, limits, timeouts, TLS, PROXY protocol     src/server/
+//!    |           ClientAddr on every request                                   src/forwarded/
+//!  proxy         ErrorResponseLayer: failures -> 502/503/504                    src/proxy/error.rs
+//!    |
+//!  failover      FailoverLayer: retry elsewhere under a RetryBudget             src/failover/
+//!  sticky, key   StickyLayer, HashKeyLayer: where this client should go         src/sticky/, src/key/
+//!    |           (they speak to the balancer only through PickHints)           src/hints.rs
+//!  balance       Balancer / BalancerLayer: pick, count in flight, classify      src/balance/
+//!    |
+//!  pool          Pool: the live endpoint table, lock-free snapshots, health     src/pool/
+//!  strategy      round robin, random, least connections, P2C, peak EWMA,        src/strategy/
+//!    |           Maglev, bounded-load ring
+//!  endpoint      Endpoint, its atomic state and latency histogram               src/endpoint/
+//!    |
+//!  proxy         Forward: the HTTP request to the picked backend                src/proxy/forward.rs
+//!    |
+//!  backend
+//! ```
+//!
+//! Beside the request path, background tasks use only the pool's public handle: active health
+//! checks, outlier detection and slow start ([`health`]), discovery ([`discover`]: static
+//! lists, `tower::discover` adapters, DNS), and metrics export (`metrics`, feature `metrics`);
+//! [`stats`] reads the pool as plain data, and `sim` (feature `sim`) runs the same stack on a
+//! simulated fleet and clock. The L4 balancer ([`proxy::TcpProxy`]) uses the same pool,
+//! strategies and server accept loop for TCP.
 //!
 //! ```
 //! use lbkit::{Balancer, Endpoint, strategy::RoundRobin};
