@@ -84,6 +84,7 @@ pub mod key;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod route;
 pub mod server;
 #[cfg(feature = "sim")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
