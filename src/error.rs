@@ -12,7 +12,9 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 ///
 /// One opaque type with a kind inside, asked about with `is_*` methods (as `hyper::Error`):
 /// either no endpoint could take the request ([`is_no_endpoint`](Error::is_no_endpoint)),
-/// returned at once and never after a wait, or the picked endpoint's own service failed
+/// returned at once and never after a wait, or every endpoint that could was at its in-flight
+/// limit and the pool's queue was full or its wait ran out
+/// ([`is_overloaded`](Error::is_overloaded)), or the picked endpoint's own service failed
 /// ([`is_endpoint`](Error::is_endpoint)), with that error as the [`source`](StdError::source)
 /// and the endpoint's id at hand for retrying elsewhere.
 pub struct Error {
@@ -24,6 +26,7 @@ pub struct Error {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     NoEndpoint,
+    Overloaded,
     Endpoint,
 }
 
@@ -33,6 +36,16 @@ impl Error {
     pub(crate) fn no_endpoint() -> Self {
         Error {
             kind: Kind::NoEndpoint,
+            endpoint: None,
+            source: None,
+        }
+    }
+
+    /// Every endpoint the request could go to is at its in-flight limit, and the queue was
+    /// full or the wait in it ran out.
+    pub(crate) fn overloaded() -> Self {
+        Error {
+            kind: Kind::Overloaded,
             endpoint: None,
             source: None,
         }
@@ -50,6 +63,15 @@ impl Error {
     /// Whether no endpoint was available for the request.
     pub fn is_no_endpoint(&self) -> bool {
         self.kind == Kind::NoEndpoint
+    }
+
+    /// Whether the request was refused because every endpoint it could go to was at its
+    /// in-flight limit (see
+    /// [`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint))
+    /// and it could not wait: the queue was full, or the queue timeout ran out. The request
+    /// reached no endpoint, so it is safe to send again later; a proxy answers 503.
+    pub fn is_overloaded(&self) -> bool {
+        self.kind == Kind::Overloaded
     }
 
     /// Whether the picked endpoint's service failed.
@@ -86,6 +108,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.kind, &self.endpoint) {
             (Kind::NoEndpoint, _) => f.write_str("no endpoint available"),
+            (Kind::Overloaded, _) => f.write_str("every endpoint is at its request limit"),
             (Kind::Endpoint, Some(id)) => write!(f, "endpoint {id} failed"),
             (Kind::Endpoint, None) => f.write_str("endpoint failed"),
         }
@@ -109,6 +132,8 @@ mod tests {
         let e = Error::no_endpoint();
         assert!(e.is_no_endpoint() && !e.is_endpoint());
         assert_eq!(e.to_string(), "no endpoint available");
+        let e = Error::overloaded();
+        assert!(e.is_overloaded() && !e.is_no_endpoint() && !e.is_endpoint());
         let e = Error::endpoint("a".into(), "refused".into());
         assert!(e.is_endpoint());
         assert_eq!(e.endpoint_id().unwrap().as_str(), "a");

@@ -31,6 +31,11 @@ enum Outcome {
 impl InFlight {
     pub(crate) fn start(candidate: Candidate) -> Self {
         candidate.state().start();
+        InFlight::counted(candidate)
+    }
+
+    /// Takes over a request the pool already counted in flight at `candidate`.
+    pub(crate) fn counted(candidate: Candidate) -> Self {
         InFlight {
             candidate,
             start: now(),

@@ -7,14 +7,22 @@ use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
 use super::completion::{InFlight, TrackCompletion};
+use super::queue::{Bind, Queued, Started};
 use crate::error::{BoxError, Error};
-use crate::hints::PickRecord;
+use crate::hints::{PickRecord, RequestHints};
+use crate::strategy::Strategy;
 
 pin_project! {
     /// The response future of a [`Balancer`](super::Balancer).
     ///
     /// Resolves to the endpoint's response (passed through the completion policy), or to an
-    /// [`Error`]: at once when no endpoint was available, or when the endpoint's service fails.
+    /// [`Error`]: at once when no endpoint was available, when every endpoint it could go to
+    /// is at its in-flight limit and the pool's queue is full (or after waiting in the queue
+    /// up to its timeout; see
+    /// [`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint)),
+    /// or when the endpoint's service fails. The type parameters are those of the pool (entry
+    /// and strategy), the request, the [`Bind`]ing of an entry to the service called, and the
+    /// completion policy.
     ///
     /// Dropped before the endpoint answered, the request counts as *cancelled* at that
     /// endpoint (see [`EndpointState::cancelled`](crate::endpoint::EndpointState::cancelled)):
@@ -24,14 +32,22 @@ pin_project! {
     /// layer's per-try timeout and deadline do) makes it a failure, so that an endpoint that
     /// hangs is ejected like one that fails. (`Forward::timeout` fails the request with an error,
     /// which counts too.)
-    pub struct ResponseFuture<F, C> {
+    pub struct ResponseFuture<P, St: Strategy, Req, Bd, C>
+    where
+        Bd: Bind<P, Req>,
+        Bd::Service: Service<Req>,
+    {
         #[pin]
-        state: State<F, C>,
+        state: State<P, St, Req, Bd, C>,
         // The balancer's span, entered on each poll (disabled unless its level is on).
         span: tracing::Span,
     }
 
-    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+    impl<P, St: Strategy, Req, Bd, C> PinnedDrop for ResponseFuture<P, St, Req, Bd, C>
+    where
+        Bd: Bind<P, Req>,
+        Bd::Service: Service<Req>,
+    {
         fn drop(this: Pin<&mut Self>) {
             // Still waiting for the answer: the attempt was given up on. A timeout of the
             // caller's is the endpoint's failure; anything else a cancellation.
@@ -53,11 +69,20 @@ pin_project! {
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, C> {
+    enum State<P, St: Strategy, Req, Bd, C>
+    where
+        Bd: Bind<P, Req>,
+        Bd::Service: Service<Req>,
+    {
         Failed { error: Option<Error> },
+        // Waiting in the pool's queue (boxed: only requests that wait pay for it).
+        Queued {
+            queued: Pin<Box<Queued<P, St, Req, Bd>>>,
+            completion: C,
+        },
         Running {
             #[pin]
-            fut: F,
+            fut: EndpointCall<Bd::Service, Req>,
             handle: Option<InFlight>,
             completion: C,
             // The request's pick record, if it has one: says whether the caller gave up.
@@ -160,7 +185,12 @@ where
     }
 }
 
-impl<F, C> ResponseFuture<F, C> {
+impl<P, St, Req, Bd, C> ResponseFuture<P, St, Req, Bd, C>
+where
+    St: Strategy,
+    Bd: Bind<P, Req>,
+    Bd::Service: Service<Req>,
+{
     pub(crate) fn failed(error: Error) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },
@@ -168,47 +198,91 @@ impl<F, C> ResponseFuture<F, C> {
         }
     }
 
-    /// Runs `fut` for the request counted by `handle`, entering `span` on each poll.
+    /// Runs the call `started`, entering `span` on each poll.
     #[inline]
-    pub(crate) fn running(
-        fut: F,
-        handle: InFlight,
+    pub(super) fn running(
+        started: Started<Bd::Service, Req>,
         completion: C,
-        record: Option<PickRecord>,
         span: tracing::Span,
     ) -> Self {
         ResponseFuture {
             state: State::Running {
-                fut,
-                handle: Some(handle),
+                fut: started.call,
+                handle: Some(started.handle),
                 completion,
-                record,
+                record: started.record,
             },
+            span,
+        }
+    }
+
+    /// Waits in the queue for an endpoint, then runs the call as [`running`](Self::running).
+    pub(super) fn queued(
+        queued: Pin<Box<Queued<P, St, Req, Bd>>>,
+        completion: C,
+        span: tracing::Span,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Queued { queued, completion },
             span,
         }
     }
 }
 
-impl<F, C> std::fmt::Debug for ResponseFuture<F, C> {
+impl<P, St, Req, Bd, C> std::fmt::Debug for ResponseFuture<P, St, Req, Bd, C>
+where
+    St: Strategy,
+    Bd: Bind<P, Req>,
+    Bd::Service: Service<Req>,
+{
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, T, C> Future for ResponseFuture<F, C>
+impl<P, St, Req, Bd, C> Future for ResponseFuture<P, St, Req, Bd, C>
 where
-    F: Future<Output = Result<T, BoxError>>,
-    C: TrackCompletion<InFlight, T>,
+    P: Clone,
+    St: Strategy,
+    Req: RequestHints,
+    Bd: Bind<P, Req> + Clone,
+    Bd::Service: Service<Req>,
+    C: TrackCompletion<InFlight, <Bd::Service as Service<Req>>::Response>,
 {
     type Output = Result<C::Output, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _enter = this.span.enter();
-        match this.state.project() {
+        let mut state = this.state;
+        if let StateProj::Queued { queued, completion } = state.as_mut().project() {
+            match ready!(queued.as_mut().poll_start(cx)) {
+                Ok(started) => {
+                    if !this.span.is_disabled() {
+                        this.span.record(
+                            "endpoint",
+                            tracing::field::display(started.handle.candidate().id()),
+                        );
+                    }
+                    let completion = completion.clone();
+                    state.set(State::Running {
+                        fut: started.call,
+                        handle: Some(started.handle),
+                        completion,
+                        record: started.record,
+                    });
+                }
+                Err(e) => {
+                    state.set(State::Failed { error: None });
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        match state.project() {
             StateProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion")))
             }
+            StateProj::Queued { .. } => unreachable!("left the queue above"),
             StateProj::Running {
                 fut,
                 handle,

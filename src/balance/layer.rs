@@ -4,8 +4,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::completion::{CompleteOnBody, InFlight, TrackCompletion};
-use super::future::{EndpointCall, ResponseFuture};
-use super::service::dispatch;
+use super::future::ResponseFuture;
+use super::queue::TagTarget;
+use super::service::{dispatch, Readiness};
 #[cfg(doc)]
 use super::service::Balancer;
 use super::target::Target;
@@ -53,12 +54,14 @@ use crate::strategy::Strategy;
 /// ```
 pub struct BalancerLayer<St: Strategy> {
     pool: Pool<Target, St>,
+    readiness: Readiness,
 }
 
 impl<St: Strategy> Clone for BalancerLayer<St> {
     fn clone(&self) -> Self {
         BalancerLayer {
             pool: self.pool.clone(),
+            readiness: self.readiness.clone(),
         }
     }
 }
@@ -77,7 +80,7 @@ impl<St: Strategy> BalancerLayer<St> {
     pub fn new<E: Into<Endpoint>>(endpoints: impl IntoIterator<Item = E>, strategy: St) -> Self {
         let pool = Pool::new(strategy, Target::new);
         pool.extend(endpoints.into_iter().map(Into::into));
-        BalancerLayer { pool }
+        BalancerLayer::from_pool(pool)
     }
 
     /// A layer balancing over `pool`, built with [`Target::new`] as its service factory
@@ -85,7 +88,18 @@ impl<St: Strategy> BalancerLayer<St> {
     /// for non-default pool settings). The pool may be fed, health-checked and read by others
     /// while the layer's services use it.
     pub fn from_pool(pool: Pool<Target, St>) -> Self {
-        BalancerLayer { pool }
+        BalancerLayer {
+            pool,
+            readiness: Readiness::default(),
+        }
+    }
+
+    /// Makes the services' `poll_ready` report saturation, as
+    /// [`Balancer::report_saturation`] does (default: always ready; requests wait in the
+    /// pool's queue instead).
+    pub fn report_saturation(mut self) -> Self {
+        self.readiness = Readiness::reporting_saturation();
+        self
     }
 
     /// The pool every service of this layer balances over.
@@ -100,7 +114,8 @@ impl<S, St: Strategy> Layer<S> for BalancerLayer<St> {
     fn layer(&self, inner: S) -> Self::Service {
         Balanced {
             pool: self.pool.clone(),
-            inner,
+            inner: TagTarget(inner),
+            readiness: self.readiness.clone(),
         }
     }
 }
@@ -108,14 +123,18 @@ impl<S, St: Strategy> Layer<S> for BalancerLayer<St> {
 /// The service of a [`BalancerLayer`]: picks an endpoint from the layer's pool for each request,
 /// inserts its [`Target`] into the request's extensions, and calls the inner service.
 ///
-/// As [`Balancer`] does, it is always ready, counts the request in flight at the endpoint until
-/// the response body ends, feeds the outcome to the strategy and to outlier detection, and
-/// fails at once with [`Error::is_no_endpoint`](crate::Error::is_no_endpoint) when no endpoint
-/// is up. The inner service is cloned per request, so it should be cheap to clone (a hyper
+/// As [`Balancer`] does, it is always ready (unless
+/// [`report_saturation`](BalancerLayer::report_saturation) is set), counts the request in
+/// flight at the endpoint until the response body ends, feeds the outcome to the strategy and
+/// to outlier detection, fails at once with
+/// [`Error::is_no_endpoint`](crate::Error::is_no_endpoint) when no endpoint is up, and queues
+/// a request when every endpoint is at the pool's in-flight limit (see
+/// [Limits and saturation](Balancer#limits-and-saturation)). The inner service is cloned per request, so it should be cheap to clone (a hyper
 /// client, [`Forward`](crate::proxy::Forward) and tonic channels are).
 pub struct Balanced<S, St: Strategy> {
     pool: Pool<Target, St>,
-    inner: S,
+    inner: TagTarget<S>,
+    readiness: Readiness,
 }
 
 impl<S: Clone, St: Strategy> Clone for Balanced<S, St> {
@@ -123,6 +142,7 @@ impl<S: Clone, St: Strategy> Clone for Balanced<S, St> {
         Balanced {
             pool: self.pool.clone(),
             inner: self.inner.clone(),
+            readiness: self.readiness.clone(),
         }
     }
 }
@@ -151,19 +171,15 @@ where
 {
     type Response = <CompleteOnBody as TrackCompletion<InFlight, S::Response>>::Output;
     type Error = Error;
-    type Future = ResponseFuture<EndpointCall<S, http::Request<B>>, CompleteOnBody>;
+    type Future = ResponseFuture<Target, St, http::Request<B>, TagTarget<S>, CompleteOnBody>;
 
     #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.readiness.poll(&self.pool, cx)
     }
 
     #[inline]
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let inner = &self.inner;
-        dispatch(&self.pool, &CompleteOnBody, req, |target, req| {
-            req.extensions_mut().insert(target);
-            inner.clone()
-        })
+        dispatch(&self.pool, &CompleteOnBody, req, &self.inner)
     }
 }

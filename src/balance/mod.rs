@@ -11,11 +11,13 @@
 mod completion;
 mod future;
 mod layer;
+mod queue;
 mod service;
 mod target;
 
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
 pub use layer::{Balanced, BalancerLayer};
+pub use queue::{Bind, EntryService, TagTarget};
 pub use service::Balancer;
 pub use target::{Target, TargetUri, TargetUriFuture};

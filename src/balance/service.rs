@@ -1,3 +1,4 @@
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tower_service::Service;
@@ -6,9 +7,11 @@ use tower_service::Service;
 use super::completion::CompleteOnResponse;
 use super::completion::{CompleteOnBody, InFlight, TrackCompletion};
 use super::future::{EndpointCall, ResponseFuture};
+use super::queue::{self, Bind, EntryService, NotStarted, Queued};
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Error};
 use crate::hints::RequestHints;
+use crate::pool::queue::SlotWait;
 use crate::pool::Pool;
 use crate::strategy::Strategy;
 
@@ -21,13 +24,31 @@ use crate::strategy::Strategy;
 ///
 /// # Readiness
 ///
-/// `poll_ready` is always ready: the balancer has no capacity of its own. The picked endpoint's
-/// service is asked for readiness with the request in hand: called at once when ready, and
-/// otherwise awaited inside the response future (see [`EndpointCall`]). This lets clones of one
-/// balancer serve many connections at
-/// once without a lock, and lets the endpoint be chosen with the request in hand (hash keys,
-/// stickiness, retries). When no endpoint is available the response future fails at once with
-/// [`Error::is_no_endpoint`]; it never waits for one to appear.
+/// `poll_ready` is always ready by default: the balancer has no capacity of its own. The picked
+/// endpoint's service is asked for readiness with the request in hand: called at once when
+/// ready, and otherwise awaited inside the response future (see [`EndpointCall`]). This lets
+/// clones of one balancer serve many connections at once without a lock, and lets the endpoint
+/// be chosen with the request in hand (hash keys, stickiness, retries). When no endpoint is
+/// available the response future fails at once with [`Error::is_no_endpoint`]; it never waits
+/// for one to appear.
+///
+/// # Limits and saturation
+///
+/// With a per-endpoint limit on requests in flight
+/// ([`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint)),
+/// the pick skips endpoints at their limit. When every endpoint a request may go to is at its
+/// limit, the request waits in the pool's bounded queue until one of them finishes a request,
+/// up to the queue timeout; a full queue or a timeout fails it with [`Error::is_overloaded`]
+/// (503 from [`ErrorResponseLayer`](crate::proxy::ErrorResponseLayer)). This works whatever
+/// the caller does with readiness, so it is the default.
+///
+/// For tower's own back-pressure, [`report_saturation`](Balancer::report_saturation) makes
+/// `poll_ready` return `Pending` while every eligible endpoint is at its limit, and wake the
+/// caller when a request ends. Then `tower::load_shed::LoadShed` in front fails requests at
+/// once with its `Overloaded` error (also a 503) instead of queueing them, and a caller that
+/// awaits readiness (tower's `Buffer`, `ServiceExt::ready`) waits without a timeout of the
+/// pool's. Readiness cannot see a request's hints: a request that avoids the endpoints with
+/// room still queues as above.
 ///
 /// # Completion
 ///
@@ -96,6 +117,7 @@ use crate::strategy::Strategy;
 pub struct Balancer<S, St: Strategy, C = CompleteOnBody> {
     pool: Pool<S, St>,
     completion: C,
+    readiness: Readiness,
 }
 
 impl<S, St: Strategy, C: Clone> Clone for Balancer<S, St, C> {
@@ -103,6 +125,63 @@ impl<S, St: Strategy, C: Clone> Clone for Balancer<S, St, C> {
         Balancer {
             pool: self.pool.clone(),
             completion: self.completion.clone(),
+            readiness: self.readiness.clone(),
+        }
+    }
+}
+
+/// What `poll_ready` of a balancer reports, and its wait for a slot while it reports
+/// saturation.
+#[derive(Debug, Default)]
+pub(super) struct Readiness {
+    report_saturation: bool,
+    wait: Option<Pin<Box<SlotWait>>>,
+}
+
+impl Clone for Readiness {
+    fn clone(&self) -> Self {
+        // A clone has not waited yet.
+        Readiness {
+            report_saturation: self.report_saturation,
+            wait: None,
+        }
+    }
+}
+
+impl Readiness {
+    pub(super) fn reporting_saturation() -> Self {
+        Readiness {
+            report_saturation: true,
+            wait: None,
+        }
+    }
+
+    /// Ready unless saturation is reported and every eligible endpoint of `pool` is at its
+    /// limit; then pending until a request ends (or the endpoints or the limit change).
+    #[inline]
+    pub(super) fn poll<P: Clone, St: Strategy>(
+        &mut self,
+        pool: &Pool<P, St>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        if !self.report_saturation {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !pool.is_saturated() {
+                self.wait = None;
+                return Poll::Ready(Ok(()));
+            }
+            match &mut self.wait {
+                // Armed before looking again: a request that ends in between wakes it.
+                None => self.wait = Some(Box::pin(SlotWait::new(pool.shared()))),
+                Some(wait) => {
+                    if wait.as_mut().poll_woken(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    wait.as_mut().rearm();
+                }
+            }
         }
     }
 }
@@ -134,6 +213,7 @@ impl<S: Clone, St: Strategy> Balancer<S, St> {
         Balancer {
             pool,
             completion: CompleteOnBody,
+            readiness: Readiness::default(),
         }
     }
 }
@@ -154,7 +234,18 @@ impl<S, St: Strategy, C> Balancer<S, St, C> {
         Balancer {
             pool: self.pool,
             completion,
+            readiness: self.readiness,
         }
+    }
+
+    /// Makes `poll_ready` report saturation: `Pending` while every eligible endpoint is at
+    /// the pool's in-flight limit, woken when one of their requests ends (default: always
+    /// ready, and requests wait in the pool's queue instead). Use it with
+    /// `tower::load_shed::LoadShed` in front to shed load at once; see
+    /// [Limits and saturation](Balancer#limits-and-saturation).
+    pub fn report_saturation(mut self) -> Self {
+        self.readiness = Readiness::reporting_saturation();
+        self
     }
 }
 
@@ -168,35 +259,37 @@ where
 {
     type Response = C::Output;
     type Error = Error;
-    type Future = ResponseFuture<EndpointCall<S, Req>, C>;
+    type Future = ResponseFuture<S, St, Req, EntryService, C>;
 
     #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.readiness.poll(&self.pool, cx)
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        dispatch(&self.pool, &self.completion, req, |service, _req| service)
+        dispatch(&self.pool, &self.completion, req, &EntryService)
     }
 }
 
 /// Picks an endpoint of `pool` for `req` and starts the call: what every balancer does per
 /// request. `bind` turns the picked endpoint's pool entry (a clone of it) into the service to
-/// call, and may tag the request for it.
+/// call, and may tag the request for it. With every endpoint at its in-flight limit, the
+/// request waits in the pool's queue, or fails as overloaded when the queue is full.
 #[inline]
-pub(super) fn dispatch<P, St, C, S, Req>(
+pub(super) fn dispatch<P, St, C, Req, Bd>(
     pool: &Pool<P, St>,
     completion: &C,
-    mut req: Req,
-    bind: impl FnOnce(P, &mut Req) -> S,
-) -> ResponseFuture<EndpointCall<S, Req>, C>
+    req: Req,
+    bind: &Bd,
+) -> ResponseFuture<P, St, Req, Bd, C>
 where
     P: Clone,
     St: Strategy,
     C: Clone,
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
     Req: RequestHints,
+    Bd: Bind<P, Req> + Clone,
+    Bd::Service: Service<Req>,
+    <Bd::Service as Service<Req>>::Error: Into<BoxError>,
 {
     let hints = req.hints();
     // One span per call, around the pick and every poll of the forward. When its level is
@@ -212,30 +305,34 @@ where
         // A retry avoids the endpoints it already tried: one per earlier attempt.
         span.record("attempt", hints.map_or(1, |h| h.avoided().len() + 1));
     }
-    let record = hints.and_then(|h| h.pick_record());
-    let picked = {
+    let started = {
         let _enter = span.enter();
-        pool.pick_with(hints, |candidate, entry| {
-            if let Some(record) = record {
-                record.set(candidate.id());
-            }
-            (InFlight::start(candidate.clone()), entry.clone())
-        })
+        queue::start(pool, bind, req, EndpointCall::new)
     };
-    let record = record.cloned();
-    match picked {
-        Some((handle, entry)) => {
+    match started {
+        Ok(started) => {
             if !span.is_disabled() {
-                span.record("endpoint", tracing::field::display(handle.candidate().id()));
+                span.record(
+                    "endpoint",
+                    tracing::field::display(started.handle.candidate().id()),
+                );
             }
-            let call = {
-                let _enter = span.enter();
-                let service = bind(entry, &mut req);
-                EndpointCall::new(service, req)
-            };
-            ResponseFuture::running(call, handle, completion.clone(), record, span)
+            ResponseFuture::running(started, completion.clone(), span)
         }
-        None => {
+        Err(NotStarted {
+            saturated: true,
+            req,
+        }) => match Queued::enter(pool, bind, req, EndpointCall::new) {
+            Ok(queued) => {
+                span.in_scope(|| tracing::debug!("every endpoint at its limit: queued"));
+                ResponseFuture::queued(queued, completion.clone(), span)
+            }
+            Err(_req) => {
+                span.in_scope(|| tracing::debug!("every endpoint at its limit, queue full"));
+                ResponseFuture::failed(Error::overloaded())
+            }
+        },
+        Err(NotStarted { .. }) => {
             span.in_scope(|| tracing::debug!("no endpoint available"));
             ResponseFuture::failed(Error::no_endpoint())
         }

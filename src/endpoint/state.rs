@@ -1,4 +1,4 @@
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,35 @@ pub(crate) struct PoolShared {
     pub(crate) outlier_wake: Notify,
     /// Which HTTP statuses count as failures; `None` means 5xx.
     pub(crate) classifier: ArcSwapOption<Box<StatusClassifier>>,
+    /// The most requests one endpoint may have in flight; 0: no limit.
+    pub(crate) max_requests: AtomicU64,
+    /// Requests and readiness checks waiting for an endpoint under its limit; while any
+    /// waits, every request that ends wakes them through `slot_freed`.
+    pub(crate) waiters: AtomicU64,
+    /// Woken (all waiters) when a request ends while some wait.
+    pub(crate) slot_freed: Arc<Notify>,
+    /// Requests waiting in the pool's queue (a subset of `waiters`).
+    pub(crate) queued: AtomicU64,
+}
+
+impl PoolShared {
+    /// Wakes the waiters, if any, after a request left an endpoint's in-flight count.
+    #[inline]
+    fn wake_waiters(&self) {
+        if self.max_requests.load(Ordering::Relaxed) != 0 {
+            self.wake_all();
+        }
+    }
+
+    /// Wakes the waiters, if any: a request ended, the endpoints changed, or the limit did.
+    pub(crate) fn wake_all(&self) {
+        // Pairs with the fence a waiter runs between counting itself in `waiters` and looking
+        // at the in-flight counts: either it sees this request gone, or this sees it waiting.
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Acquire) != 0 {
+            self.slot_freed.notify_waiters();
+        }
+    }
 }
 
 impl std::fmt::Debug for PoolShared {
@@ -289,12 +318,39 @@ impl EndpointState {
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one request as started if fewer than `limit` are in flight; returns whether it
+    /// did. Racing callers never take the count past `limit`.
+    pub(crate) fn try_start(&self, limit: u64) -> bool {
+        let taken = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok();
+        if taken {
+            self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Whether the endpoint has as many requests in flight as its pool allows each endpoint
+    /// (see [`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint));
+    /// never with no limit set. The balancer sends such an endpoint nothing more until one of
+    /// its requests ends.
+    pub fn is_saturated(&self) -> bool {
+        match self.shared.max_requests.load(Ordering::Relaxed) {
+            0 => false,
+            limit => self.in_flight() >= limit,
+        }
+    }
+
     /// Counts one request as given up on by its caller: it leaves the in-flight count, and
     /// nothing else about the endpoint changes.
     pub(crate) fn cancel(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.wake_waiters();
     }
 
     /// Counts one request as ended after `rtt`, feeding the latency estimate and the
@@ -304,6 +360,7 @@ impl EndpointState {
         self.latency.record(rtt);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.wake_waiters();
         if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
             let run = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;

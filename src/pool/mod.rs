@@ -11,6 +11,7 @@
 //! is dropped when the last of them ends.
 
 mod health;
+pub(crate) mod queue;
 pub(crate) mod ramp;
 mod snapshot;
 mod task;
@@ -20,6 +21,7 @@ pub use task::PoolTask;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,6 +40,9 @@ pub struct PoolBuilder<St> {
     default_rtt: Duration,
     decay: Duration,
     panic_threshold: u8,
+    max_requests: u64,
+    queue_size: u64,
+    queue_timeout: Duration,
 }
 
 impl<St: Strategy> PoolBuilder<St> {
@@ -62,6 +67,36 @@ impl<St: Strategy> PoolBuilder<St> {
     /// [`Snapshot::is_panic`] and [`Pool::set_panic_threshold`].
     pub fn panic_threshold(mut self, percent: u8) -> Self {
         self.panic_threshold = percent.min(100);
+        self
+    }
+
+    /// Sets the most requests each endpoint may have in flight at once (default 0: no limit),
+    /// as HAProxy's `maxconn` on a server line. The balancer skips an endpoint at its limit;
+    /// when every endpoint a request may go to is at its limit, the request waits in the
+    /// pool's queue (see [`queue_size`](PoolBuilder::queue_size)), and fails with
+    /// [`Error::is_overloaded`](crate::Error::is_overloaded) (503 from the proxy) when the
+    /// queue is full or its wait ends. Protects backends from bursts a client can cause at no
+    /// cost to itself, such as HTTP/2 streams opened and reset at once. Change it later with
+    /// [`Pool::set_max_requests_per_endpoint`].
+    pub fn max_requests_per_endpoint(mut self, limit: u64) -> Self {
+        self.max_requests = limit;
+        self
+    }
+
+    /// Sets how many requests may wait for an endpoint under its limit (default 1024, as
+    /// Envoy's `max_pending_requests`); a request beyond that fails at once as overloaded. 0
+    /// turns the queue off. Used only with
+    /// [`max_requests_per_endpoint`](PoolBuilder::max_requests_per_endpoint).
+    pub fn queue_size(mut self, size: u64) -> Self {
+        self.queue_size = size;
+        self
+    }
+
+    /// Sets how long a request may wait in the queue (default 5 s, HAProxy's usual
+    /// `timeout queue`): long enough to ride out a burst, short enough that a client gets a
+    /// 503 rather than waiting behind a backlog that is not draining.
+    pub fn queue_timeout(mut self, timeout: Duration) -> Self {
+        self.queue_timeout = timeout;
         self
     }
 
@@ -90,7 +125,13 @@ impl<St: Strategy> PoolBuilder<St> {
             decay: self.decay,
             shared: Arc::new(PoolShared::default()),
             health: health::HealthHooks::new(self.panic_threshold),
+            queue_size: self.queue_size,
+            queue_timeout: self.queue_timeout,
         };
+        inner
+            .shared
+            .max_requests
+            .store(self.max_requests, Ordering::Relaxed);
         Pool {
             inner: Arc::new(inner),
         }
@@ -127,6 +168,9 @@ struct Inner<S, St: Strategy> {
     shared: Arc<PoolShared>,
     /// Health settings, events and the slow-start wake-up.
     health: health::HealthHooks,
+    /// How many requests may wait for an endpoint under its limit, and how long.
+    queue_size: u64,
+    queue_timeout: Duration,
 }
 
 /// A handle that does not keep the pool alive: background tasks (discovery followers, health
@@ -290,6 +334,9 @@ impl<St: Strategy> Pool<(), St> {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
             panic_threshold: 50,
+            max_requests: 0,
+            queue_size: 1024,
+            queue_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -400,22 +447,62 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
 
     /// Requests in flight over the whole pool.
     pub fn in_flight(&self) -> u64 {
+        self.inner.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests waiting now for an endpoint under its limit (see
+    /// [`PoolBuilder::max_requests_per_endpoint`]).
+    pub fn queued(&self) -> u64 {
+        self.inner.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// The most requests each endpoint may have in flight; 0: no limit.
+    pub fn max_requests_per_endpoint(&self) -> u64 {
+        self.inner.shared.max_requests.load(Ordering::Relaxed)
+    }
+
+    /// Changes the most requests each endpoint may have in flight (0: no limit; see
+    /// [`PoolBuilder::max_requests_per_endpoint`]). Requests over a lowered limit finish;
+    /// waiting requests try again at once.
+    pub fn set_max_requests_per_endpoint(&self, limit: u64) {
         self.inner
             .shared
-            .in_flight
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .max_requests
+            .store(limit, Ordering::Relaxed);
+        self.inner.shared.wake_all();
+    }
+
+    /// How many requests may wait for an endpoint under its limit, and for how long (see
+    /// [`PoolBuilder::queue_size`] and [`PoolBuilder::queue_timeout`]).
+    pub fn queue_limits(&self) -> (u64, Duration) {
+        (self.inner.queue_size, self.inner.queue_timeout)
+    }
+
+    /// Whether every eligible endpoint is at the in-flight limit: never with no limit, nor
+    /// with no eligible endpoint (a request then fails at once, it does not wait).
+    pub fn is_saturated(&self) -> bool {
+        match self.max_requests_per_endpoint() {
+            0 => false,
+            limit => {
+                let snap = self.load();
+                let eligible = snap.eligible();
+                !eligible.is_empty() && eligible.iter().all(|c| c.state().in_flight() >= limit)
+            }
+        }
     }
 
     /// Picks an endpoint for a request with `hints` (or none), without sending anything: the
     /// returned [`Candidate`] and a clone of its service. This is what a
     /// [`Balancer`](crate::Balancer) does for each request; use it to balance something that is
-    /// not a tower `Service` (such as raw TCP connections).
+    /// not a tower `Service` (such as raw TCP connections). Endpoints at the in-flight limit
+    /// are skipped, but nothing is reserved: the count goes up when the caller starts an
+    /// [`InFlight`](crate::balance::InFlight) handle.
     pub fn pick(&self, hints: Option<&PickHints>) -> Option<(Candidate, S)>
     where
         S: Clone,
     {
         let snap = self.load();
-        let i = snap.pick(&self.inner.strategy, hints)?;
+        let i = snap.pick(&self.inner.strategy, hints, self.max_requests_per_endpoint())?;
         Some((snap.eligible()[i].clone(), snap.services[i].clone()))
     }
 
@@ -430,15 +517,43 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         snapshot.pick_ctx(&self.inner.strategy, ctx)
     }
 
+    /// Picks an endpoint for a request and counts the request in flight there, under the
+    /// in-flight limit if one is set; `f` gets the endpoint and its service.
     #[inline]
-    pub(crate) fn pick_with<R>(
+    pub(crate) fn acquire<R>(
         &self,
         hints: Option<&PickHints>,
         f: impl FnOnce(&Candidate, &S) -> R,
-    ) -> Option<R> {
+    ) -> queue::Acquired<R> {
+        use queue::Acquired;
         let snap = self.load();
-        let i = snap.pick(&self.inner.strategy, hints)?;
-        Some(f(&snap.eligible()[i], &snap.services[i]))
+        let strategy = &self.inner.strategy;
+        let limit = self.max_requests_per_endpoint();
+        if limit == 0 {
+            return match snap.pick(strategy, hints, 0) {
+                Some(i) => {
+                    let candidate = &snap.eligible()[i];
+                    candidate.state().start();
+                    Acquired::Picked(f(candidate, &snap.services[i]))
+                }
+                None => Acquired::NoEndpoint,
+            };
+        }
+        // The pick skips endpoints at the limit, but racing requests may fill the picked one
+        // before this one counts itself: then it is skipped too and the pick runs again.
+        for _ in 0..=snap.eligible().len() {
+            let Some(i) = snap.pick(strategy, hints, limit) else {
+                break;
+            };
+            let candidate = &snap.eligible()[i];
+            if candidate.state().try_start(limit) {
+                return Acquired::Picked(f(candidate, &snap.services[i]));
+            }
+        }
+        match snap.pick(strategy, hints, 0) {
+            Some(_) => Acquired::Saturated,
+            None => Acquired::NoEndpoint,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<EndpointId, Member<S>>> {
@@ -463,6 +578,8 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         let version = snap.version();
         self.inner.current.store(Arc::new(snap));
         self.inner.versions.send_replace(version);
+        // Requests waiting for a slot may find one among the endpoints now eligible.
+        self.inner.shared.wake_all();
     }
 
     /// A receiver that sees the version of each snapshot the pool publishes: wait on it to

@@ -190,18 +190,20 @@ impl<S, T> Snapshot<S, T> {
         strategy.pick(state, &self.eligible, ctx)
     }
 
-    /// Picks for a request: its preferred endpoint while eligible and not avoided, otherwise
-    /// the strategy's choice.
+    /// Picks for a request: its preferred endpoint while eligible, not avoided and under
+    /// `max_in_flight` (0: no limit), otherwise the strategy's choice.
     #[inline]
     pub(crate) fn pick<St: Strategy<State = T>>(
         &self,
         strategy: &St,
         hints: Option<&PickHints>,
+        max_in_flight: u64,
     ) -> Option<usize> {
+        let ctx = PickContext::new().with_max_in_flight(max_in_flight);
         let Some(h) = hints else {
-            return self.pick_ctx(strategy, &PickContext::new());
+            return self.pick_ctx(strategy, &ctx);
         };
-        let mut ctx = PickContext::new().avoiding(h.avoided());
+        let mut ctx = ctx.avoiding(h.avoided());
         if let Some(hash) = h.hash() {
             ctx = ctx.with_hash(hash);
         }

@@ -108,15 +108,21 @@ impl StdError for ForwardError {
 
 /// The HTTP status a proxy should answer for a failed request.
 ///
-/// No endpoint available: 503. A timeout anywhere in the chain (a [`ForwardError`] timeout or
-/// tower's `Elapsed`): 504. Anything else (refused, reset, protocol error): 502.
+/// No endpoint available: 503. Overloaded (every endpoint at its in-flight limit with the
+/// queue full or its wait over, [`Error::is_overloaded`], or tower's `load_shed` `Overloaded`):
+/// 503, as HAProxy and Envoy answer; the request reached no backend. A timeout anywhere in the
+/// chain (a [`ForwardError`] timeout or tower's `Elapsed`): 504. Anything else (refused,
+/// reset, protocol error): 502.
 pub fn status_for(error: &(dyn StdError + 'static)) -> StatusCode {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = cur {
         if let Some(e) = e.downcast_ref::<Error>() {
-            if e.is_no_endpoint() {
+            if e.is_no_endpoint() || e.is_overloaded() {
                 return StatusCode::SERVICE_UNAVAILABLE;
             }
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return StatusCode::SERVICE_UNAVAILABLE;
         }
         if let Some(f) = e.downcast_ref::<ForwardError>() {
             if f.is_timeout() {
@@ -257,5 +263,9 @@ mod tests {
         assert_eq!(status_for(&*e), StatusCode::GATEWAY_TIMEOUT);
         let e: BoxError = Box::new(Error::endpoint("a".into(), "reset".into()));
         assert_eq!(status_for(&*e), StatusCode::BAD_GATEWAY);
+        let e: BoxError = Box::new(Error::overloaded());
+        assert_eq!(status_for(&*e), StatusCode::SERVICE_UNAVAILABLE);
+        let e: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
+        assert_eq!(status_for(&*e), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -66,11 +66,14 @@ pub trait Strategy: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
-/// What the request tells the strategy: an optional hash key and endpoints to avoid.
+/// What the request tells the strategy: an optional hash key, endpoints to avoid, and the
+/// most requests an endpoint may have in flight.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PickContext<'a> {
     hash: Option<u64>,
     avoid: &'a [EndpointId],
+    /// 0: no limit.
+    max_in_flight: u64,
 }
 
 impl<'a> PickContext<'a> {
@@ -92,6 +95,14 @@ impl<'a> PickContext<'a> {
         self
     }
 
+    /// Disallows endpoints that already have `limit` requests in flight (0, the default: no
+    /// limit), as a pool with
+    /// [`max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint) does.
+    pub fn with_max_in_flight(mut self, limit: u64) -> Self {
+        self.max_in_flight = limit;
+        self
+    }
+
     /// The hash key, if the request has one.
     pub fn hash(&self) -> Option<u64> {
         self.hash
@@ -102,10 +113,11 @@ impl<'a> PickContext<'a> {
         self.avoid
     }
 
-    /// Whether `candidate` may be picked.
+    /// Whether `candidate` may be picked: it is not avoided, and under the in-flight limit.
     #[inline]
     pub fn allows(&self, candidate: &Candidate) -> bool {
-        self.avoid.is_empty() || !self.avoid.contains(candidate.id())
+        (self.avoid.is_empty() || !self.avoid.contains(candidate.id()))
+            && (self.max_in_flight == 0 || candidate.state().in_flight() < self.max_in_flight)
     }
 }
 
