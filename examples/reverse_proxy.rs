@@ -32,8 +32,11 @@
 //! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked
 //!   (`GET /` every second; `--check http:/healthz` for another path, `--check tcp` for a
 //!   backend that answers no plain GET, such as a WebSocket-only or HTTP/2-only server) and
-//!   watched by outlier detection;
+//!   watched by outlier detection; each backend takes at most `--max-requests-per-backend`
+//!   requests at once (default 256), the others wait in a queue of `--queue N` (default 1024)
+//!   for up to `--queue-timeout-ms` (default 5000) and get a 503 beyond it;
 //! - `Forward`: the request goes to the picked backend over pooled keep-alive connections,
+//!   at most `--max-conns-per-backend` per backend (default 256) with a 5 s connect timeout,
 //!   HTTP/1.1 by default or HTTP/2 (h2c) with `--upstream h2`, as gRPC servers want.
 //!
 //! Backend 1 has weight 2, so with the default smooth weighted round robin it answers half of
@@ -97,6 +100,13 @@ pub struct Args {
     pub proxy_protocol: Vec<Cidr>,
     pub check_interval: Duration,
     pub ejection_time: Duration,
+    /// Requests in flight to one backend at most (0: no limit).
+    pub max_requests_per_backend: u64,
+    /// Requests waiting for a backend under its limit at most, and for how long.
+    pub queue: u64,
+    pub queue_timeout: Duration,
+    /// Connections open to one backend at most.
+    pub max_conns_per_backend: usize,
 }
 
 impl Default for Args {
@@ -115,6 +125,10 @@ impl Default for Args {
             proxy_protocol: Vec::new(),
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
+            max_requests_per_backend: 256,
+            queue: 1024,
+            queue_timeout: Duration::from_secs(5),
+            max_conns_per_backend: 256,
         }
     }
 }
@@ -148,6 +162,12 @@ fn parse_args() -> Result<Args, BoxError> {
                     args.proxy_protocol.push(net.parse()?);
                 }
             }
+            ("--max-requests-per-backend", Some(v)) => args.max_requests_per_backend = v.parse()?,
+            ("--queue", Some(v)) => args.queue = v.parse()?,
+            ("--queue-timeout-ms", Some(v)) => {
+                args.queue_timeout = Duration::from_millis(v.parse()?)
+            }
+            ("--max-conns-per-backend", Some(v)) => args.max_conns_per_backend = v.parse()?,
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -158,7 +178,9 @@ fn parse_args() -> Result<Args, BoxError> {
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
                      [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
                      [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress] \
-                     [--trust-proxy CIDR,CIDR,...] [--proxy-protocol CIDR,CIDR,...]"
+                     [--trust-proxy CIDR,CIDR,...] [--proxy-protocol CIDR,CIDR,...] \
+                     [--max-requests-per-backend N] [--queue N] [--queue-timeout-ms MS] \
+                     [--max-conns-per-backend N]"
                 );
                 std::process::exit(2);
             }
@@ -235,8 +257,15 @@ pub fn proxy(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (Pool<Target, AnyStrategy>, impl Future<Output = ()> + Send) {
     // The pool behind the balancer: active checks find a stopped backend, outlier detection
-    // one that fails requests. Both stop when the pool is dropped.
-    let balancer = BalancerLayer::new(endpoints, args.strategy);
+    // one that fails requests. Both stop when the pool is dropped. Each backend takes a
+    // bounded number of requests at once; the others queue, briefly.
+    let pool = Pool::builder(args.strategy)
+        .max_requests_per_endpoint(args.max_requests_per_backend)
+        .queue_size(args.queue)
+        .queue_timeout(args.queue_timeout)
+        .build(Target::new);
+    pool.extend(endpoints);
+    let balancer = BalancerLayer::from_pool(pool);
     let check: Box<dyn HealthCheck> = match &args.check_http {
         Some(path) => Box::new(HttpCheck::get(path)),
         None => Box::new(TcpCheck::new()),
@@ -245,6 +274,7 @@ pub fn proxy(
         .interval(args.check_interval)
         .spawn(balancer.pool());
     let forward = Forward::<ReplayBody<Incoming>>::new()
+        .max_connections_per_endpoint(args.max_conns_per_backend)
         .timeout(Duration::from_secs(10))
         .hide_response_header(http::header::SERVER)
         .trusted_proxies(args.trusted_proxies.iter().copied());

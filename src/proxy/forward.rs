@@ -16,6 +16,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
+use super::connect::LimitedConnector;
 use super::ForwardError;
 use crate::balance::Target;
 use crate::error::BoxError;
@@ -34,6 +35,35 @@ struct Config {
     hide: Vec<http::HeaderName>,
     /// The protocols a client may upgrade to (lowercase).
     upgrades: Vec<&'static str>,
+    /// How long a TCP connect to a backend may take.
+    connect_timeout: Option<Duration>,
+    /// The most connections open to one backend.
+    max_connections: usize,
+}
+
+/// The default of [`Forward::connect_timeout`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default of [`Forward::max_connections_per_endpoint`].
+const MAX_CONNECTIONS: usize = 1024;
+
+type Connector = LimitedConnector<HttpConnector>;
+
+/// The client for `config`: its connector settings, HTTP/2 or HTTP/1.1.
+fn build_client<B>(config: &Config) -> Client<Connector, B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    connector.set_connect_timeout(config.connect_timeout);
+    legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_only(config.http2)
+        .set_host(false)
+        .build(LimitedConnector::new(connector, config.max_connections))
 }
 
 /// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
@@ -56,7 +86,7 @@ struct Config {
 pub struct Forward<B> {
     // Behind one `Arc`: the balancer clones an endpoint's service for every request, and a
     // hyper-util client is several reference counts of its own.
-    client: Arc<Client<HttpConnector, B>>,
+    client: Arc<Client<Connector, B>>,
     config: Arc<Config>,
 }
 
@@ -95,42 +125,64 @@ where
     B::Error: Into<BoxError>,
 {
     /// A forwarding service with a new HTTP/1.1 connection pool (idle connections kept 90 s),
-    /// `X-Forwarded-*` headers and no timeout.
+    /// `X-Forwarded-*` headers, no response timeout, a 5 s connect timeout and at most 1024
+    /// connections per backend.
     pub fn new() -> Self {
         Self::with_http2(false)
     }
 
     fn with_http2(http2: bool) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let client = legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(http2)
-            .set_host(false)
-            .build(connector);
+        Self::from_config(Config {
+            forwarded: ForwardedHeaders::default(),
+            trusted: Vec::new(),
+            proto: "http",
+            timeout: None,
+            preserve_host: true,
+            http2,
+            hide: Vec::new(),
+            upgrades: vec!["websocket"],
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            max_connections: MAX_CONNECTIONS,
+        })
+    }
+
+    /// A service with a new client built for `config`.
+    fn from_config(config: Config) -> Self {
         Forward {
-            client: Arc::new(client),
-            config: Arc::new(Config {
-                forwarded: ForwardedHeaders::default(),
-                trusted: Vec::new(),
-                proto: "http",
-                timeout: None,
-                preserve_host: true,
-                http2,
-                hide: Vec::new(),
-                upgrades: vec!["websocket"],
-            }),
+            client: Arc::new(build_client(&config)),
+            config: Arc::new(config),
         }
     }
 
     /// Speaks HTTP/2 without TLS (h2c, prior knowledge) to the backends, as gRPC servers expect.
     pub fn http2(self) -> Self {
-        let mut next = Self::with_http2(true);
         let mut config = (*self.config).clone();
         config.http2 = true;
-        next.config = Arc::new(config);
-        next
+        Self::from_config(config)
+    }
+
+    /// Fails a request with [`ForwardError::is_connect`] when the TCP connection to the
+    /// backend is not up within `timeout` (default 5 s, as HAProxy's usual `timeout connect`;
+    /// `None`: only the operating system's own limit, which can be minutes for a host that
+    /// drops packets). Starts a new connection pool.
+    pub fn connect_timeout(self, timeout: Option<Duration>) -> Self {
+        let mut config = (*self.config).clone();
+        config.connect_timeout = timeout;
+        Self::from_config(config)
+    }
+
+    /// Opens at most `max` connections to each backend at once (default 1024, Envoy's
+    /// `max_connections`; at least 1): a request that needs one more waits for an idle
+    /// connection or a free slot (bounded by [`timeout`](Forward::timeout), if set). Over
+    /// HTTP/1.1 one connection carries one request at a time, so this also caps the requests
+    /// in flight to a backend; cap those in the balancer's pool
+    /// ([`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint))
+    /// at or below it, so that requests beyond it queue there and get a 503 when the queue is
+    /// full, rather than waiting here. See [`LimitedConnector`]. Starts a new connection pool.
+    pub fn max_connections_per_endpoint(self, max: usize) -> Self {
+        let mut config = (*self.config).clone();
+        config.max_connections = max.max(1);
+        Self::from_config(config)
     }
 }
 

@@ -37,6 +37,8 @@ mod tcp;
 pub use tcp::{splice, tcp_target, TcpProxy, TcpTarget};
 
 #[cfg(feature = "http-proxy")]
+mod connect;
+#[cfg(feature = "http-proxy")]
 mod error;
 #[cfg(feature = "http-proxy")]
 mod forward;
@@ -50,3 +52,6 @@ pub use error::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardFuture};
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use connect::{LimitedConnection, LimitedConnector};
