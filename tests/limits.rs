@@ -454,7 +454,7 @@ async fn racing_requests_never_exceed_the_in_flight_limit() {
         .queue_timeout(HANG)
         .build(move |ep: &Endpoint| common::HttpEndpoint::new(client.clone(), ep));
     pool.extend(backends.iter().map(Backend::endpoint));
-    let balancer = Balancer::from_pool(pool.clone()).http();
+    let balancer = Balancer::from_pool(pool.clone());
     let mut clients = JoinSet::new();
     for _ in 0..16 {
         let balancer = balancer.clone();
@@ -498,7 +498,7 @@ async fn load_shed_in_front_of_a_saturated_balancer_returns_overloaded() {
         .max_requests_per_endpoint(1)
         .build(move |ep: &Endpoint| common::HttpEndpoint::new(client.clone(), ep));
     pool.extend(backends.iter().map(Backend::endpoint));
-    let mut balancer = Balancer::from_pool(pool.clone()).http().report_saturation();
+    let mut balancer = Balancer::from_pool(pool.clone()).report_saturation();
     let shed = ServiceBuilder::new().load_shed().service(balancer.clone());
 
     poll_fn(|cx| balancer.poll_ready(cx))
