@@ -13,11 +13,11 @@ mod reverse_proxy;
 
 mod common;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -134,8 +134,13 @@ impl Backend {
                 let sockets = sockets.clone();
                 let conn = Count(o.clone());
                 o.fetch_add(1, Ordering::SeqCst);
-                let (h, busy, pb, held, body) =
-                    (h.clone(), busy.clone(), pb.clone(), held_rx.clone(), body.clone());
+                let (h, busy, pb, held, body) = (
+                    h.clone(),
+                    busy.clone(),
+                    pb.clone(),
+                    held_rx.clone(),
+                    body.clone(),
+                );
                 let svc = hyper::service::service_fn(move |_req| {
                     h.fetch_add(1, Ordering::SeqCst);
                     // Dropped with the answer, or with the handler when the proxy gives up.
@@ -393,12 +398,20 @@ async fn a_request_beyond_the_in_flight_limit_and_the_queue_gets_503() {
         Some(StatusCode::SERVICE_UNAVAILABLE),
         "{third:?}"
     );
-    assert_eq!(Backend::load(&backend.hits), 1, "the refused one never left");
+    assert_eq!(
+        Backend::load(&backend.hits),
+        1,
+        "the refused one never left"
+    );
 
     backend.release();
     for (name, outcome) in [("first", first), ("second", second)] {
         let outcome = outcome.await.expect("join");
-        assert_eq!(status(&outcome), Some(StatusCode::OK), "{name}: {outcome:?}");
+        assert_eq!(
+            status(&outcome),
+            Some(StatusCode::OK),
+            "{name}: {outcome:?}"
+        );
     }
     assert_eq!(Backend::load(&backend.hits), 2);
     assert_eq!(Backend::load(&backend.peak_busy), 1, "over the limit of 1");
@@ -434,7 +447,10 @@ async fn a_queued_request_gets_503_when_the_queue_timeout_runs_out() {
         Some(StatusCode::SERVICE_UNAVAILABLE),
         "{second:?}"
     );
-    assert!(queued_at.elapsed() >= QUEUE_TIMEOUT, "answered before it timed out");
+    assert!(
+        queued_at.elapsed() >= QUEUE_TIMEOUT,
+        "answered before it timed out"
+    );
     assert_eq!(pool.queued(), 0);
     backend.release();
     let first = first.await.expect("first");
@@ -516,11 +532,7 @@ async fn load_shed_in_front_of_a_saturated_balancer_returns_overloaded() {
             .is_pending(),
         "saturation is reported"
     );
-    let err = shed
-        .clone()
-        .oneshot(common::get())
-        .await
-        .expect_err("shed");
+    let err = shed.clone().oneshot(common::get()).await.expect_err("shed");
     assert!(
         err.is::<tower::load_shed::error::Overloaded>(),
         "not LoadShed's error: {err:?}"
@@ -529,7 +541,11 @@ async fn load_shed_in_front_of_a_saturated_balancer_returns_overloaded() {
         lbkit::proxy::status_for(&*err),
         StatusCode::SERVICE_UNAVAILABLE
     );
-    assert_eq!(Backend::load(&backend.hits), 1, "the shed request never left");
+    assert_eq!(
+        Backend::load(&backend.hits),
+        1,
+        "the shed request never left"
+    );
 
     // The request that ends wakes the waiting `poll_ready`.
     let ready = tokio::spawn({
@@ -540,7 +556,10 @@ async fn load_shed_in_front_of_a_saturated_balancer_returns_overloaded() {
     let res = first.await.expect("join").expect("first request");
     common::body_text(res.into_body()).await;
     let woken = tokio::time::timeout(HANG, ready).await;
-    assert!(matches!(woken, Ok(Ok(true))), "poll_ready never woke: {woken:?}");
+    assert!(
+        matches!(woken, Ok(Ok(true))),
+        "poll_ready never woke: {woken:?}"
+    );
     let res = shed.oneshot(common::get()).await.expect("served again");
     assert_eq!(res.status(), 200);
 }

@@ -6,9 +6,9 @@ use tower_service::Service;
 use super::completion::{CompleteOnBody, InFlight, TrackCompletion};
 use super::future::ResponseFuture;
 use super::queue::TagTarget;
-use super::service::{dispatch, Readiness};
 #[cfg(doc)]
 use super::service::Balancer;
+use super::service::{dispatch, Readiness};
 use super::target::Target;
 use crate::endpoint::Endpoint;
 use crate::error::{BoxError, Error};

@@ -76,8 +76,9 @@ impl<St: Strategy> PoolBuilder<St> {
     /// pool's queue (see [`queue_size`](PoolBuilder::queue_size)), and fails with
     /// [`Error::is_overloaded`](crate::Error::is_overloaded) (503 from the proxy) when the
     /// queue is full or its wait ends. Protects backends from bursts a client can cause at no
-    /// cost to itself, such as HTTP/2 streams opened and reset at once. Change it later with
-    /// [`Pool::set_max_requests_per_endpoint`].
+    /// cost to itself, such as HTTP/2 streams opened and reset at once. A request whose
+    /// preferred (sticky) or hashed endpoint is at its limit goes to another one, as the
+    /// ring's bounded load does. Change it later with [`Pool::set_max_requests_per_endpoint`].
     pub fn max_requests_per_endpoint(mut self, limit: u64) -> Self {
         self.max_requests = limit;
         self
@@ -502,7 +503,11 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         S: Clone,
     {
         let snap = self.load();
-        let i = snap.pick(&self.inner.strategy, hints, self.max_requests_per_endpoint())?;
+        let i = snap.pick(
+            &self.inner.strategy,
+            hints,
+            self.max_requests_per_endpoint(),
+        )?;
         Some((snap.eligible()[i].clone(), snap.services[i].clone()))
     }
 

@@ -84,7 +84,8 @@ impl<C> LimitedConnector<C> {
     }
 }
 
-type ConnectFuture<T> = Pin<Box<dyn Future<Output = Result<LimitedConnection<T>, BoxError>> + Send>>;
+type ConnectFuture<T> =
+    Pin<Box<dyn Future<Output = Result<LimitedConnection<T>, BoxError>> + Send>>;
 
 impl<C> Service<Uri> for LimitedConnector<C>
 where
@@ -182,7 +183,10 @@ mod tests {
     fn hosts_without_connections_are_forgotten() {
         let c = LimitedConnector::new((), 2);
         let a = c.semaphore(&Uri::from_static("http://a:1/"));
-        assert!(Arc::ptr_eq(&a, &c.semaphore(&Uri::from_static("http://a:1/x"))));
+        assert!(Arc::ptr_eq(
+            &a,
+            &c.semaphore(&Uri::from_static("http://a:1/x"))
+        ));
         drop(a);
         let _b = c.semaphore(&Uri::from_static("http://b:1/"));
         let hosts = c.hosts.lock().unwrap();

@@ -15,8 +15,8 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
 use super::connect::LimitedConnector;
+use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
 use super::ForwardError;
 use crate::balance::Target;
 use crate::error::BoxError;

@@ -45,6 +45,9 @@ mod forward;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use connect::{LimitedConnection, LimitedConnector};
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use error::{
     error_response, status_for, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer,
     ForwardError, ProxyBody,
@@ -52,6 +55,3 @@ pub use error::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardFuture};
-#[cfg(feature = "http-proxy")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use connect::{LimitedConnection, LimitedConnector};
