@@ -369,27 +369,39 @@ fn status(outcome: &Outcome) -> Option<StatusCode> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_beyond_the_in_flight_limit_and_the_queue_gets_503() {
-    let backends = backends(1).await;
-    let backend = &backends[0];
-    backend.hold();
-    let (addr, pool, task) = start_proxy(
-        &backends,
-        reverse_proxy::Args {
-            max_requests_per_backend: 1,
-            queue: 1,
-            queue_timeout: Duration::from_secs(3600),
-            ..Default::default()
-        },
-    )
-    .await;
-
+/// One backend holding its answers behind the proxy with a limit of 1 request in flight and
+/// a queue of `queue` for `queue_timeout`, and a first request (in a task) in flight there.
+async fn one_in_flight(
+    queue: u64,
+    queue_timeout: Duration,
+) -> (
+    Backend,
+    SocketAddr,
+    Pool<lbkit::balance::Target, lbkit::strategy::AnyStrategy>,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<Outcome>,
+) {
+    let mut backends = backends(1).await;
+    backends[0].hold();
+    let args = reverse_proxy::Args {
+        max_requests_per_backend: 1,
+        queue,
+        queue_timeout,
+        ..Default::default()
+    };
+    let (addr, pool, task) = start_proxy(&backends, args).await;
+    let backend = backends.remove(0);
     let first = send(addr);
     wait_until(HANG, "the first request to be in flight", || {
         pool.in_flight() == 1 && Backend::load(&backend.hits) == 1
     })
     .await;
+    (backend, addr, pool, task, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_beyond_the_in_flight_limit_and_the_queue_gets_503() {
+    let (backend, addr, pool, task, first) = one_in_flight(1, Duration::from_secs(3600)).await;
     let second = send(addr);
     wait_until(HANG, "the second request to queue", || pool.queued() == 1).await;
     let third = send(addr).await.expect("third");
@@ -422,24 +434,7 @@ async fn a_request_beyond_the_in_flight_limit_and_the_queue_gets_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_request_gets_503_when_the_queue_timeout_runs_out() {
     const QUEUE_TIMEOUT: Duration = Duration::from_millis(200);
-    let backends = backends(1).await;
-    let backend = &backends[0];
-    backend.hold();
-    let (addr, pool, task) = start_proxy(
-        &backends,
-        reverse_proxy::Args {
-            max_requests_per_backend: 1,
-            queue: 8,
-            queue_timeout: QUEUE_TIMEOUT,
-            ..Default::default()
-        },
-    )
-    .await;
-    let first = send(addr);
-    wait_until(HANG, "the first request to be in flight", || {
-        Backend::load(&backend.hits) == 1
-    })
-    .await;
+    let (backend, addr, pool, task, first) = one_in_flight(8, QUEUE_TIMEOUT).await;
     let queued_at = Instant::now();
     let second = send(addr).await.expect("second");
     assert_eq!(
