@@ -29,7 +29,23 @@ enum Outcome {
 }
 
 impl InFlight {
-    pub(crate) fn start(candidate: Candidate) -> Self {
+    /// Counts a request (or a connection) as in flight to `candidate` from now until the
+    /// handle is dropped: for users who pick by hand with [`Pool::pick`](crate::Pool::pick),
+    /// so that least connections, P2C, peak EWMA and outlier detection see their traffic.
+    ///
+    /// ```
+    /// use lbkit::{balance::InFlight, strategy::LeastConnections, Endpoint, Pool};
+    ///
+    /// let pool = Pool::new(LeastConnections::new(), |ep: &Endpoint| ep.id().clone());
+    /// pool.extend([Endpoint::new("a"), Endpoint::new("b")]);
+    /// let (candidate, _service) = pool.pick(None).unwrap();
+    /// let mut guard = InFlight::start(candidate);
+    /// assert_eq!(pool.in_flight(), 1);
+    /// guard.fail(); // the attempt failed: counted in the endpoint's errors
+    /// drop(guard);
+    /// assert_eq!(pool.in_flight(), 0);
+    /// ```
+    pub fn start(candidate: Candidate) -> Self {
         candidate.state().start();
         InFlight::counted(candidate)
     }

@@ -24,6 +24,7 @@ pub struct Target(Arc<TargetInner>);
 struct TargetInner {
     endpoint: Endpoint,
     authority: Option<http::uri::Authority>,
+    socket_addr: Option<std::net::SocketAddr>,
 }
 
 impl Target {
@@ -33,15 +34,25 @@ impl Target {
             Some(addr) => http::uri::Authority::try_from(addr.to_string()).ok(),
             None => http::uri::Authority::try_from(endpoint.id().as_str()).ok(),
         };
+        let socket_addr = endpoint
+            .socket_addr()
+            .or_else(|| endpoint.id().as_str().parse().ok());
         Target(Arc::new(TargetInner {
             endpoint: endpoint.clone(),
             authority,
+            socket_addr,
         }))
     }
 
     /// The endpoint to send the request to.
     pub fn endpoint(&self) -> &Endpoint {
         &self.0.endpoint
+    }
+
+    /// The endpoint's socket address, when its address or id is one (`10.0.0.1:80`,
+    /// `[::1]:443`): where an L4 proxy ([`TcpProxy`](crate::proxy::TcpProxy)) connects.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.0.socket_addr
     }
 
     /// The endpoint as a URI authority (`host:port`): its socket address, or else its id when

@@ -34,7 +34,7 @@
 pub mod headers;
 mod tcp;
 
-pub use tcp::{splice, tcp_target, TcpProxy, TcpTarget};
+pub use tcp::{splice, TcpProxy};
 
 #[cfg(feature = "http-proxy")]
 mod connect;

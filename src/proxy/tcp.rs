@@ -12,16 +12,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::balance::InFlight;
+use crate::balance::{InFlight, Target};
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::hints::PickHints;
 use crate::key::hash_ip;
 use crate::pool::Pool;
 use crate::server::accept::accept_loop;
 use crate::strategy::Strategy;
-
-/// The service of an endpoint in a TCP pool: the address to connect to.
-pub type TcpTarget = SocketAddr;
 
 /// Settings of a [`TcpProxy`].
 #[derive(Clone, Debug)]
@@ -60,7 +57,7 @@ struct Config {
 /// # }
 /// ```
 pub struct TcpProxy<St: Strategy> {
-    pool: Pool<TcpTarget, St>,
+    pool: Pool<Target, St>,
     config: Arc<Config>,
 }
 
@@ -82,26 +79,21 @@ impl<St: Strategy> fmt::Debug for TcpProxy<St> {
     }
 }
 
-/// Makes the service (the address) of an endpoint of a TCP pool: its socket address, or its id
-/// parsed as one.
-pub fn tcp_target(endpoint: &Endpoint) -> TcpTarget {
-    endpoint
-        .socket_addr()
-        .or_else(|| endpoint.id().as_str().parse().ok())
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
 impl<St: Strategy> TcpProxy<St> {
     /// A TCP balancer over `backends` with `strategy`.
     pub fn new(backends: impl IntoIterator<Item = SocketAddr>, strategy: St) -> Self {
-        let pool = Pool::new(strategy, tcp_target);
+        let pool = Pool::new(strategy, Target::new);
         pool.extend(backends.into_iter().map(Endpoint::from));
         Self::from_pool(pool)
     }
 
     /// A TCP balancer over `pool`, which may be changed (and health-checked) while it serves.
-    /// Build it with [`tcp_target`] as the service factory.
-    pub fn from_pool(pool: Pool<TcpTarget, St>) -> Self {
+    /// The pool's entries are [`Target`]s, as a [`BalancerLayer`](crate::BalancerLayer)'s
+    /// are: one pool (one set of endpoints, one health state, one in-flight count per
+    /// endpoint) can serve HTTP and TCP at once, e.g.
+    /// `TcpProxy::from_pool(balancer_layer.pool().clone())`. Endpoints without a socket
+    /// address (an id that is not one) fail their connection attempts.
+    pub fn from_pool(pool: Pool<Target, St>) -> Self {
         TcpProxy {
             pool,
             config: Arc::new(Config {
@@ -120,7 +112,7 @@ impl<St: Strategy> TcpProxy<St> {
     }
 
     /// The pool of backends.
-    pub fn pool(&self) -> &Pool<TcpTarget, St> {
+    pub fn pool(&self) -> &Pool<Target, St> {
         &self.pool
     }
 
@@ -247,13 +239,24 @@ impl<St: Strategy> TcpProxy<St> {
         }
         let mut tried: Vec<EndpointId> = Vec::new();
         for _ in 0..self.config.attempts {
-            let Some((candidate, addr)) = self.pool.pick(Some(&hints)) else {
+            let Some((candidate, target)) = self.pool.pick(Some(&hints)) else {
                 tracing::warn!(%peer, "no backend available; closing the connection");
                 return;
             };
             let mut guard = InFlight::start(candidate);
-            match timeout(self.config.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(backend)) => {
+            let connect = async {
+                match target.socket_addr() {
+                    Some(addr) => timeout(self.config.connect_timeout, TcpStream::connect(addr))
+                        .await
+                        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+                    None => Err(io::Error::new(
+                        io::ErrorKind::AddrNotAvailable,
+                        "the endpoint has no socket address",
+                    )),
+                }
+            };
+            match connect.await {
+                Ok(backend) => {
                     let _ = backend.set_nodelay(true);
                     #[cfg(feature = "proxy-protocol")]
                     let backend = {
@@ -284,11 +287,8 @@ impl<St: Strategy> TcpProxy<St> {
                     }
                     return;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::warn!(%peer, backend = %guard.candidate().id(), error = %e, "connect failed")
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, backend = %guard.candidate().id(), "connect timed out")
                 }
             }
             guard.fail();
