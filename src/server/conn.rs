@@ -17,7 +17,7 @@ use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
 use super::accept::Drain;
-use crate::forwarded::ClientAddr;
+use crate::forwarded::{ClientAddr, ClientTls};
 
 /// What a connection's requests tell its driver: how many started or ended (a change means
 /// the connection is not idle) and how many are in flight.
@@ -30,12 +30,13 @@ pub(super) struct Activity {
 }
 
 /// The service hyper calls for each request of one connection: inserts the peer's
-/// [`ClientAddr`], counts the request in the connection's [`Activity`], and calls a clone of the
-/// user's service.
+/// [`ClientAddr`] (and [`ClientTls`] on a TLS connection), counts the request in the
+/// connection's [`Activity`], and calls a clone of the user's service.
 #[derive(Debug)]
 pub(super) struct ConnService<S> {
     pub(super) inner: S,
     pub(super) peer: SocketAddr,
+    pub(super) tls: bool,
     pub(super) activity: Arc<Activity>,
 }
 
@@ -49,6 +50,9 @@ where
 
     fn call(&self, mut req: Request<B>) -> Self::Future {
         req.extensions_mut().insert(ClientAddr(self.peer));
+        if self.tls {
+            req.extensions_mut().insert(ClientTls);
+        }
         if req.version() == http::Version::HTTP_2 {
             self.activity.h2.store(true, Ordering::Relaxed);
         }

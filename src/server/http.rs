@@ -360,12 +360,19 @@ where
                 Some(b"http/1.1") => Proto::H1,
                 _ => Proto::Auto,
             };
-            return self.http(proto, stream, peer, drain).await;
+            return self.http(proto, true, stream, peer, drain).await;
         }
-        self.http(Proto::Auto, stream, peer, drain).await
+        self.http(Proto::Auto, false, stream, peer, drain).await
     }
 
-    async fn http<I>(self, proto: Proto, io: I, peer: SocketAddr, drain: Option<Drain>)
+    async fn http<I>(
+        self,
+        proto: Proto,
+        tls: bool,
+        io: I,
+        peer: SocketAddr,
+        drain: Option<Drain>,
+    )
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -381,6 +388,7 @@ where
         let service = ConnService {
             inner: service,
             peer,
+            tls,
             activity: activity.clone(),
         };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
