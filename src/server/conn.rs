@@ -5,10 +5,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use http::Request;
@@ -27,6 +28,38 @@ pub(super) struct Activity {
     in_flight: AtomicUsize,
     /// Whether the connection speaks HTTP/2 (seen on its requests).
     h2: AtomicBool,
+    /// Made on the first request asking for an upgrade: its receivers are the
+    /// [`TunnelScope`]s of those requests.
+    tunnels: OnceLock<watch::Sender<()>>,
+}
+
+impl Activity {
+    /// Resolves once no [`TunnelScope`] of this connection is left: every upgraded connection
+    /// (tunnel) that came from it has closed, or none was opened.
+    pub(super) async fn tunnels_closed(&self) {
+        if let Some(tx) = self.tunnels.get() {
+            tx.closed().await;
+        }
+    }
+}
+
+/// Ties a tunnel (an upgraded connection, such as a WebSocket, that the service splices to a
+/// backend in a task of its own) to the client connection it came from. The server puts one
+/// into the extensions of each request that asks for an upgrade.
+///
+/// The connection's task waits for its tunnels to close before it ends, so an open tunnel
+/// keeps its place under the server's connection limit and is waited for on graceful
+/// shutdown; and a tunnel closes as soon as that task is gone (the shutdown's grace period
+/// is over, or the server's future was dropped), see [`TunnelScope::ended`].
+#[derive(Clone, Debug)]
+pub(crate) struct TunnelScope(watch::Receiver<()>);
+
+impl TunnelScope {
+    /// Resolves once the client connection's task has ended: the tunnel must close.
+    pub(crate) async fn ended(&mut self) {
+        // Nothing is ever sent: `changed` fails when the sender is dropped with the task.
+        while self.0.changed().await.is_ok() {}
+    }
 }
 
 /// The service hyper calls for each request of one connection: inserts the peer's
@@ -52,6 +85,13 @@ where
         req.extensions_mut().insert(ClientAddr(self.peer));
         if self.tls {
             req.extensions_mut().insert(ClientTls);
+        }
+        if req.headers().contains_key(http::header::UPGRADE) {
+            let tx = self
+                .activity
+                .tunnels
+                .get_or_init(|| watch::channel(()).0);
+            req.extensions_mut().insert(TunnelScope(tx.subscribe()));
         }
         if req.version() == http::Version::HTTP_2 {
             self.activity.h2.store(true, Ordering::Relaxed);

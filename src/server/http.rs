@@ -400,5 +400,8 @@ where
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
+        // An upgraded connection lives on in its tunnel: it still counts as this connection
+        // (under the connection limit, waited for on shutdown) until the tunnel closes.
+        activity.tunnels_closed().await;
     }
 }

@@ -47,6 +47,8 @@ pub(crate) mod accept;
 #[cfg(feature = "http-proxy")]
 mod conn;
 #[cfg(feature = "http-proxy")]
+pub(crate) use conn::TunnelScope;
+#[cfg(feature = "http-proxy")]
 mod http;
 #[cfg(feature = "proxy-protocol")]
 mod proxy_protocol;
