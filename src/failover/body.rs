@@ -1,5 +1,6 @@
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,10 @@ use std::task::{ready, Context, Poll};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
 
 /// A request body that can be sent again, so that a failed request can be retried.
 ///
@@ -245,8 +250,10 @@ impl<B: Body> ReplayBody<B> {
 /// bodies it buffered hold at once, so that retries of small uploads cost bounded memory
 /// however many clients send at the same time.
 ///
-/// [`buffer`](ReplayBuffer::buffer) reads a body into memory while it stays within the
-/// per-body limit and the shared cap; a body that would cross either is still forwarded (what
+/// As a [`Layer`] (in front of the [`FailoverLayer`](super::FailoverLayer)) it buffers each
+/// request's body before passing the request on, as a [`ReplayBody`]; a request known to have
+/// no body goes straight through. [`buffer`](ReplayBuffer::buffer) does the same for one body:
+/// it reads a body into memory while it stays within the per-body limit and the shared cap; a body that would cross either is still forwarded (what
 /// was read first, then the rest as it streams) but is not replayable. A buffered body's bytes
 /// count against the cap until it and every replay of it are dropped, which is when the
 /// request is over. Clones share the cap.
@@ -317,6 +324,111 @@ impl ReplayBuffer {
     /// The most bytes all its bodies hold at once.
     pub fn cap(&self) -> usize {
         self.held.cap
+    }
+}
+
+impl<S> Layer<S> for ReplayBuffer {
+    type Service = BufferBodies<S>;
+
+    fn layer(&self, inner: S) -> BufferBodies<S> {
+        BufferBodies {
+            inner,
+            buffer: self.clone(),
+        }
+    }
+}
+
+/// The service of a [`ReplayBuffer`] used as a layer: buffers each request's body (see
+/// [`ReplayBuffer::buffer`]) and passes the request on with a [`ReplayBody`]. Its errors are
+/// the inner service's, or the body's when reading it failed, boxed.
+#[derive(Clone, Debug)]
+pub struct BufferBodies<S> {
+    inner: S,
+    buffer: ReplayBuffer,
+}
+
+impl<S, B> Service<http::Request<B>> for BufferBodies<S>
+where
+    S: Service<http::Request<ReplayBody<B>>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: AsRef<[u8]> + Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BufferFuture<S::Future, S::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.body().is_end_stream() {
+            return BufferFuture {
+                state: BufferState::Direct {
+                    fut: self.inner.call(req.map(ReplayBody::new)),
+                },
+            };
+        }
+        // The ready service takes the request once its body is read; a clone stays.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let buffer = self.buffer.clone();
+        let fut = Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = buffer.buffer(body).await.map_err(Into::into)?;
+            inner
+                .call(http::Request::from_parts(parts, body))
+                .await
+                .map_err(Into::into)
+        });
+        BufferFuture {
+            state: BufferState::Buffering { fut },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`BufferBodies`].
+    pub struct BufferFuture<F, R> {
+        #[pin]
+        state: BufferState<F, R>,
+    }
+}
+
+pin_project! {
+    #[project = BufferStateProj]
+    enum BufferState<F, R> {
+        // A request without a body, passed on at once.
+        Direct { #[pin] fut: F },
+        // Reading the body, then waiting for the inner service.
+        Buffering { fut: Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>> },
+    }
+}
+
+impl<F, R, E> Future for BufferFuture<F, R>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            BufferStateProj::Direct { fut } => fut.poll(cx).map_err(Into::into),
+            BufferStateProj::Buffering { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, R> fmt::Debug for BufferFuture<F, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.state {
+            BufferState::Direct { .. } => "BufferFuture::Direct",
+            BufferState::Buffering { .. } => "BufferFuture::Buffering",
+        })
     }
 }
 
@@ -435,7 +547,6 @@ impl<B: Body + fmt::Debug> fmt::Debug for ReplayBody<B> {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::future::Future;
     use http_body_util::{BodyExt, Full, StreamBody};
 
     type Stream = StreamBody<
