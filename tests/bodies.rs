@@ -26,9 +26,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lbkit::failover::{FailoverLayer, ReplayBody, ReplayBuffer, RetryBudget};
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::util::BoxCloneSyncService;
@@ -120,7 +121,7 @@ type AnswerBody = lbkit::balance::TrackedBody<Incoming>;
 type Answer = Response<AnswerBody>;
 /// The proxy's service, as the server calls it.
 type ProxySvc = BoxCloneSyncService<
-    Request<Incoming>,
+    Request<RequestBody>,
     Response<lbkit::proxy::ProxyBody<AnswerBody>>,
     Infallible,
 >;
@@ -129,23 +130,44 @@ type ProxySvc = BoxCloneSyncService<
 /// client's request into one with a `ReplayBody` (buffered or not) before the failover layer.
 fn proxy<L>(backends: &[Backend], buffering: L) -> (SocketAddr, JoinHandle<()>)
 where
-    L: tower::Layer<BoxCloneSyncService<Request<ReplayBody<Incoming>>, Answer, BoxError>>,
-    L::Service: Service<Request<Incoming>, Response = Answer, Error = BoxError>
+    L: tower::Layer<BoxCloneSyncService<Request<ReplayBody<RequestBody>>, Answer, BoxError>>,
+    L::Service: Service<Request<RequestBody>, Response = Answer, Error = BoxError>
         + Clone
         + Send
         + Sync
         + 'static,
-    <L::Service as Service<Request<Incoming>>>::Future: Send + 'static,
+    <L::Service as Service<Request<RequestBody>>>::Future: Send + 'static,
+{
+    let (addr, task, _) = proxy_with(backends, buffering, |server| server);
+    (addr, task)
+}
+
+/// As [`proxy`], with the server configured by `server`; also returns the balancer's pool.
+fn proxy_with<L>(
+    backends: &[Backend],
+    buffering: L,
+    server: impl FnOnce(Server<ProxySvc>) -> Server<ProxySvc>,
+) -> (SocketAddr, JoinHandle<()>, lbkit::Pool<lbkit::balance::Target, RoundRobin>)
+where
+    L: tower::Layer<BoxCloneSyncService<Request<ReplayBody<RequestBody>>, Answer, BoxError>>,
+    L::Service: Service<Request<RequestBody>, Response = Answer, Error = BoxError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    <L::Service as Service<Request<RequestBody>>>::Future: Send + 'static,
 {
     let endpoints: Vec<Endpoint> = backends
         .iter()
         .enumerate()
         .map(|(i, b)| Endpoint::new(format!("b{i}")).with_addr(b.addr))
         .collect();
+    let balancer = BalancerLayer::new(endpoints, RoundRobin::new());
+    let pool = balancer.pool().clone();
     let inner = ServiceBuilder::new()
         .layer(FailoverLayer::new(RetryBudget::unlimited()))
-        .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
-        .service(Forward::<ReplayBody<Incoming>>::new())
+        .layer(balancer)
+        .service(Forward::<ReplayBody<RequestBody>>::new())
         .map_err(BoxError::from);
     let inner = BoxCloneSyncService::new(inner);
     let svc: ProxySvc = BoxCloneSyncService::new(
@@ -154,7 +176,8 @@ where
             .service(buffering.layer(inner)),
     );
     let (listener, addr) = common::listen_reserved();
-    (addr, tokio::spawn(Server::new(svc).serve(listener)))
+    let server = server(Server::new(svc));
+    (addr, tokio::spawn(server.serve(listener)), pool)
 }
 
 /// Sends `PUT /` with `len` bytes of body and request id `id` (and `x-hold` if `hold`) on a
@@ -182,7 +205,7 @@ async fn the_replay_buffer_keeps_to_its_limit_exactly() {
         let backends = [backend(fleet.clone()), backend(fleet.clone())];
         // `ReplayBody::buffer` with a 16-byte limit in front of the failover layer.
         let buffering = tower::layer::layer_fn(|inner: BoxCloneSyncService<_, _, BoxError>| {
-            tower::service_fn(move |req: Request<Incoming>| {
+            tower::service_fn(move |req: Request<RequestBody>| {
                 let inner = inner.clone();
                 async move {
                     let (parts, body) = req.into_parts();
@@ -227,6 +250,48 @@ async fn replay_buffers_of_all_requests_stay_under_the_cap() {
         wait_until(HANG, "the buffers to be given back", || buffers.held() == 0).await;
         // Room again.
         assert_eq!(put(addr, "again", 8, false).await, (StatusCode::OK, "len=8".into()));
+        task.abort();
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stalled_body_ends_its_request_at_the_read_timeout() {
+    within(async {
+        let fleet = Fleet::new();
+        let backends = [backend(fleet.clone()), backend(fleet.clone())];
+        let no_buffering = tower::layer::layer_fn(|inner: BoxCloneSyncService<_, _, BoxError>| {
+            tower::service_fn(move |req: Request<RequestBody>| {
+                inner.clone().oneshot(req.map(ReplayBody::new))
+            })
+        });
+        let (addr, task, pool) = proxy_with(&backends, no_buffering, |server| {
+            server.body_read_timeout(Duration::from_millis(300))
+        });
+        // Headers and 10 bytes of a 100-byte body, then nothing (the connection stays open).
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                b"PUT / HTTP/1.1\r\nhost: x\r\nx-id: stalled\r\ncontent-length: 100\r\n\r\n0123456789",
+            )
+            .await
+            .unwrap();
+        // The proxy answers 408 and closes the connection.
+        let mut answer = Vec::new();
+        let _ = client.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        // The backend request was aborted, and it is not the backend's failure.
+        wait_until(HANG, "the aborted request to end", || pool.in_flight() == 0).await;
+        for (endpoint, state) in pool.endpoints() {
+            assert_eq!(state.errors(), 0, "{} counted a failure", endpoint.id());
+        }
+        let cancelled: u64 = pool.endpoints().iter().map(|(_, s)| s.cancelled()).sum();
+        assert_eq!(cancelled, 1, "the aborted request counts as cancelled");
+        // The proxy serves the next client as usual (a backend reads its whole body, and
+        // answers the first attempt of a request with 503; unbuffered, it is not retried).
+        let (status, body) = put(addr, "next", 4, false).await;
+        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "len=4"));
         task.abort();
     })
     .await

@@ -23,10 +23,9 @@ use common::{endpoints, start_servers, TestServer, HANG};
 use http::header::{COOKIE, SET_COOKIE};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::{tls, Server};
+use lbkit::server::{tls, RequestBody, Server};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::RoundRobin;
 use lbkit::BalancerLayer;
@@ -65,7 +64,7 @@ fn proxy(
         .layer(ErrorResponseLayer::new())
         .layer(sticky)
         .layer(BalancerLayer::new(endpoints(backends), RoundRobin::new()))
-        .service(Forward::<Incoming>::new());
+        .service(Forward::<RequestBody>::new());
     let (listener, addr) = common::listen_reserved();
     let mut server = Server::new(svc);
     if let Some(config) = tls {

@@ -18,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use lbkit::strategy::LeastConnections;
 use lbkit::{BalancerLayer, Endpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,7 +114,7 @@ impl Drop for Proxy {
     }
 }
 
-fn proxy(endpoints: Vec<Endpoint>, forward: Forward<Incoming>, grace: Duration) -> Proxy {
+fn proxy(endpoints: Vec<Endpoint>, forward: Forward<RequestBody>, grace: Duration) -> Proxy {
     let balancer = BalancerLayer::new(endpoints, LeastConnections::new());
     let svc = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())

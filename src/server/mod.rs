@@ -33,7 +33,7 @@
 //! let proxy = ServiceBuilder::new()
 //!     .layer(ErrorResponseLayer::new())
 //!     .layer(BalancerLayer::new(["127.0.0.1:3001", "127.0.0.1:3002"], PowerOfTwoChoices::new()))
-//!     .service(Forward::<hyper::body::Incoming>::new());
+//!     .service(Forward::<lbkit::server::RequestBody>::new());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! let ctrl_c = async { let _ = tokio::signal::ctrl_c().await; };
 //! Server::new(proxy)
@@ -44,6 +44,8 @@
 //! ```
 
 pub(crate) mod accept;
+#[cfg(feature = "http-proxy")]
+mod body;
 #[cfg(feature = "http-proxy")]
 mod conn;
 #[cfg(feature = "http-proxy")]
@@ -56,6 +58,9 @@ mod proxy_protocol;
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
 
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use body::{BodyError, RequestBody};
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use http::Server;
