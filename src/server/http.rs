@@ -223,7 +223,9 @@ where
     /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
     /// `listener`) and shuts every connection down gracefully: requests in flight finish, an
     /// HTTP/1.1 connection closes after its current response, an HTTP/2 one sends `GOAWAY`.
-    /// Connections still open after `grace` are closed, and it returns.
+    /// Connections still open after `grace` are closed, and it returns. An upgraded connection
+    /// (a WebSocket that [`Forward`](crate::proxy::Forward) tunnels) counts as its client
+    /// connection until it closes: it is waited for, and closed when `grace` is over.
     pub async fn serve_with_shutdown(
         self,
         listener: TcpListener,
@@ -244,8 +246,9 @@ where
 
     /// Serves one connection accepted elsewhere, from `peer`, with this server's settings
     /// (but outside its connection limit and graceful shutdown): TLS handshake if configured,
-    /// then HTTP until the client closes or the connection times out. Errors are logged, not
-    /// returned.
+    /// then HTTP until the client closes or the connection times out, and until the tunnels
+    /// of its upgraded requests close (dropping the future closes them). Errors are logged,
+    /// not returned.
     pub fn serve_connection(
         &self,
         stream: TcpStream,

@@ -9,6 +9,7 @@
 //! | limit | default | what happens past it |
 //! |---|---|---|
 //! | [`header_read_timeout`](Server::header_read_timeout) | 30 s | a new connection's first request not received in time: closed; on HTTP/1.1 a later head (or the wait for it) taking longer: closed gracefully after 1 to 1.5 times it |
+//! | [`body_read_timeout`](Server::body_read_timeout) | 30 s | no data from the client while its request body is being read: the request's work is dropped (a backend request aborted, counted as cancelled) and the client gets `408` (an HTTP/1.1 connection is closed) |
 //! | [`idle_timeout`](Server::idle_timeout) | 60 s | no request in flight for that long: closed gracefully (HTTP/1 and HTTP/2) |
 //! | [`max_connections`](Server::max_connections) | 10 000 | no more `accept`: new connections wait in the kernel's backlog |
 //! | [`max_header_bytes`](Server::max_header_bytes) | 64 KiB | `431 Request Header Fields Too Large` (HTTP/1), stream refused (HTTP/2) |
@@ -19,7 +20,10 @@
 //! connection aborted before it was accepted) are logged and retried after a short pause that
 //! grows while they go on; they never stop the server. [`Server::serve_with_shutdown`] stops
 //! accepting on a signal, lets requests in flight finish (HTTP/1 closes after the current
-//! response, HTTP/2 sends `GOAWAY`) for a grace period, then closes what is left.
+//! response, HTTP/2 sends `GOAWAY`) for a grace period, then closes what is left, upgraded
+//! connections (WebSocket tunnels) included.
+//!
+//! The service gets each request with a [`RequestBody`]: hyper's body with the read timeout.
 //!
 //! ```no_run
 //! # #[cfg(feature = "http-proxy")]
