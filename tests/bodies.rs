@@ -147,7 +147,11 @@ fn proxy_with<L>(
     backends: &[Backend],
     buffering: L,
     server: impl FnOnce(Server<ProxySvc>) -> Server<ProxySvc>,
-) -> (SocketAddr, JoinHandle<()>, lbkit::Pool<lbkit::balance::Target, RoundRobin>)
+) -> (
+    SocketAddr,
+    JoinHandle<()>,
+    lbkit::Pool<lbkit::balance::Target, RoundRobin>,
+)
 where
     L: tower::Layer<BoxCloneSyncService<Request<ReplayBody<RequestBody>>, Answer, BoxError>>,
     L::Service: Service<Request<RequestBody>, Response = Answer, Error = BoxError>
@@ -216,10 +220,16 @@ async fn the_replay_buffer_keeps_to_its_limit_exactly() {
         });
         let (addr, task) = proxy(&backends, buffering);
         // At the limit: buffered, retried on the other backend after the first one's 503.
-        assert_eq!(put(addr, "a", 16, false).await, (StatusCode::OK, "len=16".into()));
+        assert_eq!(
+            put(addr, "a", 16, false).await,
+            (StatusCode::OK, "len=16".into())
+        );
         // One byte over: forwarded whole, but not kept for a retry.
         let (status, body) = put(addr, "b", 17, false).await;
-        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "len=17"));
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "len=17")
+        );
         task.abort();
     })
     .await
@@ -236,12 +246,21 @@ async fn replay_buffers_of_all_requests_stay_under_the_cap() {
 
         // The first request's body is held (8 bytes) while its first attempt waits.
         let first = tokio::spawn(put(addr, "held", 8, true));
-        wait_until(HANG, "the first body to be buffered", || buffers.held() == 8).await;
+        wait_until(HANG, "the first body to be buffered", || {
+            buffers.held() == 8
+        })
+        .await;
         // 8 more would cross the cap: forwarded unbuffered, so its 503 is not retried.
         let (status, body) = put(addr, "over", 8, false).await;
-        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "len=8"));
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "len=8")
+        );
         // 2 bytes still fit.
-        assert_eq!(put(addr, "small", 2, false).await, (StatusCode::OK, "len=2".into()));
+        assert_eq!(
+            put(addr, "small", 2, false).await,
+            (StatusCode::OK, "len=2".into())
+        );
         assert_eq!(buffers.held(), 8);
 
         // The first request goes on: 503, then retried from its buffer on the other backend.
@@ -249,7 +268,10 @@ async fn replay_buffers_of_all_requests_stay_under_the_cap() {
         assert_eq!(first.await.unwrap(), (StatusCode::OK, "len=8".into()));
         wait_until(HANG, "the buffers to be given back", || buffers.held() == 0).await;
         // Room again.
-        assert_eq!(put(addr, "again", 8, false).await, (StatusCode::OK, "len=8".into()));
+        assert_eq!(
+            put(addr, "again", 8, false).await,
+            (StatusCode::OK, "len=8".into())
+        );
         task.abort();
     })
     .await

@@ -132,7 +132,10 @@ async fn ask(proxy: &Proxy, cookie: Option<&str>) -> Answer {
 async fn assert_honoured(proxy: &Proxy, cookie: &str, pinned: &str) {
     let a = ask(proxy, Some(cookie)).await;
     assert_eq!(a.served_by, pinned, "cookie not honoured");
-    assert_eq!(a.set_cookie, None, "an honoured, fresh cookie is not set again");
+    assert_eq!(
+        a.set_cookie, None,
+        "an honoured, fresh cookie is not set again"
+    );
     // Twice in a row under round robin: once would be luck half the time.
     let a = ask(proxy, Some(cookie)).await;
     assert_eq!(a.served_by, pinned, "cookie not honoured");
@@ -216,7 +219,10 @@ async fn only_the_first_four_affinity_cookies_are_opened() {
         // Key rotation still works within the bound: a cookie sealed with the old key, third
         // of three, is honoured and set again with the current key.
         let before = StickyLayer::cookie("lb", old);
-        let old_cookie = format!("lb={}", before.seal(&first.served_by.as_str().into()).unwrap());
+        let old_cookie = format!(
+            "lb={}",
+            before.seal(&first.served_by.as_str().into()).unwrap()
+        );
         let header = format!("{}; {old_cookie}", junk[..2].join("; "));
         let a = ask(&p, Some(&header)).await;
         assert_eq!(a.served_by, first.served_by);

@@ -62,19 +62,22 @@ fn echo_backend(name: &'static str) -> Backend {
                 continue;
             };
             conns.spawn(async move {
-                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| async move {
-                    if req.headers().get("upgrade").is_none() {
-                        return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))));
-                    }
-                    // The backend's side of the tunnel: echo until the proxy closes it.
-                    tokio::spawn(echo(hyper::upgrade::on(&mut req)));
-                    Ok(Response::builder()
-                        .status(StatusCode::SWITCHING_PROTOCOLS)
-                        .header("connection", "upgrade")
-                        .header("upgrade", "websocket")
-                        .body(Full::new(Bytes::new()))
-                        .unwrap())
-                });
+                let svc =
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| async move {
+                        if req.headers().get("upgrade").is_none() {
+                            return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                                name,
+                            ))));
+                        }
+                        // The backend's side of the tunnel: echo until the proxy closes it.
+                        tokio::spawn(echo(hyper::upgrade::on(&mut req)));
+                        Ok(Response::builder()
+                            .status(StatusCode::SWITCHING_PROTOCOLS)
+                            .header("connection", "upgrade")
+                            .header("upgrade", "websocket")
+                            .body(Full::new(Bytes::new()))
+                            .unwrap())
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .with_upgrades()
@@ -152,7 +155,11 @@ async fn open_tunnel(addr: SocketAddr) -> TcpStream {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "connection closed in the head");
+        assert_eq!(
+            s.read(&mut b).await.unwrap(),
+            1,
+            "connection closed in the head"
+        );
         head.push(b[0]);
     }
     let head = String::from_utf8(head).unwrap();
@@ -223,9 +230,11 @@ async fn an_open_tunnel_counts_in_flight_until_it_closes() {
         assert_eq!(p.in_flight(), 1);
 
         drop(tunnel);
-        wait_until(HANG, "the closed tunnel to leave the in-flight count", || {
-            p.in_flight() == 0
-        })
+        wait_until(
+            HANG,
+            "the closed tunnel to leave the in-flight count",
+            || p.in_flight() == 0,
+        )
         .await;
         // Counted once, as one answered request.
         let state = pool.state(&busy[0].as_str().into()).unwrap();

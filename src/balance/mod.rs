@@ -15,8 +15,8 @@ mod queue;
 mod service;
 mod target;
 
-pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub(crate) use completion::TunnelGuard;
+pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
 pub use layer::{Balanced, BalancerLayer};
 pub use queue::{Bind, EntryService, TagTarget};

@@ -198,10 +198,7 @@ impl<B: Body> ReplayBody<B> {
             bytes: 0,
         });
         let mut size = 0usize;
-        loop {
-            let Some(body) = this.rest.as_mut() else {
-                break;
-            };
+        while let Some(body) = this.rest.as_mut() {
             if body.is_end_stream() {
                 this.rest = None;
                 break;
@@ -213,9 +210,7 @@ impl<B: Body> ReplayBody<B> {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let n = data.as_ref().len();
-                        let fits = size
-                            .checked_add(n)
-                            .is_some_and(|total| total <= limit)
+                        let fits = size.checked_add(n).is_some_and(|total| total <= limit)
                             && reservation.as_mut().is_none_or(|r| r.add(n));
                         // Read is read: sent first either way, but past a limit the body
                         // streams on and is not replayable.
@@ -595,7 +590,11 @@ mod tests {
             (&[][..], 0, true),
         ] {
             let body = ReplayBody::buffer(stream(chunks), limit).await.unwrap();
-            assert_eq!(body.is_replayable(), replayable, "{chunks:?} within {limit}");
+            assert_eq!(
+                body.is_replayable(),
+                replayable,
+                "{chunks:?} within {limit}"
+            );
             assert_eq!(body.replay().is_some(), replayable);
             assert_eq!(body.collect().await.unwrap().to_bytes(), chunks.concat());
         }
@@ -630,8 +629,10 @@ mod tests {
         assert_eq!(c.collect().await.unwrap().to_bytes(), "i");
         // Dropped half-way (the client went away): nothing stays reserved.
         let (tx, rx) = futures::channel::mpsc::unbounded();
-        tx.unbounded_send(Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from("xy"))))
-            .unwrap();
+        tx.unbounded_send(Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
+            "xy",
+        ))))
+        .unwrap();
         let pending = StreamBody::new(rx);
         let filling = buffers.buffer(pending);
         let mut filling = Box::pin(filling);

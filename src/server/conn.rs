@@ -98,10 +98,7 @@ where
             req.extensions_mut().insert(ClientTls);
         }
         if req.headers().contains_key(http::header::UPGRADE) {
-            let tx = self
-                .activity
-                .tunnels
-                .get_or_init(|| watch::channel(()).0);
+            let tx = self.activity.tunnels.get_or_init(|| watch::channel(()).0);
             req.extensions_mut().insert(TunnelScope(tx.subscribe()));
         }
         if req.version() == http::Version::HTTP_2 {

@@ -386,14 +386,7 @@ where
         self.http(Proto::Auto, false, stream, peer, drain).await
     }
 
-    async fn http<I>(
-        self,
-        proto: Proto,
-        tls: bool,
-        io: I,
-        peer: SocketAddr,
-        drain: Option<Drain>,
-    )
+    async fn http<I>(self, proto: Proto, tls: bool, io: I, peer: SocketAddr, drain: Option<Drain>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {

@@ -413,7 +413,12 @@ mod tests {
         let id = EndpointId::new("a");
         let at = |issued: u64| c.sealer.seal("lb", &id, issued).unwrap();
         let now = 1_000_000;
-        let found = |renew| Some(Found { id: id.clone(), renew });
+        let found = |renew| {
+            Some(Found {
+                id: id.clone(),
+                renew,
+            })
+        };
         // Fresh, past half its lifetime (renewed), expired.
         assert_eq!(c.open_at(at(now).as_bytes(), now), found(false));
         assert_eq!(c.open_at(at(now - 49).as_bytes(), now), found(false));
@@ -422,7 +427,10 @@ mod tests {
         assert_eq!(c.open_at(at(now - 100).as_bytes(), now), None);
         assert_eq!(c.open_at(at(0).as_bytes(), now), None);
         // From a clock a little ahead: fine; far ahead: a forgery.
-        assert_eq!(c.open_at(at(now + CLOCK_SKEW).as_bytes(), now), found(false));
+        assert_eq!(
+            c.open_at(at(now + CLOCK_SKEW).as_bytes(), now),
+            found(false)
+        );
         assert_eq!(c.open_at(at(now + CLOCK_SKEW + 1).as_bytes(), now), None);
         assert_eq!(c.open_at(at(u64::MAX).as_bytes(), now), None);
         // A previous key's cookie is honoured and renewed, within the same lifetime.
@@ -432,15 +440,24 @@ mod tests {
             n.open_at(at(now).as_bytes(), now).map(|f| f.renew),
             Some(true)
         );
-        assert_eq!(n.open_at(at(now - DEFAULT_LIFETIME.as_secs()).as_bytes(), now), None);
+        assert_eq!(
+            n.open_at(at(now - DEFAULT_LIFETIME.as_secs()).as_bytes(), now),
+            None
+        );
 
         // Only the first MAX_CANDIDATES cookies of the name are opened.
         let valid = format!("lb={}", at(unix_now()));
         let mut headers = http::HeaderMap::new();
-        let junk = vec!["lb=x; other=1"; MAX_CANDIDATES - 1].join("; ");
-        headers.insert(http::header::COOKIE, format!("{junk}; {valid}").parse().unwrap());
+        let junk = ["lb=x; other=1"; MAX_CANDIDATES - 1].join("; ");
+        headers.insert(
+            http::header::COOKIE,
+            format!("{junk}; {valid}").parse().unwrap(),
+        );
         assert_eq!(layer.endpoint_in(&headers), Some(id.clone()));
-        headers.insert(http::header::COOKIE, format!("lb=y; {junk}; {valid}").parse().unwrap());
+        headers.insert(
+            http::header::COOKIE,
+            format!("lb=y; {junk}; {valid}").parse().unwrap(),
+        );
         assert_eq!(layer.endpoint_in(&headers), None);
     }
 
@@ -454,10 +471,16 @@ mod tests {
         };
         let auto = StickyLayer::cookie("lb", StickyKey::generate());
         assert_eq!(attrs(&auto, false), " Path=/; HttpOnly; SameSite=Lax");
-        assert_eq!(attrs(&auto, true), " Path=/; Secure; HttpOnly; SameSite=Lax");
+        assert_eq!(
+            attrs(&auto, true),
+            " Path=/; Secure; HttpOnly; SameSite=Lax"
+        );
         let never = auto.clone().secure(false);
         assert_eq!(attrs(&never, true), " Path=/; HttpOnly; SameSite=Lax");
         let always = auto.secure(true);
-        assert_eq!(attrs(&always, false), " Path=/; Secure; HttpOnly; SameSite=Lax");
+        assert_eq!(
+            attrs(&always, false),
+            " Path=/; Secure; HttpOnly; SameSite=Lax"
+        );
     }
 }

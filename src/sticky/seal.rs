@@ -175,7 +175,10 @@ mod tests {
         let id = EndpointId::new("10.0.0.7:8080");
         let v = s.seal("lb", &id, 1_700_000_000).unwrap();
         assert!(!v.contains("10.0.0.7") && !v.contains("8080"));
-        assert_eq!(s.open("lb", v.as_bytes()), Some((id.clone(), 1_700_000_000)));
+        assert_eq!(
+            s.open("lb", v.as_bytes()),
+            Some((id.clone(), 1_700_000_000))
+        );
         // A fresh nonce each time: two cookies for one endpoint differ.
         assert_ne!(s.seal("lb", &id, 1_700_000_000).unwrap(), v);
         // Another cookie name, another key, any change: rejected.
@@ -204,7 +207,10 @@ mod tests {
         // The shortest value is as long as the shortest id's.
         let short = s.seal("lb", &EndpointId::new(""), 0).unwrap();
         assert_eq!(short.len(), MIN_ENCODED);
-        assert_eq!(s.open("lb", short.as_bytes()), Some((EndpointId::new(""), 0)));
+        assert_eq!(
+            s.open("lb", short.as_bytes()),
+            Some((EndpointId::new(""), 0))
+        );
         assert_eq!(format!("{:?}", StickyKey::generate()), "StickyKey(..)");
     }
 

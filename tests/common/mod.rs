@@ -589,8 +589,8 @@ pub mod fault {
     use lbkit::balance::Target;
     use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
     use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
-    use lbkit::server::RequestBody;
     use lbkit::proxy::{ErrorResponseLayer, Forward};
+    use lbkit::server::RequestBody;
     use lbkit::strategy::AnyStrategy;
     use lbkit::{BalancerLayer, Endpoint, EndpointId, PickHints, Pool};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
