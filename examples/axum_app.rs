@@ -43,7 +43,6 @@ use axum::Router;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
@@ -145,7 +144,7 @@ fn report() -> String {
 
 /// A backend that says who it is and for which client, with a large report at `/api/report`.
 async fn spawn_backend(n: usize) -> Result<SocketAddr, BoxError> {
-    let svc = tower::service_fn(move |req: Request<Incoming>| async move {
+    let svc = tower::service_fn(move |req: Request<lbkit::server::RequestBody>| async move {
         let body = if req.uri().path() == "/api/report" {
             report()
         } else {

@@ -24,11 +24,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::TcpListener;
@@ -55,7 +54,7 @@ async fn main() -> Result<(), BoxError> {
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         .layer(balancer)
-        .service(Forward::<Incoming>::new());
+        .service(Forward::<RequestBody>::new());
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_addr = listener.local_addr()?;

@@ -59,14 +59,13 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use http::Request;
-use hyper::body::Incoming;
 use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::forwarded::Cidr;
 use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
 use lbkit::key::HashKeyLayer;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::{ProxyProtocol, Server};
+use lbkit::server::{ProxyProtocol, RequestBody, Server};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
 use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
@@ -273,7 +272,7 @@ pub fn proxy(
     HealthChecker::new(check)
         .interval(args.check_interval)
         .spawn(balancer.pool());
-    let forward = Forward::<ReplayBody<Incoming>>::new()
+    let forward = Forward::<ReplayBody<RequestBody>>::new()
         .max_connections_per_endpoint(args.max_conns_per_backend)
         .timeout(Duration::from_secs(10))
         .hide_response_header(http::header::SERVER)
@@ -292,7 +291,7 @@ pub fn proxy(
         .layer(ErrorResponseLayer::new())
         // Keep the request body so that a failed attempt can be sent again (bodies that
         // stream are sent once and never retried).
-        .map_request(|req: Request<Incoming>| req.map(ReplayBody::new))
+        .map_request(|req: Request<RequestBody>| req.map(ReplayBody::new))
         .layer(
             FailoverLayer::new(RetryBudget::default())
                 .per_try_timeout(Duration::from_secs(10))

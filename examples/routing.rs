@@ -28,13 +28,13 @@ use std::convert::Infallible;
 use lbkit::balance::{Balanced, TrackedBody};
 use lbkit::proxy::{ErrorResponse, ErrorResponseLayer, Forward, ProxyBody};
 use lbkit::route::{Match, Routes};
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError};
 use tower::ServiceBuilder;
 
 /// One route's stack: 502/503/504 for failures, round robin over a pool, forwarding.
-type Stack = ErrorResponse<Balanced<Forward<Incoming>, RoundRobin>>;
+type Stack = ErrorResponse<Balanced<Forward<RequestBody>, RoundRobin>>;
 
 /// What every route answers.
 type Body = ProxyBody<TrackedBody<Incoming>>;
@@ -46,7 +46,7 @@ fn pool(backends: &[SocketAddr]) -> Stack {
             backends.iter().copied(),
             RoundRobin::new(),
         ))
-        .service(Forward::<Incoming>::new().timeout(Duration::from_secs(10)))
+        .service(Forward::<RequestBody>::new().timeout(Duration::from_secs(10)))
 }
 
 /// The fleets behind the routes, by name.
@@ -59,7 +59,7 @@ pub struct Fleets {
 }
 
 /// The routes over `fleets`: what `main` serves and `tests/routing.rs` checks.
-pub fn routes(fleets: &Fleets) -> Routes<Incoming, Body, Infallible> {
+pub fn routes(fleets: &Fleets) -> Routes<RequestBody, Body, Infallible> {
     Routes::new()
         .route(Match::any().host("admin.localhost"), pool(&fleets.admin))
         .route(Match::any().path_prefix("/api"), pool(&fleets.api))

@@ -35,13 +35,12 @@ use bytes::Bytes;
 use http::header::{COOKIE, SET_COOKIE};
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
@@ -68,11 +67,11 @@ async fn main() -> Result<(), BoxError> {
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         // Body-less requests (GET) can be sent again; uploads would stream, never retried.
-        .map_request(|req: Request<Incoming>| req.map(ReplayBody::new))
+        .map_request(|req: Request<RequestBody>| req.map(ReplayBody::new))
         .layer(FailoverLayer::new(RetryBudget::default()))
         .layer(StickyLayer::cookie("lb", StickyKey::generate()))
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
-        .service(Forward::<ReplayBody<Incoming>>::new());
+        .service(Forward::<ReplayBody<RequestBody>>::new());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let proxy_addr = listener.local_addr()?;
     tokio::spawn(Server::new(proxy).serve(listener));
@@ -147,7 +146,7 @@ impl CartBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let carts: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
-        let svc = tower::service_fn(move |req: Request<Incoming>| {
+        let svc = tower::service_fn(move |req: Request<RequestBody>| {
             let answer = handle(n, &carts, &req);
             async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer)))) }
         });
@@ -160,7 +159,7 @@ impl CartBackend {
 fn handle(
     n: usize,
     carts: &Mutex<HashMap<String, Vec<String>>>,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> String {
     let session = req
         .headers()

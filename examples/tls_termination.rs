@@ -28,10 +28,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::{tls, Server};
+use lbkit::server::{tls, RequestBody, Server};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::TcpStream;
@@ -67,7 +66,7 @@ async fn main() -> Result<(), BoxError> {
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
-        .service(Forward::<Incoming>::new().proto("https"));
+        .service(Forward::<RequestBody>::new().proto("https"));
 
     let listener = demo::listen(LISTEN).await;
     let addr = listener.local_addr()?;

@@ -98,7 +98,7 @@ async fn an_untrusted_peer_is_refused_whatever_it_sends() {
 /// A server that answers each request with the `ClientAddr` it was given, behind a PROXY
 /// protocol listener trusting loopback.
 async fn addr_echo() -> SocketAddr {
-    let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| {
+    let svc = tower::service_fn(|req: http::Request<lbkit::server::RequestBody>| {
         let addr = ClientAddr::of(&req)
             .map(|a| a.to_string())
             .unwrap_or_default();

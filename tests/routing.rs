@@ -96,7 +96,7 @@ async fn no_matching_route_is_404() {
                 backend,
                 lbkit::strategy::RoundRobin::new(),
             ))
-            .service(lbkit::proxy::Forward::<hyper::body::Incoming>::new()),
+            .service(lbkit::proxy::Forward::<lbkit::server::RequestBody>::new()),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

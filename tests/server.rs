@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::forwarded::ClientAddr;
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -33,11 +32,12 @@ async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
         .unwrap_or_else(|_| panic!("hung for {HANG:?}: {what}"))
 }
 
-type Svc = tower::util::BoxCloneSyncService<Request<Incoming>, Response<Full<Bytes>>, Infallible>;
+type Svc =
+    tower::util::BoxCloneSyncService<Request<RequestBody>, Response<Full<Bytes>>, Infallible>;
 
 /// A service answering `peer=<ClientAddr>` and counting its requests.
 fn echo_peer(count: Arc<AtomicU64>) -> Svc {
-    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Request<Incoming>| {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Request<RequestBody>| {
         count.fetch_add(1, Ordering::SeqCst);
         let peer = req
             .extensions()
@@ -281,15 +281,16 @@ async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
     let release = Arc::new(Notify::new());
     let arrived = Arc::new(Notify::new());
     let (r, a) = (release.clone(), arrived.clone());
-    let svc =
-        tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Incoming>| {
+    let svc = tower::util::BoxCloneSyncService::new(tower::service_fn(
+        move |_req: Request<RequestBody>| {
             let (r, a) = (r.clone(), a.clone());
             async move {
                 a.notify_one();
                 r.notified().await;
                 Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("done"))))
             }
-        }));
+        },
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(Notify::new());

@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use lbkit::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -75,7 +74,7 @@ async fn the_server_keeps_running_out_of_file_descriptors_and_serves_again() {
         .with(AcceptFailures(failures.clone()))
         .init();
 
-    let svc = tower::service_fn(|_req: Request<Incoming>| {
+    let svc = tower::service_fn(|_req: Request<lbkit::server::RequestBody>| {
         std::future::ready(Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
             "ok",
         )))))

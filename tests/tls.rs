@@ -175,7 +175,7 @@ async fn spawn_tls_proxy(
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
-        .service(Forward::<Incoming>::new().proto("https"));
+        .service(Forward::<lbkit::server::RequestBody>::new().proto("https"));
     // A port reserved for the test process: once the server stops listening, connecting to it
     // is refused (no other test's listener can take it).
     let (listener, addr) = common::listen_reserved();

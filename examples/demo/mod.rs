@@ -21,8 +21,7 @@ use bytes::Bytes;
 use http::header::HeaderName;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use lbkit::server::Server;
+use lbkit::server::{RequestBody, Server};
 use lbkit::BoxError;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -49,7 +48,7 @@ pub fn hello(
     name: &str,
     delay: Duration,
 ) -> impl Service<
-    Request<Incoming>,
+    Request<RequestBody>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
     Future = impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
@@ -57,7 +56,7 @@ pub fn hello(
        + Send
        + 'static {
     let name = name.to_string();
-    tower::service_fn(move |req: Request<Incoming>| {
+    tower::service_fn(move |req: Request<RequestBody>| {
         let body = match req.uri().path() {
             "/health" => "ok\n".to_owned(),
             "/headers" => {
@@ -87,7 +86,7 @@ pub fn hello(
 /// returns the address.
 pub async fn serve<S, B>(service: S) -> std::io::Result<SocketAddr>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body + Send + 'static,

@@ -31,7 +31,12 @@ pub const STICKY_COOKIE: &str = "lb";
 
 fn sticky() -> &'static StickyLayer {
     static LAYER: OnceLock<StickyLayer> = OnceLock::new();
-    LAYER.get_or_init(|| StickyLayer::cookie(STICKY_COOKIE, StickyKey::from_bytes(STICKY_KEY)))
+    // A lifetime of a century: the sealed seeds keep opening, so mutations start from cookies
+    // that are valid in every respect.
+    LAYER.get_or_init(|| {
+        StickyLayer::cookie(STICKY_COOKIE, StickyKey::from_bytes(STICKY_KEY))
+            .lifetime(std::time::Duration::from_secs(100 * 365 * 24 * 3600))
+    })
 }
 
 /// Splits `data` at `sep` into at most `n` fields.
@@ -43,7 +48,8 @@ fn fields(data: &[u8], sep: u8, n: usize) -> Vec<&[u8]> {
 /// `Cookie` header, and sealing them as an endpoint id.
 ///
 /// - opening never panics; what opens is an id a cookie can carry (at most 255 bytes);
-/// - `endpoint_in` finds the first `lb` cookie that opens, and nothing else;
+/// - `endpoint_in` finds the first `lb` cookie that opens among the first 4 `lb` cookies, and
+///   nothing else;
 /// - any id of up to 255 bytes seals and opens back to itself, under this cookie name only;
 ///   longer ids do not seal.
 pub fn sticky_cookie(data: &[u8]) {
@@ -59,19 +65,22 @@ pub fn sticky_cookie(data: &[u8]) {
         headers.append(COOKIE, value);
         let found = layer.endpoint_in(&headers);
         // The same search by hand: `name=value` pairs split at `;`, trimmed, quotes removed.
-        let expected = data.split(|&b| b == b';').find_map(|pair| {
-            let pair = pair.trim_ascii();
-            let eq = pair.iter().position(|&b| b == b'=')?;
-            if pair[..eq].trim_ascii() != STICKY_COOKIE.as_bytes() {
-                return None;
-            }
-            let v = pair[eq + 1..].trim_ascii();
-            let v = match v {
-                [b'"', inner @ .., b'"'] => inner,
-                v => v,
-            };
-            layer.open(v)
-        });
+        let expected = data
+            .split(|&b| b == b';')
+            .filter_map(|pair| {
+                let pair = pair.trim_ascii();
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                if pair[..eq].trim_ascii() != STICKY_COOKIE.as_bytes() {
+                    return None;
+                }
+                let v = pair[eq + 1..].trim_ascii();
+                Some(match v {
+                    [b'"', inner @ .., b'"'] => inner,
+                    v => v,
+                })
+            })
+            .take(4)
+            .find_map(|v| layer.open(v));
         assert_eq!(found, expected, "endpoint_in disagrees with the cookies");
     }
 

@@ -1,4 +1,5 @@
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,6 +27,9 @@ enum Outcome {
     Success,
     Failed,
     Cancelled,
+    /// Answered and counted, still open (an upgraded connection): only leaves the in-flight
+    /// count when dropped.
+    Tunnelled,
 }
 
 impl InFlight {
@@ -77,12 +81,34 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Counts the answer now (its latency and outcome feed the endpoint's estimates as for any
+    /// response) but keeps the request in flight until dropped: for an upgraded connection,
+    /// whose answer comes at once and whose load lasts as long as it stays open.
+    fn tunnel(&mut self) {
+        if self.outcome == Outcome::Tunnelled {
+            return;
+        }
+        let state = self.candidate.state();
+        let now = now();
+        // `finish` takes the request off the in-flight count: count it once more first.
+        state.start();
+        state.finish(
+            now.saturating_duration_since(self.start),
+            now,
+            self.outcome == Outcome::Failed,
+        );
+        self.outcome = Outcome::Tunnelled;
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let state = self.candidate.state();
-        if self.outcome == Outcome::Cancelled {
-            state.cancel();
-            return;
+        match self.outcome {
+            Outcome::Cancelled => return state.cancel(),
+            Outcome::Tunnelled => return state.leave(),
+            Outcome::Success | Outcome::Failed => {}
         }
         let now = now();
         state.finish(
@@ -123,7 +149,8 @@ impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
 }
 
 /// Completion when an `http::Response`'s body ends (or is dropped), so a long download counts as
-/// load for its whole length. Also counts a 5xx status as an endpoint error (or the statuses
+/// load for its whole length; for a protocol upgrade that the inner service tunnels
+/// ([`Forward`](crate::proxy::Forward) with a WebSocket), when the upgraded connection closes. Also counts a 5xx status as an endpoint error (or the statuses
 /// chosen with
 /// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)). To
 /// learn which endpoint served a request, see [`PickHints::record_pick`](crate::hints::PickHints::record_pick).
@@ -133,9 +160,21 @@ pub struct CompleteOnBody;
 impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
     type Output = http::Response<TrackedBody<B>>;
 
-    fn track_completion(&self, mut handle: InFlight, res: http::Response<B>) -> Self::Output {
+    fn track_completion(&self, mut handle: InFlight, mut res: http::Response<B>) -> Self::Output {
         if handle.candidate().state().is_failure_status(res.status()) {
             handle.fail();
+        }
+        if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(guard) = res.extensions_mut().remove::<TunnelGuard>() {
+                // An upgraded connection: in flight until it closes, not until this empty
+                // body ends.
+                handle.tunnel();
+                guard.hold(handle);
+                return res.map(|inner| TrackedBody {
+                    inner,
+                    handle: None,
+                });
+            }
         }
         res.map(|inner| TrackedBody {
             inner,
@@ -194,5 +233,21 @@ impl<B: Body> Body for TrackedBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Keeps a request in flight for as long as the connection it upgraded stays open.
+///
+/// A service that tunnels an upgraded connection (`101 Switching Protocols`) puts one in the
+/// response's extensions and keeps a clone for as long as the tunnel is open; [`CompleteOnBody`]
+/// takes it out and leaves the request's [`InFlight`] handle in it, so that least connections
+/// and P2C see an open WebSocket as load. The handle is dropped with the last clone.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TunnelGuard(Arc<OnceLock<InFlight>>);
+
+impl TunnelGuard {
+    /// Keeps `handle` until the last clone of this guard is dropped.
+    fn hold(&self, handle: InFlight) {
+        let _ = self.0.set(handle);
     }
 }

@@ -15,6 +15,8 @@ mod queue;
 mod service;
 mod target;
 
+#[cfg(feature = "http-proxy")]
+pub(crate) use completion::TunnelGuard;
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
 pub use future::{EndpointCall, ResponseFuture};
 pub use layer::{Balanced, BalancerLayer};

@@ -353,6 +353,14 @@ impl EndpointState {
         self.shared.wake_waiters();
     }
 
+    /// Takes one request off the in-flight count and changes nothing else: the end of an
+    /// upgraded connection whose answer was counted when it came (see
+    /// [`InFlight`](crate::balance::InFlight)).
+    pub(crate) fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// Counts one request as ended after `rtt`, feeding the latency estimate and the
     /// consecutive failure count of outlier detection.
     pub(crate) fn finish(&self, rtt: Duration, now: Instant, failed: bool) {

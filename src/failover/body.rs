@@ -1,11 +1,18 @@
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::error::BoxError;
 
 /// A request body that can be sent again, so that a failed request can be retried.
 ///
@@ -106,6 +113,11 @@ pin_project! {
         chunks: VecDeque<(B::Data, u64)>,
         // Buffered trailers, sent after everything else.
         trailers: Option<HeaderMap>,
+        // Whether buffering stopped at a limit: what was read is sent first, but the body is
+        // not whole in memory and cannot be replayed.
+        spilled: bool,
+        // The bytes this body (and its replays) hold against a `ReplayBuffer`'s cap.
+        reservation: Option<Arc<Reservation>>,
         // What is still to be read from the original body, if anything.
         #[pin]
         rest: Option<B>,
@@ -118,6 +130,8 @@ impl<B: Body> ReplayBody<B> {
         ReplayBody {
             chunks: VecDeque::new(),
             trailers: None,
+            spilled: false,
+            reservation: None,
             rest: Some(body),
         }
     }
@@ -127,6 +141,8 @@ impl<B: Body> ReplayBody<B> {
         ReplayBody {
             chunks: VecDeque::new(),
             trailers: None,
+            spilled: false,
+            reservation: None,
             rest: None,
         }
     }
@@ -140,15 +156,29 @@ impl<B: Body> ReplayBody<B> {
         ReplayBody {
             chunks: VecDeque::from([(data, n)]),
             trailers: None,
+            spilled: false,
+            reservation: None,
             rest: None,
         }
     }
 
     /// Reads `body` into memory if it is at most `limit` bytes, making it replayable. A body
     /// that announces more (in its size hint) is not read at all; one that turns out larger
-    /// while being read keeps what was read and streams the rest, and is not replayable.
-    /// Fails with the body's error if reading fails.
+    /// while being read keeps what was read (at most `limit` bytes, and the frame that would
+    /// have crossed it) and streams the rest, and is not replayable. Fails with the body's
+    /// error if reading fails.
+    ///
+    /// To also bound the bytes held by all bodies at once, use a [`ReplayBuffer`].
     pub async fn buffer(body: B, limit: usize) -> Result<Self, B::Error>
+    where
+        B: Unpin,
+        B::Data: AsRef<[u8]>,
+    {
+        Self::fill(body, limit, None).await
+    }
+
+    /// Buffers `body` up to `limit` bytes, each byte also reserved against `held`'s cap.
+    async fn fill(body: B, limit: usize, held: Option<&Arc<Held>>) -> Result<Self, B::Error>
     where
         B: Unpin,
         B::Data: AsRef<[u8]>,
@@ -161,17 +191,17 @@ impl<B: Body> ReplayBody<B> {
         {
             return Ok(this);
         }
+        // Released if this future is dropped half-way; kept by the body (and its replays)
+        // otherwise.
+        let mut reservation = held.map(|h| Reservation {
+            held: h.clone(),
+            bytes: 0,
+        });
         let mut size = 0usize;
-        loop {
-            let Some(body) = this.rest.as_mut() else {
-                return Ok(this);
-            };
+        while let Some(body) = this.rest.as_mut() {
             if body.is_end_stream() {
                 this.rest = None;
-                return Ok(this);
-            }
-            if size > limit {
-                return Ok(this);
+                break;
             }
             let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await;
             match frame {
@@ -180,8 +210,16 @@ impl<B: Body> ReplayBody<B> {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let n = data.as_ref().len();
-                        size = size.saturating_add(n);
+                        let fits = size.checked_add(n).is_some_and(|total| total <= limit)
+                            && reservation.as_mut().is_none_or(|r| r.add(n));
+                        // Read is read: sent first either way, but past a limit the body
+                        // streams on and is not replayable.
                         this.chunks.push_back((data, n as u64));
+                        if !fits {
+                            this.spilled = true;
+                            break;
+                        }
+                        size += n;
                     }
                     Err(frame) => {
                         // Trailers end the body.
@@ -193,11 +231,237 @@ impl<B: Body> ReplayBody<B> {
                 },
             }
         }
+        this.reservation = reservation.filter(|r| r.bytes > 0).map(Arc::new);
+        Ok(this)
     }
 
-    /// Whether the body can be sent again: it is buffered or empty.
+    /// Whether the body can be sent again: it is buffered (within its limit) or empty.
     pub fn is_replayable(&self) -> bool {
-        ended(self.rest.as_ref())
+        !self.spilled && ended(self.rest.as_ref())
+    }
+}
+
+/// Buffers request bodies for replay within a limit per body and a cap on the bytes all the
+/// bodies it buffered hold at once, so that retries of small uploads cost bounded memory
+/// however many clients send at the same time.
+///
+/// As a [`Layer`] (in front of the [`FailoverLayer`](super::FailoverLayer)) it buffers each
+/// request's body before passing the request on, as a [`ReplayBody`]; a request known to have
+/// no body goes straight through. [`buffer`](ReplayBuffer::buffer) does the same for one body:
+/// it reads a body into memory while it stays within the per-body limit and the shared cap; a body that would cross either is still forwarded (what
+/// was read first, then the rest as it streams) but is not replayable. A buffered body's bytes
+/// count against the cap until it and every replay of it are dropped, which is when the
+/// request is over. Clones share the cap.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::Full;
+/// use lbkit::failover::{Replay, ReplayBuffer};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // Up to 4 bytes per body, 6 bytes in all.
+/// let buffers = ReplayBuffer::new(4, 6);
+/// let first = buffers.buffer(Full::new(Bytes::from("abcd"))).await.unwrap();
+/// assert!(first.replay().is_some());
+/// assert_eq!(buffers.held(), 4);
+/// // Only 2 bytes left under the cap: this one is forwarded, not kept for a retry.
+/// let second = buffers.buffer(Full::new(Bytes::from("efg"))).await.unwrap();
+/// assert!(second.replay().is_none());
+/// drop((first, second));
+/// assert_eq!(buffers.held(), 0);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ReplayBuffer {
+    limit: usize,
+    held: Arc<Held>,
+}
+
+impl ReplayBuffer {
+    /// Buffers bodies of up to `limit` bytes each, with at most `cap` bytes held by all of
+    /// them at once. (HAProxy's `http-buffer-request` waits for up to one buffer, 16 KiB by
+    /// default; Envoy's retry buffer defaults to 1 MiB per request.)
+    pub fn new(limit: usize, cap: usize) -> Self {
+        ReplayBuffer {
+            limit,
+            held: Arc::new(Held {
+                cap,
+                bytes: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Reads `body` into memory if it fits the per-body limit and the room left under the
+    /// cap, making it replayable; otherwise forwards it without buffering it (past the cap,
+    /// nothing is read ahead). See [`ReplayBody::buffer`]. Fails with the body's error if
+    /// reading fails.
+    pub async fn buffer<B>(&self, body: B) -> Result<ReplayBody<B>, B::Error>
+    where
+        B: Body + Unpin,
+        B::Data: AsRef<[u8]>,
+    {
+        if self.held.bytes.load(Ordering::Relaxed) >= self.held.cap && !body.is_end_stream() {
+            return Ok(ReplayBody::new(body));
+        }
+        ReplayBody::fill(body, self.limit, Some(&self.held)).await
+    }
+
+    /// The bytes held now by the bodies this buffer (or a clone) buffered.
+    pub fn held(&self) -> usize {
+        self.held.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The largest body it buffers, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The most bytes all its bodies hold at once.
+    pub fn cap(&self) -> usize {
+        self.held.cap
+    }
+}
+
+impl<S> Layer<S> for ReplayBuffer {
+    type Service = BufferBodies<S>;
+
+    fn layer(&self, inner: S) -> BufferBodies<S> {
+        BufferBodies {
+            inner,
+            buffer: self.clone(),
+        }
+    }
+}
+
+/// The service of a [`ReplayBuffer`] used as a layer: buffers each request's body (see
+/// [`ReplayBuffer::buffer`]) and passes the request on with a [`ReplayBody`]. Its errors are
+/// the inner service's, or the body's when reading it failed, boxed.
+#[derive(Clone, Debug)]
+pub struct BufferBodies<S> {
+    inner: S,
+    buffer: ReplayBuffer,
+}
+
+impl<S, B> Service<http::Request<B>> for BufferBodies<S>
+where
+    S: Service<http::Request<ReplayBody<B>>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Unpin + Send + 'static,
+    B::Data: AsRef<[u8]> + Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BufferFuture<S::Future, S::Response>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.body().is_end_stream() {
+            return BufferFuture {
+                state: BufferState::Direct {
+                    fut: self.inner.call(req.map(ReplayBody::new)),
+                },
+            };
+        }
+        // The ready service takes the request once its body is read; a clone stays.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let buffer = self.buffer.clone();
+        let fut = Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = buffer.buffer(body).await.map_err(Into::into)?;
+            inner
+                .call(http::Request::from_parts(parts, body))
+                .await
+                .map_err(Into::into)
+        });
+        BufferFuture {
+            state: BufferState::Buffering { fut },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`BufferBodies`].
+    pub struct BufferFuture<F, R> {
+        #[pin]
+        state: BufferState<F, R>,
+    }
+}
+
+pin_project! {
+    #[project = BufferStateProj]
+    enum BufferState<F, R> {
+        // A request without a body, passed on at once.
+        Direct { #[pin] fut: F },
+        // Reading the body, then waiting for the inner service.
+        Buffering { fut: Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>> },
+    }
+}
+
+impl<F, R, E> Future for BufferFuture<F, R>
+where
+    F: Future<Output = Result<R, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<R, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            BufferStateProj::Direct { fut } => fut.poll(cx).map_err(Into::into),
+            BufferStateProj::Buffering { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, R> fmt::Debug for BufferFuture<F, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.state {
+            BufferState::Direct { .. } => "BufferFuture::Direct",
+            BufferState::Buffering { .. } => "BufferFuture::Buffering",
+        })
+    }
+}
+
+/// The bytes held by the bodies of one [`ReplayBuffer`], and its cap.
+#[derive(Debug)]
+struct Held {
+    cap: usize,
+    bytes: AtomicUsize,
+}
+
+/// Bytes held against a [`ReplayBuffer`]'s cap, given back when dropped.
+#[derive(Debug)]
+struct Reservation {
+    held: Arc<Held>,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Reserves `n` more bytes if they fit under the cap.
+    fn add(&mut self, n: usize) -> bool {
+        let cap = self.held.cap;
+        let ok = self
+            .held
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cur| {
+                cur.checked_add(n).filter(|&total| total <= cap)
+            })
+            .is_ok();
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.held.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -214,6 +478,8 @@ where
         self.is_replayable().then(|| ReplayBody {
             chunks: self.chunks.clone(),
             trailers: self.trailers.clone(),
+            spilled: false,
+            reservation: self.reservation.clone(),
             rest: None,
         })
     }
@@ -266,6 +532,7 @@ impl<B: Body + fmt::Debug> fmt::Debug for ReplayBody<B> {
         f.debug_struct("ReplayBody")
             .field("buffered_chunks", &self.chunks.len())
             .field("trailers", &self.trailers.is_some())
+            .field("spilled", &self.spilled)
             .field("rest", &self.rest)
             .finish()
     }
@@ -308,6 +575,73 @@ mod tests {
             .unwrap();
         assert!(body.replay().is_none());
         assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdefgh");
+    }
+
+    #[tokio::test]
+    async fn the_limit_is_exact() {
+        for (chunks, limit, replayable) in [
+            (&["abcd"][..], 4, true),
+            (&["abcd"][..], 3, false),
+            (&["ab", "cd"][..], 4, true),
+            // The last frame crosses the limit: read, sent, but not kept for a retry (it was,
+            // with the whole body over the limit, before).
+            (&["ab", "cd"][..], 3, false),
+            (&["ab", "", "cd"][..], 4, true),
+            (&[][..], 0, true),
+        ] {
+            let body = ReplayBody::buffer(stream(chunks), limit).await.unwrap();
+            assert_eq!(
+                body.is_replayable(),
+                replayable,
+                "{chunks:?} within {limit}"
+            );
+            assert_eq!(body.replay().is_some(), replayable);
+            assert_eq!(body.collect().await.unwrap().to_bytes(), chunks.concat());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cap_is_shared_and_given_back() {
+        let buffers = ReplayBuffer::new(4, 6);
+        let a = buffers.buffer(stream(&["ab", "cd"])).await.unwrap();
+        assert!(a.is_replayable());
+        assert_eq!(buffers.held(), 4);
+        // Replays share the bytes: still 4.
+        let a2 = a.replay().unwrap();
+        assert_eq!(buffers.held(), 4);
+        // 2 bytes left: the first frame fits, the second does not.
+        let b = buffers.buffer(stream(&["ef", "gh"])).await.unwrap();
+        assert!(!b.is_replayable());
+        assert_eq!(buffers.held(), 6);
+        // At the cap: not read at all.
+        let c = buffers.clone().buffer(stream(&["i"])).await.unwrap();
+        assert!(!c.is_replayable());
+        assert_eq!(c.chunks.len(), 0);
+        // A body known to be empty is replayable at any time.
+        let empty = buffers.buffer(Full::new(Bytes::new())).await.unwrap();
+        assert!(empty.is_replayable());
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "efgh");
+        assert_eq!(buffers.held(), 4);
+        drop(a);
+        assert_eq!(buffers.held(), 4, "a replay still holds the bytes");
+        assert_eq!(a2.collect().await.unwrap().to_bytes(), "abcd");
+        assert_eq!(buffers.held(), 0);
+        assert_eq!(c.collect().await.unwrap().to_bytes(), "i");
+        // Dropped half-way (the client went away): nothing stays reserved.
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        tx.unbounded_send(Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
+            "xy",
+        ))))
+        .unwrap();
+        let pending = StreamBody::new(rx);
+        let filling = buffers.buffer(pending);
+        let mut filling = Box::pin(filling);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert!(filling.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(buffers.held(), 2);
+        drop(filling);
+        assert_eq!(buffers.held(), 0);
+        drop(tx);
     }
 
     #[tokio::test]

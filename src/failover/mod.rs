@@ -36,7 +36,7 @@ mod layer;
 mod policy;
 mod service;
 
-pub use body::{Replay, ReplayBody};
+pub use body::{BufferBodies, BufferFuture, Replay, ReplayBody, ReplayBuffer};
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
 pub use layer::FailoverLayer;

@@ -37,6 +37,14 @@ pub mod parse {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 
+/// Marks a request that came over a TLS connection the server terminated: lbkit's
+/// [`Server`](crate::server::Server) inserts it into the extensions of every request on a
+/// connection it terminated TLS for (`Server::tls`, feature `tls`). Layers that act on the
+/// client's scheme read it: the sticky layer makes its cookie `Secure`. Insert it yourself when
+/// your own server terminates TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientTls;
+
 impl ClientAddr {
     /// The `ClientAddr` in `req`'s extensions, if a server put one there.
     pub fn of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {

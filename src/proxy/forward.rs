@@ -10,13 +10,14 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{self, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::connect::LimitedConnector;
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
+use super::tunnel::{ClientUpgrade, DEFAULT_IDLE_TIMEOUT};
 use super::ForwardError;
 use crate::balance::Target;
 use crate::error::BoxError;
@@ -39,6 +40,8 @@ struct Config {
     connect_timeout: Option<Duration>,
     /// The most connections open to one backend.
     max_connections: usize,
+    /// How long an upgraded connection may pass no byte before it is closed.
+    tunnel_idle_timeout: Duration,
 }
 
 /// The default of [`Forward::connect_timeout`].
@@ -79,7 +82,9 @@ where
 /// address is rewritten away
 /// ([`hide_backend_authority`](super::headers::hide_backend_authority)). Bodies stream through
 /// in both directions without being buffered. A protocol upgrade (WebSocket) is passed through end to end: when the backend
-/// answers `101 Switching Protocols`, the two upgraded connections are spliced.
+/// answers `101 Switching Protocols`, the two upgraded connections are spliced (see
+/// [`upgrades`](Forward::upgrades) for which protocols may, and
+/// [`tunnel_idle_timeout`](Forward::tunnel_idle_timeout) for how long they stay open).
 ///
 /// Errors are [`ForwardError`]s telling a refused connection, a timeout and other failures
 /// apart; [`ErrorResponseLayer`](super::ErrorResponseLayer) turns them into 502/503/504.
@@ -143,6 +148,7 @@ where
             upgrades: vec!["websocket"],
             connect_timeout: Some(CONNECT_TIMEOUT),
             max_connections: MAX_CONNECTIONS,
+            tunnel_idle_timeout: DEFAULT_IDLE_TIMEOUT,
         })
     }
 
@@ -198,6 +204,22 @@ impl<B> Forward<B> {
     /// turns upgrades off.
     pub fn upgrades(mut self, protocols: impl IntoIterator<Item = &'static str>) -> Self {
         self.config_mut().upgrades = protocols.into_iter().collect();
+        self
+    }
+
+    /// How long an upgraded connection (a WebSocket) may pass no byte either way before the
+    /// proxy closes it (default 10 minutes; HAProxy's `timeout tunnel`, nginx's
+    /// `proxy_read_timeout` for WebSockets), so abandoned tunnels do not pile up. Applications
+    /// that keep quiet connections open longer should ping more often than this.
+    ///
+    /// An upgraded connection also closes when either side closes it, counts as a request in
+    /// flight at its endpoint while open (for least connections, P2C and peak EWMA, when a
+    /// [`BalancerLayer`](crate::BalancerLayer) is in front), and, when lbkit's
+    /// [`Server`](crate::server::Server) accepted the client, counts as the client's connection
+    /// until it closes: it is waited for on graceful shutdown and closed when the grace
+    /// period ends.
+    pub fn tunnel_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().tunnel_idle_timeout = timeout;
         self
     }
 
@@ -272,7 +294,7 @@ where
             return ForwardFuture::failed(ForwardError::no_target());
         };
         let upgrade = is_upgrade(req.headers()) && upgrade_allowed(req.headers(), &cfg.upgrades);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.then(|| ClientUpgrade::take(&mut req));
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         // An HTTP/2 client names the host in `:authority` (the URI), not in `Host`: carry it
         // over, or the backend would see its own address and X-Forwarded-Host would be lost.
@@ -344,7 +366,7 @@ pin_project! {
         #[pin]
         sleep: Option<Sleep>,
         error: Option<ForwardError>,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<ClientUpgrade>,
         config: Option<Arc<Config>>,
         backend: Option<http::uri::Authority>,
     }
@@ -395,8 +417,11 @@ impl Future for ForwardFuture {
         let mut res = res.map_err(ForwardError::from_client)?;
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_side) = this.client_upgrade.take() {
-                let backend_side = hyper::upgrade::on(&mut res);
-                tokio::spawn(splice_upgraded(client_side, backend_side));
+                let idle = this
+                    .config
+                    .as_ref()
+                    .map_or(DEFAULT_IDLE_TIMEOUT, |c| c.tunnel_idle_timeout);
+                client_side.splice(&mut res, idle);
             }
         }
         let upgrade = res.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -431,18 +456,4 @@ fn accepts_trailers(headers: &http::HeaderMap) -> bool {
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     })
-}
-
-async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
-    match futures::future::try_join(client, backend).await {
-        Ok((client, backend)) => {
-            let mut client = TokioIo::new(client);
-            let mut backend = TokioIo::new(backend);
-            match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-                Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
-                Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-    }
 }

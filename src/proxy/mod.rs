@@ -42,6 +42,8 @@ mod connect;
 mod error;
 #[cfg(feature = "http-proxy")]
 mod forward;
+#[cfg(feature = "http-proxy")]
+mod tunnel;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]

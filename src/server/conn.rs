@@ -5,19 +5,23 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use http::Request;
+use http::{Request, Response};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tower::util::{Oneshot, ServiceExt};
 use tower_service::Service;
 
 use super::accept::Drain;
-use crate::forwarded::ClientAddr;
+use super::body::{BodyWatch, RequestBody};
+use crate::forwarded::{ClientAddr, ClientTls};
 
 /// What a connection's requests tell its driver: how many started or ended (a change means
 /// the connection is not idle) and how many are in flight.
@@ -27,47 +31,99 @@ pub(super) struct Activity {
     in_flight: AtomicUsize,
     /// Whether the connection speaks HTTP/2 (seen on its requests).
     h2: AtomicBool,
+    /// Made on the first request asking for an upgrade: its receivers are the
+    /// [`TunnelScope`]s of those requests.
+    tunnels: OnceLock<watch::Sender<()>>,
 }
 
-/// The service hyper calls for each request of one connection: inserts the peer's
-/// [`ClientAddr`], counts the request in the connection's [`Activity`], and calls a clone of the
+impl Activity {
+    /// Resolves once no [`TunnelScope`] of this connection is left: every upgraded connection
+    /// (tunnel) that came from it has closed, or none was opened.
+    pub(super) async fn tunnels_closed(&self) {
+        if let Some(tx) = self.tunnels.get() {
+            tx.closed().await;
+        }
+    }
+}
+
+/// Ties a tunnel (an upgraded connection, such as a WebSocket, that the service splices to a
+/// backend in a task of its own) to the client connection it came from. The server puts one
+/// into the extensions of each request that asks for an upgrade.
+///
+/// The connection's task waits for its tunnels to close before it ends, so an open tunnel
+/// keeps its place under the server's connection limit and is waited for on graceful
+/// shutdown; and a tunnel closes as soon as that task is gone (the shutdown's grace period
+/// is over, or the server's future was dropped), see [`TunnelScope::ended`].
+#[derive(Clone, Debug)]
+pub(crate) struct TunnelScope(watch::Receiver<()>);
+
+impl TunnelScope {
+    /// Resolves once the client connection's task has ended: the tunnel must close.
+    pub(crate) async fn ended(&mut self) {
+        // Nothing is ever sent: `changed` fails when the sender is dropped with the task.
+        while self.0.changed().await.is_ok() {}
+    }
+}
+
+/// The service hyper calls for each request of one connection: gives the body its read
+/// timeout ([`RequestBody`]), inserts the peer's [`ClientAddr`] (and [`ClientTls`] on a TLS
+/// connection), counts the request in the connection's [`Activity`], and calls a clone of the
 /// user's service.
 #[derive(Debug)]
 pub(super) struct ConnService<S> {
     pub(super) inner: S,
     pub(super) peer: SocketAddr,
+    pub(super) tls: bool,
+    pub(super) body_timeout: Option<Duration>,
     pub(super) activity: Arc<Activity>,
 }
 
-impl<S, B> hyper::service::Service<Request<B>> for ConnService<S>
+impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
 where
-    S: Service<Request<B>> + Clone,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone,
+    B: http_body::Body,
 {
-    type Response = S::Response;
+    type Response = Response<Either<B, Empty<B::Data>>>;
     type Error = S::Error;
-    type Future = Counted<Oneshot<S, Request<B>>>;
+    type Future = Counted<Oneshot<S, Request<RequestBody>>>;
 
-    fn call(&self, mut req: Request<B>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        // Only a body still to come can time out (and needs the watch).
+        let watch = (self.body_timeout.is_some() && !http_body::Body::is_end_stream(req.body()))
+            .then(|| Arc::new(BodyWatch::default()));
+        let h1 = req.version() < http::Version::HTTP_2;
+        let mut req = req.map(|b| RequestBody::new(b, self.body_timeout, watch.clone()));
         req.extensions_mut().insert(ClientAddr(self.peer));
+        if self.tls {
+            req.extensions_mut().insert(ClientTls);
+        }
+        if req.headers().contains_key(http::header::UPGRADE) {
+            let tx = self.activity.tunnels.get_or_init(|| watch::channel(()).0);
+            req.extensions_mut().insert(TunnelScope(tx.subscribe()));
+        }
         if req.version() == http::Version::HTTP_2 {
             self.activity.h2.store(true, Ordering::Relaxed);
         }
         self.activity.events.fetch_add(1, Ordering::Relaxed);
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         Counted {
-            fut: self.inner.clone().oneshot(req),
+            fut: Some(self.inner.clone().oneshot(req)),
             activity: Some(self.activity.clone()),
+            body: watch.map(|watch| (watch, h1)),
         }
     }
 }
 
 pin_project! {
     /// A request's future that counts as in flight on its connection until it ends or is
-    /// dropped.
+    /// dropped; and that answers `408 Request Timeout` (dropping the service's future) when
+    /// the request's body times out.
     pub(super) struct Counted<F> {
         #[pin]
-        fut: F,
+        fut: Option<F>,
         activity: Option<Arc<Activity>>,
+        // The request body's watch, and whether the request is HTTP/1.
+        body: Option<(Arc<BodyWatch>, bool)>,
     }
 
     impl<F> PinnedDrop for Counted<F> {
@@ -80,11 +136,38 @@ pin_project! {
     }
 }
 
-impl<F: Future> Future for Counted<F> {
-    type Output = F::Output;
+impl<F, B, E> Future for Counted<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
+{
+    type Output = Result<Response<Either<B, Empty<B::Data>>>, E>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().fut.poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some((watch, h1)) = this.body.as_ref() {
+            if watch.poll_expired(cx) {
+                // Whatever the service was doing for the request (sending it to a backend)
+                // is dropped: the request is over.
+                this.fut.set(None);
+                tracing::debug!("request body timed out: 408");
+                let mut res = Response::new(Either::Right(Empty::new()));
+                *res.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
+                if *h1 {
+                    res.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                *this.body = None;
+                return Poll::Ready(Ok(res));
+            }
+        }
+        let Some(fut) = this.fut.as_mut().as_pin_mut() else {
+            // Answered 408 already (hyper polls no further).
+            return Poll::Pending;
+        };
+        fut.poll(cx).map_ok(|res| res.map(Either::Left))
     }
 }
 

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
 use super::accept::{accept_loop, Drain};
+use super::body::RequestBody;
 use super::conn::{drive, Activity, ConnService, IdleRules};
 use crate::error::BoxError;
 
@@ -37,6 +37,7 @@ struct Settings {
     h2_max_concurrent_streams: u32,
     h2_keep_alive_interval: Option<Duration>,
     h2_keep_alive_timeout: Duration,
+    body_read_timeout: Duration,
     #[cfg(feature = "tls")]
     tls: Option<Tls>,
     #[cfg(feature = "proxy-protocol")]
@@ -89,6 +90,7 @@ impl<S> Server<S> {
                 h2_max_concurrent_streams: 128,
                 h2_keep_alive_interval: Some(Duration::from_secs(20)),
                 h2_keep_alive_timeout: Duration::from_secs(20),
+                body_read_timeout: Duration::from_secs(30),
                 #[cfg(feature = "tls")]
                 tls: None,
                 #[cfg(feature = "proxy-protocol")]
@@ -115,6 +117,19 @@ impl<S> Server<S> {
     /// it, so an idle connection closes after between one and one and a half times this.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.settings.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a client may send no data while its request body is being read (default 30 s;
+    /// nginx's `client_body_timeout` is 60 s). The timer runs per frame, only while the
+    /// service waits for the next one: a slow upload that keeps sending is never cut, one that
+    /// stalls is. On expiry the body fails with
+    /// [`BodyError::is_timeout`](super::BodyError::is_timeout), whatever the service was
+    /// doing for the request is dropped (a backend request is aborted, and counts as
+    /// cancelled, not as the backend's failure), and the client gets `408 Request Timeout`
+    /// (an HTTP/1.1 connection is then closed). `Duration::MAX` turns it off.
+    pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.body_read_timeout = timeout;
         self
     }
 
@@ -191,7 +206,7 @@ impl<S> Server<S> {
 
 impl<S, B> Server<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body + Send + 'static,
@@ -208,7 +223,9 @@ where
     /// As [`serve`](Self::serve), until `shutdown` resolves; then stops accepting (closing
     /// `listener`) and shuts every connection down gracefully: requests in flight finish, an
     /// HTTP/1.1 connection closes after its current response, an HTTP/2 one sends `GOAWAY`.
-    /// Connections still open after `grace` are closed, and it returns.
+    /// Connections still open after `grace` are closed, and it returns. An upgraded connection
+    /// (a WebSocket that [`Forward`](crate::proxy::Forward) tunnels) counts as its client
+    /// connection until it closes: it is waited for, and closed when `grace` is over.
     pub async fn serve_with_shutdown(
         self,
         listener: TcpListener,
@@ -229,8 +246,9 @@ where
 
     /// Serves one connection accepted elsewhere, from `peer`, with this server's settings
     /// (but outside its connection limit and graceful shutdown): TLS handshake if configured,
-    /// then HTTP until the client closes or the connection times out. Errors are logged, not
-    /// returned.
+    /// then HTTP until the client closes or the connection times out, and until the tunnels
+    /// of its upgraded requests close (dropping the future closes them). Errors are logged,
+    /// not returned.
     pub fn serve_connection(
         &self,
         stream: TcpStream,
@@ -263,6 +281,8 @@ struct ConnParts<S> {
 
 struct Shared {
     rules: IdleRules,
+    /// The request body read timeout, if any.
+    body_timeout: Option<Duration>,
     /// Sniffs the protocol (HTTP/2 preface or HTTP/1.1).
     auto: auto::Builder<TokioExecutor>,
     /// For TLS connections whose ALPN chose one protocol.
@@ -278,7 +298,7 @@ struct Shared {
 
 impl<S, B> ConnParts<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: http_body::Body + Send + 'static,
@@ -302,6 +322,7 @@ where
             .keep_alive_interval(s.h2_keep_alive_interval)
             .keep_alive_timeout(s.h2_keep_alive_timeout);
         let shared = Shared {
+            body_timeout: (s.body_read_timeout != Duration::MAX).then_some(s.body_read_timeout),
             rules: IdleRules {
                 first_request: s.header_read_timeout,
                 idle: s.idle_timeout,
@@ -360,12 +381,12 @@ where
                 Some(b"http/1.1") => Proto::H1,
                 _ => Proto::Auto,
             };
-            return self.http(proto, stream, peer, drain).await;
+            return self.http(proto, true, stream, peer, drain).await;
         }
-        self.http(Proto::Auto, stream, peer, drain).await
+        self.http(Proto::Auto, false, stream, peer, drain).await
     }
 
-    async fn http<I>(self, proto: Proto, io: I, peer: SocketAddr, drain: Option<Drain>)
+    async fn http<I>(self, proto: Proto, tls: bool, io: I, peer: SocketAddr, drain: Option<Drain>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -381,6 +402,8 @@ where
         let service = ConnService {
             inner: service,
             peer,
+            tls,
+            body_timeout: shared.body_timeout,
             activity: activity.clone(),
         };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -392,5 +415,8 @@ where
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
+        // An upgraded connection lives on in its tunnel: it still counts as this connection
+        // (under the connection limit, waited for on shutdown) until the tunnel closes.
+        activity.tunnels_closed().await;
     }
 }

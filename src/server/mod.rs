@@ -9,6 +9,7 @@
 //! | limit | default | what happens past it |
 //! |---|---|---|
 //! | [`header_read_timeout`](Server::header_read_timeout) | 30 s | a new connection's first request not received in time: closed; on HTTP/1.1 a later head (or the wait for it) taking longer: closed gracefully after 1 to 1.5 times it |
+//! | [`body_read_timeout`](Server::body_read_timeout) | 30 s | no data from the client while its request body is being read: the request's work is dropped (a backend request aborted, counted as cancelled) and the client gets `408` (an HTTP/1.1 connection is closed) |
 //! | [`idle_timeout`](Server::idle_timeout) | 60 s | no request in flight for that long: closed gracefully (HTTP/1 and HTTP/2) |
 //! | [`max_connections`](Server::max_connections) | 10 000 | no more `accept`: new connections wait in the kernel's backlog |
 //! | [`max_header_bytes`](Server::max_header_bytes) | 64 KiB | `431 Request Header Fields Too Large` (HTTP/1), stream refused (HTTP/2) |
@@ -19,7 +20,10 @@
 //! connection aborted before it was accepted) are logged and retried after a short pause that
 //! grows while they go on; they never stop the server. [`Server::serve_with_shutdown`] stops
 //! accepting on a signal, lets requests in flight finish (HTTP/1 closes after the current
-//! response, HTTP/2 sends `GOAWAY`) for a grace period, then closes what is left.
+//! response, HTTP/2 sends `GOAWAY`) for a grace period, then closes what is left, upgraded
+//! connections (WebSocket tunnels) included.
+//!
+//! The service gets each request with a [`RequestBody`]: hyper's body with the read timeout.
 //!
 //! ```no_run
 //! # #[cfg(feature = "http-proxy")]
@@ -33,7 +37,7 @@
 //! let proxy = ServiceBuilder::new()
 //!     .layer(ErrorResponseLayer::new())
 //!     .layer(BalancerLayer::new(["127.0.0.1:3001", "127.0.0.1:3002"], PowerOfTwoChoices::new()))
-//!     .service(Forward::<hyper::body::Incoming>::new());
+//!     .service(Forward::<lbkit::server::RequestBody>::new());
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! let ctrl_c = async { let _ = tokio::signal::ctrl_c().await; };
 //! Server::new(proxy)
@@ -45,7 +49,11 @@
 
 pub(crate) mod accept;
 #[cfg(feature = "http-proxy")]
+mod body;
+#[cfg(feature = "http-proxy")]
 mod conn;
+#[cfg(feature = "http-proxy")]
+pub(crate) use conn::TunnelScope;
 #[cfg(feature = "http-proxy")]
 mod http;
 #[cfg(feature = "proxy-protocol")]
@@ -54,6 +62,9 @@ mod proxy_protocol;
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
 
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use body::{BodyError, RequestBody};
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use http::Server;

@@ -13,7 +13,7 @@
 //!     .layer(ErrorResponseLayer::new())
 //!     .layer(BalancerLayer::new(["127.0.0.1:3001", "127.0.0.1:3002"], RoundRobin::new()))
 //!     // The clients speak https: say so in X-Forwarded-Proto / Forwarded.
-//!     .service(Forward::<hyper::body::Incoming>::new().proto("https"));
+//!     .service(Forward::<lbkit::server::RequestBody>::new().proto("https"));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
 //! Server::new(proxy).tls(config).serve(listener).await;
 //! # Ok(()) }

@@ -19,6 +19,8 @@ pin_project! {
         pinned: Option<EndpointId>,
         record: PickRecord,
         config: Arc<Config>,
+        // Whether the request came over TLS (the cookie is then `Secure` by default).
+        tls: bool,
     }
 }
 
@@ -28,12 +30,14 @@ impl<F> ResponseFuture<F> {
         pinned: Option<EndpointId>,
         record: PickRecord,
         config: Arc<Config>,
+        tls: bool,
     ) -> Self {
         ResponseFuture {
             inner,
             pinned,
             record,
             config,
+            tls,
         }
     }
 }
@@ -57,7 +61,7 @@ where
         let mut res = ready!(this.inner.poll(cx))?;
         let served = this.record.endpoint();
         if let Some(id) = served.filter(|id| this.pinned.as_ref() != Some(id)) {
-            match this.config.set_cookie(&id) {
+            match this.config.set_cookie(&id, *this.tls) {
                 Some(v) => {
                     tracing::trace!(endpoint = %id, "affinity cookie set");
                     res.headers_mut().append(SET_COOKIE, v);

@@ -5,6 +5,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::layer::Config;
+use crate::forwarded::ClientTls;
 use crate::hints::PickHints;
 
 /// The service of [`StickyLayer`](super::StickyLayer).
@@ -40,15 +41,22 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let cookie = self.config.endpoint_in(req.headers());
+        let tls = req.extensions().get::<ClientTls>().is_some();
         let hints = PickHints::of_mut(&mut req);
-        if let Some((id, _)) = &cookie {
-            tracing::trace!(endpoint = %id, "affinity cookie");
-            hints.prefer(id.clone());
+        if let Some(found) = &cookie {
+            tracing::trace!(endpoint = %found.id, "affinity cookie");
+            hints.prefer(found.id.clone());
         }
-        // A cookie sealed with a previous key counts as none on the way out: it is set again,
-        // sealed with the current key.
-        let pinned = cookie.and_then(|(id, current)| current.then_some(id));
+        // A cookie sealed with a previous key, or past half its lifetime, counts as none on
+        // the way out: it is set again, sealed with the current key and a new issue time.
+        let pinned = cookie.and_then(|f| (!f.renew).then_some(f.id));
         let record = hints.record_pick();
-        ResponseFuture::new(self.inner.call(req), pinned, record, self.config.clone())
+        ResponseFuture::new(
+            self.inner.call(req),
+            pinned,
+            record,
+            self.config.clone(),
+            tls,
+        )
     }
 }

@@ -586,11 +586,11 @@ pub mod fault {
     use bytes::Bytes;
     use http::{Request, StatusCode};
     use http_body_util::{BodyExt, Full};
-    use hyper::body::Incoming;
     use lbkit::balance::Target;
     use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
     use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
     use lbkit::proxy::{ErrorResponseLayer, Forward};
+    use lbkit::server::RequestBody;
     use lbkit::strategy::AnyStrategy;
     use lbkit::{BalancerLayer, Endpoint, EndpointId, PickHints, Pool};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -808,7 +808,7 @@ pub mod fault {
     }
 
     /// The request body the proxy forwards: the client's, retryable when empty.
-    pub type ProxyReqBody = ReplayBody<Incoming>;
+    pub type ProxyReqBody = ReplayBody<RequestBody>;
     /// The proxy's pool (the balancer layer's).
     pub type ProxyPool = Pool<Target, AnyStrategy>;
 
@@ -949,7 +949,7 @@ pub mod fault {
                 .deadline(config.deadline);
             let proxy = ServiceBuilder::new()
                 .layer(ErrorResponseLayer::new())
-                .map_request(|req: Request<Incoming>| req.map(ReplayBody::new))
+                .map_request(|req: Request<RequestBody>| req.map(ReplayBody::new))
                 .map_request(route_hint)
                 .layer(failover)
                 .layer(balancer)
