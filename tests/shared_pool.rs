@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An HTTP backend named `name`; `/health` answers 503 while `sick` is set.
 async fn backend(name: &'static str, sick: Arc<AtomicBool>) -> SocketAddr {
-    let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+    let svc = tower::service_fn(move |req: http::Request<lbkit::server::RequestBody>| {
         let status = if req.uri().path() == "/health" && sick.load(Ordering::SeqCst) {
             503
         } else {
