@@ -1,6 +1,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
 use http::HeaderMap;
@@ -44,6 +45,16 @@ use pin_project_lite::pin_project;
 pub trait Replay: Sized {
     /// A copy of this body to send in a retry, or `None` if it cannot be sent again.
     fn replay(&self) -> Option<Self>;
+
+    /// A copy of this body for an attempt after which `self` may still be needed: like
+    /// [`replay`](Replay::replay) (the default), except that a body still streaming may hand
+    /// its stream to the copy while `self` keeps a claim on it, so that `self` can be replayed
+    /// later if the attempt never read the stream (the request never left the proxy).
+    ///
+    /// [`ReplayBody`] does so; the failover layer asks this before each attempt.
+    fn lend(&mut self) -> Option<Self> {
+        self.replay()
+    }
 }
 
 /// `Replay` by cloning, for body types whose clone is the whole body.
@@ -109,6 +120,9 @@ pin_project! {
         // What is still to be read from the original body, if anything.
         #[pin]
         rest: Option<B>,
+        // A stream lent to an attempt (see `Replay::lend`), shared by the lender and its copy:
+        // the copy moves it into `rest` when first polled, so a stream still here was not read.
+        lent: Option<Arc<Mutex<Option<B>>>>,
     }
 }
 
@@ -119,6 +133,7 @@ impl<B: Body> ReplayBody<B> {
             chunks: VecDeque::new(),
             trailers: None,
             rest: Some(body),
+            lent: None,
         }
     }
 
@@ -128,6 +143,7 @@ impl<B: Body> ReplayBody<B> {
             chunks: VecDeque::new(),
             trailers: None,
             rest: None,
+            lent: None,
         }
     }
 
@@ -141,6 +157,7 @@ impl<B: Body> ReplayBody<B> {
             chunks: VecDeque::from([(data, n)]),
             trailers: None,
             rest: None,
+            lent: None,
         }
     }
 
@@ -195,15 +212,25 @@ impl<B: Body> ReplayBody<B> {
         }
     }
 
-    /// Whether the body can be sent again: it is buffered or empty.
+    /// Whether the body can be sent again: it is buffered or empty, or its stream was lent
+    /// (see [`Replay::lend`]) and the copy that had it is gone without reading it.
     pub fn is_replayable(&self) -> bool {
-        ended(self.rest.as_ref())
+        match &self.lent {
+            None => ended(self.rest.as_ref()),
+            // No copy left that could still read it, and none did.
+            Some(slot) => Arc::strong_count(slot) == 1 && lock(slot).is_some(),
+        }
     }
 }
 
 /// Whether an optional body is absent or at its end.
 fn ended<B: Body>(body: Option<&B>) -> bool {
     body.is_none_or(Body::is_end_stream)
+}
+
+/// The lent stream; a panic elsewhere cannot leave an `Option` half-written.
+fn lock<B>(slot: &Mutex<Option<B>>) -> MutexGuard<'_, Option<B>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<B: Body> Replay for ReplayBody<B>
@@ -215,7 +242,18 @@ where
             chunks: self.chunks.clone(),
             trailers: self.trailers.clone(),
             rest: None,
+            lent: self.lent.clone(),
         })
+    }
+
+    /// A copy; a stream not read yet goes to the copy (one allocation), and `self` can be
+    /// replayed again once that copy is dropped without having read it.
+    fn lend(&mut self) -> Option<Self> {
+        if self.lent.is_none() && !ended(self.rest.as_ref()) {
+            // Not pinned (behind `&mut`): the stream can move to the shared slot.
+            self.lent = Some(Arc::new(Mutex::new(self.rest.take())));
+        }
+        self.replay()
     }
 }
 
@@ -231,6 +269,10 @@ impl<B: Body> Body for ReplayBody<B> {
         if let Some((data, _)) = this.chunks.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        if let Some(slot) = this.lent.take() {
+            // Read from now on: the lender can no longer replay it.
+            this.rest.set(lock(&slot).take());
+        }
         if let Some(rest) = this.rest.as_mut().as_pin_mut() {
             match ready!(rest.poll_frame(cx)) {
                 None => this.rest.set(None),
@@ -241,12 +283,16 @@ impl<B: Body> Body for ReplayBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty() && self.trailers.is_none() && ended(self.rest.as_ref())
+        self.chunks.is_empty()
+            && self.trailers.is_none()
+            && ended(self.rest.as_ref())
+            && self.lent.as_ref().is_none_or(|s| ended(lock(s).as_ref()))
     }
 
     fn size_hint(&self) -> SizeHint {
         let buffered: u64 = self.chunks.iter().map(|(_, n)| n).sum();
-        match &self.rest {
+        let lent = self.lent.as_ref().map(|s| lock(s));
+        match self.rest.as_ref().or(lent.as_ref().and_then(|l| l.as_ref())) {
             None => SizeHint::with_exact(buffered),
             Some(b) => {
                 let h = b.size_hint();
@@ -267,6 +313,7 @@ impl<B: Body + fmt::Debug> fmt::Debug for ReplayBody<B> {
             .field("buffered_chunks", &self.chunks.len())
             .field("trailers", &self.trailers.is_some())
             .field("rest", &self.rest)
+            .field("lent", &self.lent.is_some())
             .finish()
     }
 }
