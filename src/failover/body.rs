@@ -358,6 +358,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lent_stream_comes_back_only_if_unread_and_no_copy_is_left() {
+        let mut body = ReplayBody::new(stream(&["ab", "cd"]));
+        assert!(body.replay().is_none());
+        // Lent to an attempt: one copy at a time holds the stream.
+        let copy = body.lend().expect("a stream not read yet can be lent");
+        assert_eq!(copy.size_hint().lower(), 0);
+        assert!(!copy.is_end_stream());
+        assert!(body.replay().is_none(), "a copy that may still read it is out");
+        drop(copy);
+        // The attempt never read it (a refused connection): sent again, whole.
+        let copy = body.lend().expect("unread: lent again");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
+        // Read: gone for good.
+        assert!(body.replay().is_none() && body.lend().is_none());
+        assert!(body.is_end_stream());
+
+        // Buffered chunks stay with the lender and go to every copy first.
+        let mut body = ReplayBody::buffer(stream(&["ab", "cd", "ef", "gh"]), 3)
+            .await
+            .unwrap();
+        let copy = body.lend().unwrap();
+        assert!(body.lend().is_none());
+        drop(copy);
+        let copy = body.lend().unwrap();
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcdefgh");
+        assert!(body.lend().is_none());
+
+        // A replayable body lends a plain copy.
+        let mut empty = ReplayBody::new(Full::new(Bytes::new()));
+        assert!(empty.lend().is_some() && empty.lend().is_some());
+    }
+
+    #[tokio::test]
     async fn empty_and_trailers() {
         let empty = ReplayBody::new(Full::new(Bytes::new()));
         assert!(empty.is_replayable());

@@ -171,11 +171,13 @@ where
                     tracing::debug!(attempts = *this.attempts, "failover deadline passed");
                     // The attempt in flight (dropped with this future) took too long: the
                     // endpoint's failure, not a cancellation.
+                    let mut attempts = *this.attempts;
                     if matches!(this.state.as_mut().project(), StateProj::Calling { .. }) {
                         this.record.give_up();
+                        attempts += 1;
                     }
                     let last = failure_of(this.last.take());
-                    return Poll::Ready(Err(FailoverError::deadline(*this.attempts, last)));
+                    return Poll::Ready(Err(FailoverError::deadline(attempts, last)));
                 }
             }
             match this.state.as_mut().project() {
