@@ -589,7 +589,9 @@ async fn deadline_ends_the_request_with_a_timeout() {
         let started = Instant::now();
         let err = send(&svc, get(1)).await.unwrap_err();
         let took = started.elapsed();
-        let failover = err.downcast_ref::<failover::Error>().expect("a failover error");
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
         assert!(failover.is_deadline() && !failover.is_timeout(), "{err:?}");
         assert_eq!(failover.attempts(), 1, "{err}");
         assert_eq!(lbkit::proxy::status_for(&*err), StatusCode::GATEWAY_TIMEOUT);
@@ -603,7 +605,9 @@ async fn deadline_ends_the_request_with_a_timeout() {
         let started = Instant::now();
         let err = send(&svc, get(2)).await.unwrap_err();
         let took = started.elapsed();
-        let failover = err.downcast_ref::<failover::Error>().expect("a failover error");
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
         assert!(failover.is_timeout() && !failover.is_deadline(), "{err:?}");
         assert_eq!(failover.attempts(), 2, "{err}");
         let lb = err
@@ -649,8 +653,13 @@ async fn no_endpoint_left_returns_the_last_failure() {
         pool.set_down(&"b1".into(), true);
         let svc = FailoverLayer::new(RetryBudget::unlimited()).layer(bal);
         let err = send(&svc, get(99)).await.unwrap_err();
-        let failover = err.downcast_ref::<failover::Error>().expect("a failover error");
-        assert!(failover.is_no_endpoint() && failover.attempts() == 0, "{err:?}");
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
+        assert!(
+            failover.is_no_endpoint() && failover.attempts() == 0,
+            "{err:?}"
+        );
         assert!(err.source().unwrap().is::<lbkit::Error>());
         assert_eq!(
             lbkit::proxy::status_for(&*err),
@@ -730,7 +739,9 @@ async fn a_spent_budget_ends_the_request_with_a_typed_error() {
             let mut req = get(i);
             PickHints::of_mut(&mut req).prefer("close".into());
             let err = send(&svc, req).await.unwrap_err();
-            let failover = err.downcast_ref::<failover::Error>().expect("a failover error");
+            let failover = err
+                .downcast_ref::<failover::Error>()
+                .expect("a failover error");
             assert!(failover.is_budget_exhausted(), "{err:?}");
             assert!(!failover.is_deadline() && !failover.is_no_endpoint());
             assert!(!failover.is_timeout() && !failover.is_not_sent(), "{err:?}");
@@ -768,7 +779,9 @@ async fn a_backoff_past_the_deadline_ends_the_request_at_once() {
         let mut req = get(1);
         PickHints::of_mut(&mut req).prefer("bad".into());
         let err = send(&svc, req).await.unwrap_err();
-        let failover = err.downcast_ref::<failover::Error>().expect("a failover error");
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
         assert!(failover.is_deadline(), "{err:?}");
         assert_eq!(failover.attempts(), 1);
         assert_eq!(err.to_string(), "deadline passed after 1 attempt");
@@ -844,7 +857,10 @@ fn backoff_is_slept_between_attempts_within_its_range() {
             assert!((1..=2).contains(&retries), "{retries}");
             // Timers round up to the millisecond.
             assert!(took >= fixed * retries, "{retries} retries in {took:?}");
-            assert!(took <= fixed * retries + Duration::from_millis(10), "{took:?}");
+            assert!(
+                took <= fixed * retries + Duration::from_millis(10),
+                "{took:?}"
+            );
         }
 
         // Envoy's default, scaled up to seconds so the range is plain: the first retry waits
@@ -870,7 +886,10 @@ fn backoff_is_slept_between_attempts_within_its_range() {
             shortest = shortest.min(took);
         }
         // Jittered: not all the same (20 draws from a 1-4 s range).
-        assert!(longest > shortest + Duration::from_millis(100), "{shortest:?}..{longest:?}");
+        assert!(
+            longest > shortest + Duration::from_millis(100),
+            "{shortest:?}..{longest:?}"
+        );
         assert_eq!(ok.hits(), 26);
         assert_eq!(b0.max_per_request().max(b1.max_per_request()), 1);
     });

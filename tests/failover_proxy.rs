@@ -188,7 +188,11 @@ async fn posts_that_meet_a_closed_port_are_sent_to_another_backend() {
         task.abort();
         assert_eq!(failures, 0);
         assert!(refused >= 1, "round robin sends the closed port its turn");
-        assert_eq!(a.posts() + b.posts(), 50, "each POST reached one backend once");
+        assert_eq!(
+            a.posts() + b.posts(),
+            50,
+            "each POST reached one backend once"
+        );
     })
     .await;
 }
@@ -290,14 +294,16 @@ async fn a_post_that_reached_a_backend_which_then_died_is_not_sent_again() {
                     other => panic!("{death:?}: {other}"),
                 }
             }
-            let (dying_posts, ok_posts) =
-                (dying.posts.load(Ordering::SeqCst), ok.posts());
+            let (dying_posts, ok_posts) = (dying.posts.load(Ordering::SeqCst), ok.posts());
             eprintln!(
                 "{death:?}: 6 POSTs, {dying_posts} reached the dying backend and failed \
                  ({bad_gateway} answered 502), {ok_posts} served by the other"
             );
             assert!(dying_posts >= 1, "{death:?}");
-            assert_eq!(bad_gateway, dying_posts, "{death:?}: each one failed, none sent on");
+            assert_eq!(
+                bad_gateway, dying_posts,
+                "{death:?}: each one failed, none sent on"
+            );
             assert_eq!(dying_posts + ok_posts, 6, "{death:?}: each POST sent once");
 
             // GETs meeting the same death are retried on the other backend.
@@ -439,7 +445,10 @@ async fn grpc_calls_that_meet_a_stopped_server_are_sent_to_another() {
         task_a.abort();
         task_b.abort();
         assert_eq!(failed, 0);
-        assert!(refused >= 1, "round robin sends the stopped server its turn");
+        assert!(
+            refused >= 1,
+            "round robin sends the stopped server its turn"
+        );
         assert_eq!(served.values().sum::<u32>(), 30);
         assert_eq!(served.len(), 2, "{served:?}");
     })

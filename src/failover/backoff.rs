@@ -116,7 +116,10 @@ mod tests {
     fn envoy_ranges_grow_then_cap() {
         let b = Backoff::default();
         let caps: Vec<_> = (1..=6).map(|n| b.max_delay(n)).collect();
-        assert_eq!(caps, [25 * MS, 75 * MS, 175 * MS, 250 * MS, 250 * MS, 250 * MS]);
+        assert_eq!(
+            caps,
+            [25 * MS, 75 * MS, 175 * MS, 250 * MS, 250 * MS, 250 * MS]
+        );
         // No overflow however many retries.
         assert_eq!(b.max_delay(u32::MAX), 250 * MS);
         assert_eq!(Backoff::exponential(MS, 0 * MS).max_delay(3), MS);

@@ -292,7 +292,11 @@ impl<B: Body> Body for ReplayBody<B> {
     fn size_hint(&self) -> SizeHint {
         let buffered: u64 = self.chunks.iter().map(|(_, n)| n).sum();
         let lent = self.lent.as_ref().map(|s| lock(s));
-        match self.rest.as_ref().or(lent.as_ref().and_then(|l| l.as_ref())) {
+        match self
+            .rest
+            .as_ref()
+            .or(lent.as_ref().and_then(|l| l.as_ref()))
+        {
             None => SizeHint::with_exact(buffered),
             Some(b) => {
                 let h = b.size_hint();
@@ -365,7 +369,10 @@ mod tests {
         let copy = body.lend().expect("a stream not read yet can be lent");
         assert_eq!(copy.size_hint().lower(), 0);
         assert!(!copy.is_end_stream());
-        assert!(body.replay().is_none(), "a copy that may still read it is out");
+        assert!(
+            body.replay().is_none(),
+            "a copy that may still read it is out"
+        );
         drop(copy);
         // The attempt never read it (a refused connection): sent again, whole.
         let copy = body.lend().expect("unread: lent again");

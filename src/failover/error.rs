@@ -147,7 +147,11 @@ impl fmt::Display for Error {
             Kind::Deadline => "deadline passed",
         };
         let n = self.attempts;
-        write!(f, "{what} after {n} attempt{}", if n == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{what} after {n} attempt{}",
+            if n == 1 { "" } else { "s" }
+        )?;
         if self.timed_out {
             f.write_str("; the last timed out")?;
         } else if self.is_not_sent() {
@@ -274,7 +278,10 @@ mod tests {
 
         let e = Error::failed(3, last(Some("reset".into()), true));
         assert!(e.is_timeout() && !e.is_not_sent() && !e.is_no_endpoint());
-        assert_eq!(e.to_string(), "request failed after 3 attempts; the last timed out");
+        assert_eq!(
+            e.to_string(),
+            "request failed after 3 attempts; the last timed out"
+        );
         assert_eq!(e.into_source().unwrap().to_string(), "reset");
     }
 

@@ -48,9 +48,9 @@ mod service;
 pub use backoff::Backoff;
 pub use body::{Replay, ReplayBody};
 pub use budget::RetryBudget;
-pub use error::{Error, NotSent};
 #[cfg(test)]
 pub(crate) use error::Failure;
+pub use error::{Error, NotSent};
 pub use future::ResponseFuture;
 pub use layer::FailoverLayer;
 pub use policy::{is_idempotent, DefaultPolicy, RetryPolicy};
