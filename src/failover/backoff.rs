@@ -122,7 +122,7 @@ mod tests {
         );
         // No overflow however many retries.
         assert_eq!(b.max_delay(u32::MAX), 250 * MS);
-        assert_eq!(Backoff::exponential(MS, 0 * MS).max_delay(3), MS);
+        assert_eq!(Backoff::exponential(MS, Duration::ZERO).max_delay(3), MS);
     }
 
     #[test]
