@@ -26,8 +26,9 @@
 //!   the backend already encoded the response;
 //! - `ErrorResponseLayer`: failures become 502/503/504 with a short body;
 //! - `FailoverLayer`: a failed idempotent request (connection refused, reset, 502/503/504,
-//!   per-try timeout) is sent again to another backend, within a retry budget, so a backend
-//!   that dies under load costs no client a failed request;
+//!   per-try timeout) is sent again to another backend, and so is any request (a `POST`, a
+//!   gRPC call) whose connection was refused, after a short jittered back-off and within a
+//!   retry budget, so a backend that dies under load costs no client a failed request;
 //! - `--sticky` (`StickyLayer`) or `--hash-header NAME` (`HashKeyLayer`, for `maglev`/`ring`);
 //! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked
 //!   (`GET /` every second; `--check http:/healthz` for another path, `--check tcp` for a

@@ -24,7 +24,9 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lbkit::failover::{is_idempotent, FailoverLayer, ReplayBody, RetryBudget, RetryPolicy};
+use lbkit::failover::{
+    self, is_idempotent, Backoff, FailoverLayer, ReplayBody, RetryBudget, RetryPolicy,
+};
 use lbkit::hints::PickHints;
 use lbkit::strategy::RoundRobin;
 use lbkit::{Balancer, BoxError, Endpoint, Tier};
@@ -587,7 +589,11 @@ async fn deadline_ends_the_request_with_a_timeout() {
         let started = Instant::now();
         let err = send(&svc, get(1)).await.unwrap_err();
         let took = started.elapsed();
-        assert!(err.is::<tower::timeout::error::Elapsed>(), "{err:?}");
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
+        assert!(failover.is_deadline() && !failover.is_timeout(), "{err:?}");
+        assert_eq!(failover.attempts(), 1, "{err}");
         assert_eq!(lbkit::proxy::status_for(&*err), StatusCode::GATEWAY_TIMEOUT);
         // Timers never fire early.
         assert!(took >= Duration::from_secs(1), "{took:?}");
@@ -599,9 +605,15 @@ async fn deadline_ends_the_request_with_a_timeout() {
         let started = Instant::now();
         let err = send(&svc, get(2)).await.unwrap_err();
         let took = started.elapsed();
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
+        assert!(failover.is_timeout() && !failover.is_deadline(), "{err:?}");
+        assert_eq!(failover.attempts(), 2, "{err}");
         let lb = err
-            .downcast_ref::<lbkit::Error>()
-            .expect("an endpoint error");
+            .source()
+            .and_then(|e| e.downcast_ref::<lbkit::Error>())
+            .expect("the last attempt's endpoint error");
         assert!(lb.is_endpoint(), "{err:?}");
         assert_eq!(lbkit::proxy::status_for(&*err), StatusCode::GATEWAY_TIMEOUT);
         // Two endpoints, each tried once (for a per-try timeout each); the third attempt finds
@@ -641,7 +653,18 @@ async fn no_endpoint_left_returns_the_last_failure() {
         pool.set_down(&"b1".into(), true);
         let svc = FailoverLayer::new(RetryBudget::unlimited()).layer(bal);
         let err = send(&svc, get(99)).await.unwrap_err();
-        assert!(err.downcast_ref::<lbkit::Error>().unwrap().is_no_endpoint());
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
+        assert!(
+            failover.is_no_endpoint() && failover.attempts() == 0,
+            "{err:?}"
+        );
+        assert!(err.source().unwrap().is::<lbkit::Error>());
+        assert_eq!(
+            lbkit::proxy::status_for(&*err),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     })
     .await;
 }
@@ -700,4 +723,174 @@ async fn backups_take_over_when_primaries_are_down_and_hand_back() {
         assert_eq!(backup.hits(), 10);
     })
     .await;
+}
+
+/// With the budget spent, a failed attempt ends the request with a typed error that says so
+/// (a proxy answers 503), after exactly one attempt.
+#[tokio::test]
+async fn a_spent_budget_ends_the_request_with_a_typed_error() {
+    within(Duration::from_secs(30), async {
+        let close = Backend::start("close", Mode::Close).await;
+        let ok = Backend::start("ok", Mode::Ok).await;
+        // No reserve and no share: every retry is refused.
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.0);
+        let svc = FailoverLayer::new(budget).layer(balancer([close.endpoint(), ok.endpoint()]));
+        for i in 0..4 {
+            let mut req = get(i);
+            PickHints::of_mut(&mut req).prefer("close".into());
+            let err = send(&svc, req).await.unwrap_err();
+            let failover = err
+                .downcast_ref::<failover::Error>()
+                .expect("a failover error");
+            assert!(failover.is_budget_exhausted(), "{err:?}");
+            assert!(!failover.is_deadline() && !failover.is_no_endpoint());
+            assert!(!failover.is_timeout() && !failover.is_not_sent(), "{err:?}");
+            assert_eq!(failover.attempts(), 1);
+            assert_eq!(
+                err.to_string(),
+                "retry budget exhausted after 1 attempt",
+                "{err:?}"
+            );
+            let lb = err.source().and_then(|e| e.downcast_ref::<lbkit::Error>());
+            assert_eq!(lb.and_then(|e| e.endpoint_id()).unwrap().as_str(), "close");
+            assert_eq!(
+                lbkit::proxy::status_for(&*err),
+                StatusCode::SERVICE_UNAVAILABLE
+            );
+        }
+        assert_eq!((close.hits(), ok.hits()), (4, 0));
+        assert_eq!((svc.budget().retries(), svc.budget().refused()), (0, 4));
+    })
+    .await;
+}
+
+/// A back-off that would end after the deadline ends the request at once with the deadline
+/// error instead of sleeping: here the back-off is two hours and the deadline one, so a sleep
+/// would hang the test.
+#[tokio::test]
+async fn a_backoff_past_the_deadline_ends_the_request_at_once() {
+    within(Duration::from_secs(30), async {
+        let bad = Backend::start("bad", Mode::Unavailable).await;
+        let ok = Backend::start("ok", Mode::Ok).await;
+        let svc = FailoverLayer::new(RetryBudget::unlimited())
+            .backoff(Backoff::fixed(Duration::from_secs(7_200)))
+            .deadline(Duration::from_secs(3_600))
+            .layer(balancer([bad.endpoint(), ok.endpoint()]));
+        let mut req = get(1);
+        PickHints::of_mut(&mut req).prefer("bad".into());
+        let err = send(&svc, req).await.unwrap_err();
+        let failover = err
+            .downcast_ref::<failover::Error>()
+            .expect("a failover error");
+        assert!(failover.is_deadline(), "{err:?}");
+        assert_eq!(failover.attempts(), 1);
+        assert_eq!(err.to_string(), "deadline passed after 1 attempt");
+        assert_eq!(lbkit::proxy::status_for(&*err), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!((bad.hits(), ok.hits()), (1, 0));
+        // No retry was made, so none was taken from the budget.
+        assert_eq!(svc.budget().retries(), 0);
+
+        // Without back-off the same request is retried at once and served.
+        let svc = FailoverLayer::new(RetryBudget::unlimited())
+            .backoff(Backoff::none())
+            .deadline(Duration::from_secs(3_600))
+            .layer(balancer([bad.endpoint(), ok.endpoint()]));
+        let mut req = get(2);
+        PickHints::of_mut(&mut req).prefer("bad".into());
+        assert_eq!(send(&svc, req).await.unwrap().0, StatusCode::OK);
+        assert_eq!((bad.hits(), ok.hits()), (2, 1));
+    })
+    .await;
+}
+
+/// Runs `test` on a current-thread runtime whose clock is paused (it jumps to the next timer
+/// whenever nothing else can run), on its own thread, failing if it has not finished after
+/// `limit` of real time.
+fn on_paused_clock<F>(limit: Duration, test: impl FnOnce() -> F + Send + 'static)
+where
+    F: Future<Output = ()>,
+{
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(test());
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"));
+}
+
+/// The back-off is slept between attempts, within the configured range: on a paused clock,
+/// where time moves only by the timers that run, a request's time is the sum of its back-offs.
+/// Counted per retry: two failing backends before a working one make two retries per request.
+#[test]
+fn backoff_is_slept_between_attempts_within_its_range() {
+    on_paused_clock(Duration::from_secs(60), || async {
+        let b0 = Backend::start("b0", Mode::Unavailable).await;
+        let b1 = Backend::start("b1", Mode::Unavailable).await;
+        let ok = Backend::start("ok", Mode::Ok).await;
+        let endpoints = [b0.endpoint(), b1.endpoint(), ok.endpoint()];
+        // Each request tries b0, then b1 (the preferred and then the next by round robin is
+        // not certain), so count the retries rather than assume them.
+        let request = |i| {
+            let mut req = get(i);
+            PickHints::of_mut(&mut req).prefer("b0".into());
+            req
+        };
+
+        // A fixed back-off: exactly its delay per retry.
+        let fixed = Duration::from_secs(5);
+        let svc = FailoverLayer::new(RetryBudget::unlimited())
+            .backoff(Backoff::fixed(fixed))
+            .layer(balancer(endpoints.clone()));
+        for i in 0..6 {
+            let retries_before = svc.budget().retries();
+            let started = tokio::time::Instant::now();
+            assert_eq!(send(&svc, request(i)).await.unwrap().0, StatusCode::OK);
+            let took = started.elapsed();
+            let retries = (svc.budget().retries() - retries_before) as u32;
+            assert!((1..=2).contains(&retries), "{retries}");
+            // Timers round up to the millisecond.
+            assert!(took >= fixed * retries, "{retries} retries in {took:?}");
+            assert!(
+                took <= fixed * retries + Duration::from_millis(10),
+                "{took:?}"
+            );
+        }
+
+        // Envoy's default, scaled up to seconds so the range is plain: the first retry waits
+        // under 1 s, the second under 3 s, each drawn at random; over 20 requests the draws
+        // fill their range.
+        let backoff = Backoff::exponential(Duration::from_secs(1), Duration::from_secs(10));
+        let svc = FailoverLayer::new(RetryBudget::unlimited())
+            .backoff(backoff)
+            .layer(balancer(endpoints));
+        let (mut longest, mut shortest) = (Duration::ZERO, Duration::MAX);
+        for i in 100..120 {
+            let retries_before = svc.budget().retries();
+            let started = tokio::time::Instant::now();
+            assert_eq!(send(&svc, request(i)).await.unwrap().0, StatusCode::OK);
+            let took = started.elapsed();
+            let retries = (svc.budget().retries() - retries_before) as u32;
+            let most: Duration = (1..=retries).map(|n| backoff.max_delay(n)).sum();
+            assert!(
+                took <= most + Duration::from_millis(10),
+                "{retries} retries in {took:?}"
+            );
+            longest = longest.max(took);
+            shortest = shortest.min(took);
+        }
+        // Jittered: not all the same (20 draws from a 1-4 s range).
+        assert!(
+            longest > shortest + Duration::from_millis(100),
+            "{shortest:?}..{longest:?}"
+        );
+        assert_eq!(ok.hits(), 26);
+        assert_eq!(b0.max_per_request().max(b1.max_per_request()), 1);
+    });
 }

@@ -3,7 +3,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 
 use http::HeaderMap;
@@ -51,6 +51,16 @@ use crate::error::BoxError;
 pub trait Replay: Sized {
     /// A copy of this body to send in a retry, or `None` if it cannot be sent again.
     fn replay(&self) -> Option<Self>;
+
+    /// A copy of this body for an attempt after which `self` may still be needed: like
+    /// [`replay`](Replay::replay) (the default), except that a body still streaming may hand
+    /// its stream to the copy while `self` keeps a claim on it, so that `self` can be replayed
+    /// later if the attempt never read the stream (the request never left the proxy).
+    ///
+    /// [`ReplayBody`] does so; the failover layer asks this before each attempt.
+    fn lend(&mut self) -> Option<Self> {
+        self.replay()
+    }
 }
 
 /// `Replay` by cloning, for body types whose clone is the whole body.
@@ -121,6 +131,9 @@ pin_project! {
         // What is still to be read from the original body, if anything.
         #[pin]
         rest: Option<B>,
+        // A stream lent to an attempt (see `Replay::lend`), shared by the lender and its copy:
+        // the copy moves it into `rest` when first polled, so a stream still here was not read.
+        lent: Option<Arc<Mutex<Option<B>>>>,
     }
 }
 
@@ -133,6 +146,7 @@ impl<B: Body> ReplayBody<B> {
             spilled: false,
             reservation: None,
             rest: Some(body),
+            lent: None,
         }
     }
 
@@ -144,6 +158,7 @@ impl<B: Body> ReplayBody<B> {
             spilled: false,
             reservation: None,
             rest: None,
+            lent: None,
         }
     }
 
@@ -159,6 +174,7 @@ impl<B: Body> ReplayBody<B> {
             spilled: false,
             reservation: None,
             rest: None,
+            lent: None,
         }
     }
 
@@ -235,9 +251,15 @@ impl<B: Body> ReplayBody<B> {
         Ok(this)
     }
 
-    /// Whether the body can be sent again: it is buffered (within its limit) or empty.
+    /// Whether the body can be sent again: it is buffered (within its limit) or empty, or its
+    /// stream was lent (see [`Replay::lend`]) and the copy that had it is gone without reading
+    /// it.
     pub fn is_replayable(&self) -> bool {
-        !self.spilled && ended(self.rest.as_ref())
+        match &self.lent {
+            None => !self.spilled && ended(self.rest.as_ref()),
+            // No copy left that could still read it, and none did.
+            Some(slot) => Arc::strong_count(slot) == 1 && lock(slot).is_some(),
+        }
     }
 }
 
@@ -470,6 +492,11 @@ fn ended<B: Body>(body: Option<&B>) -> bool {
     body.is_none_or(Body::is_end_stream)
 }
 
+/// The lent stream; a panic elsewhere cannot leave an `Option` half-written.
+fn lock<B>(slot: &Mutex<Option<B>>) -> MutexGuard<'_, Option<B>> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl<B: Body> Replay for ReplayBody<B>
 where
     B::Data: Clone,
@@ -478,10 +505,21 @@ where
         self.is_replayable().then(|| ReplayBody {
             chunks: self.chunks.clone(),
             trailers: self.trailers.clone(),
-            spilled: false,
+            spilled: self.spilled,
             reservation: self.reservation.clone(),
             rest: None,
+            lent: self.lent.clone(),
         })
+    }
+
+    /// A copy; a stream not read yet goes to the copy (one allocation), and `self` can be
+    /// replayed again once that copy is dropped without having read it.
+    fn lend(&mut self) -> Option<Self> {
+        if self.lent.is_none() && !ended(self.rest.as_ref()) {
+            // Not pinned (behind `&mut`): the stream can move to the shared slot.
+            self.lent = Some(Arc::new(Mutex::new(self.rest.take())));
+        }
+        self.replay()
     }
 }
 
@@ -497,6 +535,10 @@ impl<B: Body> Body for ReplayBody<B> {
         if let Some((data, _)) = this.chunks.pop_front() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        if let Some(slot) = this.lent.take() {
+            // Read from now on: the lender can no longer replay it.
+            this.rest.set(lock(&slot).take());
+        }
         if let Some(rest) = this.rest.as_mut().as_pin_mut() {
             match ready!(rest.poll_frame(cx)) {
                 None => this.rest.set(None),
@@ -507,12 +549,20 @@ impl<B: Body> Body for ReplayBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty() && self.trailers.is_none() && ended(self.rest.as_ref())
+        self.chunks.is_empty()
+            && self.trailers.is_none()
+            && ended(self.rest.as_ref())
+            && self.lent.as_ref().is_none_or(|s| ended(lock(s).as_ref()))
     }
 
     fn size_hint(&self) -> SizeHint {
         let buffered: u64 = self.chunks.iter().map(|(_, n)| n).sum();
-        match &self.rest {
+        let lent = self.lent.as_ref().map(|s| lock(s));
+        match self
+            .rest
+            .as_ref()
+            .or(lent.as_ref().and_then(|l| l.as_ref()))
+        {
             None => SizeHint::with_exact(buffered),
             Some(b) => {
                 let h = b.size_hint();
@@ -534,6 +584,7 @@ impl<B: Body + fmt::Debug> fmt::Debug for ReplayBody<B> {
             .field("trailers", &self.trailers.is_some())
             .field("spilled", &self.spilled)
             .field("rest", &self.rest)
+            .field("lent", &self.lent.is_some())
             .finish()
     }
 }
@@ -642,6 +693,42 @@ mod tests {
         drop(filling);
         assert_eq!(buffers.held(), 0);
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_lent_stream_comes_back_only_if_unread_and_no_copy_is_left() {
+        let mut body = ReplayBody::new(stream(&["ab", "cd"]));
+        assert!(body.replay().is_none());
+        // Lent to an attempt: one copy at a time holds the stream.
+        let copy = body.lend().expect("a stream not read yet can be lent");
+        assert_eq!(copy.size_hint().lower(), 0);
+        assert!(!copy.is_end_stream());
+        assert!(
+            body.replay().is_none(),
+            "a copy that may still read it is out"
+        );
+        drop(copy);
+        // The attempt never read it (a refused connection): sent again, whole.
+        let copy = body.lend().expect("unread: lent again");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcd");
+        // Read: gone for good.
+        assert!(body.replay().is_none() && body.lend().is_none());
+        assert!(body.is_end_stream());
+
+        // Buffered chunks stay with the lender and go to every copy first.
+        let mut body = ReplayBody::buffer(stream(&["ab", "cd", "ef", "gh"]), 3)
+            .await
+            .unwrap();
+        let copy = body.lend().unwrap();
+        assert!(body.lend().is_none());
+        drop(copy);
+        let copy = body.lend().unwrap();
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcdefgh");
+        assert!(body.lend().is_none());
+
+        // A replayable body lends a plain copy.
+        let mut empty = ReplayBody::new(Full::new(Bytes::new()));
+        assert!(empty.lend().is_some() && empty.lend().is_some());
     }
 
     #[tokio::test]

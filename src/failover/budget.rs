@@ -168,7 +168,11 @@ impl Window {
     /// Moves the stripes into the current slot and clears the slots that have expired, when
     /// the current slot's time is over.
     fn expire(&self) {
-        let now = Instant::now();
+        self.expire_at(Instant::now());
+    }
+
+    /// [`expire`](Window::expire) as of `now`.
+    fn expire_at(&self, now: Instant) {
         let at = now.saturating_duration_since(self.base).as_nanos() as u64;
         if at < self.next_rotation.load(Ordering::Acquire) {
             return;
@@ -178,7 +182,7 @@ impl Window {
             return;
         };
         let (index, since) = &mut *gen;
-        let mut elapsed = now.saturating_duration_since(*since);
+        let elapsed = now.saturating_duration_since(*since);
         if elapsed < self.slot_len {
             return;
         }
@@ -188,16 +192,18 @@ impl Window {
             .map(|s| s.0.swap(0, Ordering::AcqRel))
             .sum();
         self.slots[*index].fetch_add(committed, Ordering::AcqRel);
-        let mut next = (*index + 1) % SLOTS;
-        while elapsed > self.slot_len {
-            self.slots[next].store(0, Ordering::Release);
-            elapsed -= self.slot_len;
-            next = (next + 1) % SLOTS;
+        // Move on by as many slots as have ended (at least the current one), clearing each:
+        // what they held is older than the window.
+        let passed = elapsed.as_nanos() / self.slot_len.as_nanos();
+        for _ in 0..passed.min(SLOTS as u128) {
+            *index = (*index + 1) % SLOTS;
+            self.slots[*index].store(0, Ordering::Release);
         }
-        self.slots[next].store(0, Ordering::Release);
-        *index = next;
-        *since = now;
-        let next_at = now.saturating_duration_since(self.base) + self.slot_len;
+        // The new slot began when the last one ended, not now: slots stay one length each.
+        let into_slot =
+            Duration::from_nanos((elapsed.as_nanos() % self.slot_len.as_nanos()) as u64);
+        *since = now.checked_sub(into_slot).unwrap_or(now);
+        let next_at = since.saturating_duration_since(self.base) + self.slot_len;
         self.next_rotation
             .store(next_at.as_nanos() as u64, Ordering::Release);
     }
@@ -282,6 +288,32 @@ mod tests {
         let none = RetryBudget::new(Duration::from_secs(1), 0, 0.0);
         none.deposit();
         assert!(!none.withdraw());
+    }
+
+    #[test]
+    fn every_slot_of_the_window_keeps_its_deposits() {
+        // Deposit 1, withdraw 1: the sum is the number of deposits in the window.
+        let w = Window::new(Duration::from_secs(10), 0, 1.0);
+        let slot = w.slot_len;
+        let tick = |k: u32| w.base + slot * k + Duration::from_millis(1);
+        // 100 deposits in each of ten slots in a row: all within the 10 s window.
+        for k in 1..=10 {
+            w.expire_at(tick(k));
+            w.stripe().fetch_add(100, Ordering::Relaxed);
+        }
+        assert_eq!(w.sum(), 1_000);
+        // One slot later the oldest hundred have left the window, and so on.
+        w.expire_at(tick(11));
+        assert_eq!(w.sum(), 900);
+        // A rotation late by half a slot keeps the slots aligned: the next one still ends on
+        // the boundary.
+        w.expire_at(tick(12) + slot / 2);
+        assert_eq!(w.sum(), 800);
+        w.expire_at(tick(13));
+        assert_eq!(w.sum(), 700);
+        // Idle for longer than the window: nothing is left.
+        w.expire_at(tick(40));
+        assert_eq!(w.sum(), 0);
     }
 
     #[test]

@@ -3,6 +3,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -10,6 +11,7 @@ use tower::timeout::error::Elapsed;
 use tower_service::Service;
 
 use super::body::Replay;
+use super::error::{Error as FailoverError, Failure};
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use crate::endpoint::EndpointId;
@@ -18,20 +20,24 @@ use crate::hints::{PickHints, PickRecord};
 
 pin_project! {
     /// The response future of [`Failover`](super::Failover): runs attempts one after the other
-    /// until one succeeds, the policy or budget says stop, or the deadline passes.
+    /// (with a back-off between them) until one succeeds, the policy or budget says stop, or
+    /// the deadline passes.
     pub struct ResponseFuture<S, B, P>
     where
         S: Service<http::Request<B>>,
     {
         service: S,
-        // The request to copy each attempt from, while more attempts may follow.
+        // The request to copy the next attempts from, while more attempts may follow.
         template: Option<http::Request<B>>,
-        retryable: bool,
+        // The request of the next attempt.
+        next: Option<http::Request<B>>,
+        retry: Retry,
+        // Attempts sent to an endpoint so far.
         attempts: u32,
         // Where each attempt went: the balancer writes its pick here (shared with the copies).
         record: PickRecord,
         // The last failure, returned if no endpoint is left for the next attempt.
-        last: Option<Result<S::Response, BoxError>>,
+        last: Option<Result<S::Response, Failure>>,
         shared: Arc<Shared<P>>,
         #[pin]
         state: State<S::Future>,
@@ -51,25 +57,52 @@ pin_project! {
             #[pin]
             fut: F,
         },
+        // Waiting before a retry.
+        Backoff {
+            #[pin]
+            sleep: Sleep,
+        },
     }
+}
+
+/// Which failures of a request may be retried, as the policy said before the first attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Retry {
+    /// None: one attempt only.
+    Never,
+    /// Only those that prove the request never reached its endpoint (a non-idempotent method).
+    NotSent,
+    /// Every failure the policy counts as one.
+    Any,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
 where
     S: Service<http::Request<B>>,
+    B: Replay,
 {
     pub(super) fn new(
         service: S,
         mut req: http::Request<B>,
-        retryable: bool,
+        retry: Retry,
         shared: Arc<Shared<P>>,
     ) -> Self {
         let settings = shared.settings;
         let record = PickHints::of_mut(&mut req).record_pick();
+        // Attempts are copies of the request, kept as a template while a retry may follow; a
+        // body that cannot be copied is sent as it is, once.
+        let (template, next) = match retry {
+            Retry::Never => (None, req),
+            Retry::NotSent | Retry::Any => match copy_request(&mut req) {
+                Some(copy) => (Some(req), copy),
+                None => (None, req),
+            },
+        };
         ResponseFuture {
             service,
-            template: Some(req),
-            retryable,
+            template,
+            next: Some(next),
+            retry,
             attempts: 0,
             record,
             last: None,
@@ -88,7 +121,7 @@ where
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("attempts", &self.attempts)
-            .field("retryable", &self.retryable)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +133,25 @@ enum Outcome<R> {
     TimedOut,
 }
 
+/// The last failure as the caller gets it: a failed response as it is, an error as `make` says.
+fn finish<R>(
+    last: Result<R, Failure>,
+    make: impl FnOnce(Failure) -> FailoverError,
+) -> Result<R, FailoverError> {
+    last.map_err(make)
+}
+
+/// The error part of a last failure, for an error that ends the request anyway.
+fn failure_of<R>(last: Option<Result<R, Failure>>) -> Failure {
+    match last {
+        Some(Err(f)) => f,
+        Some(Ok(_)) | None => Failure {
+            error: None,
+            timed_out: false,
+        },
+    }
+}
+
 impl<S, B, P, RB> Future for ResponseFuture<S, B, P>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
@@ -107,7 +159,7 @@ where
     B: Replay,
     P: RetryPolicy,
 {
-    type Output = Result<http::Response<RB>, BoxError>;
+    type Output = Result<http::Response<RB>, FailoverError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -119,22 +171,31 @@ where
                     tracing::debug!(attempts = *this.attempts, "failover deadline passed");
                     // The attempt in flight (dropped with this future) took too long: the
                     // endpoint's failure, not a cancellation.
+                    let mut attempts = *this.attempts;
                     if matches!(this.state.as_mut().project(), StateProj::Calling { .. }) {
                         this.record.give_up();
+                        attempts += 1;
                     }
-                    return Poll::Ready(Err(Box::new(Elapsed::new())));
+                    let last = failure_of(this.last.take());
+                    return Poll::Ready(Err(FailoverError::deadline(attempts, last)));
                 }
             }
             match this.state.as_mut().project() {
                 StateProj::Ready => {
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
-                        return Poll::Ready(Err(e.into()));
+                        let last = Failure {
+                            error: Some(e.into()),
+                            timed_out: false,
+                        };
+                        return Poll::Ready(Err(FailoverError::failed(*this.attempts, last)));
                     }
-                    let last_chance =
-                        !*this.retryable || *this.attempts + 1 >= settings.max_attempts;
-                    let Some(req) = next_request(this.template, last_chance) else {
+                    let Some(req) = this.next.take() else {
                         // Not reached: an attempt is only started with a request in hand.
-                        return Poll::Ready(Err("failover: no request left to send".into()));
+                        let last = Failure {
+                            error: Some("failover: no request left to send".into()),
+                            timed_out: false,
+                        };
+                        return Poll::Ready(Err(FailoverError::failed(*this.attempts, last)));
                     };
                     this.record.clear();
                     let fut = this.service.call(req);
@@ -144,6 +205,10 @@ where
                     {
                         sleep.reset(Instant::now() + d);
                     }
+                }
+                StateProj::Backoff { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
                 }
                 StateProj::Calling { fut } => {
                     let outcome = match fut.poll(cx) {
@@ -165,94 +230,129 @@ where
                     };
                     // Drops an attempt that timed out.
                     this.state.set(State::Ready);
-                    *this.attempts += 1;
                     let recorded = this.record.endpoint();
-                    let (failure, endpoint) = match outcome {
+                    let retry = *this.retry;
+                    let (failure, endpoint, retryable) = match outcome {
                         Outcome::Response(res) => {
+                            *this.attempts += 1;
                             if !shared.policy.is_failure(&res) {
                                 return Poll::Ready(Ok(res));
                             }
                             match recorded {
-                                Some(id) => (Ok(res), Some(id)),
+                                Some(id) => (Ok(res), Some(id), retry == Retry::Any),
                                 // Not from an endpoint we know of: nothing to avoid, hand it on.
                                 None => return Poll::Ready(Ok(res)),
                             }
                         }
                         Outcome::Error(e) => {
-                            if let Some(err) = e.downcast_ref::<Error>() {
-                                if err.is_no_endpoint() {
-                                    // Every endpoint was tried (or none is up): the last failure
-                                    // says more than "no endpoint".
-                                    return Poll::Ready(this.last.take().unwrap_or(Err(e)));
-                                }
+                            let lb = e.downcast_ref::<Error>();
+                            if lb.is_some_and(Error::is_no_endpoint) {
+                                // Every endpoint was tried (or none is up): the last failure
+                                // says more than "no endpoint".
+                                return Poll::Ready(match this.last.take() {
+                                    Some(last) => {
+                                        finish(last, |f| FailoverError::failed(*this.attempts, f))
+                                    }
+                                    None => Err(FailoverError::no_endpoint(e)),
+                                });
                             }
-                            if !shared.policy.is_retryable_error(&*e) {
-                                return Poll::Ready(Err(e));
-                            }
-                            let id = e
-                                .downcast_ref::<Error>()
-                                .and_then(|err| err.endpoint_id().cloned());
-                            (Err(e), id.or(recorded))
+                            *this.attempts += 1;
+                            let id = lb.and_then(|err| err.endpoint_id().cloned());
+                            let retryable = shared.policy.is_retryable_error(&*e)
+                                && match retry {
+                                    Retry::Any => true,
+                                    Retry::NotSent => shared.policy.is_not_sent(&*e),
+                                    Retry::Never => false,
+                                };
+                            let failure = Failure {
+                                error: Some(e),
+                                timed_out: false,
+                            };
+                            (Err(failure), id.or(recorded), retryable)
                         }
                         Outcome::TimedOut => {
+                            *this.attempts += 1;
                             let e: BoxError = match &recorded {
                                 Some(id) => {
                                     Box::new(Error::endpoint(id.clone(), Box::new(Elapsed::new())))
                                 }
                                 None => Box::new(Elapsed::new()),
                             };
-                            if !shared.policy.is_retryable_error(&*e) {
-                                return Poll::Ready(Err(e));
-                            }
-                            (Err(e), recorded)
+                            // It may have reached the endpoint: a retry needs `may_retry`.
+                            let retryable =
+                                retry == Retry::Any && shared.policy.is_retryable_error(&*e);
+                            let failure = Failure {
+                                error: Some(e),
+                                timed_out: true,
+                            };
+                            (Err(failure), recorded, retryable)
                         }
                     };
-                    let more = *this.retryable
-                        && *this.attempts < settings.max_attempts
-                        && this.template.is_some();
-                    if !more {
-                        return Poll::Ready(failure);
+                    let attempts = *this.attempts;
+                    if !retryable || attempts >= settings.max_attempts {
+                        return Poll::Ready(finish(failure, |f| {
+                            FailoverError::failed(attempts, f)
+                        }));
+                    }
+                    // The next attempts avoid the endpoint that failed.
+                    if let (Some(id), Some(template)) = (&endpoint, this.template.as_mut()) {
+                        PickHints::of_mut(template).avoid(id.clone());
+                    }
+                    // A copy, if the body can still be sent (not a stream the attempt read).
+                    let Some(next) = this.template.as_mut().and_then(copy_request) else {
+                        return Poll::Ready(finish(failure, |f| {
+                            FailoverError::failed(attempts, f)
+                        }));
+                    };
+                    let delay = settings.backoff.delay(attempts);
+                    let deadline = this.deadline.as_mut().as_pin_mut().map(|d| d.deadline());
+                    if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                        tracing::debug!(attempts, ?delay, "back-off would pass the deadline");
+                        let last = failure_of(Some(failure));
+                        return Poll::Ready(Err(FailoverError::deadline(attempts, last)));
                     }
                     if !shared.budget.withdraw() {
-                        tracing::debug!(attempts = *this.attempts, "retry budget spent");
-                        return Poll::Ready(failure);
+                        tracing::debug!(attempts, "retry budget spent");
+                        return Poll::Ready(finish(failure, |f| {
+                            FailoverError::budget_exhausted(attempts, f)
+                        }));
                     }
-                    log_retry(endpoint.as_ref(), *this.attempts);
-                    if let (Some(id), Some(template)) = (endpoint, this.template.as_mut()) {
-                        PickHints::of_mut(template).avoid(id);
+                    log_retry(endpoint.as_ref(), attempts, delay);
+                    if attempts + 1 >= settings.max_attempts {
+                        // The next attempt is the last: no more copies to make.
+                        *this.template = None;
                     }
+                    *this.next = Some(next);
                     *this.last = Some(failure);
+                    if !delay.is_zero() {
+                        let sleep = tokio::time::sleep(delay);
+                        this.state.set(State::Backoff { sleep });
+                    }
                 }
             }
         }
     }
 }
 
-fn log_retry(endpoint: Option<&EndpointId>, attempts: u32) {
+fn log_retry(endpoint: Option<&EndpointId>, attempts: u32, backoff: Duration) {
     match endpoint {
-        Some(id) => tracing::debug!(endpoint = %id, attempts, "attempt failed; retrying elsewhere"),
-        None => tracing::debug!(attempts, "attempt failed at an unknown endpoint; retrying"),
+        Some(id) => tracing::debug!(
+            endpoint = %id,
+            attempts,
+            ?backoff,
+            "attempt failed; retrying elsewhere"
+        ),
+        None => tracing::debug!(
+            attempts,
+            ?backoff,
+            "attempt failed at an unknown endpoint; retrying"
+        ),
     }
 }
 
-/// The request of the next attempt: a copy of the template while more attempts may follow and
-/// the body can be replayed, otherwise the template itself (after which nothing is left to
-/// retry with).
-fn next_request<B: Replay>(
-    template: &mut Option<http::Request<B>>,
-    last_chance: bool,
-) -> Option<http::Request<B>> {
-    if !last_chance {
-        if let Some(copy) = template.as_ref().and_then(copy_request) {
-            return Some(copy);
-        }
-    }
-    template.take()
-}
-
-/// A copy of `req` for another attempt, if its body can be sent again.
-fn copy_request<B: Replay>(req: &http::Request<B>) -> Option<http::Request<B>> {
-    let body = req.body().replay()?;
+/// A copy of `req` for an attempt, if its body can be sent (again): see [`Replay::lend`].
+fn copy_request<B: Replay>(req: &mut http::Request<B>) -> Option<http::Request<B>> {
+    let body = req.body_mut().lend()?;
     let mut copy = http::Request::new(body);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();

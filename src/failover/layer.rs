@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use super::backoff::Backoff;
 use super::budget::RetryBudget;
 use super::policy::{DefaultPolicy, RetryPolicy};
 use super::service::Failover;
@@ -11,6 +12,7 @@ use super::service::Failover;
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Settings {
     pub(super) max_attempts: u32,
+    pub(super) backoff: Backoff,
     pub(super) per_try_timeout: Option<Duration>,
     pub(super) deadline: Option<Duration>,
 }
@@ -33,20 +35,27 @@ pub(super) struct Shared<P> {
 /// [`max_attempts`](FailoverLayer::max_attempts) attempts (default 3), and only:
 ///
 /// - for requests the policy allows (by default, idempotent methods: `GET`, `HEAD`,
-///   `OPTIONS`, `TRACE`, `PUT`, `DELETE`; never `POST` or `PATCH`);
+///   `OPTIONS`, `TRACE`, `PUT`, `DELETE`), and for any request, `POST` and `PATCH` included,
+///   whose attempt provably never reached its endpoint (a refused connection: see
+///   [`NotSent`](super::NotSent));
 /// - for requests whose body can be sent again ([`Replay`](super::Replay)): empty or
-///   buffered bodies, never one that streams as it is sent;
-/// - while the [`RetryBudget`] allows, so retries cannot multiply an outage.
+///   buffered bodies, or a [`ReplayBody`](super::ReplayBody) stream the failed attempt never
+///   read;
+/// - while the [`RetryBudget`] allows, so retries cannot multiply an outage;
+/// - after a [`Backoff`] (by default Envoy's: a random wait under 25 ms, 75 ms, 175 ms, then
+///   250 ms), never past the [`deadline`](FailoverLayer::deadline).
 ///
 /// When no endpoint is left to try, the last failure is returned (the last failed response,
-/// or error), never a wait. A failure that is not retried is returned as is.
+/// or error), never a wait. A failure that is not retried is returned as is: a response as
+/// the backend sent it, an error as a [`failover::Error`](super::Error) that says why no
+/// attempt followed, with the attempt's own error as its source.
 ///
 /// Tiers need nothing from this layer: the pool sends traffic to backup endpoints only while
 /// no primary endpoint is healthy, and back to primaries when one recovers.
 ///
-/// Errors are boxed ([`BoxError`](crate::BoxError)): the inner service's errors, or tower's
-/// [`Elapsed`](tower::timeout::error::Elapsed) when the [`deadline`](FailoverLayer::deadline)
-/// passes (`proxy::status_for` maps it to `504 Gateway Timeout`).
+/// The errors are [`failover::Error`](super::Error)s: `is_deadline`, `is_budget_exhausted`,
+/// `is_no_endpoint`, `is_timeout` (per try); `proxy::status_for` maps them to 504, 503, 503
+/// and 504.
 ///
 /// ```
 /// use std::time::Duration;
@@ -100,6 +109,7 @@ impl FailoverLayer {
             budget: budget.into(),
             settings: Settings {
                 max_attempts: 3,
+                backoff: Backoff::default(),
                 per_try_timeout: None,
                 deadline: None,
             },
@@ -122,11 +132,22 @@ impl<P: RetryPolicy> FailoverLayer<P> {
         self
     }
 
+    /// Sets the wait before each retry (default [`Backoff::default`]: Envoy's fully jittered
+    /// exponential back-off, 25 ms base, 250 ms cap); [`Backoff::none`] retries at once. A wait
+    /// that would pass the [`deadline`](FailoverLayer::deadline) ends the request with
+    /// [`Error::is_deadline`](super::Error::is_deadline) at once instead. Needs a tokio runtime
+    /// unless none.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.settings.backoff = backoff;
+        self
+    }
+
     /// Sets a time limit for each attempt (until the response head arrives; the body is not
     /// timed). An attempt past it is abandoned and counts as a failure of its endpoint: it is
     /// retried elsewhere when the policy and budget allow (it may already have reached the
     /// backend, so the policy's [`may_retry`](RetryPolicy::may_retry) matters here too), and
-    /// otherwise fails with [`Error::is_endpoint`](crate::Error::is_endpoint) whose source is
+    /// otherwise fails with [`Error::is_timeout`](super::Error::is_timeout), its source an
+    /// [`lbkit::Error`](crate::Error) of the endpoint whose source is tower's
     /// [`Elapsed`](tower::timeout::error::Elapsed). The balancer records where each attempt
     /// went, so a timed-out attempt is retried on a *different* endpoint. Needs a tokio
     /// runtime.
@@ -135,9 +156,9 @@ impl<P: RetryPolicy> FailoverLayer<P> {
         self
     }
 
-    /// Sets a time limit for the whole request, all attempts included (until the response head
-    /// arrives). Past it the request fails with tower's
-    /// [`Elapsed`](tower::timeout::error::Elapsed). Needs a tokio runtime.
+    /// Sets a time limit for the whole request, all attempts and back-offs included (until the
+    /// response head arrives). Past it the request fails with
+    /// [`Error::is_deadline`](super::Error::is_deadline). Default: none. Needs a tokio runtime.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.settings.deadline = Some(deadline);
         self

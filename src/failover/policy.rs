@@ -2,6 +2,7 @@ use std::error::Error as StdError;
 
 use http::{Method, StatusCode};
 
+use super::error::NotSent;
 use crate::error::Error;
 
 /// Which requests the failover layer may retry, and which outcomes count as failures worth a
@@ -24,7 +25,9 @@ use crate::error::Error;
 /// }
 /// ```
 pub trait RetryPolicy: Send + Sync + 'static {
-    /// Whether `req` may be sent more than once at all (asked once, before the first try).
+    /// Whether `req` may be sent again after an attempt that may have reached its endpoint
+    /// (asked once, before the first try). A request that provably never left the proxy is
+    /// retried whatever this says, see [`is_not_sent`](RetryPolicy::is_not_sent).
     ///
     /// Default: idempotent methods only ([`is_idempotent`]): a retried `POST` could, say,
     /// charge a card twice when the first attempt did reach the backend.
@@ -56,9 +59,24 @@ pub trait RetryPolicy: Send + Sync + 'static {
             None => error.is::<tower::timeout::error::Elapsed>(),
         }
     }
+
+    /// Whether `error` proves the attempt never reached its endpoint, so that the request may
+    /// be sent elsewhere even when [`may_retry`](RetryPolicy::may_retry) said no (a `POST`, a
+    /// gRPC call). The error must also be [retryable](RetryPolicy::is_retryable_error), and the
+    /// body still unread (see [`Replay`](super::Replay)).
+    ///
+    /// Default: a [`NotSent`] in the error's source chain, which
+    /// [`Forward`](crate::proxy::Forward) adds for a refused connection, a connect timeout and a
+    /// pooled connection found closed before the request was written (nginx and HAProxy,
+    /// `retry-on conn-failure`, retry those by default too). Return `false` to send
+    /// non-idempotent requests once, whatever happens.
+    fn is_not_sent(&self, error: &(dyn StdError + 'static)) -> bool {
+        NotSent::find(error).is_some()
+    }
 }
 
-/// The default [`RetryPolicy`]: idempotent methods; 502, 503, 504 and endpoint errors.
+/// The default [`RetryPolicy`]: idempotent methods, and any method when the attempt never left
+/// the proxy; 502, 503, 504 and endpoint errors.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DefaultPolicy;
 

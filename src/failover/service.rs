@@ -6,7 +6,8 @@ use tower_service::Service;
 
 use super::body::Replay;
 use super::budget::RetryBudget;
-use super::future::ResponseFuture;
+use super::error::{Error, Failure};
+use super::future::{ResponseFuture, Retry};
 use super::layer::Shared;
 use super::policy::RetryPolicy;
 use crate::error::BoxError;
@@ -60,12 +61,18 @@ where
     P: RetryPolicy,
 {
     type Response = http::Response<RB>;
-    type Error = BoxError;
+    type Error = Error;
     type Future = ResponseFuture<S, B, P>;
 
     #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        self.inner.poll_ready(cx).map_err(|e| {
+            let last = Failure {
+                error: Some(e.into()),
+                timed_out: false,
+            };
+            Error::failed(0, last)
+        })
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
@@ -74,7 +81,14 @@ where
         let service = std::mem::replace(&mut self.inner, clone);
         let shared = &self.shared;
         shared.budget.deposit();
-        let retryable = shared.settings.max_attempts > 1 && shared.policy.may_retry(&req);
-        ResponseFuture::new(service, req, retryable, self.shared.clone())
+        let retry = if shared.settings.max_attempts <= 1 {
+            Retry::Never
+        } else if shared.policy.may_retry(&req) {
+            Retry::Any
+        } else {
+            // Sent again only if the policy finds an attempt never left the proxy.
+            Retry::NotSent
+        };
+        ResponseFuture::new(service, req, retry, self.shared.clone())
     }
 }

@@ -13,8 +13,16 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::error::{BoxError, Error};
+use crate::failover::{self, NotSent};
 
 /// Why forwarding a request to a backend failed.
+///
+/// A failure that proves the request never reached the backend ([`is_not_sent`]: a refused
+/// connection, a connect timeout, a connection closed before the request was written) carries a
+/// [`NotSent`] in its source chain, so that the failover layer sends the request elsewhere
+/// whatever its method.
+///
+/// [`is_not_sent`]: ForwardError::is_not_sent
 pub struct ForwardError {
     kind: Kind,
     source: Option<BoxError>,
@@ -24,6 +32,8 @@ pub struct ForwardError {
 enum Kind {
     NoTarget,
     Connect,
+    /// A connection was had, but closed (or not ready) before the request was written.
+    Unsent,
     Timeout,
     Other,
 }
@@ -51,19 +61,41 @@ impl ForwardError {
     }
 
     pub(crate) fn from_client(e: hyper_util::client::legacy::Error) -> Self {
+        // hyper says "canceled" only for a request it hands back unsent: the connection closed,
+        // or was not ready, before the request was written (hyper-util retries those itself on
+        // a reused connection, and returns the rest, from a new one).
+        let canceled = e
+            .source()
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+            .is_some_and(hyper::Error::is_canceled);
+        let kind = if e.is_connect() {
+            Kind::Connect
+        } else if canceled {
+            Kind::Unsent
+        } else {
+            Kind::Other
+        };
+        let source: BoxError = match kind {
+            Kind::Connect | Kind::Unsent => Box::new(NotSent::new(e)),
+            _ => Box::new(e),
+        };
         ForwardError {
-            kind: if e.is_connect() {
-                Kind::Connect
-            } else {
-                Kind::Other
-            },
-            source: Some(e.into()),
+            kind,
+            source: Some(source),
         }
     }
 
-    /// The backend could not be connected to (refused, unreachable).
+    /// The backend could not be connected to (refused, unreachable, connect timeout).
     pub fn is_connect(&self) -> bool {
         self.kind == Kind::Connect
+    }
+
+    /// The request provably never reached the backend: it could not be connected to
+    /// ([`is_connect`](ForwardError::is_connect)), or the connection closed before the request
+    /// was written. Such a request is safe to send to another backend whatever its method; the
+    /// source chain then holds a [`NotSent`] that tells the failover layer so.
+    pub fn is_not_sent(&self) -> bool {
+        matches!(self.kind, Kind::Connect | Kind::Unsent)
     }
 
     /// The backend did not answer in time.
@@ -92,6 +124,7 @@ impl fmt::Display for ForwardError {
         f.write_str(match self.kind {
             Kind::NoTarget => "request has no target endpoint",
             Kind::Connect => "could not connect to the backend",
+            Kind::Unsent => "backend connection closed before the request was sent",
             Kind::Timeout => "backend timed out",
             Kind::Other => "backend request failed",
         })
@@ -108,6 +141,11 @@ impl StdError for ForwardError {
 
 /// The HTTP status a proxy should answer for a failed request.
 ///
+/// From the failover layer's [`failover::Error`]: its deadline or a per-try timeout of the last
+/// attempt, 504; its retry budget spent (the fleet is failing widely and the proxy declined to
+/// add retries: clients should back off), 503; no endpoint at all, 503; otherwise what the last
+/// attempt's error says, below.
+///
 /// No endpoint available: 503. Overloaded (every endpoint at its in-flight limit with the
 /// queue full or its wait over, [`Error::is_overloaded`], or tower's `load_shed` `Overloaded`):
 /// 503, as HAProxy and Envoy answer; the request reached no backend. A timeout anywhere in the
@@ -116,6 +154,14 @@ impl StdError for ForwardError {
 pub fn status_for(error: &(dyn StdError + 'static)) -> StatusCode {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(e) = cur {
+        if let Some(f) = e.downcast_ref::<failover::Error>() {
+            if f.is_deadline() || f.is_timeout() {
+                return StatusCode::GATEWAY_TIMEOUT;
+            }
+            if f.is_budget_exhausted() || f.is_no_endpoint() {
+                return StatusCode::SERVICE_UNAVAILABLE;
+            }
+        }
         if let Some(e) = e.downcast_ref::<Error>() {
             if e.is_no_endpoint() || e.is_overloaded() {
                 return StatusCode::SERVICE_UNAVAILABLE;
@@ -267,5 +313,49 @@ mod tests {
         assert_eq!(status_for(&*e), StatusCode::SERVICE_UNAVAILABLE);
         let e: BoxError = Box::new(tower::load_shed::error::Overloaded::new());
         assert_eq!(status_for(&*e), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn failover_statuses() {
+        use crate::failover::{Error as FailoverError, Failure};
+        let last = |error: &str, timed_out| Failure {
+            error: Some(Box::new(Error::endpoint("a".into(), error.into()))),
+            timed_out,
+        };
+        let status = |e: FailoverError| status_for(&e);
+        // The failover layer's own reasons first.
+        assert_eq!(
+            status(FailoverError::deadline(1, last("reset", false))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            status(FailoverError::budget_exhausted(1, last("reset", false))),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status(FailoverError::budget_exhausted(1, last("slow", true))),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let none: BoxError = Box::new(Error::no_endpoint());
+        assert_eq!(
+            status(FailoverError::no_endpoint(none)),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // Otherwise the last attempt's error.
+        assert_eq!(
+            status(FailoverError::failed(2, last("reset", false))),
+            StatusCode::BAD_GATEWAY
+        );
+        let timeout = Failure {
+            error: Some(Box::new(Error::endpoint(
+                "a".into(),
+                Box::new(ForwardError::timeout()),
+            ))),
+            timed_out: false,
+        };
+        assert_eq!(
+            status(FailoverError::failed(1, timeout)),
+            StatusCode::GATEWAY_TIMEOUT
+        );
     }
 }
