@@ -30,12 +30,15 @@ pub(super) struct Activity {
 }
 
 /// The service hyper calls for each request of one connection: inserts the peer's
-/// [`ClientAddr`], counts the request in the connection's [`Activity`], and calls a clone of the
+/// [`ClientAddr`] (and its verified client certificate, if any), counts the request in the connection's [`Activity`], and calls a clone of the
 /// user's service.
 #[derive(Debug)]
 pub(super) struct ConnService<S> {
     pub(super) inner: S,
     pub(super) peer: SocketAddr,
+    /// The client's verified certificate, put into each request too.
+    #[cfg(feature = "tls")]
+    pub(super) peer_cert: Option<super::tls::PeerCertificate>,
     pub(super) activity: Arc<Activity>,
 }
 
@@ -49,6 +52,10 @@ where
 
     fn call(&self, mut req: Request<B>) -> Self::Future {
         req.extensions_mut().insert(ClientAddr(self.peer));
+        #[cfg(feature = "tls")]
+        if let Some(cert) = &self.peer_cert {
+            req.extensions_mut().insert(cert.clone());
+        }
         if req.version() == http::Version::HTTP_2 {
             self.activity.h2.store(true, Ordering::Relaxed);
         }
