@@ -296,7 +296,10 @@ impl CertStore {
 
     /// The certificate chain a handshake for `server_name` (`None`: no SNI) would get from
     /// a client that accepts every signature algorithm, leaf first.
-    pub fn chain_for(&self, server_name: Option<&str>) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    pub fn chain_for(
+        &self,
+        server_name: Option<&str>,
+    ) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
         let schemes = self
             .inner
             .provider
@@ -312,7 +315,10 @@ impl CertStore {
 
 impl Inner {
     fn reload_if_changed(&self) {
-        let mut last = self.reloading.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = self
+            .reloading
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let loaded = read_all(&self.entries);
         if loaded.fingerprint == *last {
             return;
@@ -326,7 +332,10 @@ impl Inner {
         match Table::build(&self.entries, loaded, &self.provider) {
             Ok(table) => {
                 self.table.store(Arc::new(table));
-                tracing::info!(certificates = self.entries.len(), "TLS certificates reloaded");
+                tracing::info!(
+                    certificates = self.entries.len(),
+                    "TLS certificates reloaded"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -360,9 +369,12 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
+/// One entry's certificate and key PEM text.
+type Pems = (Vec<u8>, Vec<u8>);
+
 /// The bytes of every file (or why one could not be read), and their fingerprint.
 struct Loaded {
-    files: Vec<Result<(Vec<u8>, Vec<u8>), TlsError>>,
+    files: Vec<Result<Pems, TlsError>>,
     fingerprint: u64,
 }
 
@@ -433,9 +445,13 @@ impl Table {
                 .map_err(|e| at(TlsError::new(Kind::BadPem, Some(e.into())), key_path))?;
             let certified = CertifiedKey::new(chain, signing);
             match certified.keys_match() {
-                Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+                Ok(())
+                | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
                 Err(e @ rustls::Error::InconsistentKeys(_)) => {
-                    return Err(at(TlsError::new(Kind::KeyMismatch, Some(e.into())), key_path))
+                    return Err(at(
+                        TlsError::new(Kind::KeyMismatch, Some(e.into())),
+                        key_path,
+                    ))
                 }
                 Err(e) => {
                     return Err(at(
@@ -556,7 +572,17 @@ mod tests {
         assert_eq!(normalize("Example.COM.").as_deref(), Some("example.com"));
         assert_eq!(normalize("*.Example.com").as_deref(), Some("*.example.com"));
         assert_eq!(normalize("localhost").as_deref(), Some("localhost"));
-        for bad in ["", ".", "*", "*.com", "a.*.com", "*a.example.com", "a..b", "-a.b", "a b.c"] {
+        for bad in [
+            "",
+            ".",
+            "*",
+            "*.com",
+            "a.*.com",
+            "*a.example.com",
+            "a..b",
+            "-a.b",
+            "a b.c",
+        ] {
             assert_eq!(normalize(bad), None, "{bad:?}");
         }
     }
@@ -576,19 +602,19 @@ mod tests {
         table.exact.insert("a.example.com".into(), vec![ck(1)]);
         table.wildcard.insert("example.com".into(), vec![ck(2)]);
         let schemes = [SignatureScheme::ECDSA_NISTP256_SHA256];
-        let got = |name: Option<&str>| {
+        let got = |table: &Table, name: Option<&str>| {
             table
                 .resolve(name, &schemes)
                 .map(|ck| ck.cert[0].as_ref()[0])
         };
-        assert_eq!(got(Some("a.example.com")), Some(1));
-        assert_eq!(got(Some("A.Example.com.")), Some(1));
-        assert_eq!(got(Some("b.example.com")), Some(2));
-        assert_eq!(got(Some("x.b.example.com")), None);
-        assert_eq!(got(Some("example.com")), None);
-        assert_eq!(got(None), None);
+        assert_eq!(got(&table, Some("a.example.com")), Some(1));
+        assert_eq!(got(&table, Some("A.Example.com.")), Some(1));
+        assert_eq!(got(&table, Some("b.example.com")), Some(2));
+        assert_eq!(got(&table, Some("x.b.example.com")), None);
+        assert_eq!(got(&table, Some("example.com")), None);
+        assert_eq!(got(&table, None), None);
         table.default.push(ck(3));
-        assert_eq!(got(Some("x.b.example.com")), Some(3));
-        assert_eq!(got(None), Some(3));
+        assert_eq!(got(&table, Some("x.b.example.com")), Some(3));
+        assert_eq!(got(&table, None), Some(3));
     }
 }
