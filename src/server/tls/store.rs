@@ -339,9 +339,9 @@ impl Inner {
                 Ok(())
             }
             Err(e) => {
+                let cause = e.source_message().map(|c| format!(": {c}"));
                 tracing::warn!(
-                    error = %e,
-                    cause = e.source_message().as_deref().unwrap_or(""),
+                    error = format!("{e}{}", cause.unwrap_or_default()),
                     "TLS certificate reload failed: still serving the certificates loaded before"
                 );
                 Err(e)
