@@ -126,7 +126,7 @@ async fn main() -> Result<(), BoxError> {
                 tokio::select! {
                     Some(()) = hup.recv() => match certs.reload() {
                         // `reload` logs its outcome, and keeps the old certificates on error.
-                        Ok(()) => println!("SIGHUP: certificates reloaded ({:?})", certs.names().0),
+                        Ok(()) => println!("SIGHUP: certificates reloaded ({:?})", certs.names()),
                         Err(e) => println!("SIGHUP: reload failed, old certificates kept: {e}"),
                     },
                     Some(()) = usr1.recv() => match ca.write_sites(&dir) {

@@ -12,7 +12,8 @@ use super::store::CertStore;
 use super::{parse_certs, Kind, TlsError, ALPN_H2, ALPN_HTTP11};
 
 /// How many TLS sessions the server remembers for resumption by default: HAProxy's
-/// `tune.ssl.cachesize` (20 000); a few hundred bytes each.
+/// `tune.ssl.cachesize` (20 000); a few hundred bytes each (more with client certificates,
+/// whose chain a session keeps).
 const SESSION_CACHE: usize = 20_000;
 
 /// One TLS listener's configuration: which certificates it serves (a [`CertStore`]), whether

@@ -280,9 +280,9 @@ impl CertStore {
         })
     }
 
-    /// The names served, exact and wildcard, sorted; and whether a default certificate is
-    /// set. For logs and admin pages.
-    pub fn names(&self) -> (Vec<String>, bool) {
+    /// The names served, exact and wildcard (`*.example.com`), sorted: for logs and admin
+    /// pages.
+    pub fn names(&self) -> Vec<String> {
         let table = self.inner.table.load();
         let mut names: Vec<String> = table
             .exact
@@ -291,25 +291,12 @@ impl CertStore {
             .chain(table.wildcard.keys().map(|k| format!("*.{k}")))
             .collect();
         names.sort();
-        (names, !table.default.is_empty())
+        names
     }
 
-    /// The certificate chain a handshake for `server_name` (`None`: no SNI) would get from
-    /// a client that accepts every signature algorithm, leaf first.
-    pub fn chain_for(
-        &self,
-        server_name: Option<&str>,
-    ) -> Option<Vec<rustls_pki_types::CertificateDer<'static>>> {
-        let schemes = self
-            .inner
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes();
-        self.inner
-            .table
-            .load()
-            .resolve(server_name, &schemes)
-            .map(|ck| ck.cert.clone())
+    /// Whether a default certificate answers clients without SNI and unknown names.
+    pub fn has_default(&self) -> bool {
+        !self.inner.table.load().default.is_empty()
     }
 }
 
@@ -352,10 +339,9 @@ impl Inner {
 
 impl fmt::Debug for CertStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (names, default) = self.names();
         f.debug_struct("CertStore")
-            .field("names", &names)
-            .field("default", &default)
+            .field("names", &self.names())
+            .field("default", &self.has_default())
             .finish()
     }
 }
