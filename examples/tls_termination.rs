@@ -130,7 +130,7 @@ async fn main() -> Result<(), BoxError> {
                         Err(e) => println!("SIGHUP: reload failed, old certificates kept: {e}"),
                     },
                     Some(()) = usr1.recv() => match ca.write_sites(&dir) {
-                        Ok(()) => println!("SIGUSR1: renewed files in {} (SIGHUP to load)", dir.display()),
+                        Ok(()) => println!("SIGUSR1: renewed the files (SIGHUP loads them)"),
                         Err(e) => println!("SIGUSR1: could not write certificates: {e}"),
                     },
                     else => break,

@@ -30,8 +30,8 @@ pub(super) struct Activity {
 }
 
 /// The service hyper calls for each request of one connection: inserts the peer's
-/// [`ClientAddr`] (and its verified client certificate, if any), counts the request in the connection's [`Activity`], and calls a clone of the
-/// user's service.
+/// [`ClientAddr`] (and its verified client certificate, if any), counts the request in the
+/// connection's [`Activity`], and calls a clone of the user's service.
 #[derive(Debug)]
 pub(super) struct ConnService<S> {
     pub(super) inner: S,

@@ -154,8 +154,8 @@ impl<S> Server<S> {
     /// [`server_config_from_pem`](super::tls::server_config_from_pem) for one certificate)
     /// and serves HTTP/2 or HTTP/1.1 as ALPN chose. A verified client certificate (mTLS) is
     /// put into every request of its connection as a
-    /// [`PeerCertificate`](super::tls::PeerCertificate). A client gets 10 s for the handshake (see
-    /// [`tls_handshake_timeout`](Server::tls_handshake_timeout)). Give
+    /// [`PeerCertificate`](super::tls::PeerCertificate). A client gets 10 s for the handshake
+    /// (see [`tls_handshake_timeout`](Server::tls_handshake_timeout)). Give
     /// [`Forward`](crate::proxy::Forward) `.proto("https")` so the backends learn the clients'
     /// scheme.
     #[cfg(feature = "tls")]
