@@ -799,23 +799,61 @@ async fn refused(addr: SocketAddr, config: &Arc<ClientConfig>) -> bool {
     }
 }
 
-#[tokio::test]
-async fn mtls_required_refuses_clients_without_a_certificate_and_passes_the_identity() {
-    within(async {
+/// A server asking for client certificates from `client_ca`, with its certificate for
+/// `mtls.test` from `server_ca`.
+struct Mtls {
+    server_ca: Ca,
+    client_ca: Ca,
+    server: Running,
+    _dir: TempDir,
+}
+
+impl Mtls {
+    /// Client certificates required, or optional.
+    async fn serve(required: bool) -> Mtls {
         let server_ca = Ca::new("server CA");
         let client_ca = Ca::new("client CA");
         let dir = TempDir::new();
         let (cert, key) = dir.pair("mtls", &server_ca.server(&["mtls.test"], false));
         let ca_bundle = dir.write("clients-ca.pem", &client_ca.pem);
         let store = CertStore::builder().cert(&cert, &key).build().unwrap();
-        let server =
-            serve(TlsConfig::new(store).client_auth(ClientAuth::required(&ca_bundle))).await;
+        let auth = if required {
+            ClientAuth::required(&ca_bundle)
+        } else {
+            ClientAuth::optional(&ca_bundle)
+        };
+        let server = serve(TlsConfig::new(store).client_auth(auth)).await;
+        Mtls {
+            server_ca,
+            client_ca,
+            server,
+            _dir: dir,
+        }
+    }
+}
+
+impl Running {
+    /// Whether a client whose certificate comes from another CA is refused.
+    async fn refuses_strangers(&self, server_ca: &Ca) -> bool {
+        let stranger = Ca::new("other CA").client("intruder", vec![]);
+        let config = client_config(Trust::Ca(server_ca), Some(&stranger), &[]);
+        refused(self.addr, &config).await
+    }
+}
+
+#[tokio::test]
+async fn mtls_required_refuses_clients_without_a_certificate_and_passes_the_identity() {
+    within(async {
+        let Mtls {
+            server_ca,
+            client_ca,
+            server,
+            _dir,
+        } = Mtls::serve(true).await;
 
         let anonymous = client_config(Trust::Ca(&server_ca), None, &[]);
         assert!(refused(server.addr, &anonymous).await);
-        let stranger = Ca::new("other CA").client("intruder", vec![]);
-        let wrong = client_config(Trust::Ca(&server_ca), Some(&stranger), &[]);
-        assert!(refused(server.addr, &wrong).await);
+        assert!(server.refuses_strangers(&server_ca).await);
 
         let id = client_identity(&client_ca);
         let good = client_config(Trust::Ca(&server_ca), Some(&id), &[b"http/1.1"]);
@@ -847,14 +885,12 @@ async fn mtls_required_refuses_clients_without_a_certificate_and_passes_the_iden
 #[tokio::test]
 async fn mtls_optional_serves_anonymous_clients_without_an_identity() {
     within(async {
-        let server_ca = Ca::new("server CA");
-        let client_ca = Ca::new("client CA");
-        let dir = TempDir::new();
-        let (cert, key) = dir.pair("mtls", &server_ca.server(&["mtls.test"], false));
-        let ca_bundle = dir.write("clients-ca.pem", &client_ca.pem);
-        let store = CertStore::builder().cert(&cert, &key).build().unwrap();
-        let server =
-            serve(TlsConfig::new(store).client_auth(ClientAuth::optional(&ca_bundle))).await;
+        let Mtls {
+            server_ca,
+            client_ca,
+            server,
+            _dir,
+        } = Mtls::serve(false).await;
 
         let anonymous = client_config(Trust::Ca(&server_ca), None, &[]);
         assert_eq!(
@@ -870,9 +906,7 @@ async fn mtls_optional_serves_anonymous_clients_without_an_identity() {
             IDENTITY
         );
         // Optional does not mean unverified: a certificate from another CA is refused.
-        let stranger = Ca::new("other CA").client("intruder", vec![]);
-        let wrong = client_config(Trust::Ca(&server_ca), Some(&stranger), &[]);
-        assert!(refused(server.addr, &wrong).await);
+        assert!(server.refuses_strangers(&server_ca).await);
     })
     .await;
 }
