@@ -95,6 +95,7 @@ enum Source {
 #[must_use]
 pub struct CertStoreBuilder {
     entries: Vec<Entry>,
+    /// The first problem with names given to `cert_for`, and the certificate they were for.
     bad_name: Option<(String, PathBuf)>,
 }
 
@@ -134,14 +135,14 @@ impl CertStoreBuilder {
             match normalize(name.as_ref()) {
                 Some(n) => list.push(n),
                 None => {
-                    self.bad_name
-                        .get_or_insert((name.as_ref().to_owned(), cert.as_ref().to_owned()));
+                    let why = format!("not a DNS name or one-label wildcard: {:?}", name.as_ref());
+                    self.bad_name.get_or_insert((why, cert.as_ref().to_owned()));
                 }
             }
         }
         if list.is_empty() {
-            self.bad_name
-                .get_or_insert((String::new(), cert.as_ref().to_owned()));
+            let why = "no names given".to_owned();
+            self.bad_name.get_or_insert((why, cert.as_ref().to_owned()));
         }
         self.entries.push(Entry {
             source: files(cert, key),
@@ -188,12 +189,8 @@ impl CertStoreBuilder {
     /// [`is_bad_name`]: TlsError::is_bad_name
     /// [`is_no_certificate`]: TlsError::is_no_certificate
     pub fn build(self) -> Result<CertStore, TlsError> {
-        if let Some((name, path)) = self.bad_name {
-            return Err(TlsError::new(
-                Kind::BadName,
-                Some(format!("not a DNS name or one-label wildcard: {name:?}").into()),
-            )
-            .at(&path));
+        if let Some((why, path)) = self.bad_name {
+            return Err(TlsError::new(Kind::BadName, Some(why.into())).at(&path));
         }
         if self.entries.is_empty() {
             return Err(TlsError::new(
