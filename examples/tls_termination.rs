@@ -1,40 +1,55 @@
-//! TLS termination: an HTTPS balancing proxy on 127.0.0.1:8443 in front of three plain-HTTP
-//! demo backends (`examples/demo`), with a self-signed certificate made at start.
+//! TLS termination the way operators run it: an HTTPS balancing proxy on 127.0.0.1:8443 in
+//! front of three plain-HTTP demo backends (`examples/demo`), serving several certificates
+//! chosen by SNI and reloading them on SIGHUP without dropping a connection.
 //!
 //! ```text
 //! cargo run --example tls_termination
 //! ```
 //!
-//! It writes a self-signed certificate for `localhost` and 127.0.0.1 (made with rcgen) as PEM
-//! files into a temporary directory, loads them with `tls::server_config_from_pem` as a real
-//! deployment loads its own, and serves the proxy with lbkit's `Server` and `.tls(config)`
-//! (ALPN offers `h2` and `http/1.1`). It asks itself once over HTTP/1.1 and once over HTTP/2 to
-//! show both work, and then serves until Ctrl-C (requests in flight finish). Try, from another
-//! terminal:
+//! At start it makes a test CA and three certificates with rcgen and writes them as PEM files
+//! (chain and key, as certbot or a Kubernetes secret would) into a temporary directory:
+//! `api.example.test`, the wildcard `*.apps.example.test`, and a default certificate for
+//! `localhost` that also answers clients without SNI. A `CertStore` loads them, a `TlsConfig`
+//! gives the listener its rustls configuration (session resumption on, ALPN `h2` and
+//! `http/1.1`), and lbkit's `Server` serves the proxy with `.tls(config)`. It asks itself once
+//! per name to show which certificate answers, then serves until Ctrl-C. Try, from another
+//! terminal (the CA path and the process id are printed at start):
 //!
 //! ```text
-//! curl -k https://127.0.0.1:8443/                 # HTTP/2 by ALPN; answers rotate over the backends
-//! curl -k --http1.1 https://127.0.0.1:8443/       # HTTP/1.1 by ALPN
-//! curl -k https://127.0.0.1:8443/headers          # the backend sees X-Forwarded-Proto: https
-//! curl --cacert <printed cert path> https://localhost:8443/   # trust the cert instead of -k
+//! CA=/tmp/lbkit-tls-example-<pid>/ca.pem
+//! curl --cacert $CA --resolve api.example.test:8443:127.0.0.1 https://api.example.test:8443/
+//! curl --cacert $CA --resolve x.apps.example.test:8443:127.0.0.1 https://x.apps.example.test:8443/headers
+//! curl --cacert $CA https://localhost:8443/         # the default certificate
+//! curl -k --http1.1 https://127.0.0.1:8443/         # no SNI: the default certificate too
+//! openssl s_client -connect 127.0.0.1:8443 -servername api.example.test </dev/null 2>/dev/null \
+//!     | openssl x509 -noout -subject -serial       # which certificate, and its serial
+//! kill -USR1 <pid>   # renews the files on disk (what certbot does); nothing changes yet
+//! kill -HUP <pid>    # reloads them: new handshakes get the new serials, open connections go on
 //! ```
+//!
+//! A broken file on SIGHUP (try `echo junk > $(dirname $CA)/api.pem`, then HUP) is logged,
+//! and the certificates loaded before keep serving; SIGUSR1 writes good files again.
 
 mod demo;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
-use lbkit::server::{tls, RequestBody, Server};
+use lbkit::server::tls::{CertStore, TlsConfig};
+use lbkit::server::{RequestBody, Server};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 use tower::ServiceBuilder;
@@ -42,22 +57,41 @@ use tracing_subscriber::EnvFilter;
 
 const LISTEN: &str = "127.0.0.1:8443";
 
+/// The certificates served: file stem and names (the first one is also the name asked for).
+const SITES: [(&str, &str); 3] = [
+    ("api", "api.example.test"),
+    ("apps", "*.apps.example.test"),
+    ("default", "localhost"),
+];
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
 
-    // A self-signed certificate, written as PEM files like the ones a CA would give you.
+    // A CA and the sites' certificates, written as PEM files like the ones a CA would give you.
     let dir = std::env::temp_dir().join(format!("lbkit-tls-example-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    std::fs::write(&cert_path, certified.cert.pem())?;
-    std::fs::write(&key_path, certified.signing_key.serialize_pem())?;
-    let config = tls::server_config_from_pem(&cert_path, &key_path)?;
+    let ca = Ca::new()?;
+    std::fs::write(dir.join("ca.pem"), &ca.pem)?;
+    ca.write_sites(&dir)?;
+
+    let pem = |stem: &str| {
+        (
+            dir.join(format!("{stem}.pem")),
+            dir.join(format!("{stem}.key")),
+        )
+    };
+    let (api, api_key) = pem("api");
+    let (apps, apps_key) = pem("apps");
+    let (default, default_key) = pem("default");
+    let certs = CertStore::builder()
+        .cert(&api, &api_key)
+        .cert(&apps, &apps_key)
+        .default_cert(&default, &default_key)
+        .build()?;
+    let config = TlsConfig::new(certs.clone()).build()?;
 
     let mut endpoints = Vec::new();
     for n in 1..=3 {
@@ -76,62 +110,126 @@ async fn main() -> Result<(), BoxError> {
         Duration::from_secs(10),
     ));
 
-    // Ask ourselves once per protocol, trusting the new certificate.
-    let cert = certified.cert.der().clone();
-    for alpn in ["http/1.1", "h2"] {
-        let answer = ask(addr, &cert, alpn).await?;
-        println!("over {alpn:<8}: {answer}");
+    // Ask ourselves once per name, trusting the CA: which certificate answers.
+    for name in ["api.example.test", "x.apps.example.test", "localhost"] {
+        println!("{name:<20} -> {}", ask(addr, &ca.pem, name).await?);
     }
 
+    // SIGHUP reloads the files; SIGUSR1 renews them on disk first (as certbot would).
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let reloader = tokio::spawn({
+        let dir = dir.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    Some(()) = hup.recv() => match certs.reload() {
+                        // `reload` logs its outcome, and keeps the old certificates on error.
+                        Ok(()) => println!("SIGHUP: certificates reloaded ({:?})", certs.names()),
+                        Err(e) => println!("SIGHUP: reload failed, old certificates kept: {e}"),
+                    },
+                    Some(()) = usr1.recv() => match ca.write_sites(&dir) {
+                        Ok(()) => println!("SIGUSR1: renewed the files (SIGHUP loads them)"),
+                        Err(e) => println!("SIGUSR1: could not write certificates: {e}"),
+                    },
+                    else => break,
+                }
+            }
+        }
+    });
+
     println!(
-        "\nHTTPS proxy on https://{addr} (certificate: {})",
-        cert_path.display()
+        "\nHTTPS proxy on https://{addr}, pid {}; CA: {}",
+        std::process::id(),
+        dir.join("ca.pem").display()
     );
-    println!("try: curl -k https://127.0.0.1:8443/   (Ctrl-C to stop)");
+    println!("SIGUSR1 renews the certificate files, SIGHUP reloads them, Ctrl-C stops.");
     serving.await?;
+    reloader.abort();
     let _ = std::fs::remove_dir_all(&dir);
     println!("bye");
     Ok(())
 }
 
-/// One GET over TLS with `alpn`, trusting only `cert`; returns the answer's first line.
-async fn ask(
-    addr: SocketAddr,
-    cert: &CertificateDer<'static>,
-    alpn: &str,
-) -> Result<String, BoxError> {
+/// The example's certificate authority.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new() -> Result<Ca, BoxError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "lbkit example CA");
+        let key = KeyPair::generate()?;
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// Writes a new certificate (chain: leaf, then the CA) and key for every site into `dir`.
+    /// Each has a new key and serial, as a renewal has.
+    fn write_sites(&self, dir: &Path) -> Result<(), BoxError> {
+        for (stem, name) in SITES {
+            let mut params = CertificateParams::new(vec![name.to_owned()])?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate()?;
+            let cert = params.signed_by(&key, &self.issuer)?;
+            // The key first: a reload between the two writes sees a mismatch and keeps the
+            // old pair (the next SIGHUP loads the new one).
+            write_atomically(&dir.join(format!("{stem}.key")), &key.serialize_pem())?;
+            write_atomically(
+                &dir.join(format!("{stem}.pem")),
+                &format!("{}{}", cert.pem(), self.pem),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `path` by renaming a temporary file over it, so a reader never sees half a file.
+fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// One GET over TLS to `addr` asking for `name` by SNI, trusting only the CA in `ca_pem`:
+/// the subject of the certificate that answered, and the answer's first line.
+async fn ask(addr: SocketAddr, ca_pem: &str, name: &str) -> Result<String, BoxError> {
+    use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
     let mut roots = RootCertStore::empty();
-    roots.add(cert.clone())?;
+    roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes())?)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr).await?;
     let tls = TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost")?, tcp)
+        .connect(ServerName::try_from(name.to_owned())?, tcp)
         .await?;
-    let io = TokioIo::new(tls);
-    let req = Request::get("https://localhost/").body(Empty::<Bytes>::new())?;
-    let res = if alpn == "h2" {
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-        tokio::spawn(conn);
-        send.send_request(req).await?
-    } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(conn);
-        let (mut parts, body) = req.into_parts();
-        parts.headers.insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("localhost"),
-        );
-        parts.uri = "/".parse()?;
-        send.send_request(Request::from_parts(parts, body)).await?
-    };
-    let version = res.version();
+    let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    // The same parser that gives a server its clients' identities reads the subject here.
+    let subject = lbkit::server::PeerCertificate::from_chain(chain.to_vec())
+        .map(|c| c.subject().to_owned())
+        .unwrap_or_default();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header(http::header::HOST, name)
+        .body(Empty::<Bytes>::new())?;
+    let res = send.send_request(req).await?;
     let body = res.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&body);
-    Ok(format!("{version:?} {}", text.lines().next().unwrap_or("")))
+    Ok(format!(
+        "certificate {subject}: {}",
+        text.lines().next().unwrap_or("")
+    ))
 }

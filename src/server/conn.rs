@@ -67,7 +67,7 @@ impl TunnelScope {
 
 /// The service hyper calls for each request of one connection: gives the body its read
 /// timeout ([`RequestBody`]), inserts the peer's [`ClientAddr`] (and [`ClientTls`] on a TLS
-/// connection), counts the request in the connection's [`Activity`], and calls a clone of the
+/// connection, with the verified client certificate if any), counts the request in the connection's [`Activity`], and calls a clone of the
 /// user's service.
 #[derive(Debug)]
 pub(super) struct ConnService<S> {
@@ -75,6 +75,9 @@ pub(super) struct ConnService<S> {
     pub(super) peer: SocketAddr,
     pub(super) tls: bool,
     pub(super) body_timeout: Option<Duration>,
+    /// The client's verified certificate, put into each request too.
+    #[cfg(feature = "tls")]
+    pub(super) peer_cert: Option<super::tls::PeerCertificate>,
     pub(super) activity: Arc<Activity>,
 }
 
@@ -96,6 +99,10 @@ where
         req.extensions_mut().insert(ClientAddr(self.peer));
         if self.tls {
             req.extensions_mut().insert(ClientTls);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(cert) = &self.peer_cert {
+            req.extensions_mut().insert(cert.clone());
         }
         if req.headers().contains_key(http::header::UPGRADE) {
             let tx = self.activity.tunnels.get_or_init(|| watch::channel(()).0);

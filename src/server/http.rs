@@ -164,10 +164,13 @@ impl<S> Server<S> {
         self
     }
 
-    /// Terminates TLS with `config` (see
-    /// [`server_config_from_pem`](super::tls::server_config_from_pem)) and serves HTTP/2
-    /// or HTTP/1.1 as ALPN chose. A client gets 10 s for the handshake (see
-    /// [`tls_handshake_timeout`](Server::tls_handshake_timeout)). Give
+    /// Terminates TLS with `config` (built with [`TlsConfig`](super::tls::TlsConfig) from a
+    /// reloadable [`CertStore`](super::tls::CertStore), or with
+    /// [`server_config_from_pem`](super::tls::server_config_from_pem) for one certificate)
+    /// and serves HTTP/2 or HTTP/1.1 as ALPN chose. A verified client certificate (mTLS) is
+    /// put into every request of its connection as a
+    /// [`PeerCertificate`](super::tls::PeerCertificate). A client gets 10 s for the handshake
+    /// (see [`tls_handshake_timeout`](Server::tls_handshake_timeout)). Give
     /// [`Forward`](crate::proxy::Forward) `.proto("https")` so the backends learn the clients'
     /// scheme.
     #[cfg(feature = "tls")]
@@ -269,6 +272,15 @@ enum Proto {
     /// HTTP/2, as ALPN chose.
     #[cfg(feature = "tls")]
     H2,
+}
+
+/// What is known about a connection once it is set up: the peer's address, whether it is TLS
+/// and, after a TLS handshake, its verified client certificate.
+struct ConnInfo {
+    peer: SocketAddr,
+    tls: bool,
+    #[cfg(feature = "tls")]
+    peer_cert: Option<super::tls::PeerCertificate>,
 }
 
 /// What a connection needs: a clone of the service, and what every connection of the server
@@ -376,17 +388,29 @@ where
                     return;
                 }
             };
-            let proto = match stream.get_ref().1.alpn_protocol() {
+            let session = stream.get_ref().1;
+            let proto = match session.alpn_protocol() {
                 Some(b"h2") => Proto::H2,
                 Some(b"http/1.1") => Proto::H1,
                 _ => Proto::Auto,
             };
-            return self.http(proto, true, stream, peer, drain).await;
+            let conn = ConnInfo {
+                peer,
+                tls: true,
+                peer_cert: super::tls::peer_certificate(session),
+            };
+            return self.http(proto, stream, conn, drain).await;
         }
-        self.http(Proto::Auto, false, stream, peer, drain).await
+        let conn = ConnInfo {
+            peer,
+            tls: false,
+            #[cfg(feature = "tls")]
+            peer_cert: None,
+        };
+        self.http(Proto::Auto, stream, conn, drain).await
     }
 
-    async fn http<I>(self, proto: Proto, tls: bool, io: I, peer: SocketAddr, drain: Option<Drain>)
+    async fn http<I>(self, proto: Proto, io: I, conn: ConnInfo, drain: Option<Drain>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -399,11 +423,14 @@ where
             Proto::H2 => &shared.h2,
         };
         let activity = Arc::new(Activity::default());
+        let peer = conn.peer;
         let service = ConnService {
             inner: service,
             peer,
-            tls,
+            tls: conn.tls,
             body_timeout: shared.body_timeout,
+            #[cfg(feature = "tls")]
+            peer_cert: conn.peer_cert,
             activity: activity.clone(),
         };
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

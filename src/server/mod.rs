@@ -71,3 +71,6 @@ pub use http::Server;
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub use proxy_protocol::{encode_v2, parse_header, write_v2, ProxyProtocol, ProxyProtocolError};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use tls::PeerCertificate;

@@ -1,14 +1,26 @@
-//! TLS configuration for [`Server::tls`](super::Server::tls): a rustls server configuration
-//! from a certificate chain and a key in PEM files, offering HTTP/2 and HTTP/1.1 by ALPN.
+//! TLS termination for [`Server::tls`](super::Server::tls) the way operators run it:
+//! certificates chosen by SNI from PEM files and reloaded without a restart ([`CertStore`]),
+//! optional client certificates whose identity reaches the requests ([`ClientAuth`],
+//! [`PeerCertificate`]), session resumption on by default and ALPN per listener
+//! ([`TlsConfig`]).
 //!
 //! ```no_run
+//! use std::time::Duration;
 //! use lbkit::proxy::{ErrorResponseLayer, Forward};
-//! use lbkit::server::{tls, Server};
+//! use lbkit::server::tls::{CertStore, TlsConfig};
+//! use lbkit::server::Server;
 //! use lbkit::{strategy::RoundRobin, BalancerLayer};
 //! use tower::ServiceBuilder;
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-//! let config = tls::server_config_from_pem("cert.pem", "key.pem")?;
+//! let certs = CertStore::builder()
+//!     .cert("example.com.pem", "example.com.key")      // its SANs: example.com, www.example.com
+//!     .cert("wildcard.pem", "wildcard.key")            // *.example.com
+//!     .default_cert("default.pem", "default.key")      // no SNI, or an unknown name
+//!     .build()?;
+//! let config = TlsConfig::new(certs.clone()).build()?;
+//! let _watch = certs.watch(Duration::from_secs(30)); // renewed files are picked up
+//!
 //! let proxy = ServiceBuilder::new()
 //!     .layer(ErrorResponseLayer::new())
 //!     .layer(BalancerLayer::new(["127.0.0.1:3001", "127.0.0.1:3002"], RoundRobin::new()))
@@ -19,8 +31,18 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Needs the `tls` cargo feature. rustls uses its `ring` crypto provider, which builds with a
-//! plain C compiler (no cmake or nasm).
+//! For one certificate, [`server_config_from_pem`] is the short way. Needs the `tls` cargo
+//! feature. rustls uses its `ring` crypto provider, which builds with a plain C compiler (no
+//! cmake or nasm).
+
+mod config;
+mod peer;
+mod store;
+
+pub use config::{ClientAuth, TlsConfig};
+pub(crate) use peer::peer_certificate;
+pub use peer::{PeerCertificate, SubjectAltName};
+pub use store::{CertStore, CertStoreBuilder};
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -39,7 +61,7 @@ const ALPN_H2: &[u8] = b"h2";
 /// The ALPN protocol id of HTTP/1.1.
 const ALPN_HTTP11: &[u8] = b"http/1.1";
 
-/// Why a TLS server configuration could not be built.
+/// Why a TLS server configuration could not be built, or certificates not (re)loaded.
 ///
 /// One opaque type with a kind inside, asked about with `is_*` methods. Its message names the
 /// file it is about, when there is one, but never the key material.
@@ -56,6 +78,8 @@ enum Kind {
     NoCertificate,
     NoKey,
     KeyMismatch,
+    BadCertificate,
+    BadName,
     Config,
 }
 
@@ -99,6 +123,18 @@ impl TlsError {
         self.kind == Kind::KeyMismatch
     }
 
+    /// A certificate is not one rustls or x509-parser can read (broken DER inside valid PEM),
+    /// or a CA certificate cannot be used as a trust anchor.
+    pub fn is_bad_certificate(&self) -> bool {
+        self.kind == Kind::BadCertificate
+    }
+
+    /// A certificate serves no name: it has no DNS name in its subject alternative names and
+    /// is not the default, or a name given for it is not a DNS name or one-label wildcard.
+    pub fn is_bad_name(&self) -> bool {
+        self.kind == Kind::BadName
+    }
+
     /// The path of the file the error is about, if any.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -123,12 +159,21 @@ impl fmt::Display for TlsError {
             Kind::NoCertificate => "no certificate in PEM",
             Kind::NoKey => "no private key in PEM",
             Kind::KeyMismatch => "private key does not match the certificate",
+            Kind::BadCertificate => "unusable certificate",
+            Kind::BadName => "certificate serves no valid name",
             Kind::Config => "invalid TLS configuration",
         })?;
         if let Some(path) = &self.path {
             write!(f, " ({})", path.display())?;
         }
         Ok(())
+    }
+}
+
+impl TlsError {
+    /// What the underlying error says, for a log line next to the message.
+    fn source_message(&self) -> Option<String> {
+        self.source.as_ref().map(|e| e.to_string())
     }
 }
 
@@ -148,24 +193,22 @@ fn pem_error(e: rustls_pki_types::pem::Error, missing: Kind) -> TlsError {
     }
 }
 
-/// A server configuration from a certificate chain file and a private key file, both PEM (the
-/// chain leaf first, as `certbot` and `openssl` write them), offering HTTP/2 and HTTP/1.1 by
-/// ALPN (`h2` preferred).
+/// A server configuration serving one certificate chain file and private key file, both PEM
+/// (the chain leaf first, as `certbot` and `openssl` write them), to every client whatever
+/// name it asks for, with [`TlsConfig`]'s defaults (ALPN `h2` then `http/1.1`, session
+/// resumption). For several certificates, reloads or client certificates, build a
+/// [`CertStore`] and a [`TlsConfig`].
 ///
-/// Every problem is a [`TlsError`]: an unreadable file, malformed PEM, no certificate, no
-/// key, or a key that does not match the certificate. Never panics.
+/// Every problem is a [`TlsError`] naming the file: unreadable, malformed PEM, no
+/// certificate, no key, or a key that does not match the certificate. Never panics.
 pub fn server_config_from_pem(
     cert_path: impl AsRef<Path>,
     key_path: impl AsRef<Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let (cert_path, key_path) = (cert_path.as_ref(), key_path.as_ref());
-    let cert = std::fs::read(cert_path)
-        .map_err(|e| TlsError::new(Kind::Io, Some(e.into())).at(cert_path))?;
-    let key = std::fs::read(key_path)
-        .map_err(|e| TlsError::new(Kind::Io, Some(e.into())).at(key_path))?;
-    let certs = parse_certs(&cert).map_err(|e| e.at(cert_path))?;
-    let key = parse_key(&key).map_err(|e| e.at(key_path))?;
-    build(certs, key)
+    let certs = CertStore::builder()
+        .default_cert(cert_path, key_path)
+        .build()?;
+    TlsConfig::new(certs).build()
 }
 
 /// Like [`server_config_from_pem`], from PEM text in memory.
@@ -173,7 +216,10 @@ pub fn server_config_from_pem_bytes(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    build(parse_certs(cert_pem)?, parse_key(key_pem)?)
+    let certs = CertStore::builder()
+        .default_pem(cert_pem, key_pem)
+        .build()?;
+    TlsConfig::new(certs).build()
 }
 
 fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -188,27 +234,6 @@ fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| pem_error(e, Kind::NoKey))
-}
-
-fn build(
-    certs: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::new(Kind::Config, Some(e.into())))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            let kind = match e {
-                rustls::Error::InconsistentKeys(_) => Kind::KeyMismatch,
-                _ => Kind::BadPem,
-            };
-            TlsError::new(kind, Some(e.into()))
-        })?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]
