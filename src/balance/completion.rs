@@ -7,6 +7,7 @@ use pin_project_lite::pin_project;
 
 use crate::endpoint::state::now;
 use crate::endpoint::Candidate;
+use crate::grpc;
 
 /// Counts one request as in flight to an endpoint until dropped.
 ///
@@ -125,7 +126,9 @@ impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
 /// Completion when an `http::Response`'s body ends (or is dropped), so a long download counts as
 /// load for its whole length. Also counts a 5xx status as an endpoint error (or the statuses
 /// chosen with
-/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)). To
+/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)), and
+/// a gRPC call whose `grpc-status` (in the response headers of a trailers-only answer, or in
+/// the trailers) is a failure code (see [`FailureCodes`](crate::grpc::FailureCodes)). To
 /// learn which endpoint served a request, see [`PickHints::record_pick`](crate::hints::PickHints::record_pick).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompleteOnBody;
@@ -134,7 +137,10 @@ impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
     type Output = http::Response<TrackedBody<B>>;
 
     fn track_completion(&self, mut handle: InFlight, res: http::Response<B>) -> Self::Output {
-        if handle.candidate().state().is_failure_status(res.status()) {
+        let state = handle.candidate().state();
+        if state.is_failure_status(res.status())
+            || grpc::status(res.headers()).is_some_and(|c| state.is_failure_grpc_code(c))
+        {
             handle.fail();
         }
         res.map(|inner| TrackedBody {
@@ -183,7 +189,15 @@ impl<B: Body> Body for TrackedBody<B> {
                     h.fail();
                 }
             }
-            Some(Ok(_)) => {}
+            // gRPC reports a call's outcome in its trailers, after an HTTP 200.
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(h)) = (frame.trailers_ref(), this.handle.as_mut()) {
+                    let code = grpc::status(trailers);
+                    if code.is_some_and(|c| h.candidate().state().is_failure_grpc_code(c)) {
+                        h.fail();
+                    }
+                }
+            }
         }
         Poll::Ready(res)
     }
