@@ -76,13 +76,13 @@ mod event;
 mod outlier;
 pub(crate) mod slow_start;
 
-#[cfg(feature = "http-proxy")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use active::{GrpcCheck, HttpCheck};
 pub use active::{
     check_fn, check_service, CheckError, CheckErrorKind, CheckFuture, FnCheck, HealthCheck,
     HealthChecker, ServiceCheck, TcpCheck,
 };
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use active::{GrpcCheck, HttpCheck};
 pub use event::{HealthChange, HealthEvent};
 pub use outlier::OutlierDetection;
 pub use slow_start::SlowStart;

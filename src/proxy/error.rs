@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
-use tower_layer::Layer;
 use tokio::time::Sleep;
+use tower_layer::Layer;
 use tower_service::Service;
 
 use super::grpc::grpc_error_response;

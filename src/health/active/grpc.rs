@@ -91,10 +91,7 @@ impl HealthCheck for GrpcCheck {
 }
 
 async fn run(config: &Config, addr: SocketAddr) -> Result<(), CheckError> {
-    let authority = config
-        .authority
-        .clone()
-        .unwrap_or_else(|| addr.to_string());
+    let authority = config.authority.clone().unwrap_or_else(|| addr.to_string());
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{authority}{CHECK_PATH}"))
