@@ -125,8 +125,9 @@ impl GrpcServer {
             health_checks: AtomicU64::new(0),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let greeter = Greeter(state.clone());
-        let health = with_health.then(|| HealthService(state.clone()));
+        let greeter = Served::<Greeter>(state.clone(), std::marker::PhantomData);
+        let health =
+            with_health.then(|| Served::<HealthService>(state.clone(), std::marker::PhantomData));
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(greeter)
@@ -181,14 +182,29 @@ where
     }
 }
 
-#[derive(Clone)]
-struct Greeter(Arc<ServerState>);
+/// One gRPC service of a test server: its name and how it answers.
+trait GrpcService: Send + 'static {
+    const NAME: &'static str;
 
-impl NamedService for Greeter {
-    const NAME: &'static str = "demo.Greeter";
+    fn answer(state: Arc<ServerState>, req: http::Request<tonic::body::Body>) -> Answer;
 }
 
-impl Service<http::Request<tonic::body::Body>> for Greeter {
+type Answer = BoxFuture<http::Response<tonic::body::Body>>;
+
+/// The tower service tonic's router serves for a [`GrpcService`].
+struct Served<G>(Arc<ServerState>, std::marker::PhantomData<fn() -> G>);
+
+impl<G> Clone for Served<G> {
+    fn clone(&self) -> Self {
+        Served(self.0.clone(), std::marker::PhantomData)
+    }
+}
+
+impl<G: GrpcService> NamedService for Served<G> {
+    const NAME: &'static str = G::NAME;
+}
+
+impl<G: GrpcService> Service<http::Request<tonic::body::Body>> for Served<G> {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
@@ -198,11 +214,22 @@ impl Service<http::Request<tonic::body::Body>> for Greeter {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let state = self.0.clone();
+        let answer = G::answer(self.0.clone(), req);
+        Box::pin(async move { Ok(answer.await) })
+    }
+}
+
+/// `demo.Greeter`, answering as the server's [`Mode`] says.
+struct Greeter;
+
+impl GrpcService for Greeter {
+    const NAME: &'static str = "demo.Greeter";
+
+    fn answer(state: Arc<ServerState>, req: http::Request<tonic::body::Body>) -> Answer {
         state.calls.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             if req.uri().path() != SAY_HELLO {
-                return Ok(Status::unimplemented("no such method").into_http());
+                return Status::unimplemented("no such method").into_http();
             }
             match state.mode() {
                 Mode::Ok => {
@@ -215,7 +242,7 @@ impl Service<http::Request<tonic::body::Body>> for Greeter {
                             server: server.clone(),
                         })
                     });
-                    Ok(grpc.unary(hello, req).await)
+                    grpc.unary(hello, req).await
                 }
                 Mode::UnavailableInTrailers => {
                     let mut trailers = http::HeaderMap::new();
@@ -224,42 +251,30 @@ impl Service<http::Request<tonic::body::Body>> for Greeter {
                     let frames = futures::stream::iter([Ok::<_, Infallible>(
                         Frame::<Bytes>::trailers(trailers),
                     )]);
-                    let res = http::Response::builder()
+                    http::Response::builder()
                         .header("content-type", "application/grpc")
                         .body(tonic::body::Body::new(StreamBody::new(frames)))
-                        .expect("response");
-                    Ok(res)
+                        .expect("response")
                 }
-                Mode::UnavailableTrailersOnly => Ok(Status::unavailable("broken").into_http()),
-                Mode::ResourceExhausted => Ok(Status::resource_exhausted("busy").into_http()),
+                Mode::UnavailableTrailersOnly => Status::unavailable("broken").into_http(),
+                Mode::ResourceExhausted => Status::resource_exhausted("busy").into_http(),
                 Mode::Hold => std::future::pending().await,
             }
         })
     }
 }
 
-#[derive(Clone)]
-struct HealthService(Arc<ServerState>);
+/// `grpc.health.v1.Health`, answering the server's serving status.
+struct HealthService;
 
-impl NamedService for HealthService {
+impl GrpcService for HealthService {
     const NAME: &'static str = "grpc.health.v1.Health";
-}
 
-impl Service<http::Request<tonic::body::Body>> for HealthService {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let state = self.0.clone();
+    fn answer(state: Arc<ServerState>, req: http::Request<tonic::body::Body>) -> Answer {
         state.health_checks.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             if req.uri().path() != "/grpc.health.v1.Health/Check" {
-                return Ok(Status::unimplemented("no such method").into_http());
+                return Status::unimplemented("no such method").into_http();
             }
             let mut grpc = tonic::server::Grpc::new(ProstCodec::<
                 HealthCheckResponse,
@@ -271,7 +286,7 @@ impl Service<http::Request<tonic::body::Body>> for HealthService {
                 }),
                 other => Err(Status::not_found(format!("unknown service {other}"))),
             });
-            Ok(grpc.unary(check, req).await)
+            grpc.unary(check, req).await
         })
     }
 }
@@ -515,52 +530,74 @@ fn errors(
         .map_or(0, |(_, s)| s.errors())
 }
 
+/// The proxy over a server named `broken` and others, after calls until `broken` was ejected.
+struct Ejected {
+    /// The status codes the calls got.
+    codes: HashMap<Code, usize>,
+    pool: lbkit::Pool<lbkit::balance::Target, lbkit::strategy::AnyStrategy>,
+    client: tonic::client::Grpc<Channel>,
+    proxy: tokio::task::JoinHandle<()>,
+    // The servers stop when dropped.
+    _servers: Vec<GrpcServer>,
+}
+
+/// Starts servers `broken` (answering as `mode`) and `others` behind the proxy, and calls until
+/// `broken` is ejected.
+async fn call_until_ejected(mode: Mode, others: &[(&str, Mode)]) -> Ejected {
+    let mut servers = vec![GrpcServer::start("broken", mode, true).await];
+    for (name, mode) in others {
+        servers.push(GrpcServer::start(name, *mode, true).await);
+    }
+    let endpoints = servers.iter().map(GrpcServer::endpoint).collect();
+    let (addr, pool, proxy) = start_proxy(endpoints, grpc_args()).await;
+    let client = grpc_client(addr).await;
+    let broken = EndpointId::from("broken");
+    let codes = call_until(&client, || pool.health(&broken) == Some(Health::Ejected)).await;
+    Ejected {
+        codes,
+        pool,
+        client,
+        proxy,
+        _servers: servers,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_status_14_in_trailers_counts_as_a_failure_and_ejects_the_server() {
-    let broken = GrpcServer::start("broken", Mode::UnavailableInTrailers, true).await;
-    let ok = GrpcServer::start("ok", Mode::Ok, true).await;
-    let endpoints = vec![broken.endpoint(), ok.endpoint()];
-    let (addr, pool, task) = start_proxy(endpoints, grpc_args()).await;
-    let client = grpc_client(addr).await;
-
+    let run = call_until_ejected(Mode::UnavailableInTrailers, &[("ok", Mode::Ok)]).await;
     // Outlier detection's default: 5 failures in a row eject.
-    let codes = call_until(&client, || {
-        pool.health(&broken.id()) == Some(Health::Ejected)
-    })
-    .await;
-    assert_eq!(codes.get(&Code::Unavailable), Some(&5), "{codes:?}");
-    assert_eq!(errors(&pool, &broken.id()), 5);
-    assert_eq!(errors(&pool, &ok.id()), 0);
+    assert_eq!(
+        run.codes.get(&Code::Unavailable),
+        Some(&5),
+        "{:?}",
+        run.codes
+    );
+    assert_eq!(errors(&run.pool, &EndpointId::from("broken")), 5);
+    assert_eq!(errors(&run.pool, &EndpointId::from("ok")), 0);
     // Ejected: every call goes to the one that works.
-    let (by_server, failed) = calls(&client, 10).await;
+    let (by_server, failed) = calls(&run.client, 10).await;
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(by_server.get("ok"), Some(&10));
-    task.abort();
+    run.proxy.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trailers_only_unavailable_counts_but_resource_exhausted_is_overload_not_failure() {
-    let broken = GrpcServer::start("broken", Mode::UnavailableTrailersOnly, true).await;
-    let busy = GrpcServer::start("busy", Mode::ResourceExhausted, true).await;
-    let ok = GrpcServer::start("ok", Mode::Ok, true).await;
-    let endpoints = vec![broken.endpoint(), busy.endpoint(), ok.endpoint()];
-    let (addr, pool, task) = start_proxy(endpoints, grpc_args()).await;
-    let client = grpc_client(addr).await;
-
-    let codes = call_until(&client, || {
-        pool.health(&broken.id()) == Some(Health::Ejected)
-    })
-    .await;
+    let others = [("busy", Mode::ResourceExhausted), ("ok", Mode::Ok)];
+    let run = call_until_ejected(Mode::UnavailableTrailersOnly, &others).await;
+    let codes = &run.codes;
     assert_eq!(codes.get(&Code::Unavailable), Some(&5), "{codes:?}");
+    assert_eq!(errors(&run.pool, &EndpointId::from("broken")), 5);
     // The busy server's answers reach the client as they are, and do not count against it.
     assert!(
         codes.get(&Code::ResourceExhausted).copied().unwrap_or(0) >= 4,
         "{codes:?}"
     );
-    assert_eq!(errors(&pool, &busy.id()), 0);
-    assert_eq!(pool.health(&busy.id()), Some(Health::Healthy));
-    assert_eq!(errors(&pool, &ok.id()), 0);
-    task.abort();
+    let busy = EndpointId::from("busy");
+    assert_eq!(errors(&run.pool, &busy), 0);
+    assert_eq!(run.pool.health(&busy), Some(Health::Healthy));
+    assert_eq!(errors(&run.pool, &EndpointId::from("ok")), 0);
+    run.proxy.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,18 @@ impl HealthCheck for HttpCheck {
 /// Aborts the connection task when the check ends, or is dropped on its timeout.
 pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Runs a client connection's task until it ends or this is dropped.
+    fn spawn<C>(conn: C) -> Self
+    where
+        C: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+    {
+        AbortOnDrop(tokio::spawn(async move {
+            let _ = conn.await;
+        }))
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -174,26 +186,16 @@ where
         let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(CheckError::protocol)?;
-        let conn = AbortOnDrop(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(CheckError::protocol)?;
-        Ok((res, conn))
+        let conn = AbortOnDrop::spawn(conn);
+        let res = sender.send_request(req).await;
+        Ok((res.map_err(CheckError::protocol)?, conn))
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(CheckError::protocol)?;
-        let conn = AbortOnDrop(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
-        let res = sender
-            .send_request(req)
-            .await
-            .map_err(CheckError::protocol)?;
-        Ok((res, conn))
+        let conn = AbortOnDrop::spawn(conn);
+        let res = sender.send_request(req).await;
+        Ok((res.map_err(CheckError::protocol)?, conn))
     }
 }
 
