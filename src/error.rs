@@ -141,7 +141,9 @@ impl StdError for Error {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let no_endpoints: Vec<Endpoint> = Vec::new();
 /// let balancer = Balancer::new(no_endpoints, RoundRobin::new(), |_: &Endpoint| {
-///     service_fn(|_: http::Request<()>| async { Ok::<_, tonic::Status>(()) })
+///     service_fn(|_: http::Request<()>| async {
+///         Ok::<_, tonic::Status>(http::Response::new(String::new()))
+///     })
 /// });
 /// let error = balancer.oneshot(http::Request::new(())).await.unwrap_err();
 /// assert_eq!(tonic::Status::from(error).code(), tonic::Code::Unavailable);

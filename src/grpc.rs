@@ -4,9 +4,10 @@
 //! gRPC runs over HTTP/2 and reports its outcome in a `grpc-status` field, not in the HTTP
 //! status: a failed call is usually an HTTP `200` whose trailers (or, for a call that fails
 //! before any message, whose headers: a *trailers-only* response) say `grpc-status: 14`.
-//! Balancers built with [`Balancer::http`](crate::Balancer::http) read that field, so outlier
-//! detection sees gRPC failures as it sees 5xx (see [`FailureCodes`]); the proxy answers gRPC
-//! requests with gRPC-shaped errors (`proxy::grpc`, feature `http-proxy`).
+//! HTTP balancers ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default) read that
+//! field, so outlier detection sees gRPC failures as it sees 5xx (see [`FailureCodes`]); the
+//! proxy answers gRPC requests with gRPC-shaped errors (`proxy::grpc_error_response`, feature
+//! `http-proxy`).
 //!
 //! A leaf module: it depends on nothing else in lbkit, so the balancer, the health checks and
 //! the proxy all use it.

@@ -786,8 +786,7 @@ async fn a_client_side_balanced_tonic_client_sees_unavailable_with_no_server_up(
         Channel::from_shared(format!("http://{addr}"))
             .expect("uri")
             .connect_lazy()
-    })
-    .http();
+    });
     let client = tonic::client::Grpc::new(balancer.map_err(Status::from));
     let reply = say_hello(client.clone(), "up".into())
         .await
@@ -805,8 +804,7 @@ async fn a_client_side_balanced_tonic_client_sees_unavailable_with_no_server_up(
     let none: Vec<Endpoint> = Vec::new();
     let empty = Balancer::new(none, RoundRobin::new(), |_: &Endpoint| -> Channel {
         unreachable!("no endpoint to make a channel for")
-    })
-    .http();
+    });
     let status = say_hello(
         tonic::client::Grpc::new(empty.map_err(Status::from)),
         "x".into(),

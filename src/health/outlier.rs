@@ -151,8 +151,9 @@ impl OutlierDetection {
 
     /// Chooses which gRPC status codes count as failures (default
     /// [`FailureCodes::DEFAULT`]: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`; not
-    /// `RESOURCE_EXHAUSTED`, which is overload) for balancers built with
-    /// [`Balancer::http`](crate::Balancer::http). A gRPC call's status arrives in the
+    /// `RESOURCE_EXHAUSTED`, which is overload) for HTTP balancers
+    /// ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default). A gRPC call's status
+    /// arrives in the
     /// `grpc-status` trailer (or header, for a trailers-only answer) of an HTTP 200, which
     /// [`failure_status`](Self::failure_status) never sees.
     ///
