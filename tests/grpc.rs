@@ -750,14 +750,14 @@ async fn http1_and_http2_clients_on_one_listener_reach_http1_and_http2_backends(
         let (backend_addr, checks, backend_task) = http_backend("b", backend).await;
         let args = Args {
             upstream,
-            // The default check: GET / in the upstream protocol.
-            check: None,
+            // GET / in the upstream protocol (h2 for `Http2`).
+            check: Some(Check::Http("/".into())),
             check_interval: Duration::from_millis(50),
             ..Default::default()
         };
         let ep = Endpoint::new("b").with_addr(backend_addr);
         let (addr, pool, task) = start_proxy(vec![ep], args).await;
-        // A few checks have passed: the default check fits the backend.
+        // A few checks have passed: the HTTP check speaks the backend's protocol.
         common::wait_until(HANG, "three health checks", || {
             checks.load(Ordering::Relaxed) >= 3
         })
