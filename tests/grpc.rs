@@ -609,6 +609,10 @@ async fn grpc_timeout_bounds_the_call_and_is_no_failure_of_the_server() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["content-type"], "application/grpc");
     assert_eq!(res.headers()["grpc-status"], "4");
+    assert_eq!(
+        res.headers()["grpc-message"],
+        "deadline (grpc-timeout) exceeded"
+    );
     assert_eq!(held.state.calls.load(Ordering::Relaxed), 1);
     common::wait_until(
         HANG,

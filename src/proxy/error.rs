@@ -14,7 +14,7 @@ use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::grpc::grpc_error_response;
+use super::grpc::{deadline_exceeded, grpc_error_response};
 
 use crate::error::{BoxError, Error};
 
@@ -261,7 +261,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            return Poll::Ready(Ok(grpc_error_response(StatusCode::GATEWAY_TIMEOUT)));
+            return Poll::Ready(Ok(deadline_exceeded()));
         };
         let res = match inner.poll(cx) {
             Poll::Ready(res) => res,
@@ -270,7 +270,7 @@ where
                     ready!(deadline.poll(cx));
                     this.inner.set(None);
                     tracing::debug!("gRPC call past its grpc-timeout: cancelled");
-                    return Poll::Ready(Ok(grpc_error_response(StatusCode::GATEWAY_TIMEOUT)));
+                    return Poll::Ready(Ok(deadline_exceeded()));
                 }
                 return Poll::Pending;
             }

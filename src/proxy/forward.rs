@@ -531,3 +531,55 @@ async fn splice_upgraded(client: hyper::upgrade::OnUpgrade, backend: hyper::upgr
         Err(e) => tracing::debug!(error = %e, "upgrade failed"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, content_type: Option<&'static str>) -> Request<()> {
+        let mut req = Request::new(());
+        *req.version_mut() = version;
+        if let Some(ct) = content_type {
+            req.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(ct),
+            );
+        }
+        req
+    }
+
+    #[test]
+    fn the_upstream_protocol_is_chosen_per_request() {
+        use UpstreamProtocol::*;
+        let h1 = request(Version::HTTP_11, None);
+        let h2 = request(Version::HTTP_2, Some("text/html"));
+        let grpc = request(Version::HTTP_11, Some("application/grpc+proto"));
+        let grpc_web = request(Version::HTTP_11, Some("application/grpc-web"));
+        // (protocol, request, upgrade) -> over HTTP/2?
+        let cases = [
+            (Http1, &h1, false, false),
+            (Http1, &h2, false, false),
+            (Http1, &grpc, false, true),
+            (Http1, &grpc_web, false, false),
+            (Http2, &h1, false, true),
+            (Http2, &h1, true, true),
+            (SameAsClient, &h1, false, false),
+            (SameAsClient, &h2, false, true),
+            (SameAsClient, &h2, true, false),
+            (SameAsClient, &grpc, false, true),
+        ];
+        for (protocol, req, upgrade, http2) in cases {
+            assert_eq!(
+                protocol.is_http2(req, upgrade),
+                http2,
+                "{protocol:?} {:?} {:?} upgrade={upgrade}",
+                req.version(),
+                req.headers().get(http::header::CONTENT_TYPE)
+            );
+        }
+        assert_eq!("h2".parse::<UpstreamProtocol>().unwrap(), Http2);
+        assert_eq!("http1".parse::<UpstreamProtocol>().unwrap(), Http1);
+        assert_eq!("same".parse::<UpstreamProtocol>().unwrap(), SameAsClient);
+        assert!("h3".parse::<UpstreamProtocol>().is_err());
+    }
+}

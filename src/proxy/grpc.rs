@@ -44,13 +44,24 @@ pub fn grpc_error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
         StatusCode::TOO_MANY_REQUESTS => "proxy overloaded",
         _ => "proxy error",
     };
+    trailers_only(grpc_code_for(status), message)
+}
+
+/// The answer to a gRPC call whose client's deadline (`grpc-timeout`) passed in the proxy:
+/// `DEADLINE_EXCEEDED`.
+pub(super) fn deadline_exceeded<B>() -> Response<ProxyBody<B>> {
+    trailers_only(code::DEADLINE_EXCEEDED, "deadline (grpc-timeout) exceeded")
+}
+
+/// HTTP 200 with `code` and `message` in the headers and no body.
+fn trailers_only<B>(code: u32, message: &'static str) -> Response<ProxyBody<B>> {
     let mut res = Response::new(Either::Right(Full::new(Bytes::new())));
     let headers = res.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    headers.insert(GRPC_STATUS, HeaderValue::from(grpc_code_for(status)));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code));
     headers.insert(GRPC_MESSAGE, HeaderValue::from_static(message));
     res
 }
