@@ -15,6 +15,10 @@
 //! a request through the `Balancer`, which picks a server for it; the balancer counts a call in
 //! flight until its response body (with the gRPC trailers) ends (the default for HTTP services).
 //!
+//! lbkit's errors become gRPC statuses with `map_err(tonic::Status::from)` (feature `tonic`):
+//! with no server up, a call fails with `UNAVAILABLE`, which gRPC clients retry, not
+//! `UNKNOWN`. The last call here shows it, after the servers are stopped.
+//!
 //! No protoc needed: the messages are written by hand with `#[derive(prost::Message)]`, and the
 //! calls go through tonic's generic `client::Grpc` / `server::Grpc` with the prost codec, which
 //! is what generated code does underneath.
@@ -34,34 +38,36 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Server};
 use tonic::{Request, Response, Status};
 use tonic_prost::ProstCodec;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 /// `message HelloRequest { string name = 1; }`
 #[derive(Clone, PartialEq, prost::Message)]
-struct HelloRequest {
+pub struct HelloRequest {
     #[prost(string, tag = "1")]
-    name: String,
+    pub name: String,
 }
 
 /// `message HelloReply { string message = 1; string server = 2; }`
 #[derive(Clone, PartialEq, prost::Message)]
-struct HelloReply {
+pub struct HelloReply {
     #[prost(string, tag = "1")]
-    message: String,
+    pub message: String,
     #[prost(string, tag = "2")]
-    server: String,
+    pub server: String,
 }
 
 /// `rpc SayHello (HelloRequest) returns (HelloReply)` in `service demo.Greeter`.
-const SAY_HELLO: &str = "/demo.Greeter/SayHello";
+pub const SAY_HELLO: &str = "/demo.Greeter/SayHello";
 
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+pub async fn main() -> Result<(), BoxError> {
     let mut endpoints = Vec::new();
+    let mut servers = Vec::new();
     for n in 1..=3 {
-        let addr = spawn_server(format!("server-{n}")).await?;
+        let (addr, stop, served) = spawn_server(format!("server-{n}")).await?;
         println!("server-{n}: gRPC on {addr}");
         endpoints.push(Endpoint::from(addr));
+        servers.push((stop, served));
     }
 
     // One lazily connected tonic channel per server, balanced by lbkit.
@@ -71,7 +77,8 @@ async fn main() -> Result<(), BoxError> {
             .expect("valid URI")
             .connect_lazy()
     });
-    let client = tonic::client::Grpc::new(balancer);
+    // lbkit's errors as gRPC statuses: no endpoint up is UNAVAILABLE.
+    let client = tonic::client::Grpc::new(balancer.map_err(Status::from));
 
     println!("\nsix calls, one after the other:");
     for i in 1..=6 {
@@ -92,11 +99,21 @@ async fn main() -> Result<(), BoxError> {
     for (server, n) in spread {
         println!("  {server}: {n} calls");
     }
+
+    // Stop every server: the next call finds no one to connect to.
+    for (stop, served) in servers {
+        let _ = stop.send(());
+        let _ = served.await;
+    }
+    match say_hello(client, "anyone there?".into()).await {
+        Err(status) => println!("\nwith every server stopped: {:?}", status.code()),
+        Ok(reply) => return Err(format!("a stopped server answered: {reply:?}").into()),
+    }
     Ok(())
 }
 
 /// One unary call: what generated client code does.
-async fn say_hello<T>(
+pub async fn say_hello<T>(
     mut client: tonic::client::Grpc<T>,
     name: String,
 ) -> Result<HelloReply, Status>
@@ -120,21 +137,35 @@ where
     Ok(res.into_inner())
 }
 
-/// Starts a tonic server named `name` on a port the OS picks.
-async fn spawn_server(name: String) -> Result<SocketAddr, BoxError> {
+/// Starts a tonic server named `name` on a port the OS picks; it serves until told to stop
+/// through the returned sender (then it closes its listener and, after a GOAWAY, its
+/// connections, and the returned task ends).
+async fn spawn_server(
+    name: String,
+) -> Result<
+    (
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    BoxError,
+> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let greeter = Greeter { name: name.into() };
-    tokio::spawn(async move {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let served = Server::builder()
             .add_service(greeter)
-            .serve_with_incoming(TcpIncoming::from(listener))
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+                let _ = stopped.await;
+            })
             .await;
         if let Err(e) = served {
             eprintln!("server stopped: {e}");
         }
     });
-    Ok(addr)
+    Ok((addr, stop, task))
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

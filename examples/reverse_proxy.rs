@@ -30,15 +30,28 @@
 //!   gRPC call) whose connection was refused, after a short jittered back-off and within a
 //!   retry budget, so a backend that dies under load costs no client a failed request;
 //! - `--sticky` (`StickyLayer`) or `--hash-header NAME` (`HashKeyLayer`, for `maglev`/`ring`);
-//! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked
-//!   (`GET /` every second; `--check http:/healthz` for another path, `--check tcp` for a
-//!   backend that answers no plain GET, such as a WebSocket-only or HTTP/2-only server) and
-//!   watched by outlier detection; each backend takes at most `--max-requests-per-backend`
-//!   requests at once (default 256), the others wait in a queue of `--queue N` (default 1024)
-//!   for up to `--queue-timeout-ms` (default 5000) and get a 503 beyond it;
-//! - `Forward`: the request goes to the picked backend over pooled keep-alive connections,
-//!   at most `--max-conns-per-backend` per backend (default 256) with a 5 s connect timeout,
-//!   HTTP/1.1 by default or HTTP/2 (h2c) with `--upstream h2`, as gRPC servers want.
+//! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked every
+//!   second and watched by outlier detection (which counts 5xx answers and gRPC calls ending
+//!   in `UNAVAILABLE`, `DEADLINE_EXCEEDED` or `INTERNAL`). The check fits the upstream
+//!   protocol: `GET /` over HTTP/1.1 by default; a TCP connect with `--upstream h2`, as
+//!   HAProxy's `proto h2` servers get, since an HTTP/2-only backend is usually a gRPC server,
+//!   which answers a plain `GET` with 415 or a gRPC error. `--check http:/healthz` sends
+//!   `GET /healthz` (over HTTP/2 with `--upstream h2`), `--check grpc` (or `grpc:SERVICE`)
+//!   asks a gRPC server's `grpc.health.v1` service (`SERVING` is up), `--check tcp` suits a
+//!   backend that answers no plain GET, such as a WebSocket-only server; each backend takes at
+//!   most `--max-requests-per-backend` requests at once (default 256), the others wait in a
+//!   queue of `--queue N` (default 1024) for up to `--queue-timeout-ms` (default 5000) and get
+//!   a 503 beyond it;
+//! - `Forward`: the request goes to the picked backend over pooled keep-alive connections, at
+//!   most `--max-conns-per-backend` per backend (default 256) with a 5 s connect timeout:
+//!   HTTP/1.1 by default (any backend speaks it), HTTP/2 (h2c) for every request with
+//!   `--upstream h2`, or the client's own protocol with `--upstream same` (for backends that
+//!   speak both); gRPC calls always go over HTTP/2. A gRPC call that fails in the proxy is
+//!   answered as gRPC (`grpc-status` 14 `UNAVAILABLE`, 4 `DEADLINE_EXCEEDED`), and its
+//!   `grpc-timeout` bounds the wait for the backend.
+//!
+//! gRPC through the proxy, to three gRPC servers: `--backends A,B,C --check grpc`, then point
+//! the gRPC client at `http://127.0.0.1:8080` (h2c).
 //!
 //! Backend 1 has weight 2, so with the default smooth weighted round robin it answers half of
 //! the requests, interleaved with the others. Strategies: round_robin, random,
@@ -63,9 +76,9 @@ use http::Request;
 use lbkit::balance::Target;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::forwarded::Cidr;
-use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
+use lbkit::health::{GrpcCheck, HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
 use lbkit::key::HashKeyLayer;
-use lbkit::proxy::{ErrorResponseLayer, Forward};
+use lbkit::proxy::{ErrorResponseLayer, Forward, UpstreamProtocol};
 use lbkit::server::{ProxyProtocol, RequestBody, Server};
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
@@ -88,10 +101,12 @@ pub struct Args {
     pub threads: Option<usize>,
     pub sticky: bool,
     pub hash_header: Option<String>,
-    /// `None`: a TCP connect; `Some(path)`: `GET path`, any 2xx or 3xx.
-    pub check_http: Option<String>,
-    /// HTTP/2 (h2c, prior knowledge) to the backends instead of HTTP/1.1.
-    pub upstream_h2: bool,
+    /// The active health check; `None`: `GET /` over HTTP/1.1 (any 2xx or 3xx), or a TCP
+    /// connect for `UpstreamProtocol::Http2` (HTTP/2-only backends are mostly gRPC servers,
+    /// which fail a plain GET).
+    pub check: Option<Check>,
+    /// The protocol spoken to the backends (gRPC always goes over HTTP/2).
+    pub upstream: UpstreamProtocol,
     /// Compress responses (gzip) for clients that accept it.
     pub compress: bool,
     /// Proxies in front of this one whose forwarding headers are believed (`--trust-proxy`).
@@ -118,8 +133,8 @@ impl Default for Args {
             threads: None,
             sticky: false,
             hash_header: None,
-            check_http: Some("/".into()),
-            upstream_h2: false,
+            check: None,
+            upstream: UpstreamProtocol::Http1,
             compress: false,
             trusted_proxies: Vec::new(),
             proxy_protocol: Vec::new(),
@@ -129,6 +144,32 @@ impl Default for Args {
             queue: 1024,
             queue_timeout: Duration::from_secs(5),
             max_conns_per_backend: 256,
+        }
+    }
+}
+
+/// What the active health check asks (`--check`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// A TCP connect (`--check tcp`).
+    Tcp,
+    /// `GET PATH`, any 2xx or 3xx, in the upstream protocol (`--check http:/PATH`).
+    Http(String),
+    /// `grpc.health.v1.Health/Check` for a service (`""`: the server), `SERVING` is up
+    /// (`--check grpc` or `--check grpc:SERVICE`).
+    Grpc(String),
+}
+
+impl std::str::FromStr for Check {
+    type Err = BoxError;
+
+    fn from_str(v: &str) -> Result<Self, BoxError> {
+        match v {
+            "tcp" => Ok(Check::Tcp),
+            "grpc" => Ok(Check::Grpc(String::new())),
+            _ if v.starts_with("http:/") => Ok(Check::Http(v["http:".len()..].to_owned())),
+            _ if v.starts_with("grpc:") => Ok(Check::Grpc(v["grpc:".len()..].to_owned())),
+            _ => Err(format!("unknown check {v:?} (tcp, http:/PATH, grpc or grpc:SERVICE)").into()),
         }
     }
 }
@@ -147,11 +188,8 @@ fn parse_args() -> Result<Args, BoxError> {
             ("--listen", Some(v)) => args.listen = v.parse()?,
             ("--threads", Some(v)) => args.threads = Some(v.parse()?),
             ("--hash-header", Some(v)) => args.hash_header = Some(v),
-            ("--check", Some(v)) if v == "tcp" => args.check_http = None,
-            ("--check", Some(v)) if v.starts_with("http:/") => {
-                args.check_http = Some(v["http:".len()..].to_owned())
-            }
-            ("--upstream", Some(v)) if v == "h2" || v == "http1" => args.upstream_h2 = v == "h2",
+            ("--check", Some(v)) => args.check = Some(v.parse()?),
+            ("--upstream", Some(v)) => args.upstream = v.parse()?,
             ("--trust-proxy", Some(v)) => {
                 for net in v.split(',').filter(|n| !n.is_empty()) {
                     args.trusted_proxies.push(net.parse()?);
@@ -177,8 +215,9 @@ fn parse_args() -> Result<Args, BoxError> {
                 eprintln!(
                     "usage: reverse_proxy [--strategy NAME] [--listen ADDR] \
                      [--backends ADDR,ADDR,...] [--threads N] [--sticky] \
-                     [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress] \
-                     [--trust-proxy CIDR,CIDR,...] [--proxy-protocol CIDR,CIDR,...] \
+                     [--hash-header NAME] [--check tcp|http:/PATH|grpc[:SERVICE]] \
+                     [--upstream http1|h2|same] [--compress] [--trust-proxy CIDR,CIDR,...] \
+                     [--proxy-protocol CIDR,CIDR,...] \
                      [--max-requests-per-backend N] [--queue N] [--queue-timeout-ms MS] \
                      [--max-conns-per-backend N]"
                 );
@@ -266,23 +305,27 @@ pub fn proxy(
         .build(Target::new);
     pool.extend(endpoints);
     let balancer = BalancerLayer::from_pool(pool);
-    let check: Box<dyn HealthCheck> = match &args.check_http {
-        Some(path) => Box::new(HttpCheck::get(path)),
-        None => Box::new(TcpCheck::new()),
+    // The check fits the backends: an HTTP/2-only backend answers an HTTP/1.1 probe with a
+    // protocol error, so an HTTP check speaks what the proxy speaks to it, and by default
+    // such a backend (likely a gRPC server, which answers a plain GET with 415 or a gRPC
+    // error) gets a TCP check, as HAProxy's `proto h2` servers do.
+    let http2 = args.upstream == UpstreamProtocol::Http2;
+    let check: Box<dyn HealthCheck> = match &args.check {
+        None if http2 => Box::new(TcpCheck::new()),
+        None => Box::new(HttpCheck::get("/")),
+        Some(Check::Http(path)) => Box::new(HttpCheck::get(path).http2(http2)),
+        Some(Check::Grpc(service)) => Box::new(GrpcCheck::new().service(service)),
+        Some(Check::Tcp) => Box::new(TcpCheck::new()),
     };
     HealthChecker::new(check)
         .interval(args.check_interval)
         .spawn(balancer.pool());
     let forward = Forward::<ReplayBody<RequestBody>>::new()
+        .upstream(args.upstream)
         .max_connections_per_endpoint(args.max_conns_per_backend)
         .timeout(Duration::from_secs(10))
         .hide_response_header(http::header::SERVER)
         .trusted_proxies(args.trusted_proxies.iter().copied());
-    let forward = if args.upstream_h2 {
-        forward.http2()
-    } else {
-        forward
-    };
     OutlierDetection::new()
         .base_ejection_time(args.ejection_time)
         .spawn(balancer.pool());

@@ -123,6 +123,75 @@ impl StdError for Error {
     }
 }
 
+/// The gRPC status a tonic client should see for a balanced call that failed in lbkit
+/// (feature `tonic`).
+///
+/// Without it, tonic turns an error it does not know into `UNKNOWN`, which clients and retry
+/// policies treat as an application failure. With it (`balancer.map_err(tonic::Status::from)`
+/// in front of `tonic::client::Grpc`), no endpoint available is `UNAVAILABLE`, which gRPC
+/// clients may retry; an endpoint's own error keeps the `Status` inside it if there is one
+/// (a tonic channel's), a timeout is `DEADLINE_EXCEEDED`, and any other failure of the
+/// endpoint before it answered (refused, reset) is `UNAVAILABLE`, as gRPC's transports report
+/// it.
+///
+/// ```
+/// use lbkit::{strategy::RoundRobin, Balancer, Endpoint};
+/// use tower::{ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let no_endpoints: Vec<Endpoint> = Vec::new();
+/// let balancer = Balancer::new(no_endpoints, RoundRobin::new(), |_: &Endpoint| {
+///     service_fn(|_: http::Request<()>| async {
+///         Ok::<_, tonic::Status>(http::Response::new(String::new()))
+///     })
+/// });
+/// let error = balancer.oneshot(http::Request::new(())).await.unwrap_err();
+/// assert_eq!(tonic::Status::from(error).code(), tonic::Code::Unavailable);
+/// # }
+/// ```
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let id = e.endpoint.clone();
+        let Some(source) = e.source else {
+            return tonic::Status::unavailable("no endpoint available");
+        };
+        let source = match source.downcast::<tonic::Status>() {
+            Ok(status) => return *status,
+            Err(source) => source,
+        };
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(&*source);
+        while let Some(err) = cur {
+            if let Some(status) = err.downcast_ref::<tonic::Status>() {
+                return status.clone();
+            }
+            if err.is::<tokio::time::error::Elapsed>() || err.is::<tower::timeout::error::Elapsed>()
+            {
+                return tonic::Status::deadline_exceeded(chain(id.as_ref(), &*source));
+            }
+            cur = err.source();
+        }
+        tonic::Status::unavailable(chain(id.as_ref(), &*source))
+    }
+}
+
+/// `endpoint ID failed: ERROR: ITS SOURCE: …`.
+#[cfg(feature = "tonic")]
+fn chain(id: Option<&EndpointId>, error: &(dyn StdError + 'static)) -> String {
+    use std::fmt::Write;
+    let mut out = match id {
+        Some(id) => format!("endpoint {id} failed"),
+        None => "endpoint failed".to_owned(),
+    };
+    let mut cur = Some(error);
+    while let Some(e) = cur {
+        let _ = write!(out, ": {e}");
+        cur = e.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,7 @@ pub mod endpoint;
 mod error;
 pub mod failover;
 pub mod forwarded;
+pub mod grpc;
 pub mod hash;
 pub mod health;
 pub mod hints;

@@ -400,8 +400,8 @@ async fn grpc_calls_that_meet_a_stopped_server_are_sent_to_another() {
             Endpoint::new("b").with_addr(b),
         ];
         let args = reverse_proxy::Args {
-            upstream_h2: true,
-            check_http: None,
+            upstream: lbkit::proxy::UpstreamProtocol::Http2,
+            check: Some(reverse_proxy::Check::Tcp),
             ..Default::default()
         };
         let (addr, pool, task) = start_proxy(endpoints, args).await;

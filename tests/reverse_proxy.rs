@@ -273,8 +273,8 @@ async fn http2_only_backends_work_with_upstream_h2_and_a_tcp_check() {
         .map(|((addr, _), name)| lbkit::Endpoint::new(name).with_addr(*addr))
         .collect();
     let args = reverse_proxy::Args {
-        upstream_h2: true,
-        check_http: None,
+        upstream: lbkit::proxy::UpstreamProtocol::Http2,
+        check: Some(reverse_proxy::Check::Tcp),
         check_interval: Duration::from_millis(100),
         ..Default::default()
     };

@@ -8,6 +8,7 @@ use pin_project_lite::pin_project;
 
 use crate::endpoint::state::now;
 use crate::endpoint::Candidate;
+use crate::grpc;
 
 /// Counts one request as in flight to an endpoint until dropped.
 ///
@@ -152,7 +153,9 @@ impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
 /// load for its whole length; for a protocol upgrade that the inner service tunnels
 /// ([`Forward`](crate::proxy::Forward) with a WebSocket), when the upgraded connection closes. Also counts a 5xx status as an endpoint error (or the statuses
 /// chosen with
-/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)). To
+/// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)), and
+/// a gRPC call whose `grpc-status` (in the response headers of a trailers-only answer, or in
+/// the trailers) is a failure code (see [`FailureCodes`](crate::grpc::FailureCodes)). To
 /// learn which endpoint served a request, see [`PickHints::record_pick`](crate::hints::PickHints::record_pick).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompleteOnBody;
@@ -161,7 +164,10 @@ impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
     type Output = http::Response<TrackedBody<B>>;
 
     fn track_completion(&self, mut handle: InFlight, mut res: http::Response<B>) -> Self::Output {
-        if handle.candidate().state().is_failure_status(res.status()) {
+        let state = handle.candidate().state();
+        if state.is_failure_status(res.status())
+            || grpc::status(res.headers()).is_some_and(|c| state.is_failure_grpc_code(c))
+        {
             handle.fail();
         }
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -222,7 +228,15 @@ impl<B: Body> Body for TrackedBody<B> {
                     h.fail();
                 }
             }
-            Some(Ok(_)) => {}
+            // gRPC reports a call's outcome in its trailers, after an HTTP 200.
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(h)) = (frame.trailers_ref(), this.handle.as_mut()) {
+                    let code = grpc::status(trailers);
+                    if code.is_some_and(|c| h.candidate().state().is_failure_grpc_code(c)) {
+                        h.fail();
+                    }
+                }
+            }
         }
         Poll::Ready(res)
     }

@@ -6,6 +6,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
 use super::histogram::LatencyHistogram;
+use crate::grpc::FailureCodes;
 
 /// The health of an endpoint as the balancer sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -47,6 +48,9 @@ pub(crate) struct PoolShared {
     pub(crate) slot_freed: Arc<Notify>,
     /// Requests waiting in the pool's queue (a subset of `waiters`).
     pub(crate) queued: AtomicU64,
+    /// Which gRPC status codes count as failures: [`FailureCodes::bits`] with
+    /// [`GRPC_CODES_SET`] added once chosen; 0 means [`FailureCodes::DEFAULT`].
+    pub(crate) grpc_failures: AtomicU32,
 }
 
 impl PoolShared {
@@ -68,6 +72,9 @@ impl PoolShared {
         }
     }
 }
+
+/// Marks [`PoolShared::grpc_failures`] as chosen (so that "none" differs from "default").
+pub(crate) const GRPC_CODES_SET: u32 = 1 << 31;
 
 impl std::fmt::Debug for PoolShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,6 +286,16 @@ impl EndpointState {
         match &*self.shared.classifier.load() {
             Some(classify) => classify(status),
             None => status.is_server_error(),
+        }
+    }
+
+    /// Whether a gRPC call that ended with status `code` counts as a failure: see
+    /// [`FailureCodes`] (the default unless outlier detection chose other codes).
+    #[inline]
+    pub(crate) fn is_failure_grpc_code(&self, code: u32) -> bool {
+        match self.shared.grpc_failures.load(Ordering::Relaxed) {
+            0 => FailureCodes::DEFAULT.contains(code),
+            bits => FailureCodes::from_bits(bits).contains(code),
         }
     }
 

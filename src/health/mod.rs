@@ -7,18 +7,21 @@
 //!   an interval (with jitter) with a [`HealthCheck`]: a TCP connect ([`TcpCheck`]), an HTTP
 #![cfg_attr(
     feature = "http-proxy",
-    doc = "  request ([`HttpCheck`], feature `http-proxy`), or your own ([`check_fn`],"
+    doc = "  request over HTTP/1.1 or h2 ([`HttpCheck`], feature `http-proxy`), a gRPC \
+           `grpc.health.v1` call ([`GrpcCheck`]), or your own ([`check_fn`],"
 )]
 #![cfg_attr(
     not(feature = "http-proxy"),
-    doc = "  request (`HttpCheck`, feature `http-proxy`), or your own ([`check_fn`],"
+    doc = "  request over HTTP/1.1 or h2 (`HttpCheck`, feature `http-proxy`), a gRPC \
+           `grpc.health.v1` call (`GrpcCheck`), or your own ([`check_fn`],"
 )]
 //!   [`check_service`]). As in HAProxy, `fall` failures in a row mark an endpoint down and
 //!   `rise` successes in a row bring it back; each check has a timeout. Defaults: every 2 s,
 //!   timeout 1 s, rise 2, fall 3.
 //! - **Passive health, or outlier detection** ([`OutlierDetection`]): the balancer already
 //!   sees every request's outcome; after 5 failures in a row (errors, and with
-//!   HTTP balancers, 5xx responses or a classifier of your choice)
+//!   HTTP balancers, 5xx responses, gRPC calls ending in `UNAVAILABLE`, `DEADLINE_EXCEEDED`
+//!   or `INTERNAL`, or classifiers of your choice)
 //!   an endpoint is ejected for 30 s, longer with each ejection, up to 300 s, with at most 10 %
 //!   of the endpoints ejected at once (but always at least one), as in Envoy.
 //! - **Slow start** ([`SlowStart`]): an endpoint that comes (back) up gets a weight that ramps
@@ -73,13 +76,13 @@ mod event;
 mod outlier;
 pub(crate) mod slow_start;
 
-#[cfg(feature = "http-proxy")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use active::HttpCheck;
 pub use active::{
     check_fn, check_service, CheckError, CheckErrorKind, CheckFuture, FnCheck, HealthCheck,
     HealthChecker, ServiceCheck, TcpCheck,
 };
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use active::{GrpcCheck, HttpCheck};
 pub use event::{HealthChange, HealthEvent};
 pub use outlier::OutlierDetection;
 pub use slow_start::SlowStart;

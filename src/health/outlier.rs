@@ -3,7 +3,8 @@
 //! The balancer already sees the outcome of every request it sends: its
 //! [`InFlight`](crate::balance::InFlight) guard records a failure when the endpoint's service
 //! fails, and, for HTTP balancers ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default), when the
-//! response is a 5xx (or has a status chosen by [`OutlierDetection::failure_status`]) or its
+//! response is a 5xx (or has a status chosen by [`OutlierDetection::failure_status`]), a gRPC
+//! call ends with a failing `grpc-status` (see [`OutlierDetection::failure_grpc_codes`]), or its
 //! body fails. Each endpoint's state counts failures in a row with an atomic (any success
 //! resets it), so watching costs the request path nothing more.
 //!
@@ -26,8 +27,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::HealthChange;
-use crate::endpoint::state::{PoolShared, StatusClassifier};
+use crate::endpoint::state::{PoolShared, StatusClassifier, GRPC_CODES_SET};
 use crate::endpoint::{EndpointId, EndpointState};
+use crate::grpc::FailureCodes;
 use crate::pool::PoolTask;
 use crate::pool::{Pool, WeakPool};
 use crate::strategy::Strategy;
@@ -74,6 +76,7 @@ pub struct OutlierDetection {
     max_ejection_time: Duration,
     max_ejection_percent: u8,
     classifier: Option<Arc<Box<StatusClassifier>>>,
+    grpc_codes: FailureCodes,
 }
 
 impl fmt::Debug for OutlierDetection {
@@ -84,6 +87,7 @@ impl fmt::Debug for OutlierDetection {
             .field("max_ejection_time", &self.max_ejection_time)
             .field("max_ejection_percent", &self.max_ejection_percent)
             .field("failure_status", &self.classifier.as_ref().map(|_| ".."))
+            .field("failure_grpc_codes", &self.grpc_codes)
             .finish()
     }
 }
@@ -103,6 +107,7 @@ impl OutlierDetection {
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
             classifier: None,
+            grpc_codes: FailureCodes::DEFAULT,
         }
     }
 
@@ -144,6 +149,28 @@ impl OutlierDetection {
         self
     }
 
+    /// Chooses which gRPC status codes count as failures (default
+    /// [`FailureCodes::DEFAULT`]: `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`; not
+    /// `RESOURCE_EXHAUSTED`, which is overload) for HTTP balancers
+    /// ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default). A gRPC call's status
+    /// arrives in the
+    /// `grpc-status` trailer (or header, for a trailers-only answer) of an HTTP 200, which
+    /// [`failure_status`](Self::failure_status) never sees.
+    ///
+    /// ```
+    /// use lbkit::grpc::{code, FailureCodes};
+    /// use lbkit::health::OutlierDetection;
+    ///
+    /// // Also count UNKNOWN, which these servers answer only when they are broken.
+    /// let detection = OutlierDetection::new()
+    ///     .failure_grpc_codes(FailureCodes::DEFAULT.with(code::UNKNOWN));
+    /// # drop(detection);
+    /// ```
+    pub fn failure_grpc_codes(mut self, codes: FailureCodes) -> Self {
+        self.grpc_codes = codes;
+        self
+    }
+
     /// How long the `n`-th ejection in a row lasts.
     fn ejection_time(&self, n: u32) -> Duration {
         self.base_ejection_time
@@ -161,6 +188,9 @@ impl OutlierDetection {
     {
         let shared = pool.shared().clone();
         shared.classifier.store(self.classifier.clone());
+        shared
+            .grpc_failures
+            .store(self.grpc_codes.bits() | GRPC_CODES_SET, Ordering::Relaxed);
         shared
             .outlier_threshold
             .store(self.consecutive_failures, Ordering::Relaxed);

@@ -4,13 +4,17 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower_layer::Layer;
 use tower_service::Service;
+
+use super::grpc::{deadline_exceeded, grpc_error_response};
 
 use crate::error::{BoxError, Error};
 use crate::failover::{self, NotSent};
@@ -186,6 +190,12 @@ pub fn status_for(error: &(dyn StdError + 'static)) -> StatusCode {
 /// A [`Layer`] that turns a proxy's errors into HTTP responses (see [`status_for`]), so the
 /// service can be handed to a hyper server as is.
 ///
+/// A gRPC request ([`is_grpc`](crate::grpc::is_grpc)) gets its failures in gRPC's shape
+/// instead ([`grpc_error_response`](super::grpc_error_response): HTTP 200, `grpc-status` 14
+/// `UNAVAILABLE` or 4 `DEADLINE_EXCEEDED`), and its client's deadline (`grpc-timeout`) bounds
+/// the wait for the response head: past it the call is dropped (counted as cancelled at the
+/// backend, not as its failure) and answered `DEADLINE_EXCEEDED`.
+///
 /// The body is the status line's text alone: it never carries the error's details, which can
 /// name a backend address. The error is logged (`tracing` at `warn`) for the operator.
 #[derive(Clone, Copy, Debug, Default)]
@@ -236,9 +246,9 @@ pub fn error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
     res
 }
 
-impl<S, Req, B> Service<Req> for ErrorResponse<S>
+impl<S, ReqBody, B> Service<Request<ReqBody>> for ErrorResponse<S>
 where
-    S: Service<Req, Response = Response<B>>,
+    S: Service<Request<ReqBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
 {
     type Response = Response<ProxyBody<B>>;
@@ -253,10 +263,22 @@ where
         }
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (grpc, deadline) = grpc_call(req.headers());
         ErrorResponseFuture {
-            inner: self.inner.call(req),
+            inner: Some(self.inner.call(req)),
+            grpc,
+            deadline: deadline.map(tokio::time::sleep),
         }
+    }
+}
+
+/// Whether a request is gRPC, and the deadline its client set (`grpc-timeout`), if any.
+#[inline]
+fn grpc_call(headers: &http::HeaderMap) -> (bool, Option<Duration>) {
+    match crate::grpc::is_grpc(headers) {
+        true => (true, crate::grpc::timeout(headers)),
+        false => (false, None),
     }
 }
 
@@ -265,7 +287,13 @@ pin_project! {
     #[derive(Debug)]
     pub struct ErrorResponseFuture<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
+        // A gRPC request: errors are answered in gRPC's shape.
+        grpc: bool,
+        // The gRPC client's deadline: when it passes, the call is dropped (a cancellation,
+        // not a failure of the backend) and answered DEADLINE_EXCEEDED.
+        #[pin]
+        deadline: Option<Sleep>,
     }
 }
 
@@ -277,13 +305,32 @@ where
     type Output = Result<Response<ProxyBody<B>>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(Ok(match ready!(self.project().inner.poll(cx)) {
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(Ok(deadline_exceeded()));
+        };
+        let res = match inner.poll(cx) {
+            Poll::Ready(res) => res,
+            Poll::Pending => {
+                if let Some(deadline) = this.deadline.as_pin_mut() {
+                    ready!(deadline.poll(cx));
+                    this.inner.set(None);
+                    tracing::debug!("gRPC call past its grpc-timeout: cancelled");
+                    return Poll::Ready(Ok(deadline_exceeded()));
+                }
+                return Poll::Pending;
+            }
+        };
+        Poll::Ready(Ok(match res {
             Ok(res) => res.map(Either::Left),
             Err(e) => {
                 let e: BoxError = e.into();
                 let status = status_for(&*e);
-                tracing::warn!(error = %e, source = ?e.source(), %status, "proxy error");
-                error_response(status)
+                tracing::warn!(error = %e, source = ?e.source(), %status, grpc = *this.grpc, "proxy error");
+                match *this.grpc {
+                    true => grpc_error_response(status),
+                    false => error_response(status),
+                }
             }
         }))
     }

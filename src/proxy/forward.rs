@@ -32,7 +32,7 @@ struct Config {
     proto: &'static str,
     timeout: Option<Duration>,
     preserve_host: bool,
-    http2: bool,
+    upstream: UpstreamProtocol,
     hide: Vec<http::HeaderName>,
     /// The protocols a client may upgrade to (lowercase).
     upgrades: Vec<&'static str>,
@@ -52,23 +52,6 @@ const MAX_CONNECTIONS: usize = 1024;
 type Connector = LimitedConnector<HttpConnector>;
 
 /// The client for `config`: its connector settings, HTTP/2 or HTTP/1.1.
-fn build_client<B>(config: &Config) -> Client<Connector, B>
-where
-    B: http_body::Body + Send + 'static + Unpin,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.enforce_http(true);
-    connector.set_connect_timeout(config.connect_timeout);
-    legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .http2_only(config.http2)
-        .set_host(false)
-        .build(LimitedConnector::new(connector, config.max_connections))
-}
-
 /// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
 /// extension (which a [`BalancerLayer`](crate::BalancerLayer) sets) over pooled keep-alive
 /// connections.
@@ -86,19 +69,113 @@ where
 /// [`upgrades`](Forward::upgrades) for which protocols may, and
 /// [`tunnel_idle_timeout`](Forward::tunnel_idle_timeout) for how long they stay open).
 ///
+/// The protocol spoken to the backend is chosen per request (see [`UpstreamProtocol`]):
+/// HTTP/1.1 by default, HTTP/2 with [`http2`](Forward::http2), or the client's own with
+/// [`upstream`](Forward::upstream)`(UpstreamProtocol::SameAsClient)`; gRPC requests always go
+/// over HTTP/2, which gRPC requires.
+///
 /// Errors are [`ForwardError`]s telling a refused connection, a timeout and other failures
 /// apart; [`ErrorResponseLayer`](super::ErrorResponseLayer) turns them into 502/503/504.
 pub struct Forward<B> {
     // Behind one `Arc`: the balancer clones an endpoint's service for every request, and a
     // hyper-util client is several reference counts of its own.
-    client: Arc<Client<Connector, B>>,
+    clients: Arc<Clients<B>>,
     config: Arc<Config>,
+}
+
+/// Which HTTP version [`Forward`] speaks to the backends.
+///
+/// Whatever the choice, a gRPC request (`content-type: application/grpc…`, see
+/// [`grpc::is_grpc`](crate::grpc::is_grpc)) goes over HTTP/2: gRPC needs HTTP/2's trailers, and
+/// a gRPC server speaks nothing else (nginx's `grpc_pass` does the same). An upgrade
+/// (WebSocket) from an HTTP/1.1 client goes over HTTP/1.1 unless `Http2` is chosen.
+///
+/// HTTP/2 without TLS is *h2c with prior knowledge*: the connection starts with the HTTP/2
+/// preface, as gRPC clients and HAProxy's `proto h2` do (the `Upgrade: h2c` dance of RFC 7540
+/// was dropped by RFC 9113).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 to every backend, gRPC excepted (the default: any HTTP server speaks it, so
+    /// browsers' HTTP/2 requests reach HTTP/1.1-only backends too).
+    #[default]
+    Http1,
+    /// HTTP/2 (h2c) for every request: for backends that speak only HTTP/2, as most gRPC
+    /// servers do (HAProxy's `proto h2`).
+    Http2,
+    /// The client's own version: a request that came over HTTP/2 goes on over HTTP/2, one that
+    /// came over HTTP/1.x over HTTP/1.1 (and gRPC over HTTP/2). For backends that speak both
+    /// (such as hyper's or Go's servers with h2c on), so that one listener can serve browsers
+    /// and gRPC and each keeps its protocol end to end. Not for HTTP/1.1-only backends: their
+    /// HTTP/2 clients' requests would fail.
+    SameAsClient,
+}
+
+impl UpstreamProtocol {
+    /// Whether `req` goes to the backend over HTTP/2.
+    #[inline]
+    fn is_http2<B>(self, req: &Request<B>, upgrade: bool) -> bool {
+        match self {
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::SameAsClient if !upgrade && req.version() == Version::HTTP_2 => true,
+            _ => !upgrade && crate::grpc::is_grpc(req.headers()),
+        }
+    }
+}
+
+impl std::str::FromStr for UpstreamProtocol {
+    type Err = BoxError;
+
+    /// `http1` (or `http/1.1`), `h2` (or `http2`) and `same`.
+    fn from_str(s: &str) -> Result<Self, BoxError> {
+        match s {
+            "http1" | "http/1.1" => Ok(UpstreamProtocol::Http1),
+            "h2" | "http2" => Ok(UpstreamProtocol::Http2),
+            "same" => Ok(UpstreamProtocol::SameAsClient),
+            _ => Err(format!("unknown upstream protocol {s:?} (http1, h2 or same)").into()),
+        }
+    }
+}
+
+/// The two connection pools of a [`Forward`]: HTTP/1.1 and HTTP/2 (h2c). hyper-util's client
+/// picks one protocol per pool; the request's choice picks the pool. Each pool connects only
+/// when first used.
+struct Clients<B> {
+    http1: Client<Connector, B>,
+    http2: Client<Connector, B>,
+}
+
+impl<B> Clients<B>
+where
+    B: http_body::Body + Send + 'static + Unpin,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Both pools for `config`, sharing one connection cap per backend.
+    fn new(config: &Config) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        connector.set_connect_timeout(config.connect_timeout);
+        let connector = LimitedConnector::new(connector, config.max_connections);
+        let client = |http2: bool| {
+            legacy::Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .http2_only(http2)
+                .set_host(false)
+                .build(connector.clone())
+        };
+        Clients {
+            http1: client(false),
+            http2: client(true),
+        }
+    }
 }
 
 impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
         Forward {
-            client: self.client.clone(),
+            clients: self.clients.clone(),
             config: self.config.clone(),
         }
     }
@@ -129,21 +206,18 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// A forwarding service with a new HTTP/1.1 connection pool (idle connections kept 90 s),
+    /// A forwarding service with new connection pools (idle connections kept 90 s) speaking
+    /// HTTP/1.1 to the backends ([`UpstreamProtocol::Http1`]: gRPC over HTTP/2),
     /// `X-Forwarded-*` headers, no response timeout, a 5 s connect timeout and at most 1024
     /// connections per backend.
     pub fn new() -> Self {
-        Self::with_http2(false)
-    }
-
-    fn with_http2(http2: bool) -> Self {
         Self::from_config(Config {
             forwarded: ForwardedHeaders::default(),
             trusted: Vec::new(),
             proto: "http",
             timeout: None,
             preserve_host: true,
-            http2,
+            upstream: UpstreamProtocol::Http1,
             hide: Vec::new(),
             upgrades: vec!["websocket"],
             connect_timeout: Some(CONNECT_TIMEOUT),
@@ -152,19 +226,12 @@ where
         })
     }
 
-    /// A service with a new client built for `config`.
+    /// A service with new clients built for `config`.
     fn from_config(config: Config) -> Self {
         Forward {
-            client: Arc::new(build_client(&config)),
+            clients: Arc::new(Clients::new(&config)),
             config: Arc::new(config),
         }
-    }
-
-    /// Speaks HTTP/2 without TLS (h2c, prior knowledge) to the backends, as gRPC servers expect.
-    pub fn http2(self) -> Self {
-        let mut config = (*self.config).clone();
-        config.http2 = true;
-        Self::from_config(config)
     }
 
     /// Fails a request with [`ForwardError::is_connect`] when the TCP connection to the
@@ -195,6 +262,20 @@ where
 impl<B> Forward<B> {
     fn config_mut(&mut self) -> &mut Config {
         Arc::make_mut(&mut self.config)
+    }
+
+    /// Chooses the protocol spoken to the backends (default [`UpstreamProtocol::Http1`]; gRPC
+    /// always over HTTP/2).
+    pub fn upstream(mut self, protocol: UpstreamProtocol) -> Self {
+        self.config_mut().upstream = protocol;
+        self
+    }
+
+    /// Speaks HTTP/2 without TLS (h2c, prior knowledge) to the backends for every request, as
+    /// HTTP/2-only servers expect: the same as
+    /// [`upstream`](Self::upstream)`(UpstreamProtocol::Http2)`.
+    pub fn http2(self) -> Self {
+        self.upstream(UpstreamProtocol::Http2)
     }
 
     /// The protocols a client may switch to through the proxy (default: `websocket` only).
@@ -294,6 +375,8 @@ where
             return ForwardFuture::failed(ForwardError::no_target());
         };
         let upgrade = is_upgrade(req.headers()) && upgrade_allowed(req.headers(), &cfg.upgrades);
+        // Chosen before the headers are rewritten: from the client's version and content-type.
+        let http2 = cfg.upstream.is_http2(&req, upgrade);
         let client_upgrade = upgrade.then(|| ClientUpgrade::take(&mut req));
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         // An HTTP/2 client names the host in `:authority` (the URI), not in `Host`: carry it
@@ -342,14 +425,16 @@ where
             Ok(uri) => *req.uri_mut() = uri,
             Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
         }
-        *req.version_mut() = if cfg.http2 {
-            Version::HTTP_2
+        let inner = if http2 {
+            *req.version_mut() = Version::HTTP_2;
+            self.clients.http2.request(req)
         } else {
-            Version::HTTP_11
+            *req.version_mut() = Version::HTTP_11;
+            self.clients.http1.request(req)
         };
 
         ForwardFuture {
-            inner: Some(self.client.request(req)),
+            inner: Some(inner),
             sleep: cfg.timeout.map(tokio::time::sleep),
             error: None,
             client_upgrade,
@@ -456,4 +541,55 @@ fn accepts_trailers(headers: &http::HeaderMap) -> bool {
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     })
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, content_type: Option<&'static str>) -> Request<()> {
+        let mut req = Request::new(());
+        *req.version_mut() = version;
+        if let Some(ct) = content_type {
+            req.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(ct),
+            );
+        }
+        req
+    }
+
+    #[test]
+    fn the_upstream_protocol_is_chosen_per_request() {
+        use UpstreamProtocol::*;
+        let h1 = request(Version::HTTP_11, None);
+        let h2 = request(Version::HTTP_2, Some("text/html"));
+        let grpc = request(Version::HTTP_11, Some("application/grpc+proto"));
+        let grpc_web = request(Version::HTTP_11, Some("application/grpc-web"));
+        // (protocol, request, upgrade) -> over HTTP/2?
+        let cases = [
+            (Http1, &h1, false, false),
+            (Http1, &h2, false, false),
+            (Http1, &grpc, false, true),
+            (Http1, &grpc_web, false, false),
+            (Http2, &h1, false, true),
+            (Http2, &h1, true, true),
+            (SameAsClient, &h1, false, false),
+            (SameAsClient, &h2, false, true),
+            (SameAsClient, &h2, true, false),
+            (SameAsClient, &grpc, false, true),
+        ];
+        for (protocol, req, upgrade, http2) in cases {
+            assert_eq!(
+                protocol.is_http2(req, upgrade),
+                http2,
+                "{protocol:?} {:?} {:?} upgrade={upgrade}",
+                req.version(),
+                req.headers().get(http::header::CONTENT_TYPE)
+            );
+        }
+        assert_eq!("h2".parse::<UpstreamProtocol>().unwrap(), Http2);
+        assert_eq!("http1".parse::<UpstreamProtocol>().unwrap(), Http1);
+        assert_eq!("same".parse::<UpstreamProtocol>().unwrap(), SameAsClient);
+        assert!("h3".parse::<UpstreamProtocol>().is_err());
+    }
 }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! ErrorResponseLayer        errors -> 502 / 503 / 504 with a short body, never a backend address
+//!                           (gRPC requests: grpc-status 14 / 4, and their grpc-timeout)
 //!   BalancerLayer           pick an endpoint, count the request in flight until its body ends
 //!     Forward               rewrite URI and headers, send over pooled keep-alive connections
 //! ```
@@ -44,6 +45,8 @@ mod error;
 mod forward;
 #[cfg(feature = "http-proxy")]
 mod tunnel;
+#[cfg(feature = "http-proxy")]
+mod grpc;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
@@ -56,4 +59,7 @@ pub use error::{
 };
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use forward::{Forward, ForwardFuture};
+pub use forward::{Forward, ForwardFuture, UpstreamProtocol};
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use grpc::{grpc_code_for, grpc_error_response};

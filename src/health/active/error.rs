@@ -32,6 +32,12 @@ pub enum CheckErrorKind {
     BodyMismatch,
     /// The connection was made but the exchange failed (closed early, not HTTP, …).
     Protocol,
+    /// A gRPC health check's call failed with this `grpc-status` (such as 12 `UNIMPLEMENTED`
+    /// from a server without the health service).
+    GrpcStatus(u32),
+    /// A gRPC health check got this serving status instead of `SERVING` (1): 2
+    /// `NOT_SERVING`, 0 `UNKNOWN` or 3 `SERVICE_UNKNOWN`.
+    NotServing(u64),
     /// A custom check failed, or the check could not run (no address to check).
     Failed,
 }
@@ -71,6 +77,16 @@ impl CheckError {
     /// The exchange failed after connecting.
     pub fn protocol(source: impl Into<BoxError>) -> Self {
         Self::new(CheckErrorKind::Protocol, Some(source.into()))
+    }
+
+    /// A gRPC call failed with status `code`.
+    pub fn grpc_status(code: u32) -> Self {
+        Self::new(CheckErrorKind::GrpcStatus(code), None)
+    }
+
+    /// A gRPC health service answered `status`, not `SERVING`.
+    pub fn not_serving(status: u64) -> Self {
+        Self::new(CheckErrorKind::NotServing(status), None)
     }
 
     /// A custom check failed with `source`.
@@ -152,6 +168,9 @@ impl fmt::Display for CheckError {
             CheckErrorKind::Status(s) => write!(f, "unexpected status {s}")?,
             CheckErrorKind::BodyMismatch => f.write_str("response body lacks the expected text")?,
             CheckErrorKind::Protocol => f.write_str("exchange failed")?,
+            CheckErrorKind::GrpcStatus(c) => write!(f, "gRPC call failed with grpc-status {c}")?,
+            CheckErrorKind::NotServing(2) => f.write_str("gRPC health: NOT_SERVING")?,
+            CheckErrorKind::NotServing(s) => write!(f, "gRPC health: not serving (status {s})")?,
             CheckErrorKind::Failed => f.write_str("check failed")?,
         }
         if let Some(src) = &self.source {

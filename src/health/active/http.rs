@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, USER_AGENT};
-use http::{HeaderValue, Method, Request};
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::check::target;
 use super::{CheckError, CheckFuture, HealthCheck};
@@ -15,12 +16,14 @@ use crate::endpoint::Endpoint;
 /// The most of a response body an [`HttpCheck`] reads when looking for its expected text.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Healthy when an HTTP/1.1 request to the endpoint gets an expected status (and, if set, a
+/// Healthy when an HTTP request to the endpoint gets an expected status (and, if set, a
 /// body containing an expected text).
 ///
 /// Each check opens a new connection (`Connection: close`), as HAProxy's `option httpchk`
 /// does, so it sees what a new client would see. Defaults: `GET`, any 2xx or 3xx status, no
-/// body check, `Host` the endpoint's address.
+/// body check, `Host` the endpoint's address, HTTP/1.1. An HTTP/2-only backend answers an
+/// HTTP/1.1 request with a protocol error: check it with [`http2`](HttpCheck::http2) (h2c,
+/// prior knowledge), as the proxy speaks to it (HAProxy's `check-proto h2`).
 ///
 /// ```
 /// use lbkit::health::{HealthChecker, HttpCheck};
@@ -45,6 +48,7 @@ struct Config {
     body: Option<String>,
     host: Option<String>,
     port: Option<u16>,
+    http2: bool,
 }
 
 impl HttpCheck {
@@ -58,6 +62,7 @@ impl HttpCheck {
                 body: None,
                 host: None,
                 port: None,
+                http2: false,
             }),
         }
     }
@@ -104,6 +109,13 @@ impl HttpCheck {
         self.config().port = Some(port);
         self
     }
+
+    /// Speaks HTTP/2 without TLS (h2c, prior knowledge) instead of HTTP/1.1 (default `false`),
+    /// for backends that speak only HTTP/2. The host goes in `:authority`.
+    pub fn http2(mut self, http2: bool) -> Self {
+        self.config().http2 = http2;
+        self
+    }
 }
 
 impl HealthCheck for HttpCheck {
@@ -115,11 +127,75 @@ impl HealthCheck for HttpCheck {
 }
 
 /// Aborts the connection task when the check ends, or is dropped on its timeout.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Runs a client connection's task until it ends or this is dropped.
+    fn spawn<C>(conn: C) -> Self
+    where
+        C: std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+    {
+        AbortOnDrop(tokio::spawn(async move {
+            let _ = conn.await;
+        }))
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Sends `req` on a new connection to `addr`, over HTTP/2 (h2c, prior knowledge) or HTTP/1.1;
+/// the response comes with the connection's task, which must be kept while its body is read.
+pub(super) async fn send<B>(
+    addr: SocketAddr,
+    mut req: Request<B>,
+    http2: bool,
+) -> Result<(Response<Incoming>, AbortOnDrop), CheckError>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<crate::error::BoxError>,
+{
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(CheckError::refused)?;
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(stream);
+    if http2 {
+        // No connection-specific fields in HTTP/2: the host goes in `:authority`.
+        req.headers_mut().remove(CONNECTION);
+        let host = req.headers_mut().remove(HOST);
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .map_or_else(|| addr.to_string(), str::to_owned);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = http::Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(CheckError::failed)?;
+        *req.version_mut() = http::Version::HTTP_2;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(CheckError::protocol)?;
+        let conn = AbortOnDrop::spawn(conn);
+        let res = sender.send_request(req).await;
+        Ok((res.map_err(CheckError::protocol)?, conn))
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(CheckError::protocol)?;
+        let conn = AbortOnDrop::spawn(conn);
+        let res = sender.send_request(req).await;
+        Ok((res.map_err(CheckError::protocol)?, conn))
     }
 }
 
@@ -137,21 +213,7 @@ async fn run(config: &Config, addr: SocketAddr) -> Result<(), CheckError> {
         .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new())
         .map_err(CheckError::failed)?;
-
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(CheckError::refused)?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(CheckError::protocol)?;
-    let _conn = AbortOnDrop(tokio::spawn(async move {
-        let _ = conn.await;
-    }));
-    let res = sender
-        .send_request(req)
-        .await
-        .map_err(CheckError::protocol)?;
+    let (res, _conn) = send(addr, req, config.http2).await?;
     let status = res.status().as_u16();
     if status < config.status.0 || status > config.status.1 {
         return Err(CheckError::status(status));

@@ -3,12 +3,16 @@
 mod check;
 mod error;
 #[cfg(feature = "http-proxy")]
+mod grpc;
+#[cfg(feature = "http-proxy")]
 mod http;
 
 pub use check::{
     check_fn, check_service, CheckFuture, FnCheck, HealthCheck, ServiceCheck, TcpCheck,
 };
 pub use error::{CheckError, CheckErrorKind};
+#[cfg(feature = "http-proxy")]
+pub use grpc::GrpcCheck;
 #[cfg(feature = "http-proxy")]
 pub use http::HttpCheck;
 
