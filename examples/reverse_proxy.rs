@@ -8,6 +8,7 @@
 //! cargo run --example reverse_proxy -- --strategy p2c --listen 127.0.0.1:9000
 //! cargo run --example reverse_proxy -- --sticky                # affinity cookie `lb`
 //! cargo run --example reverse_proxy -- --strategy maglev --hash-header x-user
+//! cargo run --example reverse_proxy -- --cache 64               # 64 MiB response cache
 //! ```
 //!
 //! Then try, from another terminal:
@@ -25,6 +26,9 @@
 //! - `--compress`: tower-http's `CompressionLayer` (gzip) for clients that accept it, unless
 //!   the backend already encoded the response;
 //! - `ErrorResponseLayer`: failures become 502/503/504 with a short body;
+//! - `--cache MiB` (`CacheLayer`): a shared response cache of that many MiB (RFC 9111:
+//!   `Cache-Control`, `Vary`, revalidation with `ETag`/`Last-Modified`), concurrent misses for
+//!   one URL coalesced into one backend request; off by default;
 //! - `FailoverLayer`: a failed idempotent request (connection refused, reset, 502/503/504,
 //!   per-try timeout) is sent again to another backend, within a retry budget, so a backend
 //!   that dies under load costs no client a failed request;
@@ -61,6 +65,7 @@ use std::time::Duration;
 use http::Request;
 use hyper::body::Incoming;
 use lbkit::balance::Target;
+use lbkit::cache::CacheLayer;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::forwarded::Cidr;
 use lbkit::health::{HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
@@ -98,6 +103,8 @@ pub struct Args {
     pub trusted_proxies: Vec<Cidr>,
     /// L4 balancers in front that send a PROXY protocol header (`--proxy-protocol`); empty: off.
     pub proxy_protocol: Vec<Cidr>,
+    /// A response cache of this many MiB in front of the failover layer (`None`: no cache).
+    pub cache_mib: Option<u64>,
     pub check_interval: Duration,
     pub ejection_time: Duration,
     /// Requests in flight to one backend at most (0: no limit).
@@ -123,6 +130,7 @@ impl Default for Args {
             compress: false,
             trusted_proxies: Vec::new(),
             proxy_protocol: Vec::new(),
+            cache_mib: None,
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
             max_requests_per_backend: 256,
@@ -147,6 +155,7 @@ fn parse_args() -> Result<Args, BoxError> {
             ("--listen", Some(v)) => args.listen = v.parse()?,
             ("--threads", Some(v)) => args.threads = Some(v.parse()?),
             ("--hash-header", Some(v)) => args.hash_header = Some(v),
+            ("--cache", Some(v)) => args.cache_mib = Some(v.parse()?),
             ("--check", Some(v)) if v == "tcp" => args.check_http = None,
             ("--check", Some(v)) if v.starts_with("http:/") => {
                 args.check_http = Some(v["http:".len()..].to_owned())
@@ -180,7 +189,7 @@ fn parse_args() -> Result<Args, BoxError> {
                      [--hash-header NAME] [--check tcp|http:/PATH] [--upstream http1|h2] [--compress] \
                      [--trust-proxy CIDR,CIDR,...] [--proxy-protocol CIDR,CIDR,...] \
                      [--max-requests-per-backend N] [--queue N] [--queue-timeout-ms MS] \
-                     [--max-conns-per-backend N]"
+                     [--max-conns-per-backend N] [--cache MiB]"
                 );
                 std::process::exit(2);
             }
@@ -288,8 +297,7 @@ pub fn proxy(
         .spawn(balancer.pool());
     let pool = balancer.pool().clone();
 
-    let proxy = ServiceBuilder::new()
-        .layer(ErrorResponseLayer::new())
+    let balanced = ServiceBuilder::new()
         // Keep the request body so that a failed attempt can be sent again (bodies that
         // stream are sent once and never retried).
         .map_request(|req: Request<Incoming>| req.map(ReplayBody::new))
@@ -305,22 +313,53 @@ pub fn proxy(
         .option_layer(args.hash_header.as_deref().map(HashKeyLayer::header))
         .layer(balancer)
         .service(forward);
-    // Compression wraps the stack only when asked: tower-http's layer costs CPU on every
-    // response even when its predicate says no.
+    // The cache answers hits before any pick and its misses get the failover's retries; it
+    // changes the response body type, so the stack is built with or without it.
     let grace = Duration::from_secs(10);
     let proxy_protocol = (!args.proxy_protocol.is_empty())
         .then(|| ProxyProtocol::trusting(args.proxy_protocol.iter().copied()));
+    let serving = match args.cache_mib {
+        Some(mib) => {
+            let cached = CacheLayer::new(mib.saturating_mul(1 << 20)).layer(balanced);
+            let proxy = ErrorResponseLayer::new().layer(cached);
+            serve(proxy, args.compress, proxy_protocol, listener, shutdown, grace)
+        }
+        None => {
+            let proxy = ErrorResponseLayer::new().layer(balanced);
+            serve(proxy, args.compress, proxy_protocol, listener, shutdown, grace)
+        }
+    };
+    (pool, serving)
+}
+
+/// Serves `proxy` on `listener` until `shutdown`, reading PROXY protocol headers when asked.
+/// Compression wraps the stack only when asked: tower-http's layer costs CPU on every response
+/// even when its predicate says no.
+fn serve<S, B>(
+    proxy: S,
+    compress: bool,
+    proxy_protocol: Option<ProxyProtocol>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: tower::Service<Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
     fn server<S>(service: S, proxy_protocol: Option<ProxyProtocol>) -> Server<S> {
         match proxy_protocol {
             Some(pp) => Server::new(service).proxy_protocol(pp),
             None => Server::new(service),
         }
     }
-    let serving: Pin<Box<dyn Future<Output = ()> + Send>> = if args.compress {
+    if compress {
         let compressed = CompressionLayer::new().layer(proxy);
         Box::pin(server(compressed, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
     } else {
         Box::pin(server(proxy, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
-    };
-    (pool, serving)
+    }
 }

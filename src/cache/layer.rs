@@ -43,6 +43,8 @@ pub(super) struct Shared {
     pub(super) flights: Flights,
     pub(super) settings: Settings,
     pub(super) clock: Clock,
+    /// Requests waiting for another request's fetch right now.
+    pub(super) waiting: AtomicU64,
     counters: Counters,
 }
 
@@ -53,6 +55,7 @@ impl Shared {
             flights: Flights::new(),
             settings,
             clock,
+            waiting: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -89,6 +92,7 @@ impl Shared {
             bytes: self.store.weighted_size(),
             entries: self.store.entry_count(),
             in_flight: self.flights.len() as u64,
+            waiting: get(&self.waiting),
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct CacheStats {
     pub entries: u64,
     /// Fetches in progress that other requests may join.
     pub in_flight: u64,
+    /// Requests waiting for another request's fetch (coalesced misses) right now.
+    pub waiting: u64,
 }
 
 /// A [`Layer`] that puts a shared HTTP response cache (RFC 9111) in front of a service,
@@ -204,7 +210,8 @@ impl CacheLayer {
     pub fn new(capacity: u64) -> Self {
         let settings = Settings {
             capacity,
-            max_object: DEFAULT_MAX_OBJECT_SIZE.min(usize::try_from(capacity).unwrap_or(usize::MAX)),
+            max_object: DEFAULT_MAX_OBJECT_SIZE
+                .min(usize::try_from(capacity).unwrap_or(usize::MAX)),
             stale_if_error: None,
             store_set_cookie: false,
         };

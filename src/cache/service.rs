@@ -229,7 +229,10 @@ where
             }
             Joined::Wait(rx) => rx,
         };
-        match flight::outcome(rx).await {
+        let waiting = Waiting::start(&shared);
+        let outcome = flight::outcome(rx).await;
+        drop(waiting);
+        match outcome {
             Some(Outcome::Serve(stored)) => {
                 // Fetched from the backend after this request arrived: usable when it matches
                 // this request (its URL and `Vary` headers), fresh or not.
@@ -257,6 +260,26 @@ where
         }
     }
     fetch(&shared, inner, req, conditions, found, None).await
+}
+
+/// Counts a request as waiting for another's fetch while it lives.
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        shared
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Goes to the backend for `req`: revalidates `found`'s stale entry (a conditional request;
@@ -362,8 +385,7 @@ where
             ..CacheOptions::default()
         },
     );
-    if !shared.may_store(&policy, res.headers()) || too_large(&res, shared.settings.max_object)
-    {
+    if !shared.may_store(&policy, res.headers()) || too_large(&res, shared.settings.max_object) {
         shared.store.mark_pass(found.key);
         publish(Outcome::Pass);
         shared.count(|c| &c.not_stored);
@@ -400,7 +422,10 @@ where
             shared.store.mark_pass(found.key);
             publish(Outcome::Pass);
             shared.count(|c| &c.not_stored);
-            Ok(Response::from_parts(parts, CacheBody::prefixed(frames, rest)))
+            Ok(Response::from_parts(
+                parts,
+                CacheBody::prefixed(frames, rest),
+            ))
         }
         Buffered::Failed(e) => {
             publish(Outcome::Pass);

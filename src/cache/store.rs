@@ -153,9 +153,14 @@ impl CacheControl {
             };
             if name.eq_ignore_ascii_case("stale-if-error") {
                 cc.stale_if_error = value.and_then(|v| v.parse().ok()).map(Duration::from_secs);
-            } else if ["must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"]
-                .iter()
-                .any(|d| name.eq_ignore_ascii_case(d))
+            } else if [
+                "must-revalidate",
+                "proxy-revalidate",
+                "s-maxage",
+                "no-cache",
+            ]
+            .iter()
+            .any(|d| name.eq_ignore_ascii_case(d))
             {
                 cc.forbids_stale = true;
             }
