@@ -733,6 +733,53 @@ async fn the_readme_proxy_caches_with_the_cache_flag() {
     task.abort();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_workload_reaches_the_backend_once_per_url() {
+    const URLS: usize = 100;
+    const CLIENTS: usize = 8;
+    const PER_CLIENT: usize = 250;
+    let backend = Backend::start(|parts, _| {
+        answer(
+            200,
+            &[("cache-control", "max-age=600")],
+            parts.uri.path().to_owned(),
+        )
+    })
+    .await;
+    let clock = TestClock::new();
+    let cache = cache_on(&clock, MIB);
+    let addr = front(cache.clone(), &backend).await;
+    // Each client walks the URLs in its own order, so first requests for a URL often race.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::spawn(async move {
+                for i in 0..PER_CLIENT {
+                    let path = format!("/page/{}", (i * (2 * c + 1) + c) % URLS);
+                    assert_eq!(get(addr, &path, &[]).await.body, path);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        tokio::time::timeout(HANG * 4, client)
+            .await
+            .expect("hang")
+            .expect("task");
+    }
+    let total = (CLIENTS * PER_CLIENT) as u64;
+    let stats = cache.stats();
+    println!(
+        "repeated workload: {total} requests over {URLS} URLs, {} reached the backend, \
+         hit ratio {:.1} % ({} hits, {} coalesced)",
+        backend.count(),
+        100.0 * (stats.hits + stats.coalesced) as f64 / total as f64,
+        stats.hits,
+        stats.coalesced,
+    );
+    assert_eq!(backend.count(), URLS as u64, "one backend request per URL");
+    assert_eq!(stats.hits + stats.coalesced, total - URLS as u64);
+}
+
 /// Waits (up to a limit that only catches hangs) until `cond` holds.
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + HANG;

@@ -18,6 +18,8 @@ pin_project! {
     /// found larger than the [maximum object size](super::CacheLayer::max_object_size) is
     /// read up to that size, then streamed on).
     pub struct CacheBody<B> {
+        // A stored body, served whole (no allocation beyond the `Bytes` clone).
+        full: Option<Bytes>,
         prefix: VecDeque<Frame<Bytes>>,
         #[pin]
         rest: Option<B>,
@@ -27,16 +29,17 @@ pin_project! {
 impl<B> CacheBody<B> {
     /// A body of `bytes` alone.
     pub fn full(bytes: Bytes) -> Self {
-        let mut prefix = VecDeque::new();
-        if !bytes.is_empty() {
-            prefix.push_back(Frame::data(bytes));
+        CacheBody {
+            full: (!bytes.is_empty()).then_some(bytes),
+            prefix: VecDeque::new(),
+            rest: None,
         }
-        CacheBody { prefix, rest: None }
     }
 
     /// The backend's `body`, streamed as is (what the cache answers when it keeps nothing).
     pub fn streaming(body: B) -> Self {
         CacheBody {
+            full: None,
             prefix: VecDeque::new(),
             rest: Some(body),
         }
@@ -45,6 +48,7 @@ impl<B> CacheBody<B> {
     /// `frames` already read from `rest`, then what is left of `rest`.
     pub(super) fn prefixed(frames: VecDeque<Frame<Bytes>>, rest: Option<B>) -> Self {
         CacheBody {
+            full: None,
             prefix: frames,
             rest,
         }
@@ -54,6 +58,7 @@ impl<B> CacheBody<B> {
 impl<B> fmt::Debug for CacheBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CacheBody")
+            .field("stored", &self.full.as_ref().map(Bytes::len))
             .field("buffered_frames", &self.prefix.len())
             .field("streaming", &self.rest.is_some())
             .finish()
@@ -73,6 +78,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(bytes) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
         if let Some(frame) = this.prefix.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -83,15 +91,18 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.as_ref().is_none_or(Body::is_end_stream)
+        self.full.is_none()
+            && self.prefix.is_empty()
+            && self.rest.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        let buffered: u64 = self
-            .prefix
-            .iter()
-            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-            .sum();
+        let buffered: u64 = self.full.as_ref().map_or(0, |b| b.len() as u64)
+            + self
+                .prefix
+                .iter()
+                .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                .sum::<u64>();
         let rest = match &self.rest {
             Some(rest) => rest.size_hint(),
             None => SizeHint::with_exact(0),

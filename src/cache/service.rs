@@ -179,16 +179,11 @@ where
         let conditions = Conditions::take(req.headers_mut());
         let primary = shared.store.primary_key(req.method(), &req);
         let found = shared.store.lookup(primary, &req);
-        if let Some(stored) = &found.entry {
-            let now = shared.now();
-            if let BeforeRequest::Fresh(head) = stored.policy.before_request(&req, now) {
-                shared.count(|c| &c.hits);
-                let res = conditions.answer(stored.with_head(head));
-                let kind = Kind::Hit {
-                    response: Some(res),
-                };
-                return ResponseFuture { kind };
-            }
+        if let Some(res) = fresh_hit(shared, &found, &req, &conditions) {
+            let kind = Kind::Hit {
+                response: Some(res),
+            };
+            return ResponseFuture { kind };
         }
         // The inner service made ready by `poll_ready` goes with the request.
         let clone = self.inner.clone();
@@ -197,6 +192,23 @@ where
         ResponseFuture {
             kind: Kind::Fill { future },
         }
+    }
+}
+
+/// The answer from `found`'s stored response when it is fresh for `req` (counted as a hit).
+fn fresh_hit<B, RB>(
+    shared: &Shared,
+    found: &Found,
+    req: &Request<B>,
+    conditions: &Conditions,
+) -> Option<Response<CacheBody<RB>>> {
+    let stored = found.entry.as_ref()?;
+    match stored.policy.before_request(req, shared.now()) {
+        BeforeRequest::Fresh(head) => {
+            shared.count(|c| &c.hits);
+            Some(conditions.answer(stored.with_head(head)))
+        }
+        BeforeRequest::Stale { .. } => None,
     }
 }
 
@@ -225,6 +237,12 @@ where
         }
         let rx = match shared.flights.join(found.key) {
             Joined::Lead(leader) => {
+                // The previous leader may have stored the response (and ended its flight)
+                // since this request looked: look again before going to the backend.
+                found = shared.store.lookup(found.primary, &req);
+                if let Some(res) = fresh_hit(&shared, &found, &req, &conditions) {
+                    return Ok(res);
+                }
                 return fetch(&shared, inner, req, conditions, found, Some(leader)).await;
             }
             Joined::Wait(rx) => rx,
@@ -252,11 +270,8 @@ where
             None => {}
         }
         found = shared.store.lookup(found.primary, &req);
-        if let Some(stored) = &found.entry {
-            if let BeforeRequest::Fresh(head) = stored.policy.before_request(&req, shared.now()) {
-                shared.count(|c| &c.hits);
-                return Ok(conditions.answer(stored.with_head(head)));
-            }
+        if let Some(res) = fresh_hit(&shared, &found, &req, &conditions) {
+            return Ok(res);
         }
     }
     fetch(&shared, inner, req, conditions, found, None).await
@@ -351,6 +366,7 @@ where
                 shared.count(|c| &c.revalidated);
                 let refreshed = Stored::new(
                     policy,
+                    head.headers(),
                     parts.status,
                     parts.headers.clone(),
                     old.body.clone(),
@@ -396,6 +412,7 @@ where
         Buffered::Whole(bytes) => {
             let stored = Stored::new(
                 policy,
+                head.headers(),
                 parts.status,
                 parts.headers.clone(),
                 bytes.clone(),

@@ -51,9 +51,11 @@ pub(super) struct Stored {
 }
 
 impl Stored {
-    /// A stored response from a policy, a head and a body. `None` when it is too heavy to count.
+    /// A stored response from a policy, a head and a body (`request`: the request's headers,
+    /// which the policy keeps for `Vary`). `None` when it is too heavy to count.
     pub(super) fn new(
         policy: CachePolicy,
+        request: &HeaderMap,
         status: StatusCode,
         mut headers: HeaderMap,
         body: Bytes,
@@ -78,6 +80,7 @@ impl Stored {
         let keep = (!has_validator && stale_if_error.is_none()).then_some(ttl);
         let header_bytes: usize = headers
             .iter()
+            .chain(request)
             .map(|(n, v)| n.as_str().len() + v.len() + 32)
             .sum();
         let weight = u32::try_from(body.len() + header_bytes + ENTRY_OVERHEAD).ok()?;
