@@ -319,6 +319,17 @@ where
             leader.publish(outcome);
         }
     };
+    // Nothing kept: the waiters go on their own, and an empty key skips coalescing for a
+    // while. A stored response stays: a request of its own (`Authorization`, `no-store`) may
+    // be why this answer cannot be stored, and other requests can still revalidate it.
+    let had_entry = found.entry.is_some();
+    let not_stored = || {
+        if !had_entry {
+            shared.store.mark_pass(found.key);
+        }
+        publish(Outcome::Pass);
+        shared.count(|c| &c.not_stored);
+    };
     // A stale entry that matches this request: revalidate it with its validators.
     let mut stale = None;
     if let Some(stored) = found.entry {
@@ -402,9 +413,7 @@ where
         },
     );
     if !shared.may_store(&policy, res.headers()) || too_large(&res, shared.settings.max_object) {
-        shared.store.mark_pass(found.key);
-        publish(Outcome::Pass);
-        shared.count(|c| &c.not_stored);
+        not_stored();
         return Ok(res.map(CacheBody::streaming));
     }
     let (parts, body) = res.into_parts();
@@ -425,20 +434,14 @@ where
                     shared.store.insert(found.primary, &head, stored.clone());
                     publish(Outcome::Serve(stored));
                 }
-                None => {
-                    shared.store.mark_pass(found.key);
-                    publish(Outcome::Pass);
-                    shared.count(|c| &c.not_stored);
-                }
+                None => not_stored(),
             }
             let res = Response::from_parts(parts, CacheBody::full(bytes));
             Ok(conditions.answer(res))
         }
         Buffered::Partial(frames, rest) => {
             // Larger than the maximum object size, or with trailers: streamed on, not kept.
-            shared.store.mark_pass(found.key);
-            publish(Outcome::Pass);
-            shared.count(|c| &c.not_stored);
+            not_stored();
             Ok(Response::from_parts(
                 parts,
                 CacheBody::prefixed(frames, rest),
