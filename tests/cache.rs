@@ -134,6 +134,62 @@ fn answer(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp
     res.body(Full::new(body.into())).expect("response")
 }
 
+/// A backend answering `v{n}` (its count of requests) with `Cache-Control: cc`.
+async fn counting_backend(cc: &'static str) -> Backend {
+    counting_backend_gated(cc, Semaphore::MAX_PERMITS).await
+}
+
+/// A [`counting_backend`] whose requests wait for `permits` released by the test.
+async fn counting_backend_gated(cc: &'static str, permits: usize) -> Backend {
+    Backend::start_gated(permits, move |_, n| {
+        answer(200, &[("cache-control", cc)], format!("v{n}"))
+    })
+    .await
+}
+
+/// A [`counting_backend`] and a 1 MiB cache on a test clock in front of it.
+async fn cached_backend(cc: &'static str) -> (Backend, TestClock, CacheLayer, SocketAddr) {
+    cached_backend_gated(cc, Semaphore::MAX_PERMITS).await
+}
+
+/// A [`counting_backend_gated`] and a 1 MiB cache on a test clock in front of it.
+async fn cached_backend_gated(
+    cc: &'static str,
+    permits: usize,
+) -> (Backend, TestClock, CacheLayer, SocketAddr) {
+    let backend = counting_backend_gated(cc, permits).await;
+    let clock = TestClock::new();
+    let cache = cache_on(&clock, MIB);
+    let addr = front(cache.clone(), &backend).await;
+    (backend, clock, cache, addr)
+}
+
+/// A backend answering `v{n}` with the `Cache-Control` that `table` gives the request's path
+/// (`max-age=60` for other paths).
+async fn backend_by_path(table: &'static [(&'static str, &'static str)]) -> Backend {
+    Backend::start(move |parts, n| {
+        let cc = table
+            .iter()
+            .find(|(path, _)| *path == parts.uri.path())
+            .map_or("max-age=60", |(_, cc)| cc);
+        answer(200, &[("cache-control", cc)], format!("v{n}"))
+    })
+    .await
+}
+
+/// Sends two GETs for `path` and says how many of them reached the backend.
+async fn requests_reaching(
+    backend: &Backend,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> u64 {
+    let before = backend.count();
+    get(addr, path, headers).await;
+    get(addr, path, headers).await;
+    backend.count() - before
+}
+
 /// A clock the test moves by hand.
 #[derive(Clone)]
 struct TestClock {
@@ -226,13 +282,7 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::test]
 async fn hits_do_not_reach_the_backend_and_carry_their_age() {
-    let backend =
-        Backend::start(|_, n| answer(200, &[("cache-control", "max-age=60")], format!("v{n}")))
-            .await;
-    let clock = TestClock::new();
-    let cache = cache_on(&clock, MIB);
-    let addr = front(cache.clone(), &backend).await;
-
+    let (backend, clock, cache, addr) = cached_backend("max-age=60").await;
     let first = get(addr, "/a", &[]).await;
     assert_eq!((first.status, first.body.as_str()), (StatusCode::OK, "v1"));
     for _ in 0..5 {
@@ -256,12 +306,7 @@ async fn hits_do_not_reach_the_backend_and_carry_their_age() {
 
 #[tokio::test]
 async fn an_expired_response_is_fetched_again() {
-    let backend =
-        Backend::start(|_, n| answer(200, &[("cache-control", "max-age=1")], format!("v{n}")))
-            .await;
-    let clock = TestClock::new();
-    let addr = front(cache_on(&clock, MIB), &backend).await;
-
+    let (backend, clock, _, addr) = cached_backend("max-age=1").await;
     assert_eq!(get(addr, "/", &[]).await.body, "v1");
     assert_eq!(get(addr, "/", &[]).await.body, "v1");
     clock.advance(2);
@@ -350,29 +395,19 @@ async fn vary_serves_a_response_only_to_requests_that_match_it() {
 
 #[tokio::test]
 async fn no_store_private_and_no_cache_are_obeyed() {
-    let backend = Backend::start(|parts, n| {
-        let cc = match parts.uri.path() {
-            "/no-store" => "no-store, max-age=60",
-            "/private" => "private, max-age=60",
-            "/no-cache" => "no-cache, max-age=60",
-            _ => "max-age=60",
-        };
-        answer(200, &[("cache-control", cc)], format!("v{n}"))
-    })
+    let backend = backend_by_path(&[
+        ("/no-store", "no-store, max-age=60"),
+        ("/private", "private, max-age=60"),
+        ("/no-cache", "no-cache, max-age=60"),
+    ])
     .await;
     let clock = TestClock::new();
     let cache = cache_on(&clock, MIB);
     let addr = front(cache.clone(), &backend).await;
 
     for path in ["/no-store", "/private", "/no-cache"] {
-        let before = backend.count();
-        get(addr, path, &[]).await;
-        get(addr, path, &[]).await;
-        assert_eq!(
-            backend.count(),
-            before + 2,
-            "{path} is not served from the cache"
-        );
+        let reached = requests_reaching(&backend, addr, path, &[]).await;
+        assert_eq!(reached, 2, "{path} is not served from the cache");
     }
     // A request's own no-store: not stored.
     get(addr, "/plain", &[("cache-control", "no-store")]).await;
@@ -387,31 +422,23 @@ async fn no_store_private_and_no_cache_are_obeyed() {
 
 #[tokio::test]
 async fn responses_to_authorized_requests_are_stored_only_when_the_response_allows() {
-    let backend = Backend::start(|parts, n| {
-        let cc = match parts.uri.path() {
-            "/public" => "public, max-age=60",
-            "/s-maxage" => "s-maxage=60",
-            _ => "max-age=60",
-        };
-        answer(200, &[("cache-control", cc)], format!("v{n}"))
-    })
+    let backend = backend_by_path(&[
+        ("/public", "public, max-age=60"),
+        ("/s-maxage", "s-maxage=60"),
+    ])
     .await;
     let clock = TestClock::new();
     let addr = front(cache_on(&clock, MIB), &backend).await;
     let auth = [("authorization", "Bearer secret")];
 
-    get(addr, "/plain", &auth).await;
-    get(addr, "/plain", &auth).await;
+    let reached = requests_reaching(&backend, addr, "/plain", &auth).await;
     assert_eq!(
-        backend.count(),
-        2,
+        reached, 2,
         "max-age alone does not allow storing an authorized answer"
     );
     for path in ["/public", "/s-maxage"] {
-        let before = backend.count();
-        get(addr, path, &auth).await;
-        get(addr, path, &auth).await;
-        assert_eq!(backend.count(), before + 1, "{path} allows it");
+        let reached = requests_reaching(&backend, addr, path, &auth).await;
+        assert_eq!(reached, 1, "{path} allows it");
     }
 }
 
@@ -532,28 +559,11 @@ async fn no_cache_with_last_modified_revalidates_every_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_misses_for_one_key_make_one_backend_request() {
     const N: u64 = 16;
-    let backend = Backend::start_gated(0, |_, n| {
-        answer(200, &[("cache-control", "max-age=60")], format!("v{n}"))
-    })
-    .await;
-    let clock = TestClock::new();
-    let cache = cache_on(&clock, MIB);
-    let addr = front(cache.clone(), &backend).await;
+    // The backend holds requests until the test opens its gate.
+    let (backend, _, cache, addr) = cached_backend_gated("max-age=60", 0).await;
 
-    let clients: Vec<_> = (0..N)
-        .map(|_| tokio::spawn(async move { get(addr, "/hot", &[]).await }))
-        .collect();
-    // The backend holds the first request until every other one waits on it in the cache.
-    wait_until("one backend request and the others waiting", || {
-        backend.count() == 1 && cache.stats().waiting == N - 1
-    })
-    .await;
-    backend.gate.add_permits(Semaphore::MAX_PERMITS);
-    for client in clients {
-        let res = tokio::time::timeout(HANG, client)
-            .await
-            .expect("hang")
-            .expect("task");
+    let answers = held_burst(&backend, &cache, addr, "/hot", N).await;
+    for res in answers {
         assert_eq!((res.status, res.body.as_str()), (StatusCode::OK, "v1"));
     }
     assert_eq!(backend.count(), 1);
@@ -567,28 +577,13 @@ async fn concurrent_misses_for_one_key_make_one_backend_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_for_an_uncacheable_response_go_to_the_backend_themselves() {
     const N: u64 = 4;
-    let backend = Backend::start_gated(0, |_, n| {
-        answer(200, &[("cache-control", "no-store")], format!("v{n}"))
-    })
-    .await;
-    let clock = TestClock::new();
-    let cache = cache_on(&clock, MIB);
-    let addr = front(cache.clone(), &backend).await;
-    let clients: Vec<_> = (0..N)
-        .map(|_| tokio::spawn(async move { get(addr, "/", &[]).await }))
+    // The backend holds requests until the test opens its gate.
+    let (backend, _, cache, addr) = cached_backend_gated("no-store", 0).await;
+    let mut bodies: Vec<String> = held_burst(&backend, &cache, addr, "/", N)
+        .await
+        .into_iter()
+        .map(|a| a.body)
         .collect();
-    wait_until("the others waiting", || cache.stats().waiting == N - 1).await;
-    backend.gate.add_permits(Semaphore::MAX_PERMITS);
-    let mut bodies: Vec<String> = Vec::new();
-    for client in clients {
-        bodies.push(
-            tokio::time::timeout(HANG, client)
-                .await
-                .expect("hang")
-                .expect("task")
-                .body,
-        );
-    }
     bodies.sort();
     assert_eq!(bodies, ["v1", "v2", "v3", "v4"], "each got its own answer");
     // The key is now known as uncacheable: later requests skip the wait.
@@ -678,11 +673,7 @@ async fn stale_if_error_serves_the_stale_response_when_the_backend_fails() {
 
 #[tokio::test]
 async fn an_unsafe_method_invalidates_the_stored_response() {
-    let backend =
-        Backend::start(|_, n| answer(200, &[("cache-control", "max-age=60")], format!("v{n}")))
-            .await;
-    let clock = TestClock::new();
-    let addr = front(cache_on(&clock, MIB), &backend).await;
+    let (backend, _, _, addr) = cached_backend("max-age=60").await;
     assert_eq!(get(addr, "/item", &[]).await.body, "v1");
     assert_eq!(get(addr, "/item", &[]).await.body, "v1");
     send(addr, Method::POST, "/item", &[]).await;
@@ -692,9 +683,7 @@ async fn an_unsafe_method_invalidates_the_stored_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_proxy_caches_with_the_cache_flag() {
-    let backend =
-        Backend::start(|_, n| answer(200, &[("cache-control", "max-age=60")], format!("v{n}")))
-            .await;
+    let backend = counting_backend("max-age=60").await;
     let args = reverse_proxy::Args {
         cache_mib: Some(1),
         check_interval: Duration::from_millis(200),
@@ -778,6 +767,32 @@ async fn a_repeated_workload_reaches_the_backend_once_per_url() {
     );
     assert_eq!(backend.count(), URLS as u64, "one backend request per URL");
     assert_eq!(stats.hits + stats.coalesced, total - URLS as u64);
+}
+
+/// Sends `n` concurrent GETs for `path` to a backend whose gate is closed, waits until one
+/// reached the backend and the others wait in the cache for it (counted, not timed), opens the
+/// gate and returns the answers.
+async fn held_burst(
+    backend: &Backend,
+    cache: &CacheLayer,
+    addr: SocketAddr,
+    path: &'static str,
+    n: u64,
+) -> Vec<Answer> {
+    let clients: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get(addr, path, &[]).await }))
+        .collect();
+    wait_until("one backend request and the others waiting", || {
+        backend.count() == 1 && cache.stats().waiting == n - 1
+    })
+    .await;
+    backend.gate.add_permits(Semaphore::MAX_PERMITS);
+    let mut answers = Vec::new();
+    for client in clients {
+        let answer = tokio::time::timeout(HANG, client).await.expect("hang");
+        answers.push(answer.expect("task"));
+    }
+    answers
 }
 
 /// Waits (up to a limit that only catches hangs) until `cond` holds.
