@@ -750,6 +750,7 @@ async fn a_repeated_workload_reaches_the_backend_once_per_url() {
         stats.coalesced,
     );
     assert_eq!(backend.count(), URLS as u64, "one backend request per URL");
+    assert_eq!(stats.misses, URLS as u64);
     assert_eq!(stats.hits + stats.coalesced, total - URLS as u64);
 }
 

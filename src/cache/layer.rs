@@ -99,9 +99,9 @@ impl Shared {
 
 /// What a cache has done since it was made, and what it holds.
 ///
-/// Requests that reached the backend are `misses + revalidated + not_stored + passed`, plus
-/// requests whose fetch failed; requests the cache answered without the backend are
-/// `hits + coalesced + stale`.
+/// Requests that reached the backend are `misses + passed`; requests the cache answered
+/// without the backend are `hits + coalesced`. `revalidated`, `not_stored` and `stale` count
+/// what became of some misses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -110,13 +110,14 @@ pub struct CacheStats {
     /// Requests that waited for a concurrent request's fetch of the same response and were
     /// answered with it.
     pub coalesced: u64,
-    /// Responses fetched from the backend for a `GET` or `HEAD` (stored or not).
+    /// `GET` and `HEAD` requests the cache sent to the backend: fetches and revalidations,
+    /// whatever came back.
     pub misses: u64,
-    /// Stale responses revalidated with the backend (`304 Not Modified`) and served again.
+    /// Misses that revalidated a stale response (`304 Not Modified`), served again.
     pub revalidated: u64,
-    /// Stale responses served because the backend failed (`stale-if-error`).
+    /// Misses answered with a stale response because the backend failed (`stale-if-error`).
     pub stale: u64,
-    /// Responses fetched but not stored (not storable, too large, trailers).
+    /// Misses whose response was not stored (not storable, too large, trailers).
     pub not_stored: u64,
     /// Requests passed through untouched (other methods, range requests).
     pub passed: u64,

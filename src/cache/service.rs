@@ -353,6 +353,7 @@ where
     *head.headers_mut() = req.headers().clone();
 
     let result = inner.oneshot(req).await.map_err(Into::into);
+    shared.count(|c| &c.misses);
     let now = shared.now();
     let res = match result {
         Ok(res) if !is_backend_failure(res.status()) => res,
@@ -401,8 +402,6 @@ where
             return Ok(res.map(CacheBody::streaming));
         }
     }
-    shared.count(|c| &c.misses);
-
     let policy = CachePolicy::new_options(
         &head,
         &res,
@@ -580,5 +579,84 @@ impl Conditions {
 impl Shared {
     pub(super) fn now(&self) -> SystemTime {
         (self.clock)()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conditions(inm: Option<&'static str>, ims: Option<&'static str>) -> Conditions {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = inm {
+            headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static(v));
+        }
+        if let Some(v) = ims {
+            headers.insert(header::IF_MODIFIED_SINCE, HeaderValue::from_static(v));
+        }
+        let taken = Conditions::take(&mut headers);
+        assert!(
+            headers.is_empty(),
+            "the validators are taken off the request"
+        );
+        taken
+    }
+
+    fn stored(etag: Option<&'static str>, modified: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = etag {
+            headers.insert(header::ETAG, HeaderValue::from_static(v));
+        }
+        if let Some(v) = modified {
+            headers.insert(header::LAST_MODIFIED, HeaderValue::from_static(v));
+        }
+        headers
+    }
+
+    #[test]
+    fn if_none_match_uses_the_weak_comparison_and_lists() {
+        let etag = stored(Some("W/\"a\""), None);
+        assert!(conditions(Some("\"a\""), None).matches(&etag));
+        assert!(conditions(Some("\"x\", W/\"a\""), None).matches(&etag));
+        assert!(conditions(Some("*"), None).matches(&etag));
+        assert!(!conditions(Some("\"b\""), None).matches(&etag));
+        assert!(!conditions(Some("\"a\""), None).matches(&stored(None, None)));
+    }
+
+    #[test]
+    fn if_modified_since_is_read_only_without_if_none_match() {
+        let modified = stored(Some("\"a\""), Some("Tue, 01 Dec 2026 10:00:00 GMT"));
+        let later = Some("Tue, 01 Dec 2026 11:00:00 GMT");
+        let earlier = Some("Tue, 01 Dec 2026 09:00:00 GMT");
+        assert!(conditions(None, later).matches(&modified));
+        assert!(!conditions(None, earlier).matches(&modified));
+        // If-None-Match decides alone when present (RFC 9110 section 13.2.2).
+        assert!(!conditions(Some("\"b\""), later).matches(&modified));
+        assert!(!conditions(None, Some("not a date")).matches(&modified));
+        assert!(!conditions(None, None).matches(&modified));
+    }
+
+    #[test]
+    fn only_a_200_becomes_a_304() {
+        let cond = conditions(Some("*"), None);
+        let mut res = Response::new(CacheBody::<http_body_util::Empty<Bytes>>::full(
+            Bytes::from_static(b"body"),
+        ));
+        res.headers_mut()
+            .insert(header::ETAG, HeaderValue::from_static("\"a\""));
+        res.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("4"));
+        let answered = cond.answer(res);
+        assert_eq!(answered.status(), StatusCode::NOT_MODIFIED);
+        assert!(answered.headers().get(header::CONTENT_LENGTH).is_none());
+        assert!(answered.body().is_end_stream());
+
+        let mut not_found =
+            Response::new(CacheBody::<http_body_util::Empty<Bytes>>::full(Bytes::new()));
+        *not_found.status_mut() = StatusCode::NOT_FOUND;
+        not_found
+            .headers_mut()
+            .insert(header::ETAG, HeaderValue::from_static("\"a\""));
+        assert_eq!(cond.answer(not_found).status(), StatusCode::NOT_FOUND);
     }
 }

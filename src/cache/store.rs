@@ -364,3 +364,30 @@ impl Store {
         self.cache.entry_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cc(value: &'static str) -> CacheControl {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
+        CacheControl::parse(&headers)
+    }
+
+    #[test]
+    fn stale_if_error_and_the_directives_that_forbid_stale() {
+        let c = cc("max-age=60, stale-if-error=300");
+        assert_eq!(c.stale_if_error, Some(Duration::from_secs(300)));
+        assert!(!c.forbids_stale);
+        for forbidding in [
+            "max-age=60, must-revalidate",
+            "Proxy-Revalidate",
+            "s-maxage=10",
+            "no-cache",
+        ] {
+            assert!(cc(forbidding).forbids_stale, "{forbidding}");
+        }
+        assert_eq!(cc("stale-if-error=\"abc\"").stale_if_error, None);
+    }
+}
