@@ -322,11 +322,25 @@ pub fn proxy(
         Some(mib) => {
             let cached = CacheLayer::new(mib.saturating_mul(1 << 20)).layer(balanced);
             let proxy = ErrorResponseLayer::new().layer(cached);
-            serve(proxy, args.compress, proxy_protocol, listener, shutdown, grace)
+            serve(
+                proxy,
+                args.compress,
+                proxy_protocol,
+                listener,
+                shutdown,
+                grace,
+            )
         }
         None => {
             let proxy = ErrorResponseLayer::new().layer(balanced);
-            serve(proxy, args.compress, proxy_protocol, listener, shutdown, grace)
+            serve(
+                proxy,
+                args.compress,
+                proxy_protocol,
+                listener,
+                shutdown,
+                grace,
+            )
         }
     };
     (pool, serving)
