@@ -315,47 +315,24 @@ pub fn proxy(
         .service(forward);
     // The cache answers hits before any pick and its misses get the failover's retries; it
     // changes the response body type, so the stack is built with or without it.
-    let grace = Duration::from_secs(10);
-    let proxy_protocol = (!args.proxy_protocol.is_empty())
-        .then(|| ProxyProtocol::trusting(args.proxy_protocol.iter().copied()));
     let serving = match args.cache_mib {
         Some(mib) => {
             let cached = CacheLayer::new(mib.saturating_mul(1 << 20)).layer(balanced);
-            let proxy = ErrorResponseLayer::new().layer(cached);
-            serve(
-                proxy,
-                args.compress,
-                proxy_protocol,
-                listener,
-                shutdown,
-                grace,
-            )
+            serve(cached, args, listener, shutdown)
         }
-        None => {
-            let proxy = ErrorResponseLayer::new().layer(balanced);
-            serve(
-                proxy,
-                args.compress,
-                proxy_protocol,
-                listener,
-                shutdown,
-                grace,
-            )
-        }
+        None => serve(balanced, args, listener, shutdown),
     };
     (pool, serving)
 }
 
-/// Serves `proxy` on `listener` until `shutdown`, reading PROXY protocol headers when asked.
-/// Compression wraps the stack only when asked: tower-http's layer costs CPU on every response
-/// even when its predicate says no.
+/// Serves `proxy` behind `ErrorResponseLayer` on `listener` until `shutdown` (then 10 s of
+/// grace), reading PROXY protocol headers when asked. Compression wraps the stack only when
+/// asked: tower-http's layer costs CPU on every response even when its predicate says no.
 fn serve<S, B>(
     proxy: S,
-    compress: bool,
-    proxy_protocol: Option<ProxyProtocol>,
+    args: &Args,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     S: tower::Service<Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
@@ -364,13 +341,17 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
+    let proxy = ErrorResponseLayer::new().layer(proxy);
+    let grace = Duration::from_secs(10);
+    let proxy_protocol = (!args.proxy_protocol.is_empty())
+        .then(|| ProxyProtocol::trusting(args.proxy_protocol.iter().copied()));
     fn server<S>(service: S, proxy_protocol: Option<ProxyProtocol>) -> Server<S> {
         match proxy_protocol {
             Some(pp) => Server::new(service).proxy_protocol(pp),
             None => Server::new(service),
         }
     }
-    if compress {
+    if args.compress {
         let compressed = CompressionLayer::new().layer(proxy);
         Box::pin(server(compressed, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
     } else {
