@@ -8,6 +8,7 @@
 //! cargo run --example reverse_proxy -- --strategy p2c --listen 127.0.0.1:9000
 //! cargo run --example reverse_proxy -- --sticky                # affinity cookie `lb`
 //! cargo run --example reverse_proxy -- --strategy maglev --hash-header x-user
+//! cargo run --example reverse_proxy -- --cache 64               # 64 MiB response cache
 //! ```
 //!
 //! Then try, from another terminal:
@@ -25,6 +26,9 @@
 //! - `--compress`: tower-http's `CompressionLayer` (gzip) for clients that accept it, unless
 //!   the backend already encoded the response;
 //! - `ErrorResponseLayer`: failures become 502/503/504 with a short body;
+//! - `--cache MiB` (`CacheLayer`): a shared response cache of that many MiB (RFC 9111:
+//!   `Cache-Control`, `Vary`, revalidation with `ETag`/`Last-Modified`), concurrent misses for
+//!   one URL coalesced into one backend request; off by default;
 //! - `FailoverLayer`: a failed idempotent request (connection refused, reset, 502/503/504,
 //!   per-try timeout) is sent again to another backend, and so is any request (a `POST`, a
 //!   gRPC call) whose connection was refused, after a short jittered back-off and within a
@@ -74,6 +78,7 @@ use std::time::Duration;
 
 use http::Request;
 use lbkit::balance::Target;
+use lbkit::cache::CacheLayer;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::forwarded::Cidr;
 use lbkit::health::{GrpcCheck, HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
@@ -113,6 +118,8 @@ pub struct Args {
     pub trusted_proxies: Vec<Cidr>,
     /// L4 balancers in front that send a PROXY protocol header (`--proxy-protocol`); empty: off.
     pub proxy_protocol: Vec<Cidr>,
+    /// A response cache of this many MiB in front of the failover layer (`None`: no cache).
+    pub cache_mib: Option<u64>,
     pub check_interval: Duration,
     pub ejection_time: Duration,
     /// Requests in flight to one backend at most (0: no limit).
@@ -138,6 +145,7 @@ impl Default for Args {
             compress: false,
             trusted_proxies: Vec::new(),
             proxy_protocol: Vec::new(),
+            cache_mib: None,
             check_interval: Duration::from_secs(1),
             ejection_time: Duration::from_secs(30),
             max_requests_per_backend: 256,
@@ -188,6 +196,7 @@ fn parse_args() -> Result<Args, BoxError> {
             ("--listen", Some(v)) => args.listen = v.parse()?,
             ("--threads", Some(v)) => args.threads = Some(v.parse()?),
             ("--hash-header", Some(v)) => args.hash_header = Some(v),
+            ("--cache", Some(v)) => args.cache_mib = Some(v.parse()?),
             ("--check", Some(v)) => args.check = Some(v.parse()?),
             ("--upstream", Some(v)) => args.upstream = v.parse()?,
             ("--trust-proxy", Some(v)) => {
@@ -219,7 +228,7 @@ fn parse_args() -> Result<Args, BoxError> {
                      [--upstream http1|h2|same] [--compress] [--trust-proxy CIDR,CIDR,...] \
                      [--proxy-protocol CIDR,CIDR,...] \
                      [--max-requests-per-backend N] [--queue N] [--queue-timeout-ms MS] \
-                     [--max-conns-per-backend N]"
+                     [--max-conns-per-backend N] [--cache MiB]"
                 );
                 std::process::exit(2);
             }
@@ -331,8 +340,7 @@ pub fn proxy(
         .spawn(balancer.pool());
     let pool = balancer.pool().clone();
 
-    let proxy = ServiceBuilder::new()
-        .layer(ErrorResponseLayer::new())
+    let balanced = ServiceBuilder::new()
         // Keep the request body so that a failed attempt can be sent again (bodies that
         // stream are sent once and never retried).
         .map_request(|req: Request<RequestBody>| req.map(ReplayBody::new))
@@ -348,8 +356,35 @@ pub fn proxy(
         .option_layer(args.hash_header.as_deref().map(HashKeyLayer::header))
         .layer(balancer)
         .service(forward);
-    // Compression wraps the stack only when asked: tower-http's layer costs CPU on every
-    // response even when its predicate says no.
+    // The cache answers hits before any pick and its misses get the failover's retries; it
+    // changes the response body type, so the stack is built with or without it.
+    let serving = match args.cache_mib {
+        Some(mib) => {
+            let cached = CacheLayer::new(mib.saturating_mul(1 << 20)).layer(balanced);
+            serve(cached, args, listener, shutdown)
+        }
+        None => serve(balanced, args, listener, shutdown),
+    };
+    (pool, serving)
+}
+
+/// Serves `proxy` behind `ErrorResponseLayer` on `listener` until `shutdown` (then 10 s of
+/// grace), reading PROXY protocol headers when asked. Compression wraps the stack only when
+/// asked: tower-http's layer costs CPU on every response even when its predicate says no.
+fn serve<S, B>(
+    proxy: S,
+    args: &Args,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    S: tower::Service<Request<RequestBody>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let proxy = ErrorResponseLayer::new().layer(proxy);
     let grace = Duration::from_secs(10);
     let proxy_protocol = (!args.proxy_protocol.is_empty())
         .then(|| ProxyProtocol::trusting(args.proxy_protocol.iter().copied()));
@@ -359,11 +394,10 @@ pub fn proxy(
             None => Server::new(service),
         }
     }
-    let serving: Pin<Box<dyn Future<Output = ()> + Send>> = if args.compress {
+    if args.compress {
         let compressed = CompressionLayer::new().layer(proxy);
         Box::pin(server(compressed, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
     } else {
         Box::pin(server(proxy, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
-    };
-    (pool, serving)
+    }
 }

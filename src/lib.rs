@@ -17,6 +17,8 @@
 //!    |           ClientAddr on every request                                   src/forwarded/
 //!  proxy         ErrorResponseLayer: failures -> 502/503/504                    src/proxy/error.rs
 //!    |
+//!  cache         CacheLayer: hits answered here, misses coalesced (feature      src/cache/
+//!    |           `cache`; RFC 9111 shared cache)
 //!  failover      FailoverLayer: retry elsewhere under a RetryBudget             src/failover/
 //!  sticky, key   StickyLayer, HashKeyLayer: where this client should go         src/sticky/, src/key/
 //!    |           (they speak to the balancer only through PickHints)           src/hints.rs
@@ -68,6 +70,9 @@
 #![deny(unsafe_code)]
 
 pub mod balance;
+#[cfg(feature = "cache")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cache")))]
+pub mod cache;
 #[cfg(feature = "sim")]
 mod clock;
 pub mod discover;
