@@ -3,7 +3,7 @@
 //! socket of the flow's own, so replies find their way back to the right client.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::io::{Interest, Ready};
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -35,6 +36,11 @@ const SHARDS: usize = 64;
 
 /// Datagrams relayed from one upstream socket per wake-up before the task yields to others.
 const RELAY_BATCH: usize = 32;
+
+/// Datagrams of one flow that may wait for its upstream socket to take them (right after the
+/// socket opened, before the runtime knows it is writable, or while its send buffer is full);
+/// more are dropped, as a full network queue would.
+const MAX_QUEUED: usize = 32;
 
 thread_local! {
     /// The receive buffer of the flow tasks running on this thread: a flow costs a socket and a
@@ -222,6 +228,12 @@ struct Flow {
     failed: AtomicBool,
     /// Ends the flow's task (it was replaced by a moved flow).
     stop: Notify,
+    /// Whether datagrams wait in `queue`: later ones queue behind them, to keep their order.
+    queued: AtomicBool,
+    /// Datagrams for the endpoint that the flow's task sends when the socket is writable.
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    /// Wakes the flow's task to send the queue.
+    wake: Notify,
 }
 
 impl Flow {
@@ -251,6 +263,67 @@ impl Flow {
     /// Marks the flow failed; returns whether it was not already.
     fn fail(&self) -> bool {
         !self.failed.swap(true, Ordering::AcqRel)
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, VecDeque<Vec<u8>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a datagram for the flow's task to send; returns false if the queue is full.
+    fn enqueue(&self, datagram: &[u8]) -> bool {
+        let mut queue = self.lock_queue();
+        if queue.len() >= MAX_QUEUED {
+            return false;
+        }
+        queue.push_back(datagram.to_vec());
+        self.queued.store(true, Ordering::Release);
+        drop(queue);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Sends the queued datagrams, in order, waiting for the socket to take each. The queue
+    /// counts as empty only once the last one is sent, so none is overtaken.
+    async fn send_queued(&self, table: &FlowTable) -> io::Result<()> {
+        loop {
+            let next = {
+                let mut queue = self.lock_queue();
+                match queue.pop_front() {
+                    Some(d) => d,
+                    None => {
+                        self.queued.store(false, Ordering::Release);
+                        return Ok(());
+                    }
+                }
+            };
+            if let Err(e) = self.upstream.send(&next).await {
+                self.lock_queue().clear();
+                self.queued.store(false, Ordering::Release);
+                return Err(e);
+            }
+            self.up.fetch_add(1, Ordering::Relaxed);
+            self.touch(table);
+        }
+    }
+
+    /// Handles the readiness of the upstream socket: a pending error (ICMP port unreachable,
+    /// reported by the kernel as an error event, not as readable) is returned; datagrams are
+    /// relayed.
+    fn on_ready(&self, ready: Ready, table: &FlowTable) -> io::Result<Option<Vec<u8>>> {
+        if ready.is_error() {
+            let pending = self.upstream.take_error()?;
+            // Clears the error readiness, so the next wait does not return at once.
+            let _ = self.upstream.try_io(Interest::ERROR, || {
+                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+            });
+            if let Some(e) = pending {
+                return Err(e);
+            }
+        }
+        if ready.is_readable() {
+            return self.relay(table);
+        }
+        Ok(None)
     }
 
     /// Relays the datagrams waiting on the upstream socket to the client. Returns a datagram
@@ -516,18 +589,28 @@ impl<St: Strategy> UdpProxy<St> {
         }
     }
 
-    /// Sends `datagram` to the flow's endpoint; a full send buffer drops it (as the network
-    /// would), an error marks the flow failed.
+    /// Sends `datagram` to the flow's endpoint: at once if the socket takes it, else queued for
+    /// the flow's task (dropped if the queue is full, as the network would); an error marks
+    /// the flow failed.
     fn send(&self, flow: &Flow, datagram: &[u8]) -> Sent {
         let table = &*self.table;
-        match flow.upstream.try_send(datagram) {
+        let sent = if flow.queued.load(Ordering::Acquire) {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            flow.upstream.try_send(datagram)
+        };
+        match sent {
             Ok(_) => {
                 flow.up.fetch_add(1, Ordering::Relaxed);
                 flow.touch(table);
                 Sent::Done
             }
+            // Also right after the socket opened: the runtime learns it is writable only
+            // from its first readiness event.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                table.dropped_send.fetch_add(1, Ordering::Relaxed);
+                if !flow.enqueue(datagram) {
+                    table.dropped_send.fetch_add(1, Ordering::Relaxed);
+                }
                 Sent::Done
             }
             Err(e) => {
@@ -593,6 +676,9 @@ impl<St: Strategy> UdpProxy<St> {
             down: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             stop: Notify::new(),
+            queued: AtomicBool::new(false),
+            queue: Mutex::default(),
+            wake: Notify::new(),
         });
         table.open.fetch_add(1, Ordering::AcqRel);
         table.opened.fetch_add(1, Ordering::Relaxed);
@@ -601,7 +687,11 @@ impl<St: Strategy> UdpProxy<St> {
             table: self.table.clone(),
             flow: flow.clone(),
         };
-        flows.spawn(run_flow(entry, InFlight::start(candidate), self.config.idle_timeout));
+        flows.spawn(run_flow(
+            entry,
+            InFlight::start(candidate),
+            self.config.idle_timeout,
+        ));
         Some(flow)
     }
 }
@@ -628,9 +718,8 @@ async fn run_flow(entry: FlowEntry, guard: InFlight, idle: Duration) {
     let mut guard = Some(guard);
     let idle_ms = idle.as_millis() as u64;
     // Re-armed only when it fires, not on every datagram.
-    let timer = sleep_until(
-        table.epoch + Duration::from_millis(flow.last.load(Ordering::Relaxed)) + idle,
-    );
+    let timer =
+        sleep_until(table.epoch + Duration::from_millis(flow.last.load(Ordering::Relaxed)) + idle);
     tokio::pin!(timer);
     loop {
         tokio::select! {
@@ -644,9 +733,14 @@ async fn run_flow(entry: FlowEntry, guard: InFlight, idle: Duration) {
                 }
                 timer.as_mut().reset(table.epoch + Duration::from_millis(last) + idle);
             }
-            ready = flow.upstream.readable(), if guard.is_some() => {
-                let outcome = ready.and_then(|()| flow.relay(table));
-                match outcome {
+            () = flow.wake.notified(), if guard.is_some() => {
+                if let Err(e) = flow.send_queued(table).await {
+                    backend_failed(&flow, table, &mut guard, &e);
+                }
+            }
+            // An ICMP error is reported as an error event, not as readable.
+            ready = flow.upstream.ready(Interest::READABLE | Interest::ERROR), if guard.is_some() => {
+                match ready.and_then(|ready| flow.on_ready(ready, table)) {
                     Ok(None) => {}
                     Ok(Some(waiting)) => {
                         if let Err(e) = flow.frontend.send_to(&waiting, flow.key.0).await {
@@ -654,18 +748,7 @@ async fn run_flow(entry: FlowEntry, guard: InFlight, idle: Duration) {
                             table.dropped_send.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    Err(e) => {
-                        tracing::debug!(client = %flow.key.0, backend = %flow.endpoint, error = %e, "backend error");
-                        if flow.fail() {
-                            table.backend_errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // The flow stays in the table, failed, until its client's next
-                        // datagram moves it (or it idles out); the endpoint's failure counts
-                        // now.
-                        if let Some(mut g) = guard.take() {
-                            g.fail();
-                        }
-                    }
+                    Err(e) => backend_failed(&flow, table, &mut guard, &e),
                 }
             }
         }
@@ -676,4 +759,16 @@ async fn run_flow(entry: FlowEntry, guard: InFlight, idle: Duration) {
         }
     }
     drop(entry);
+}
+
+/// Counts an error of a flow's upstream socket as a failure of its endpoint, now. The flow
+/// stays in the table, failed, until its client's next datagram moves it (or it idles out).
+fn backend_failed(flow: &Flow, table: &FlowTable, guard: &mut Option<InFlight>, e: &io::Error) {
+    tracing::debug!(client = %flow.key.0, backend = %flow.endpoint, error = %e, "backend error");
+    if flow.fail() {
+        table.backend_errors.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(mut g) = guard.take() {
+        g.fail();
+    }
 }
