@@ -7,12 +7,15 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{wait_until, within, HANG};
+use hickory_proto::op::{Message, MessageType, Query};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use lbkit::proxy::UdpProxy;
 use lbkit::strategy::{Maglev, RoundRobin, Strategy};
 use lbkit::{Endpoint, EndpointId};
@@ -82,31 +85,48 @@ async fn backends(dns: bool) -> [Backend; 3] {
     ]
 }
 
-/// A response to a DNS query: the query's id, the QR and RA flags, its question echoed and the
-/// backend's name in place of an answer section (enough for a client to match it by id).
-fn dns_answer(query: &[u8], name: &str) -> Vec<u8> {
-    if query.len() < 12 {
-        return Vec::new();
-    }
-    let mut r = Vec::with_capacity(query.len() + name.len());
-    r.extend_from_slice(&query[..2]);
-    r.extend_from_slice(&[0x81, 0x80]);
-    r.extend_from_slice(&query[4..]);
-    r.extend_from_slice(name.as_bytes());
-    r
+/// The address a DNS-style backend answers every A query with: 10.0.0.1 for `a`, and so on,
+/// so the client sees which backend answered.
+fn dns_ip(name: &str) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, name.as_bytes()[0] - b'a' + 1)
 }
 
-/// A DNS query for `example.com` A with `id`.
-fn dns_query(id: u16) -> Vec<u8> {
-    let mut q = Vec::new();
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in ["example", "com"] {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
+/// The DNS response of backend `name` to `query`: same id and question, one A record.
+fn dns_answer(query: &[u8], name: &str) -> Vec<u8> {
+    let Ok(request) = Message::from_vec(query) else {
+        return Vec::new();
+    };
+    let mut reply = Message::new();
+    reply
+        .set_id(request.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(request.op_code())
+        .set_recursion_desired(request.recursion_desired())
+        .set_recursion_available(true);
+    for q in request.queries() {
+        reply.add_query(q.clone());
+        if q.query_type() == RecordType::A {
+            reply.add_answer(Record::from_rdata(
+                q.name().clone(),
+                0,
+                RData::A(A(dns_ip(name))),
+            ));
+        }
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
+    reply.to_vec().expect("an encodable reply")
+}
+
+/// A DNS query for `example.com.` A with `id`.
+fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = Message::new();
+    q.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(
+            Name::from_ascii("example.com.").unwrap(),
+            RecordType::A,
+        ));
+    q.to_vec().unwrap()
 }
 
 /// Starts `proxy` on a fresh socket; returns its address and the serving task.
@@ -323,7 +343,12 @@ async fn flows_move_off(remove: bool) {
         }
         assert_eq!(proxy.stats().flows_moved, on_gone as u64);
     }
-    assert_eq!(proxy.stats().flows, 12);
+    // A moved flow's old task ends a moment after the move.
+    wait_until(HANG, "the moved flows' old tasks to end", || {
+        proxy.flows() == 12
+    })
+    .await;
+    assert_eq!(proxy.pool().in_flight(), 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,50 +412,89 @@ async fn the_flow_limit_drops_new_clients_only() {
     .await;
 }
 
+/// Sends a DNS query with `id` until its response comes; returns the address in its A
+/// record (which names the resolver that answered).
+async fn resolve(client: &UdpSocket, id: u16) -> Ipv4Addr {
+    let query = dns_query(id);
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + HANG;
+    let answer = loop {
+        assert!(Instant::now() < deadline, "no answer to query {id}");
+        let _ = client.send(&query).await;
+        let wait = async {
+            loop {
+                let Ok(n) = client.recv(&mut buf).await else {
+                    continue;
+                };
+                // The id is the first two bytes of a DNS message.
+                if n >= 12 && buf[..2] == id.to_be_bytes() {
+                    return buf[..n].to_vec();
+                }
+            }
+        };
+        if let Ok(a) = timeout(RESEND, wait).await {
+            break a;
+        }
+    };
+    let answer = Message::from_vec(&answer).expect("a DNS message");
+    assert_eq!(answer.message_type(), MessageType::Response);
+    assert_eq!(answer.queries().len(), 1);
+    match answer.answers().first().map(|r| r.data()) {
+        Some(RData::A(A(ip))) => *ip,
+        _ => panic!("no A record in {answer:?}"),
+    }
+}
+
+/// Resolves `n` queries from each client, the clients concurrently with the other clients; returns the one
+/// resolver each client's flow reached.
+async fn resolve_all(clients: &[Arc<UdpSocket>], phase: u16, n: u16) -> Vec<Ipv4Addr> {
+    let mut tasks = Vec::new();
+    for (c, s) in clients.iter().enumerate() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ips = HashSet::new();
+            for q in 0..n {
+                ips.insert(resolve(&s, phase * 10_000 + c as u16 * 100 + q).await);
+            }
+            assert_eq!(ips.len(), 1, "one resolver per client flow: {ips:?}");
+            ips.into_iter().next().unwrap()
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dns_style_backends_answer_by_query_id() {
+async fn dns_style_backends_answer_by_query_id_and_survive_one_going_down() {
     within(HANG * 2, async {
         let backends = backends(true).await;
         let proxy = UdpProxy::new(backends.iter().map(|b| b.addr), Maglev::new());
         let (addr, _serving) = start(proxy.clone()).await;
-        let mut tasks = Vec::new();
-        for c in 0..8u16 {
-            tasks.push(tokio::spawn(async move {
-                let s = client(addr).await;
-                let mut buf = vec![0u8; 4096];
-                let mut names = HashSet::new();
-                for q in 0..10u16 {
-                    let id = c * 1000 + q;
-                    let query = dns_query(id);
-                    let deadline = Instant::now() + HANG;
-                    let answer = loop {
-                        assert!(Instant::now() < deadline, "no answer to query {id}");
-                        let _ = s.send(&query).await;
-                        let wait = async {
-                            loop {
-                                let Ok(n) = s.recv(&mut buf).await else {
-                                    continue;
-                                };
-                                if n >= 12 && buf[..2] == id.to_be_bytes() {
-                                    return buf[..n].to_vec();
-                                }
-                            }
-                        };
-                        if let Ok(a) = timeout(RESEND, wait).await {
-                            break a;
-                        }
-                    };
-                    assert_eq!(&answer[2..4], &[0x81, 0x80], "not a response");
-                    assert_eq!(&answer[4..query.len()], &query[4..], "question not echoed");
-                    names.insert(String::from_utf8(answer[query.len()..].to_vec()).unwrap());
-                }
-                assert_eq!(names.len(), 1, "one resolver per client flow: {names:?}");
-            }));
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(Arc::new(client(addr).await));
         }
-        for t in tasks {
-            t.await.unwrap();
-        }
+        let before = resolve_all(&clients, 1, 10).await;
         assert_eq!(proxy.stats().flows_opened, 8);
+        // The resolver of the first client goes down; its clients move, the others stay.
+        let down = backends
+            .iter()
+            .find(|b| dns_ip(b.name) == before[0])
+            .unwrap();
+        assert!(proxy.pool().set_down(&down.id(), true));
+        let after = resolve_all(&clients, 2, 10).await;
+        for (b, a) in before.iter().zip(&after) {
+            if *b == before[0] {
+                assert_ne!(*a, *b);
+            } else {
+                assert_eq!(*a, *b);
+            }
+        }
+        let moved = before.iter().filter(|b| **b == before[0]).count();
+        assert_eq!(proxy.stats().flows_moved, moved as u64);
     })
     .await;
 }
@@ -463,7 +527,7 @@ async fn a_refusing_backend_counts_a_failure_and_the_flow_moves() {
         assert_eq!(backend_of(&c, "after", 5).await, "live");
         let stats = proxy.stats();
         assert!(stats.flows_moved >= 1, "{stats:?}");
-        assert_eq!(stats.flows, 1);
+        wait_until(HANG, "the failed flow's task to end", || proxy.flows() == 1).await;
     })
     .await;
 }
