@@ -155,7 +155,7 @@ pub struct UdpStats {
 
 /// The flows of a proxy, keyed by client address and the socket they came in on.
 struct FlowTable {
-    shards: Box<[Mutex<HashMap<FlowKey, Arc<Flow>>>]>,
+    shards: Box<[Mutex<Shard>]>,
     /// Flows whose task runs (a moved flow's old task may outlive its entry for a moment).
     open: AtomicUsize,
     /// Ids of the sockets served, so flows of different sockets never mix.
@@ -174,7 +174,11 @@ struct FlowTable {
     retired_down: AtomicU64,
 }
 
+/// A client's address and the id of the socket its datagrams came in on.
 type FlowKey = (SocketAddr, u64);
+
+/// One shard of the flow table.
+type Shard = HashMap<FlowKey, Arc<Flow>>;
 
 impl FlowTable {
     fn new() -> Self {
@@ -195,7 +199,7 @@ impl FlowTable {
         }
     }
 
-    fn shard(&self, hash: u64) -> MutexGuard<'_, HashMap<FlowKey, Arc<Flow>>> {
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
         // A panic under a shard lock cannot leave a map half-changed in a way that matters:
         // each change is one insert or remove.
         self.shards[(hash % SHARDS as u64) as usize]
@@ -613,8 +617,14 @@ impl<St: Strategy> UdpProxy<St> {
                 }
                 Sent::Done
             }
+            Err(e) if !is_backend_error(&e) => {
+                // A local condition (such as no buffer space): the backend is not to blame.
+                tracing::debug!(client = %flow.key.0, error = %e, "sending to the backend failed");
+                table.dropped_send.fetch_add(1, Ordering::Relaxed);
+                Sent::Done
+            }
             Err(e) => {
-                tracing::debug!(client = %flow.key.0, backend = %flow.endpoint, error = %e, "sending to the backend failed");
+                tracing::debug!(client = %flow.key.0, backend = %flow.endpoint, error = %e, "the backend refused a datagram");
                 if flow.fail() {
                     table.backend_errors.fetch_add(1, Ordering::Relaxed);
                     // Its task marks the endpoint's failure as it ends.
@@ -638,8 +648,12 @@ impl<St: Strategy> UdpProxy<St> {
         flows: &mut JoinSet<()>,
     ) -> Option<Arc<Flow>> {
         let table = &self.table;
-        // A move replaces a flow, so only new clients are held to the limit.
-        if old.is_none() && table.open.load(Ordering::Acquire) >= self.config.max_flows {
+        // The flow's place, taken first so that receive loops of several sockets never open
+        // more than the limit between them. A move replaces a flow, so only new clients are
+        // held to the limit.
+        let open = table.open.fetch_add(1, Ordering::AcqRel);
+        if old.is_none() && open >= self.config.max_flows {
+            table.open.fetch_sub(1, Ordering::AcqRel);
             table.dropped_flow_limit.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -650,6 +664,7 @@ impl<St: Strategy> UdpProxy<St> {
         }
         let Some(i) = snap.pick(self.pool.strategy(), Some(&hints)) else {
             tracing::debug!(client = %key.0, "no backend available; datagram dropped");
+            table.open.fetch_sub(1, Ordering::AcqRel);
             table.dropped_no_backend.fetch_add(1, Ordering::Relaxed);
             return None;
         };
@@ -659,6 +674,7 @@ impl<St: Strategy> UdpProxy<St> {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(client = %key.0, backend = %candidate.id(), error = %e, "opening an upstream socket failed; datagram dropped");
+                table.open.fetch_sub(1, Ordering::AcqRel);
                 table.dropped_no_backend.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
@@ -680,7 +696,6 @@ impl<St: Strategy> UdpProxy<St> {
             queue: Mutex::default(),
             wake: Notify::new(),
         });
-        table.open.fetch_add(1, Ordering::AcqRel);
         table.opened.fetch_add(1, Ordering::Relaxed);
         table.shard(hash).insert(key, flow.clone());
         let entry = FlowEntry {
@@ -694,6 +709,18 @@ impl<St: Strategy> UdpProxy<St> {
         ));
         Some(flow)
     }
+}
+
+/// Whether a send error is the backend's (or the way to it): an ICMP error of an earlier
+/// datagram, reported by the kernel on the connected socket.
+fn is_backend_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
 }
 
 /// A socket bound to an ephemeral port of `target`'s address family and connected to it, so
