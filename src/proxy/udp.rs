@@ -18,8 +18,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 
-use super::tcp::{tcp_target, TcpTarget};
-use crate::balance::InFlight;
+use crate::balance::{InFlight, Target};
 use crate::endpoint::{Endpoint, EndpointId, EndpointState};
 use crate::hash::mix64;
 use crate::hints::PickHints;
@@ -99,7 +98,7 @@ struct Config {
 /// # }
 /// ```
 pub struct UdpProxy<St: Strategy> {
-    pool: Pool<TcpTarget, St>,
+    pool: Pool<Target, St>,
     config: Arc<Config>,
     table: Arc<FlowTable>,
 }
@@ -394,15 +393,18 @@ enum Sent {
 impl<St: Strategy> UdpProxy<St> {
     /// A UDP balancer over `backends` with `strategy`.
     pub fn new(backends: impl IntoIterator<Item = SocketAddr>, strategy: St) -> Self {
-        let pool = Pool::new(strategy, tcp_target);
+        let pool = Pool::new(strategy, Target::new);
         pool.extend(backends.into_iter().map(Endpoint::from));
         Self::from_pool(pool)
     }
 
     /// A UDP balancer over `pool`, which may be changed (and health-checked) while it serves.
-    /// Build it with [`tcp_target`] as the service factory; the same pool may feed a
-    /// [`TcpProxy`](super::TcpProxy) too.
-    pub fn from_pool(pool: Pool<TcpTarget, St>) -> Self {
+    /// The pool's entries are [`Target`]s, as a [`BalancerLayer`](crate::BalancerLayer)'s and
+    /// a [`TcpProxy`](super::TcpProxy)'s are, so one pool (one set of endpoints, one health
+    /// state) can serve them all. Endpoints without a socket address (an id that is not one)
+    /// get no flows: their datagrams are dropped and counted in
+    /// [`UdpStats::dropped_no_backend`].
+    pub fn from_pool(pool: Pool<Target, St>) -> Self {
         UdpProxy {
             pool,
             config: Arc::new(Config {
@@ -415,7 +417,7 @@ impl<St: Strategy> UdpProxy<St> {
     }
 
     /// The pool of backends.
-    pub fn pool(&self) -> &Pool<TcpTarget, St> {
+    pub fn pool(&self) -> &Pool<Target, St> {
         &self.pool
     }
 
@@ -560,7 +562,7 @@ impl<St: Strategy> UdpProxy<St> {
         &self,
         socket: &Arc<UdpSocket>,
         socket_id: u64,
-        snap: &Snapshot<TcpTarget, St::State>,
+        snap: &Snapshot<Target, St::State>,
         datagram: &[u8],
         client: SocketAddr,
         flows: &mut JoinSet<()>,
@@ -643,7 +645,7 @@ impl<St: Strategy> UdpProxy<St> {
         socket: &Arc<UdpSocket>,
         key: FlowKey,
         hash: u64,
-        snap: &Snapshot<TcpTarget, St::State>,
+        snap: &Snapshot<Target, St::State>,
         old: Option<&Flow>,
         flows: &mut JoinSet<()>,
     ) -> Option<Arc<Flow>> {
@@ -662,15 +664,23 @@ impl<St: Strategy> UdpProxy<St> {
         if let Some(old) = old.filter(|o| o.failed.load(Ordering::Acquire)) {
             hints.avoid(old.endpoint.clone());
         }
-        let Some(i) = snap.pick(self.pool.strategy(), Some(&hints)) else {
+        // The pool's per-endpoint limit on requests in flight bounds flows per endpoint.
+        let limit = self.pool.max_requests_per_endpoint();
+        let Some(i) = snap.pick(self.pool.strategy(), Some(&hints), limit) else {
             tracing::debug!(client = %key.0, "no backend available; datagram dropped");
             table.open.fetch_sub(1, Ordering::AcqRel);
             table.dropped_no_backend.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         let candidate = snap.eligible()[i].clone();
-        let target = snap.services()[i];
-        let upstream = match connect_upstream(target) {
+        let upstream = match snap.services()[i].socket_addr() {
+            Some(addr) => connect_upstream(addr),
+            None => Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "the endpoint has no socket address",
+            )),
+        };
+        let upstream = match upstream {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(client = %key.0, backend = %candidate.id(), error = %e, "opening an upstream socket failed; datagram dropped");
