@@ -10,7 +10,8 @@
 //!     Forward               rewrite URI and headers, send over pooled keep-alive connections
 //! ```
 //!
-//! [`TcpProxy`] balances TCP connections (L4) over the same pools and strategies.
+//! [`TcpProxy`] balances TCP connections (L4) over the same pools and strategies, and
+//! [`UdpProxy`] UDP flows (datagrams per client address, each flow kept on one endpoint).
 //!
 //! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
 //! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util). Serving the
@@ -34,8 +35,10 @@
 
 pub mod headers;
 mod tcp;
+mod udp;
 
 pub use tcp::{splice, TcpProxy};
+pub use udp::{UdpProxy, UdpStats};
 
 #[cfg(feature = "http-proxy")]
 mod connect;
