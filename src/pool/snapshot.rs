@@ -190,26 +190,38 @@ impl<S, T> Snapshot<S, T> {
         strategy.pick(state, &self.eligible, ctx)
     }
 
-    /// Picks for a request: its preferred endpoint while eligible and not avoided, otherwise
-    /// the strategy's choice.
+    /// Picks for a request: its preferred endpoint while eligible and allowed, otherwise the
+    /// strategy's choice.
+    ///
+    /// Endpoints backed off by `Retry-After` are passed over like avoided ones; when that
+    /// leaves nothing, the pick is made again without that filter (an endpoint that asked for
+    /// a pause is still better than no answer). While no endpoint of the pool is backed off,
+    /// the filter costs one atomic load and reads no clock.
     #[inline]
     pub(crate) fn pick<St: Strategy<State = T>>(
         &self,
         strategy: &St,
         hints: Option<&PickHints>,
     ) -> Option<usize> {
-        let Some(h) = hints else {
-            return self.pick_ctx(strategy, &PickContext::new());
-        };
-        let mut ctx = PickContext::new().avoiding(h.avoided());
-        if let Some(hash) = h.hash() {
-            ctx = ctx.with_hash(hash);
-        }
-        if let Some(i) = h.preferred().and_then(|id| self.position(id)) {
-            if ctx.allows(&self.eligible[i]) {
-                return Some(i);
+        let backoff_at = self
+            .eligible
+            .first()
+            .map_or(0, |c| c.state().pool_shared().backoff_now());
+        let mut ctx = PickContext::new().backing_off_at(backoff_at);
+        if let Some(h) = hints {
+            ctx = ctx.avoiding(h.avoided());
+            if let Some(hash) = h.hash() {
+                ctx = ctx.with_hash(hash);
+            }
+            if let Some(i) = h.preferred().and_then(|id| self.position(id)) {
+                if ctx.allows(&self.eligible[i]) {
+                    return Some(i);
+                }
             }
         }
-        self.pick_ctx(strategy, &ctx)
+        match self.pick_ctx(strategy, &ctx) {
+            None if ctx.checks_backoff() => self.pick_ctx(strategy, &ctx.backing_off_at(0)),
+            picked => picked,
+        }
     }
 }

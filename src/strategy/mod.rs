@@ -66,11 +66,16 @@ pub trait Strategy: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
-/// What the request tells the strategy: an optional hash key and endpoints to avoid.
+/// What the request tells the strategy: an optional hash key and endpoints to avoid (those
+/// a retry already tried, and those that asked with `Retry-After` not to be sent requests
+/// now).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PickContext<'a> {
     hash: Option<u64>,
     avoid: &'a [EndpointId],
+    /// Now (see `clock_ns`) when endpoints backed off by `Retry-After` are to be passed
+    /// over, else 0.
+    backoff_at: u64,
 }
 
 impl<'a> PickContext<'a> {
@@ -102,10 +107,26 @@ impl<'a> PickContext<'a> {
         self.avoid
     }
 
-    /// Whether `candidate` may be picked.
+    /// Passes over endpoints backed off by `Retry-After` at `now_ns` (0: does not).
+    #[inline]
+    pub(crate) fn backing_off_at(mut self, now_ns: u64) -> Self {
+        self.backoff_at = now_ns;
+        self
+    }
+
+    /// Whether this context passes over backed-off endpoints.
+    #[inline]
+    pub(crate) fn checks_backoff(&self) -> bool {
+        self.backoff_at != 0
+    }
+
+    /// Whether `candidate` may be picked: it is not avoided, and, when the pool is picking
+    /// for a request, it did not ask with `Retry-After` not to be sent requests now (see
+    /// [`EndpointState::is_backed_off`](crate::endpoint::EndpointState::is_backed_off)).
     #[inline]
     pub fn allows(&self, candidate: &Candidate) -> bool {
-        self.avoid.is_empty() || !self.avoid.contains(candidate.id())
+        (self.avoid.is_empty() || !self.avoid.contains(candidate.id()))
+            && (self.backoff_at == 0 || !candidate.state().is_backed_off_at(self.backoff_at))
     }
 }
 
