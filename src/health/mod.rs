@@ -81,5 +81,5 @@ pub use active::{
     HealthChecker, ServiceCheck, TcpCheck,
 };
 pub use event::{HealthChange, HealthEvent};
-pub use outlier::OutlierDetection;
+pub use outlier::{OutlierDetection, OutlierTrigger};
 pub use slow_start::SlowStart;

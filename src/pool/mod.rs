@@ -443,6 +443,13 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         self.inner.shared.set_failure_penalty(penalty);
     }
 
+    /// Sets the longest `Retry-After` honoured at run time (see
+    /// [`PoolBuilder::retry_after_cap`]; zero ignores `Retry-After`). Endpoints already backed
+    /// off stay so for the time they were given.
+    pub fn set_retry_after_cap(&self, cap: Duration) {
+        self.inner.shared.set_retry_after_cap(cap);
+    }
+
     /// Requests in flight over the whole pool.
     pub fn in_flight(&self) -> u64 {
         self.inner
