@@ -610,7 +610,9 @@ where
                 let threshold = mean - sr.stdev_factor * variance.sqrt();
                 for c in valid {
                     let rate = c.success_rate();
-                    if rate < threshold {
+                    // A margin for rounding: endpoints with equal rates never eject each other
+                    // (their mean may come out a hair above them).
+                    if rate < threshold - 1e-9 {
                         outliers.push((c.index, Cause::SuccessRate { rate, threshold }, rate));
                     }
                 }
