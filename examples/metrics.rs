@@ -155,7 +155,11 @@ async fn main() -> Result<(), BoxError> {
             e.id, e.requests, e.errors, e.latency.p50, e.latency.p99, e.latency_ewma
         );
     }
-    let to_c = stats.endpoints.iter().find(|e| e.id == "c").map_or(0, |e| e.requests);
+    let to_c = stats
+        .endpoints
+        .iter()
+        .find(|e| e.id == "c")
+        .map_or(0, |e| e.requests);
     let failed = failed.load(Ordering::Relaxed);
     let percent = |n: u64| 100.0 * n as f64 / stats.requests().max(1) as f64;
     println!(

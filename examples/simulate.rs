@@ -122,10 +122,12 @@ fn with_and_without(
     let mut table = scenario.comparison();
     for strategy in every_strategy() {
         let name = strategy.name();
-        table.push(scenario.run_with(&format!("{name} {label_off}"), strategy, |b| {
-            off(b.pool());
-            b
-        }));
+        table.push(
+            scenario.run_with(&format!("{name} {label_off}"), strategy, |b| {
+                off(b.pool());
+                b
+            }),
+        );
         table.push(scenario.run(strategy));
     }
     table
@@ -237,15 +239,13 @@ fn main() {
         pool.set_retry_after_cap(Duration::ZERO)
     });
     tower_rows(&rate_limited, &mut table);
-    table.push(rate_limited.run_with(
-        "round_robin + failover on 429",
-        RoundRobin::new(),
-        |b| {
+    table.push(
+        rate_limited.run_with("round_robin + failover on 429", RoundRobin::new(), |b| {
             FailoverLayer::new(RetryBudget::unlimited())
                 .max_attempts(2)
                 .policy(RetryTooManyRequests)
                 .layer(b)
-        },
-    ));
+        }),
+    );
     println!("{table}");
 }

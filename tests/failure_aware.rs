@@ -181,10 +181,7 @@ async fn fast_failing_run(strategy: AnyStrategy, penalty: f64, requests: u64) ->
         .map(|i| Backend::ok(&format!("ok{i}"), delay))
         .collect();
     backends.push(Backend::failing_every("bad", 10, delay));
-    let b = balancer(
-        &backends,
-        Pool::builder(strategy).failure_penalty(penalty),
-    );
+    let b = balancer(&backends, Pool::builder(strategy).failure_penalty(penalty));
     let mut errors = 0;
     for _ in 0..requests {
         let (status, _) = send(&b).await;
@@ -340,7 +337,11 @@ async fn success_rate_ejects_none_when_every_backend_fails_alike() {
             }
         }
         let errors: u64 = pool.endpoints().iter().map(|(_, s)| s.errors()).sum();
-        assert_eq!(errors, 3 * 8 * 15, "every 10th of 3 × 1 200 requests failed");
+        assert_eq!(
+            errors,
+            3 * 8 * 15,
+            "every 10th of 3 × 1 200 requests failed"
+        );
     })
     .await;
 }
@@ -543,9 +544,114 @@ async fn all_backed_off_still_answers() {
         // Both backed off: the requests went on all the same.
         assert_eq!(backends[0].hits() + backends[1].hits(), 12);
         assert_eq!(
-            pool.endpoints().iter().map(|(_, s)| s.errors()).sum::<u64>(),
+            pool.endpoints()
+                .iter()
+                .map(|(_, s)| s.errors())
+                .sum::<u64>(),
             0
         );
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same in the simulator: deterministic, so the figures are exact.
+
+mod simulated {
+    use std::time::Duration;
+
+    use lbkit::sim::{Latency, Report, Scenario, SimEndpoint, Workload};
+    use lbkit::strategy::{AnyStrategy, LeastConnections, PeakEwma, PowerOfTwoChoices, Strategy};
+
+    /// Ten endpoints; `bad` fails one request in ten at once.
+    fn fast_failing() -> Scenario {
+        let latency = Latency::log_normal(Duration::from_millis(20), 0.4);
+        Scenario::new("fast failures")
+            .seed(11)
+            .endpoints((0..9).map(|i| SimEndpoint::new(format!("e{i}"), latency)))
+            .endpoint(
+                SimEndpoint::new("bad", latency).fast_errors(Duration::ZERO..Duration::MAX, 0.1),
+            )
+            .workload(Workload::open(1_000.0).requests(10_000))
+    }
+
+    /// Ten endpoints; `limited` serves 50 requests a second, then answers 429 with
+    /// `Retry-After: 1`.
+    fn rate_limited() -> Scenario {
+        let latency = Latency::log_normal(Duration::from_millis(20), 0.4);
+        Scenario::new("rate limit")
+            .seed(11)
+            .endpoints((0..9).map(|i| SimEndpoint::new(format!("e{i}"), latency)))
+            .endpoint(SimEndpoint::new("limited", latency).rate_limit(50, Duration::from_secs(1)))
+            .workload(Workload::open(1_000.0).requests(10_000))
+    }
+
+    fn load_aware() -> [AnyStrategy; 3] {
+        [
+            PowerOfTwoChoices::new().into(),
+            LeastConnections::new().into(),
+            PeakEwma::new().into(),
+        ]
+    }
+
+    fn share(r: &Report, id: &str) -> f64 {
+        r.endpoint(id).expect("in the scenario").share
+    }
+
+    #[test]
+    fn the_failure_penalty_starves_a_fast_failing_endpoint() {
+        let scenario = fast_failing();
+        for strategy in load_aware() {
+            let name = strategy.name();
+            let before = scenario.run_with("no penalty", strategy, |b| {
+                b.pool().set_failure_penalty(0.0);
+                b
+            });
+            let after = scenario.run(strategy);
+            println!(
+                "{name}: to bad {:.1} % -> {:.1} %, errors {:.2} % -> {:.2} %",
+                100.0 * share(&before, "bad"),
+                100.0 * share(&after, "bad"),
+                100.0 * before.error_rate(),
+                100.0 * after.error_rate()
+            );
+            // Without it, a fast failure makes bad look idle: at least its tenth.
+            assert!(share(&before, "bad") > 0.095, "{name}\n{before}");
+            assert!(share(&after, "bad") < 0.05, "{name}\n{after}");
+            assert!(after.errors * 2 < before.errors, "{name}");
+            // Deterministic: the same run again gives the same report.
+            assert_eq!(scenario.run(strategy).to_string(), after.to_string());
+        }
+    }
+
+    #[test]
+    fn retry_after_turns_refusals_into_requests_served_elsewhere() {
+        let scenario = rate_limited();
+        for strategy in load_aware() {
+            let name = strategy.name();
+            let ignoring = scenario.run_with("ignores Retry-After", strategy, |b| {
+                b.pool().set_retry_after_cap(Duration::ZERO);
+                b
+            });
+            let honouring = scenario.run(strategy);
+            println!(
+                "{name}: to limited {:.1} % -> {:.1} %, errors {:.2} % -> {:.2} %",
+                100.0 * share(&ignoring, "limited"),
+                100.0 * share(&honouring, "limited"),
+                100.0 * ignoring.error_rate(),
+                100.0 * honouring.error_rate()
+            );
+            let limited = honouring.endpoint("limited").expect("in the scenario");
+            // The 429s are not the endpoint's errors, and the client sees few of them: about
+            // one a second, the one that starts each pause.
+            assert_eq!(limited.errors, 0);
+            assert_eq!(limited.throttled, honouring.errors);
+            assert!(honouring.errors <= 2 * 11, "{name}\n{honouring}");
+            assert!(
+                ignoring.errors > 10 * honouring.errors,
+                "{name}\n{ignoring}"
+            );
+            assert!(honouring.to_string().contains("refused with 429"));
+        }
+    }
 }

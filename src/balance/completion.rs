@@ -161,7 +161,11 @@ pub(crate) fn retry_after(status: http::StatusCode, headers: &http::HeaderMap) -
     {
         return None;
     }
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         // Delay-seconds; an absurdly long one is capped by the pool anyway.
         return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
@@ -272,7 +276,10 @@ mod tests {
             );
         }
         assert_eq!(
-            retry_after(StatusCode::TOO_MANY_REQUESTS, &headers("99999999999999999999999")),
+            retry_after(
+                StatusCode::TOO_MANY_REQUESTS,
+                &headers("99999999999999999999999")
+            ),
             Some(s(u64::MAX))
         );
     }
@@ -284,7 +291,10 @@ mod tests {
         let h = headers(&httpdate::fmt_http_date(later));
         let d = retry_after(StatusCode::TOO_MANY_REQUESTS, &h).unwrap();
         // Whole seconds: between 119 and 120 s from now, however slow the machine is.
-        assert!(d <= Duration::from_secs(120) && d >= Duration::from_secs(100), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(120) && d >= Duration::from_secs(100),
+            "{d:?}"
+        );
         let past = headers("Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(
             retry_after(StatusCode::SERVICE_UNAVAILABLE, &past),

@@ -333,7 +333,9 @@ impl EndpointState {
             .saturating_add(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX))
             .max(1);
         self.backoff_until.fetch_max(until, Ordering::Relaxed);
-        self.shared.backoff_until.fetch_max(until, Ordering::Relaxed);
+        self.shared
+            .backoff_until
+            .fetch_max(until, Ordering::Relaxed);
         delay
     }
 

@@ -542,7 +542,15 @@ where
                 continue;
             }
             state.reset_failures();
-            self.eject(pool, endpoint, state, Cause::ConsecutiveFailures, now, limit, &mut ejected);
+            self.eject(
+                pool,
+                endpoint,
+                state,
+                Cause::ConsecutiveFailures,
+                now,
+                limit,
+                &mut ejected,
+            );
         }
 
         // Read before the counters: every request finished before an evaluation was asked
@@ -698,10 +706,7 @@ impl<S: Clone, St: Strategy> Drop for Detector<S, St> {
     fn drop(&mut self) {
         self.shared.outlier_threshold.store(0, Ordering::Relaxed);
         self.shared.classifier.store(None);
-        self.config
-            .trigger
-            .done
-            .send_modify(|p| p.running = false);
+        self.config.trigger.done.send_modify(|p| p.running = false);
         // Stopped early: let the endpoints we ejected return.
         if let Some(pool) = self.pool.upgrade() {
             for (id, r) in &self.records {
