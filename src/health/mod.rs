@@ -20,7 +20,9 @@
 //!   sees every request's outcome; after 5 failures in a row (errors, and with
 //!   HTTP balancers, 5xx responses or a classifier of your choice)
 //!   an endpoint is ejected for 30 s, longer with each ejection, up to 300 s, with at most 10 %
-//!   of the endpoints ejected at once (but always at least one), as in Envoy.
+//!   of the endpoints ejected at once (but always at least one), as in Envoy. Every 10 s, it
+//!   also ejects endpoints whose success rate stands out below the pool's (and, if asked,
+//!   those failing over a fixed share of their requests).
 //! - **Slow start** ([`SlowStart`]): an endpoint that comes (back) up gets a weight that ramps
 //!   up over a window, so a cold server is not flooded.
 //! - **Panic threshold** ([`PoolBuilder::panic_threshold`](crate::pool::PoolBuilder::panic_threshold),

@@ -23,6 +23,17 @@
 //! | [`Ring`] | O(log n) | consistent hashing with bounded load |
 //!
 //! [`AnyStrategy`] chooses among the built-in ones at run time (from a flag or a config file).
+//!
+//! Two signals of the endpoints' health reach every pick:
+//!
+//! - the load-aware strategies ([`LeastConnections`], [`PowerOfTwoChoices`], [`PeakEwma`])
+//!   weigh recent failures: an endpoint's cost is multiplied by `1 + penalty × failure score`
+//!   (see [`PoolBuilder::failure_penalty`](crate::pool::PoolBuilder::failure_penalty)), so one
+//!   that fails fast does not look idle and fast;
+//! - an endpoint that answered `429` or `503` with `Retry-After` is not
+//!   [allowed](PickContext::allows) while its pause lasts, whatever the strategy, unless every
+//!   allowed endpoint is paused (see
+//!   [`EndpointState::is_backed_off`](crate::endpoint::EndpointState::is_backed_off)).
 
 mod any;
 mod least_connections;
