@@ -145,7 +145,7 @@ fn balancer<St: Strategy>(backends: &[Backend], builder: PoolBuilder<St>) -> Htt
     let client = http_client();
     let pool = builder.build(move |ep: &Endpoint| HttpEndpoint::new(client.clone(), ep));
     pool.extend(backends.iter().map(Backend::endpoint));
-    Balancer::from_pool(pool).http()
+    Balancer::from_pool(pool)
 }
 
 /// Sends `GET /`; returns the status and the name of the backend that answered.

@@ -78,8 +78,9 @@ impl<St: Strategy> PoolBuilder<St> {
     /// `1 + penalty × score`: with the default, an endpoint failing one request in ten costs
     /// about three times as much as a healthy one, one failing half of them eleven times.
     /// What counts as a failure is what outlier detection counts: errors of the endpoint's
-    /// service and, for [HTTP balancers](crate::Balancer::http), 5xx responses (or the
-    /// statuses chosen with [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)).
+    /// service and, for HTTP balancers ([`CompleteOnBody`](crate::balance::CompleteOnBody), the
+    /// default), 5xx responses (or the statuses chosen with
+    /// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)).
     ///
     /// Why: a request that fails fast ends early, so without it an endpoint that fails fast
     /// looks idle (P2C, least connections) and fast (peak EWMA), and draws *more* traffic
