@@ -53,53 +53,53 @@ fn slow_fleet(seed: u64, requests: u64) -> Scenario {
         .workload(Workload::open(1_000.0).requests(requests))
 }
 
-/// A fleet of ten equal endpoints; `e3` refuses every request from 10 s to 20 s.
+/// A fleet of ten equal endpoints at 1 000 requests a second, `e3` changed by `trouble`.
+fn fleet_with_e3(
+    name: &str,
+    seed: u64,
+    requests: u64,
+    trouble: impl Fn(SimEndpoint) -> SimEndpoint,
+) -> Scenario {
+    let latency = Latency::log_normal(ms(20), 0.4);
+    Scenario::new(name)
+        .seed(seed)
+        .endpoints((0..10).map(|i| {
+            let e = SimEndpoint::new(format!("e{i}"), latency);
+            if i == 3 {
+                trouble(e)
+            } else {
+                e
+            }
+        }))
+        .workload(Workload::open(1_000.0).requests(requests))
+}
+
+/// `e3` refuses every request from 10 s to 20 s.
 fn outage_fleet(seed: u64, requests: u64) -> Scenario {
-    let latency = Latency::log_normal(ms(20), 0.4);
-    Scenario::new("outage: e3 is out from 10s to 20s")
-        .seed(seed)
-        .endpoints((0..10).map(|i| {
-            let e = SimEndpoint::new(format!("e{i}"), latency);
-            if i == 3 {
-                e.outage(Duration::from_secs(10)..Duration::from_secs(20))
-            } else {
-                e
-            }
-        }))
-        .workload(Workload::open(1_000.0).requests(requests))
+    fleet_with_e3("outage: e3 is out from 10s to 20s", seed, requests, |e| {
+        e.outage(Duration::from_secs(10)..Duration::from_secs(20))
+    })
 }
 
-/// A fleet of ten equal endpoints; `e3` fails one request in ten at once, all run long.
+/// `e3` fails one request in ten at once, all run long.
 fn fast_failing_fleet(seed: u64, requests: u64) -> Scenario {
-    let latency = Latency::log_normal(ms(20), 0.4);
-    Scenario::new("fast failures: e3 fails 10% of requests at once")
-        .seed(seed)
-        .endpoints((0..10).map(|i| {
-            let e = SimEndpoint::new(format!("e{i}"), latency);
-            if i == 3 {
-                e.fast_errors(Duration::ZERO..Duration::MAX, 0.1)
-            } else {
-                e
-            }
-        }))
-        .workload(Workload::open(1_000.0).requests(requests))
+    fleet_with_e3(
+        "fast failures: e3 fails 10% of requests at once",
+        seed,
+        requests,
+        |e| e.fast_errors(Duration::ZERO..Duration::MAX, 0.1),
+    )
 }
 
-/// A fleet of ten equal endpoints at 1 000 requests a second; `e3` serves 50 a second (half
-/// its fair share) and answers the others `429` with `Retry-After: 1`.
+/// `e3` serves 50 requests a second (half its fair share) and answers the others `429` with
+/// `Retry-After: 1`.
 fn rate_limited_fleet(seed: u64, requests: u64) -> Scenario {
-    let latency = Latency::log_normal(ms(20), 0.4);
-    Scenario::new("rate limit: e3 serves 50/s, then 429 with Retry-After: 1")
-        .seed(seed)
-        .endpoints((0..10).map(|i| {
-            let e = SimEndpoint::new(format!("e{i}"), latency);
-            if i == 3 {
-                e.rate_limit(50, Duration::from_secs(1))
-            } else {
-                e
-            }
-        }))
-        .workload(Workload::open(1_000.0).requests(requests))
+    fleet_with_e3(
+        "rate limit: e3 serves 50/s, then 429 with Retry-After: 1",
+        seed,
+        requests,
+        |e| e.rate_limit(50, Duration::from_secs(1)),
+    )
 }
 
 /// Failover's default retries, and a `429` too.

@@ -563,27 +563,28 @@ mod simulated {
     use lbkit::sim::{Latency, Report, Scenario, SimEndpoint, Workload};
     use lbkit::strategy::{AnyStrategy, LeastConnections, PeakEwma, PowerOfTwoChoices, Strategy};
 
-    /// Ten endpoints; `bad` fails one request in ten at once.
-    fn fast_failing() -> Scenario {
+    /// Ten endpoints at 1 000 requests a second, the last of them `special`.
+    fn fleet(name: &str, special: SimEndpoint) -> Scenario {
         let latency = Latency::log_normal(Duration::from_millis(20), 0.4);
-        Scenario::new("fast failures")
+        Scenario::new(name)
             .seed(11)
             .endpoints((0..9).map(|i| SimEndpoint::new(format!("e{i}"), latency)))
-            .endpoint(
-                SimEndpoint::new("bad", latency).fast_errors(Duration::ZERO..Duration::MAX, 0.1),
-            )
+            .endpoint(special)
             .workload(Workload::open(1_000.0).requests(10_000))
     }
 
-    /// Ten endpoints; `limited` serves 50 requests a second, then answers 429 with
-    /// `Retry-After: 1`.
+    /// `bad` fails one request in ten at once.
+    fn fast_failing() -> Scenario {
+        let latency = Latency::log_normal(Duration::from_millis(20), 0.4);
+        let bad = SimEndpoint::new("bad", latency).fast_errors(Duration::ZERO..Duration::MAX, 0.1);
+        fleet("fast failures", bad)
+    }
+
+    /// `limited` serves 50 requests a second, then answers 429 with `Retry-After: 1`.
     fn rate_limited() -> Scenario {
         let latency = Latency::log_normal(Duration::from_millis(20), 0.4);
-        Scenario::new("rate limit")
-            .seed(11)
-            .endpoints((0..9).map(|i| SimEndpoint::new(format!("e{i}"), latency)))
-            .endpoint(SimEndpoint::new("limited", latency).rate_limit(50, Duration::from_secs(1)))
-            .workload(Workload::open(1_000.0).requests(10_000))
+        let limited = SimEndpoint::new("limited", latency).rate_limit(50, Duration::from_secs(1));
+        fleet("rate limit", limited)
     }
 
     fn load_aware() -> [AnyStrategy; 3] {

@@ -120,24 +120,14 @@ impl SimEndpoint {
     /// Fails a share `rate` (0.0 to 1.0) of the requests that arrive during `window`, after
     /// their usual latency (as an HTTP 500 would).
     pub fn errors(self, window: Range<Duration>, rate: f64) -> Self {
-        let rate = if rate.is_finite() {
-            rate.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.during(window, Effect::Errors(rate))
+        self.during(window, Effect::Errors(share(rate)))
     }
 
     /// Fails a share `rate` (0.0 to 1.0) of the requests that arrive during `window` at once,
     /// with no latency (as a broken handler answering 500 straight away would): such an
     /// endpoint looks idle and fast to load-aware strategies unless they count its failures.
     pub fn fast_errors(self, window: Range<Duration>, rate: f64) -> Self {
-        let rate = if rate.is_finite() {
-            rate.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.during(window, Effect::FastErrors(rate))
+        self.during(window, Effect::FastErrors(share(rate)))
     }
 
     /// Serves at most `per_second` requests in each second of simulated time (counted from
@@ -203,6 +193,15 @@ impl SimEndpoint {
             }
         }
         c
+    }
+}
+
+/// `rate` as a share from 0.0 to 1.0 (0.0 if it is not a number).
+fn share(rate: f64) -> f64 {
+    if rate.is_finite() {
+        rate.clamp(0.0, 1.0)
+    } else {
+        0.0
     }
 }
 
