@@ -317,13 +317,19 @@ impl OutlierDetection {
         shared
             .outlier_threshold
             .store(self.consecutive_failures, Ordering::Relaxed);
+        // The first interval counts from now, not from when each endpoint joined.
+        let baselines = pool
+            .members()
+            .iter()
+            .map(|(e, s)| (e.id().clone(), Baseline::of(s)))
+            .collect();
         let detector = Detector {
             pool: pool.downgrade(),
             shared,
             next_interval: Instant::now() + self.interval,
             config: self,
             records: HashMap::new(),
-            baselines: HashMap::new(),
+            baselines,
         };
         PoolTask::new(tokio::spawn(detector.run()))
     }
@@ -589,6 +595,7 @@ where
                     current.finished.saturating_sub(b.finished),
                     current.errors.saturating_sub(b.errors),
                 ),
+                // Joined during the interval: all it did, it did in the interval.
                 None => (current.finished, current.errors),
             };
             self.baselines.insert(endpoint.id().clone(), current);
