@@ -5,16 +5,21 @@
 //! ```text
 //! cargo run --example metrics                 # runs for 10 s, or until Ctrl-C
 //! cargo run --example metrics -- --seconds 60 --port 9187
+//! cargo run --example metrics -- --failure-penalty 0   # failures do not weigh on c's cost
 //! ```
 //!
 //! `GET /metrics` is an axum route, and the router is served by lbkit's own `Server` (a router
 //! is a tower service). While it runs, try the `curl` command it prints: `lbkit_requests_total`,
 //! `lbkit_errors_total`, `lbkit_latency_seconds` (a histogram), `lbkit_in_flight`,
 //! `lbkit_endpoint_healthy` and the other series are labelled with `pool="demo"` and each
-//! endpoint. Peak EWMA sends fewer requests to the slower `b`; `c`'s errors count up. At the
-//! end the example prints the pool's statistics (`Pool::stats`) and the `lbkit_` lines.
+//! endpoint. Peak EWMA sends fewer requests to the slower `b`, and, as its failures weigh on
+//! its cost (`PoolBuilder::failure_penalty`), fewer to `c` than its speed alone would earn it;
+//! `c`'s errors count up. At the end the example prints the share of the requests `c` got and
+//! the errors clients saw, the pool's statistics (`Pool::stats`) and the `lbkit_` lines.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::get;
@@ -23,7 +28,7 @@ use lbkit::hash::mix64;
 use lbkit::metrics::MetricsExporter;
 use lbkit::server::Server;
 use lbkit::strategy::PeakEwma;
-use lbkit::{Balancer, BoxError, Endpoint};
+use lbkit::{Balancer, BoxError, Endpoint, Pool};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tower::{service_fn, ServiceExt};
 
@@ -60,12 +65,14 @@ fn endpoint(
 async fn main() -> Result<(), BoxError> {
     let mut seconds = 10u64;
     let mut port = 0u16;
+    let mut penalty = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().ok_or(format!("{arg} needs a value"))?;
         match arg.as_str() {
             "--seconds" => seconds = value.parse()?,
             "--port" => port = value.parse()?,
+            "--failure-penalty" => penalty = Some(value.parse::<f64>()?),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
@@ -80,9 +87,14 @@ async fn main() -> Result<(), BoxError> {
         )?
         .install_recorder()?;
 
+    let mut builder = Pool::builder(PeakEwma::new());
+    if let Some(penalty) = penalty {
+        builder = builder.failure_penalty(penalty);
+    }
+    let pool = builder.build(endpoint);
+    pool.extend(["a", "b", "c"].map(Endpoint::from));
     // The endpoints answer plain strings, not HTTP responses: count until the answer arrives.
-    let balancer = Balancer::new(["a", "b", "c"], PeakEwma::new(), endpoint)
-        .with_completion(CompleteOnResponse);
+    let balancer = Balancer::from_pool(pool).with_completion(CompleteOnResponse);
     let export = MetricsExporter::new("demo").spawn(balancer.pool(), Duration::from_secs(1));
 
     // GET /metrics renders the recorder's state in Prometheus text format.
@@ -100,8 +112,10 @@ async fn main() -> Result<(), BoxError> {
     println!("  curl -s http://{addr}/metrics | grep '^lbkit_'");
 
     // About 100 requests a second, each on its own task.
+    let failed = Arc::new(AtomicU64::new(0));
     let traffic = {
         let balancer = balancer.clone();
+        let failed = failed.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             for i in 0u64..u64::MAX {
@@ -109,9 +123,12 @@ async fn main() -> Result<(), BoxError> {
                 let mut req = http::Request::new(());
                 req.extensions_mut().insert(Seq(i));
                 let b = balancer.clone();
+                let failed = failed.clone();
                 tokio::spawn(async move {
-                    // Errors are counted by the balancer; nothing else to do with them here.
-                    let _ = b.oneshot(req).await;
+                    // The balancer counts errors per endpoint; count what clients saw.
+                    if b.oneshot(req).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 });
             }
         }
@@ -138,6 +155,19 @@ async fn main() -> Result<(), BoxError> {
             e.id, e.requests, e.errors, e.latency.p50, e.latency.p99, e.latency_ewma
         );
     }
+    let to_c = stats
+        .endpoints
+        .iter()
+        .find(|e| e.id == "c")
+        .map_or(0, |e| e.requests);
+    let failed = failed.load(Ordering::Relaxed);
+    let percent = |n: u64| 100.0 * n as f64 / stats.requests().max(1) as f64;
+    println!(
+        "  c got {to_c} of {} requests ({:.1} %); clients saw {failed} errors ({:.1} %)",
+        stats.requests(),
+        percent(to_c),
+        percent(failed)
+    );
     println!("\nmetrics:");
     for line in prometheus.render().lines().filter(|l| {
         l.starts_with("lbkit_requests_total")

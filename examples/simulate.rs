@@ -1,10 +1,16 @@
 //! Compares every strategy in lbkit's deterministic simulator (feature `sim`), beside tower's
-//! own power-of-two-choices balancer, on two fleets:
+//! own power-of-two-choices balancer, on four fleets:
 //!
 //! 1. ten endpoints, one of them ten times slower than the others;
 //! 2. ten equal endpoints, one of which is out (refuses every request) from 10 s to 20 s;
 //!    there, two stacks with health and retries are added: P2C with outlier detection, and
-//!    round robin behind failover.
+//!    round robin behind failover;
+//! 3. ten equal endpoints, one of which fails one request in ten *at once* (a broken handler's
+//!    instant 500), each strategy with and without the failure penalty
+//!    (`PoolBuilder::failure_penalty`, on by default);
+//! 4. ten equal endpoints, one of which is rate limited to half its fair share and answers
+//!    the rest `429` with `Retry-After: 1`, each strategy honouring `Retry-After` (the default)
+//!    and ignoring it, and round robin behind failover retrying the 429s elsewhere.
 //!
 //! ```text
 //! cargo run --release --example simulate
@@ -17,14 +23,17 @@
 //! its latency; least connections, P2C and peak EWMA starve it and keep the p99 near the fast
 //! endpoints'. On the outage fleet, load-aware strategies send *more* to the failing endpoint
 //! (it answers at once, so it looks idle and fast): outlier detection or failover fix that.
+//! On the fast-failing fleet, the same trap without the failure penalty: with it, P2C, least
+//! connections and peak EWMA send the failing endpoint well under its tenth. On the
+//! rate-limited fleet, honouring `Retry-After` turns most 429s into requests served elsewhere.
 
 use std::time::Duration;
 
-use lbkit::failover::{FailoverLayer, RetryBudget};
+use lbkit::failover::{FailoverLayer, RetryBudget, RetryPolicy};
 use lbkit::hash::mix64;
 use lbkit::health::OutlierDetection;
 use lbkit::sim::{Comparison, Latency, Scenario, SimEndpoint, SimService, Workload};
-use lbkit::strategy::{AnyStrategy, PowerOfTwoChoices, RoundRobin};
+use lbkit::strategy::{AnyStrategy, PowerOfTwoChoices, RoundRobin, Strategy};
 use tower::balance::p2c::Balance;
 use tower::discover::ServiceList;
 use tower::load::{CompleteOnResponse, PeakEwmaDiscover, PendingRequestsDiscover};
@@ -44,20 +53,84 @@ fn slow_fleet(seed: u64, requests: u64) -> Scenario {
         .workload(Workload::open(1_000.0).requests(requests))
 }
 
-/// A fleet of ten equal endpoints; `e3` refuses every request from 10 s to 20 s.
-fn outage_fleet(seed: u64, requests: u64) -> Scenario {
+/// A fleet of ten equal endpoints at 1 000 requests a second, `e3` changed by `trouble`.
+fn fleet_with_e3(
+    name: &str,
+    seed: u64,
+    requests: u64,
+    trouble: impl Fn(SimEndpoint) -> SimEndpoint,
+) -> Scenario {
     let latency = Latency::log_normal(ms(20), 0.4);
-    Scenario::new("outage: e3 is out from 10s to 20s")
+    Scenario::new(name)
         .seed(seed)
         .endpoints((0..10).map(|i| {
             let e = SimEndpoint::new(format!("e{i}"), latency);
             if i == 3 {
-                e.outage(Duration::from_secs(10)..Duration::from_secs(20))
+                trouble(e)
             } else {
                 e
             }
         }))
         .workload(Workload::open(1_000.0).requests(requests))
+}
+
+/// `e3` refuses every request from 10 s to 20 s.
+fn outage_fleet(seed: u64, requests: u64) -> Scenario {
+    fleet_with_e3("outage: e3 is out from 10s to 20s", seed, requests, |e| {
+        e.outage(Duration::from_secs(10)..Duration::from_secs(20))
+    })
+}
+
+/// `e3` fails one request in ten at once, all run long.
+fn fast_failing_fleet(seed: u64, requests: u64) -> Scenario {
+    fleet_with_e3(
+        "fast failures: e3 fails 10% of requests at once",
+        seed,
+        requests,
+        |e| e.fast_errors(Duration::ZERO..Duration::MAX, 0.1),
+    )
+}
+
+/// `e3` serves 50 requests a second (half its fair share) and answers the others `429` with
+/// `Retry-After: 1`.
+fn rate_limited_fleet(seed: u64, requests: u64) -> Scenario {
+    fleet_with_e3(
+        "rate limit: e3 serves 50/s, then 429 with Retry-After: 1",
+        seed,
+        requests,
+        |e| e.rate_limit(50, Duration::from_secs(1)),
+    )
+}
+
+/// Failover's default retries, and a `429` too.
+struct RetryTooManyRequests;
+
+impl RetryPolicy for RetryTooManyRequests {
+    fn is_failure<B>(&self, res: &http::Response<B>) -> bool {
+        res.status() == http::StatusCode::TOO_MANY_REQUESTS
+            || lbkit::failover::DefaultPolicy.is_failure(res)
+    }
+}
+
+/// Each strategy twice on `scenario`: as configured by `off` (the feature turned off, label
+/// suffixed `label_off`) and with the pool's defaults.
+fn with_and_without(
+    scenario: &Scenario,
+    label_off: &str,
+    off: impl Fn(&lbkit::Pool<SimService, AnyStrategy>) + Sync,
+) -> Comparison {
+    let mut table = scenario.comparison();
+    for strategy in every_strategy() {
+        let name = strategy.name();
+        table.push(
+            scenario.run_with(&format!("{name} {label_off}"), strategy, |b| {
+                off(b.pool());
+                b
+            }),
+        );
+        table.push(scenario.run(strategy));
+    }
+    table
 }
 
 /// A seeded random number generator for tower's balancer (tower's default one is seeded
@@ -121,11 +194,14 @@ fn main() {
 
     let slow = slow_fleet(seed, requests);
     let outage = outage_fleet(seed, requests);
+    let fast_failing = fast_failing_fleet(seed, requests);
+    let rate_limited = rate_limited_fleet(seed, requests);
 
     if let Some(name) = report {
         let strategy: AnyStrategy = name.parse().unwrap_or_else(|e| panic!("{e}"));
-        println!("{}", slow.run(strategy));
-        println!("{}", outage.run(strategy));
+        for scenario in [&slow, &outage, &fast_failing, &rate_limited] {
+            println!("{}", scenario.run(strategy));
+        }
         return;
     }
 
@@ -148,6 +224,26 @@ fn main() {
         outage.run_with("round_robin + failover", RoundRobin::new(), |b| {
             FailoverLayer::new(RetryBudget::unlimited())
                 .max_attempts(2)
+                .layer(b)
+        }),
+    );
+    println!("{table}");
+
+    let mut table = with_and_without(&fast_failing, "(no penalty)", |pool| {
+        pool.set_failure_penalty(0.0)
+    });
+    tower_rows(&fast_failing, &mut table);
+    println!("{table}");
+
+    let mut table = with_and_without(&rate_limited, "(ignores Retry-After)", |pool| {
+        pool.set_retry_after_cap(Duration::ZERO)
+    });
+    tower_rows(&rate_limited, &mut table);
+    table.push(
+        rate_limited.run_with("round_robin + failover on 429", RoundRobin::new(), |b| {
+            FailoverLayer::new(RetryBudget::unlimited())
+                .max_attempts(2)
+                .policy(RetryTooManyRequests)
                 .layer(b)
         }),
     );

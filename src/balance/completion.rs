@@ -1,7 +1,7 @@
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -31,6 +31,8 @@ enum Outcome {
     /// Answered and counted, still open (an upgraded connection): only leaves the in-flight
     /// count when dropped.
     Tunnelled,
+    /// The endpoint asked to be retried later (`Retry-After`): neither a success nor a failure.
+    Throttled,
 }
 
 impl InFlight {
@@ -74,6 +76,30 @@ impl InFlight {
         self.outcome = Outcome::Failed;
     }
 
+    /// Reads an HTTP response's status for the endpoint's health: a failure status (5xx, or
+    /// what outlier detection's classifier says) marks the request failed; a `429` or `503`
+    /// with a valid `Retry-After` instead backs the endpoint off for the time asked (capped by
+    /// the pool's [`retry_after_cap`](crate::pool::PoolBuilder::retry_after_cap)) and counts
+    /// as neither a failure nor a success.
+    pub(crate) fn classify(&mut self, status: http::StatusCode, headers: &http::HeaderMap) {
+        if let Some(delay) = retry_after(status, headers) {
+            let state = self.candidate.state();
+            let honoured = state.back_off(now(), delay);
+            tracing::debug!(
+                endpoint = %self.candidate.id(), status = status.as_u16(), ?honoured,
+                "endpoint asked to be retried later: backed off"
+            );
+            self.outcome = Outcome::Throttled;
+        } else {
+            let state = self.candidate.state();
+            if state.is_failure_status(status)
+                || grpc::status(headers).is_some_and(|c| state.is_failure_grpc_code(c))
+            {
+                self.fail();
+            }
+        }
+    }
+
     /// Marks the request as given up on by its caller (see
     /// [`EndpointState::cancelled`](crate::endpoint::EndpointState::cancelled)): neither an
     /// error nor a success of the endpoint.
@@ -106,12 +132,15 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let state = self.candidate.state();
+        let now = now();
         match self.outcome {
             Outcome::Cancelled => return state.cancel(),
             Outcome::Tunnelled => return state.leave(),
+            Outcome::Throttled => {
+                return state.finish_throttled(now.saturating_duration_since(self.start))
+            }
             Outcome::Success | Outcome::Failed => {}
         }
-        let now = now();
         state.finish(
             now.saturating_duration_since(self.start),
             now,
@@ -157,6 +186,13 @@ impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
 /// a gRPC call whose `grpc-status` (in the response headers of a trailers-only answer, or in
 /// the trailers) is a failure code (see [`FailureCodes`](crate::grpc::FailureCodes)). To
 /// learn which endpoint served a request, see [`PickHints::record_pick`](crate::hints::PickHints::record_pick).
+///
+/// A `429 Too Many Requests` or `503 Service Unavailable` with a `Retry-After` header (delay
+/// in seconds, or an HTTP-date with feature `http-proxy`) is an overload signal rather than a
+/// failure: the endpoint is passed over by picks for the time asked, capped by
+/// [`PoolBuilder::retry_after_cap`](crate::pool::PoolBuilder::retry_after_cap) (default 60 s),
+/// and the request counts in [`EndpointState::throttled`](crate::endpoint::EndpointState::throttled),
+/// not in its errors. The response itself goes back unchanged, for a retry layer to act on.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CompleteOnBody;
 
@@ -164,12 +200,7 @@ impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
     type Output = http::Response<TrackedBody<B>>;
 
     fn track_completion(&self, mut handle: InFlight, mut res: http::Response<B>) -> Self::Output {
-        let state = handle.candidate().state();
-        if state.is_failure_status(res.status())
-            || grpc::status(res.headers()).is_some_and(|c| state.is_failure_grpc_code(c))
-        {
-            handle.fail();
-        }
+        handle.classify(res.status(), res.headers());
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             if let Some(guard) = res.extensions_mut().remove::<TunnelGuard>() {
                 // An upgraded connection: in flight until it closes, not until this empty
@@ -187,6 +218,43 @@ impl<B> TrackCompletion<InFlight, http::Response<B>> for CompleteOnBody {
             handle: Some(handle),
         })
     }
+}
+
+/// The pause an HTTP response asks for: a `429` or `503` with a `Retry-After` of
+/// delay-seconds or (feature `http-proxy`) an HTTP-date; `None` for any other response or a
+/// value that is neither.
+pub(crate) fn retry_after(status: http::StatusCode, headers: &http::HeaderMap) -> Option<Duration> {
+    if status != http::StatusCode::TOO_MANY_REQUESTS
+        && status != http::StatusCode::SERVICE_UNAVAILABLE
+    {
+        return None;
+    }
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Delay-seconds; an absurdly long one is capped by the pool anyway.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    retry_after_date(value)
+}
+
+/// The time from now until the HTTP-date `value` (zero if it is past).
+#[cfg(feature = "http-proxy")]
+fn retry_after_date(value: &str) -> Option<Duration> {
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// HTTP-dates need feature `http-proxy` (its `httpdate` parser); without it they are ignored.
+#[cfg(not(feature = "http-proxy"))]
+fn retry_after_date(_: &str) -> Option<Duration> {
+    None
 }
 
 pin_project! {
@@ -263,5 +331,66 @@ impl TunnelGuard {
     /// Keeps `handle` until the last clone of this guard is dropped.
     fn hold(&self, handle: InFlight) {
         let _ = self.0.set(handle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_str(value).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_on_429_and_503_only() {
+        let h = headers("7");
+        let s = Duration::from_secs;
+        assert_eq!(retry_after(StatusCode::TOO_MANY_REQUESTS, &h), Some(s(7)));
+        assert_eq!(retry_after(StatusCode::SERVICE_UNAVAILABLE, &h), Some(s(7)));
+        assert_eq!(retry_after(StatusCode::OK, &h), None);
+        assert_eq!(retry_after(StatusCode::BAD_GATEWAY, &h), None);
+        assert_eq!(
+            retry_after(StatusCode::SERVICE_UNAVAILABLE, &HeaderMap::new()),
+            None
+        );
+        for bad in ["", "-1", "1.5", "soon", "0x10"] {
+            assert_eq!(
+                retry_after(StatusCode::TOO_MANY_REQUESTS, &headers(bad)),
+                None,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            retry_after(
+                StatusCode::TOO_MANY_REQUESTS,
+                &headers("99999999999999999999999")
+            ),
+            Some(s(u64::MAX))
+        );
+    }
+
+    #[cfg(feature = "http-proxy")]
+    #[test]
+    fn retry_after_reads_http_dates() {
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let h = headers(&httpdate::fmt_http_date(later));
+        let d = retry_after(StatusCode::TOO_MANY_REQUESTS, &h).unwrap();
+        // Whole seconds: between 119 and 120 s from now, however slow the machine is.
+        assert!(
+            d <= Duration::from_secs(120) && d >= Duration::from_secs(100),
+            "{d:?}"
+        );
+        let past = headers("Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            retry_after(StatusCode::SERVICE_UNAVAILABLE, &past),
+            Some(Duration::ZERO)
+        );
     }
 }

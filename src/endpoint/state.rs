@@ -26,9 +26,8 @@ const EJECTED: u8 = 0b10;
 /// Decides whether an HTTP response status counts as a failure of the endpoint.
 pub(crate) type StatusClassifier = dyn Fn(http::StatusCode) -> bool + Send + Sync;
 
-/// What the endpoints of one pool share: the pool-wide in-flight count and the wiring of
-/// passive health (outlier detection).
-#[derive(Default)]
+/// What all endpoints of one pool share: the pool-wide in-flight count, the wiring of
+/// passive health (outlier detection), the failure penalty and the `Retry-After` back-off.
 pub(crate) struct PoolShared {
     /// Requests in flight over the whole pool.
     pub(crate) in_flight: AtomicU64,
@@ -51,6 +50,82 @@ pub(crate) struct PoolShared {
     /// Which gRPC status codes count as failures: [`FailureCodes::bits`] with
     /// [`GRPC_CODES_SET`] added once chosen; 0 means [`FailureCodes::DEFAULT`].
     pub(crate) grpc_failures: AtomicU32,
+    /// How much recent failures weigh in the load-aware strategies' cost, as `f64` bits: an
+    /// endpoint's cost is multiplied by `1 + penalty × failure score`. 0 turns it off.
+    pub(crate) failure_penalty: AtomicU64,
+    /// The longest `Retry-After` honoured, in nanoseconds.
+    pub(crate) retry_after_cap: AtomicU64,
+    /// The latest `Retry-After` deadline of any endpoint of the pool (see [`clock_ns`]); 0 when
+    /// none is pending. Picks read it to learn whether to check endpoints' own deadlines.
+    pub(crate) backoff_until: AtomicU64,
+}
+
+/// The failure penalty of a new pool (see [`PoolShared::failure_penalty`]).
+pub(crate) const DEFAULT_FAILURE_PENALTY: f64 = 20.0;
+
+/// The longest `Retry-After` a new pool honours.
+pub(crate) const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
+
+impl Default for PoolShared {
+    fn default() -> Self {
+        PoolShared {
+            in_flight: AtomicU64::new(0),
+            outlier_threshold: AtomicU32::new(0),
+            outlier_wake: Notify::new(),
+            classifier: ArcSwapOption::empty(),
+            failure_penalty: AtomicU64::new(DEFAULT_FAILURE_PENALTY.to_bits()),
+            retry_after_cap: AtomicU64::new(DEFAULT_RETRY_AFTER_CAP.as_nanos() as u64),
+            backoff_until: AtomicU64::new(0),
+            max_requests: AtomicU64::new(0),
+            waiters: AtomicU64::new(0),
+            slot_freed: Arc::new(Notify::new()),
+            queued: AtomicU64::new(0),
+            grpc_failures: AtomicU32::new(0),
+        }
+    }
+}
+
+impl PoolShared {
+    /// Sets the failure penalty (see [`PoolShared::failure_penalty`]); negative or not finite
+    /// means off.
+    pub(crate) fn set_failure_penalty(&self, penalty: f64) {
+        let penalty = if penalty.is_finite() && penalty > 0.0 {
+            penalty
+        } else {
+            0.0
+        };
+        self.failure_penalty
+            .store(penalty.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Sets the longest `Retry-After` honoured.
+    pub(crate) fn set_retry_after_cap(&self, cap: Duration) {
+        self.retry_after_cap.store(
+            u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Now (see [`clock_ns`]) if some endpoint of the pool may be backed off at this instant,
+    /// else 0. Clears the pool-wide deadline once it has passed, so that later picks read no
+    /// clock.
+    #[inline]
+    pub(crate) fn backoff_now(&self) -> u64 {
+        let until = self.backoff_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return 0;
+        }
+        let now = clock_ns(now()).max(1);
+        if now < until {
+            return now;
+        }
+        // Every endpoint's deadline is at most the pool's: all are over. A deadline set
+        // meanwhile is later, and the exchange then fails.
+        let _ = self
+            .backoff_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        0
+    }
 }
 
 impl PoolShared {
@@ -103,6 +178,17 @@ pub struct EndpointState {
     health: AtomicU8,
     /// Failed requests in a row (reset by any success), for outlier detection.
     consecutive_failures: AtomicU32,
+    /// The recent share of failed requests, as `f64` bits (0 when none failed lately): a
+    /// moving average over about the last [`FAILURE_WINDOW`] requests, decayed further while
+    /// the endpoint gets none.
+    failure_score: AtomicU64,
+    /// When `failure_score` last changed (see [`clock_ns`]).
+    failure_at: AtomicU64,
+    /// Until when the endpoint asked not to be sent requests (`Retry-After`), in [`clock_ns`];
+    /// 0 if it did not.
+    backoff_until: AtomicU64,
+    /// Responses that asked to be retried later (`429` or `503` with `Retry-After`).
+    throttled: AtomicU64,
     /// When the current slow-start ramp began, in nanoseconds since [`clock_base`]; 0 when
     /// the endpoint is not ramping up.
     ramp_from: AtomicU64,
@@ -114,6 +200,9 @@ pub struct EndpointState {
     /// What all endpoints of the pool share (the pool-wide in-flight count among others).
     shared: Arc<PoolShared>,
 }
+
+/// About how many recent requests the failure score averages over.
+const FAILURE_WINDOW: f64 = 10.0;
 
 /// The instant all state timestamps count from.
 fn clock_base() -> Instant {
@@ -150,6 +239,10 @@ impl EndpointState {
             ewma_at: AtomicU64::new(clock_ns(now())),
             health: AtomicU8::new(0),
             consecutive_failures: AtomicU32::new(0),
+            failure_score: AtomicU64::new(0),
+            failure_at: AtomicU64::new(0),
+            backoff_until: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
             health_changed_at: AtomicU64::new(0),
             latency: LatencyHistogram::new(),
@@ -227,6 +320,122 @@ impl EndpointState {
         self.consecutive_failures.load(Ordering::Relaxed)
     }
 
+    /// The recent share of the endpoint's requests that failed, from 0.0 to 1.0: a moving
+    /// average over about its last 10 finished requests, decaying towards 0 over the pool's
+    /// latency decay window while it gets none (see
+    /// [`PoolBuilder::failure_penalty`](crate::pool::PoolBuilder::failure_penalty), which
+    /// weighs it into the load of the load-aware strategies).
+    pub fn failure_score(&self) -> f64 {
+        let bits = self.failure_score.load(Ordering::Relaxed);
+        if bits == 0 {
+            return 0.0;
+        }
+        self.decayed_failure_score(bits, clock_ns(now()))
+    }
+
+    /// Responses of the endpoint that asked to be retried later: a `429 Too Many Requests` or
+    /// a `503 Service Unavailable` with a `Retry-After` header. Neither errors nor successes,
+    /// they take the endpoint out of rotation for the time asked (see
+    /// [`is_backed_off`](EndpointState::is_backed_off)).
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
+    /// Whether the endpoint asked, with `Retry-After`, not to be sent requests now. While it
+    /// is, picks pass it over for another endpoint, unless every endpoint allowed is backed
+    /// off.
+    pub fn is_backed_off(&self) -> bool {
+        let until = self.backoff_until.load(Ordering::Relaxed);
+        until != 0 && self.is_backed_off_at(clock_ns(now()))
+    }
+
+    /// How long the endpoint is still backed off, if it is.
+    pub fn backed_off_for(&self) -> Option<Duration> {
+        let until = self.backoff_until.load(Ordering::Relaxed);
+        let now = clock_ns(now());
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Whether the endpoint is backed off at `now_ns` (see [`clock_ns`]).
+    #[inline]
+    pub(crate) fn is_backed_off_at(&self, now_ns: u64) -> bool {
+        self.backoff_until.load(Ordering::Relaxed) > now_ns
+    }
+
+    /// Takes the endpoint out of rotation for `delay` from `now` (capped by the pool's
+    /// `Retry-After` cap), as a response's `Retry-After` asked. Returns the delay honoured.
+    pub(crate) fn back_off(&self, now: Instant, delay: Duration) -> Duration {
+        let cap = Duration::from_nanos(self.shared.retry_after_cap.load(Ordering::Relaxed));
+        let delay = delay.min(cap);
+        if delay.is_zero() {
+            return delay;
+        }
+        let until = clock_ns(now)
+            .saturating_add(u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX))
+            .max(1);
+        self.backoff_until.fetch_max(until, Ordering::Relaxed);
+        self.shared
+            .backoff_until
+            .fetch_max(until, Ordering::Relaxed);
+        delay
+    }
+
+    /// The pool this endpoint belongs to: what its endpoints share.
+    #[inline]
+    pub(crate) fn pool_shared(&self) -> &PoolShared {
+        &self.shared
+    }
+
+    /// The factor recent failures multiply the endpoint's cost by at `now_ns`: 1 without
+    /// recent failures or with the penalty off, `1 + penalty × failure score` otherwise.
+    #[inline]
+    pub(crate) fn failure_factor(&self, now_ns: u64) -> f64 {
+        let bits = self.failure_score.load(Ordering::Relaxed);
+        if bits == 0 {
+            return 1.0;
+        }
+        let penalty = f64::from_bits(self.shared.failure_penalty.load(Ordering::Relaxed));
+        1.0 + penalty * self.decayed_failure_score(bits, now_ns)
+    }
+
+    /// Whether recent failures weigh on the endpoint's cost (so that a pick needs the clock).
+    #[inline]
+    pub(crate) fn has_failure_score(&self) -> bool {
+        self.failure_score.load(Ordering::Relaxed) != 0
+    }
+
+    /// The failure score `bits`, decayed by the time since it last changed.
+    fn decayed_failure_score(&self, bits: u64, now_ns: u64) -> f64 {
+        let idle = now_ns.saturating_sub(self.failure_at.load(Ordering::Relaxed)) as f64;
+        f64::from_bits(bits) * (-idle / self.decay_ns).exp()
+    }
+
+    /// Feeds one finished request's outcome into the failure score.
+    #[inline]
+    fn record_outcome(&self, now_ns: u64, failed: bool) {
+        let bits = self.failure_score.load(Ordering::Relaxed);
+        if bits == 0 && !failed {
+            // The usual case: nothing failed lately, nothing to write.
+            return;
+        }
+        let score = if bits == 0 {
+            0.0
+        } else {
+            self.decayed_failure_score(bits, now_ns)
+        };
+        const ALPHA: f64 = 1.0 / FAILURE_WINDOW;
+        let next = if failed {
+            score + (1.0 - score) * ALPHA
+        } else {
+            score * (1.0 - ALPHA)
+        };
+        // Racing completions may each read the same score; one update wins, as for the EWMA.
+        // A negligible score snaps to 0, so a recovered endpoint is cheap to pick again.
+        let next = if next < 1e-3 { 0.0 } else { next };
+        self.failure_at.store(now_ns, Ordering::Relaxed);
+        self.failure_score.store(next.to_bits(), Ordering::Relaxed);
+    }
+
     /// The latencies of the endpoint's finished requests, in log-scale buckets (see
     /// [`Pool::stats`](crate::Pool::stats) for quantiles read from it).
     pub fn latency_histogram(&self) -> &LatencyHistogram {
@@ -259,6 +468,13 @@ impl EndpointState {
     /// Resets the consecutive failure count (when outlier detection has dealt with it).
     pub(crate) fn reset_failures(&self) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Resets the consecutive failure count and the failure score: an endpoint returning
+    /// from ejection starts afresh.
+    pub(crate) fn forget_failures(&self) {
+        self.reset_failures();
+        self.failure_score.store(0, Ordering::Relaxed);
     }
 
     /// The start of the current slow-start ramp (see [`clock_ns`]), if any.
@@ -326,7 +542,7 @@ impl EndpointState {
         let at = self.ewma_at.load(Ordering::Relaxed);
         let idle = now_ns.saturating_sub(at) as f64;
         let decayed = rtt * (-idle / self.decay_ns).exp();
-        decayed * (self.in_flight() + 1) as f64
+        decayed * (self.in_flight() + 1) as f64 * self.failure_factor(now_ns)
     }
 
     /// Counts one request as started.
@@ -378,8 +594,19 @@ impl EndpointState {
         self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Counts one request as ended after `rtt`, feeding the latency estimate and the
-    /// consecutive failure count of outlier detection.
+    /// Counts one request as ended with a response that asked to be retried later (see
+    /// [`throttled`](EndpointState::throttled)): it leaves the in-flight count and is counted
+    /// in the latency histogram, but neither as an error nor as a success, and feeds no
+    /// latency estimate (an instant refusal says nothing of how fast the endpoint serves).
+    pub(crate) fn finish_throttled(&self, rtt: Duration) {
+        self.latency.record(rtt);
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Counts one request as ended after `rtt`, feeding the latency estimate, the failure
+    /// score and the consecutive failure count of outlier detection.
     pub(crate) fn finish(&self, rtt: Duration, now: Instant, failed: bool) {
         // Recorded before it leaves the in-flight count, so `requests()` never misses it.
         self.latency.record(rtt);
@@ -399,6 +626,7 @@ impl EndpointState {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
         let now_ns = clock_ns(now);
+        self.record_outcome(now_ns, failed);
         let rtt = rtt.as_nanos() as f64;
         // Racing completions may each read the same previous estimate; one of their updates
         // then wins. The estimate stays a valid EWMA either way, which is all picking needs.

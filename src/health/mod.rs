@@ -23,7 +23,9 @@
 //!   HTTP balancers, 5xx responses, gRPC calls ending in `UNAVAILABLE`, `DEADLINE_EXCEEDED`
 //!   or `INTERNAL`, or classifiers of your choice)
 //!   an endpoint is ejected for 30 s, longer with each ejection, up to 300 s, with at most 10 %
-//!   of the endpoints ejected at once (but always at least one), as in Envoy.
+//!   of the endpoints ejected at once (but always at least one), as in Envoy. Every 10 s, it
+//!   also ejects endpoints whose success rate stands out below the pool's (and, if asked,
+//!   those failing over a fixed share of their requests).
 //! - **Slow start** ([`SlowStart`]): an endpoint that comes (back) up gets a weight that ramps
 //!   up over a window, so a cold server is not flooded.
 //! - **Panic threshold** ([`PoolBuilder::panic_threshold`](crate::pool::PoolBuilder::panic_threshold),
@@ -84,5 +86,5 @@ pub use active::{
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use active::{GrpcCheck, HttpCheck};
 pub use event::{HealthChange, HealthEvent};
-pub use outlier::OutlierDetection;
+pub use outlier::{OutlierDetection, OutlierTrigger};
 pub use slow_start::SlowStart;

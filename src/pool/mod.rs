@@ -43,6 +43,8 @@ pub struct PoolBuilder<St> {
     max_requests: u64,
     queue_size: u64,
     queue_timeout: Duration,
+    failure_penalty: f64,
+    retry_after_cap: Duration,
 }
 
 impl<St: Strategy> PoolBuilder<St> {
@@ -101,6 +103,39 @@ impl<St: Strategy> PoolBuilder<St> {
         self
     }
 
+    /// Sets how much recent failures weigh in the cost of the load-aware strategies
+    /// ([`PeakEwma`](crate::strategy::PeakEwma), [`PowerOfTwoChoices`](crate::strategy::PowerOfTwoChoices),
+    /// [`LeastConnections`](crate::strategy::LeastConnections)); default 20, 0 turns it off.
+    ///
+    /// Each endpoint keeps a failure score, the share of its last 10 or so requests that
+    /// failed ([`EndpointState::failure_score`]), decaying over the
+    /// [latency decay](PoolBuilder::latency_decay) window while it gets none. Its cost (peak
+    /// EWMA) or each of its requests in flight (P2C, least connections) is multiplied by
+    /// `1 + penalty × score`: with the default, an endpoint failing one request in ten costs
+    /// about three times as much as a healthy one, one failing half of them eleven times.
+    /// What counts as a failure is what outlier detection counts: errors of the endpoint's
+    /// service and, for HTTP balancers ([`CompleteOnBody`](crate::balance::CompleteOnBody), the
+    /// default), 5xx responses (or the statuses chosen with
+    /// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status)).
+    ///
+    /// Why: a request that fails fast ends early, so without it an endpoint that fails fast
+    /// looks idle (P2C, least connections) and fast (peak EWMA), and draws *more* traffic
+    /// than the healthy ones. Finagle and linkerd count a failure as a latency penalty for the
+    /// same reason. Negative or non-finite values turn it off.
+    pub fn failure_penalty(mut self, penalty: f64) -> Self {
+        self.failure_penalty = penalty;
+        self
+    }
+
+    /// Sets the longest pause honoured when an endpoint answers `429 Too Many Requests` or
+    /// `503 Service Unavailable` with a `Retry-After` header (default 60 s). Such an answer
+    /// takes the endpoint out of rotation for the time asked, capped at this, without counting
+    /// as a failure (see [`EndpointState::is_backed_off`]). A zero cap ignores `Retry-After`.
+    pub fn retry_after_cap(mut self, cap: Duration) -> Self {
+        self.retry_after_cap = cap;
+        self
+    }
+
     /// Builds the pool; `make` builds the service of each endpoint when it joins.
     pub fn build<S, F>(self, make: F) -> Pool<S, St>
     where
@@ -116,6 +151,9 @@ impl<St: Strategy> PoolBuilder<St> {
     }
 
     fn build_inner<S>(self, make: Option<MakeService<S>>) -> Pool<S, St> {
+        let shared = PoolShared::default();
+        shared.set_failure_penalty(self.failure_penalty);
+        shared.set_retry_after_cap(self.retry_after_cap);
         let inner = Inner {
             current: ArcSwap::from_pointee(Snapshot::empty(&self.strategy)),
             members: Mutex::new(BTreeMap::new()),
@@ -124,7 +162,7 @@ impl<St: Strategy> PoolBuilder<St> {
             make,
             default_rtt: self.default_rtt,
             decay: self.decay,
-            shared: Arc::new(PoolShared::default()),
+            shared: Arc::new(shared),
             health: health::HealthHooks::new(self.panic_threshold),
             queue_size: self.queue_size,
             queue_timeout: self.queue_timeout,
@@ -338,6 +376,8 @@ impl<St: Strategy> Pool<(), St> {
             max_requests: 0,
             queue_size: 1024,
             queue_timeout: Duration::from_secs(5),
+            failure_penalty: crate::endpoint::state::DEFAULT_FAILURE_PENALTY,
+            retry_after_cap: crate::endpoint::state::DEFAULT_RETRY_AFTER_CAP,
         }
     }
 }
@@ -444,6 +484,19 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     /// The live state of one endpoint.
     pub fn state(&self, id: &EndpointId) -> Option<Arc<EndpointState>> {
         self.lock().get(id).map(|m| m.state.clone())
+    }
+
+    /// Sets the failure penalty of the load-aware strategies at run time (see
+    /// [`PoolBuilder::failure_penalty`]; 0 turns it off). Takes effect at the next pick.
+    pub fn set_failure_penalty(&self, penalty: f64) {
+        self.inner.shared.set_failure_penalty(penalty);
+    }
+
+    /// Sets the longest `Retry-After` honoured at run time (see
+    /// [`PoolBuilder::retry_after_cap`]; zero ignores `Retry-After`). Endpoints already backed
+    /// off stay so for the time they were given.
+    pub fn set_retry_after_cap(&self, cap: Duration) {
+        self.inner.shared.set_retry_after_cap(cap);
     }
 
     /// Requests in flight over the whole pool.

@@ -190,8 +190,13 @@ impl<S, T> Snapshot<S, T> {
         strategy.pick(state, &self.eligible, ctx)
     }
 
-    /// Picks for a request: its preferred endpoint while eligible, not avoided and under
-    /// `max_in_flight` (0: no limit), otherwise the strategy's choice.
+    /// Picks for a request: its preferred endpoint while eligible and allowed (not avoided,
+    /// under `max_in_flight`, 0: no limit), otherwise the strategy's choice.
+    ///
+    /// Endpoints backed off by `Retry-After` are passed over like avoided ones; when that
+    /// leaves nothing, the pick is made again without that filter (an endpoint that asked for
+    /// a pause is still better than no answer). While no endpoint of the pool is backed off,
+    /// the filter costs one atomic load and reads no clock.
     #[inline]
     pub(crate) fn pick<St: Strategy<State = T>>(
         &self,
@@ -199,19 +204,27 @@ impl<S, T> Snapshot<S, T> {
         hints: Option<&PickHints>,
         max_in_flight: u64,
     ) -> Option<usize> {
-        let ctx = PickContext::new().with_max_in_flight(max_in_flight);
-        let Some(h) = hints else {
-            return self.pick_ctx(strategy, &ctx);
-        };
-        let mut ctx = ctx.avoiding(h.avoided());
-        if let Some(hash) = h.hash() {
-            ctx = ctx.with_hash(hash);
-        }
-        if let Some(i) = h.preferred().and_then(|id| self.position(id)) {
-            if ctx.allows(&self.eligible[i]) {
-                return Some(i);
+        let backoff_at = self
+            .eligible
+            .first()
+            .map_or(0, |c| c.state().pool_shared().backoff_now());
+        let mut ctx = PickContext::new()
+            .with_max_in_flight(max_in_flight)
+            .backing_off_at(backoff_at);
+        if let Some(h) = hints {
+            ctx = ctx.avoiding(h.avoided());
+            if let Some(hash) = h.hash() {
+                ctx = ctx.with_hash(hash);
+            }
+            if let Some(i) = h.preferred().and_then(|id| self.position(id)) {
+                if ctx.allows(&self.eligible[i]) {
+                    return Some(i);
+                }
             }
         }
-        self.pick_ctx(strategy, &ctx)
+        match self.pick_ctx(strategy, &ctx) {
+            None if ctx.checks_backoff() => self.pick_ctx(strategy, &ctx.backing_off_at(0)),
+            picked => picked,
+        }
     }
 }

@@ -33,7 +33,9 @@ pub type SimResponse = http::Response<()>;
 /// let flaky = SimEndpoint::new("b", Latency::exponential(Duration::from_millis(20)))
 ///     .slowdown(s(10)..s(20), 5.0) // 5 × slower from 10 s to 20 s
 ///     .errors(s(30)..s(40), 0.2) // 20 % of its requests fail from 30 s to 40 s
-///     .outage(s(50)..s(55)); // refuses every request from 50 s to 55 s
+///     .fast_errors(s(40)..s(50), 0.1) // 10 % fail at once from 40 s to 50 s
+///     .outage(s(50)..s(55)) // refuses every request from 50 s to 55 s
+///     .rate_limit(50, s(1)); // over 50 requests in a second: 429, Retry-After: 1
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimEndpoint {
@@ -41,6 +43,16 @@ pub struct SimEndpoint {
     pub(crate) latency: Latency,
     pub(crate) concurrency: Option<usize>,
     pub(crate) windows: Vec<Window>,
+    pub(crate) rate_limit: Option<RateLimit>,
+}
+
+/// A simulated endpoint's rate limit: at most `per_second` requests in each second of
+/// simulated time since the start; the others are refused at once with `429 Too Many
+/// Requests` and `Retry-After: retry_after` (whole seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct RateLimit {
+    pub(crate) per_second: u64,
+    pub(crate) retry_after: u64,
 }
 
 /// Something that happens to a simulated endpoint during a window of time.
@@ -50,6 +62,8 @@ pub(crate) enum Effect {
     Slowdown(f64),
     /// This share of requests fail (after their latency, as an HTTP 500 would).
     Errors(f64),
+    /// This share of requests fail at once (as a broken handler's instant 500 would).
+    FastErrors(f64),
     /// Every request fails at once (as a refused connection).
     Outage,
 }
@@ -69,6 +83,7 @@ impl SimEndpoint {
             latency,
             concurrency: None,
             windows: Vec::new(),
+            rate_limit: None,
         }
     }
 
@@ -105,12 +120,30 @@ impl SimEndpoint {
     /// Fails a share `rate` (0.0 to 1.0) of the requests that arrive during `window`, after
     /// their usual latency (as an HTTP 500 would).
     pub fn errors(self, window: Range<Duration>, rate: f64) -> Self {
-        let rate = if rate.is_finite() {
-            rate.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.during(window, Effect::Errors(rate))
+        self.during(window, Effect::Errors(share(rate)))
+    }
+
+    /// Fails a share `rate` (0.0 to 1.0) of the requests that arrive during `window` at once,
+    /// with no latency (as a broken handler answering 500 straight away would): such an
+    /// endpoint looks idle and fast to load-aware strategies unless they count its failures.
+    pub fn fast_errors(self, window: Range<Duration>, rate: f64) -> Self {
+        self.during(window, Effect::FastErrors(share(rate)))
+    }
+
+    /// Serves at most `per_second` requests in each second of simulated time (counted from
+    /// the start of the run, in whole seconds); the others are answered at once with `429 Too
+    /// Many Requests` and `Retry-After` of `retry_after` (rounded up to whole seconds), as a
+    /// rate-limited backend does. Such answers are not failures of the endpoint: a balancer
+    /// backs off from it for the time asked (see
+    /// [`EndpointState::is_backed_off`](crate::endpoint::EndpointState::is_backed_off)), and
+    /// the client sees them as errors unless a retry layer sends them elsewhere.
+    pub fn rate_limit(mut self, per_second: u64, retry_after: Duration) -> Self {
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        self.rate_limit = Some(RateLimit {
+            per_second,
+            retry_after: secs,
+        });
+        self
     }
 
     /// Fails every request that arrives during `window` at once (as a refused connection).
@@ -136,24 +169,52 @@ impl SimEndpoint {
         self.endpoint.id()
     }
 
-    /// Whether anything happens to it during a run (a slowdown, errors or an outage).
+    /// Whether anything happens to it during a run (a slowdown, errors, an outage or a rate
+    /// limit).
     pub fn has_events(&self) -> bool {
-        !self.windows.is_empty()
+        !self.windows.is_empty() || self.rate_limit.is_some()
     }
 
-    /// What holds at `at` since the start: the latency factor, the error rate, and whether it
-    /// is out. Overlapping windows combine: factors multiply, the highest error rate wins.
-    fn conditions(&self, at: Duration) -> (f64, f64, bool) {
-        let (mut factor, mut rate, mut out) = (1.0, 0.0f64, false);
+    /// What holds at `at` since the start. Overlapping windows combine: factors multiply,
+    /// the highest error rate of each kind wins.
+    fn conditions(&self, at: Duration) -> Conditions {
+        let mut c = Conditions {
+            factor: 1.0,
+            rate: 0.0,
+            fast_rate: 0.0,
+            out: false,
+        };
         for w in self.windows.iter().filter(|w| w.during.contains(&at)) {
             match w.effect {
-                Effect::Slowdown(f) => factor *= f,
-                Effect::Errors(r) => rate = rate.max(r),
-                Effect::Outage => out = true,
+                Effect::Slowdown(f) => c.factor *= f,
+                Effect::Errors(r) => c.rate = c.rate.max(r),
+                Effect::FastErrors(r) => c.fast_rate = c.fast_rate.max(r),
+                Effect::Outage => c.out = true,
             }
         }
-        (factor, rate, out)
+        c
     }
+}
+
+/// `rate` as a share from 0.0 to 1.0 (0.0 if it is not a number).
+fn share(rate: f64) -> f64 {
+    if rate.is_finite() {
+        rate.clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
+/// What holds for a simulated endpoint at one instant.
+struct Conditions {
+    /// Latencies are multiplied by this.
+    factor: f64,
+    /// The share of requests that fail after their latency.
+    rate: f64,
+    /// The share of requests that fail at once.
+    fast_rate: f64,
+    /// Every request is refused.
+    out: bool,
 }
 
 /// The random numbers a simulated request carries (in its extensions), from which each
@@ -201,6 +262,8 @@ impl std::error::Error for SimError {}
 pub(crate) struct Seen {
     pub(crate) requests: u64,
     pub(crate) errors: u64,
+    /// Requests refused by the rate limit (`429`).
+    pub(crate) throttled: u64,
     /// Latencies of successful requests, in nanoseconds.
     pub(crate) latencies: Vec<u64>,
 }
@@ -212,6 +275,8 @@ struct Shared {
     rng: Mutex<StdRng>,
     limit: Option<Arc<Semaphore>>,
     seen: Mutex<Seen>,
+    /// The rate limit's current second since the start, and the requests served in it.
+    window: Mutex<(u64, u64)>,
 }
 
 /// A simulated endpoint as a tower `Service`: each request sleeps on tokio's paused clock for
@@ -248,6 +313,7 @@ impl SimService {
                 rng: Mutex::new(StdRng::seed_from_u64(seed)),
                 limit,
                 seen: Mutex::new(Seen::default()),
+                window: Mutex::new((0, 0)),
             }),
         }
     }
@@ -277,7 +343,13 @@ impl Service<SimRequest> for SimService {
     fn call(&mut self, req: SimRequest) -> BoxFuture {
         let shared = self.shared.clone();
         let arrived = Instant::now();
-        let (factor, rate, out) = shared.spec.conditions(arrived - shared.start);
+        let since = arrived - shared.start;
+        let Conditions {
+            factor,
+            rate,
+            fast_rate,
+            out,
+        } = shared.spec.conditions(since);
         lock(&shared.seen).requests += 1;
         let error = |outage| SimError {
             endpoint: shared.spec.id().clone(),
@@ -288,15 +360,39 @@ impl Service<SimRequest> for SimService {
             let e = error(true);
             return Box::pin(async move { Err(e) });
         }
-        let (ticket, fail) = {
+        if let Some(limit) = shared.spec.rate_limit {
+            let mut window = lock(&shared.window);
+            let second = since.as_secs();
+            if window.0 != second {
+                *window = (second, 0);
+            }
+            if window.1 >= limit.per_second {
+                drop(window);
+                lock(&shared.seen).throttled += 1;
+                let res = http::Response::builder()
+                    .status(http::StatusCode::TOO_MANY_REQUESTS)
+                    .header(http::header::RETRY_AFTER, limit.retry_after)
+                    .body(())
+                    .expect("a valid response");
+                return Box::pin(async move { Ok(res) });
+            }
+            window.1 += 1;
+        }
+        let (ticket, fail, fail_fast) = {
             let mut rng = lock(&shared.rng);
             let ticket = req.extensions().get::<Ticket>().copied().unwrap_or(Ticket {
                 u1: rng.random(),
                 u2: rng.random(),
             });
             let fail = rate > 0.0 && rng.random::<f64>() < rate;
-            (ticket, fail)
+            let fail_fast = fast_rate > 0.0 && rng.random::<f64>() < fast_rate;
+            (ticket, fail, fail_fast)
         };
+        if fail_fast {
+            lock(&shared.seen).errors += 1;
+            let e = error(false);
+            return Box::pin(async move { Err(e) });
+        }
         let latency = shared
             .spec
             .latency

@@ -47,5 +47,5 @@ mod workload;
 pub use endpoint::{SimEndpoint, SimError, SimRequest, SimResponse, SimService};
 pub use latency::Latency;
 pub use report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
-pub use scenario::Scenario;
+pub use scenario::{Scenario, SimCompletion, SimOutcome};
 pub use workload::Workload;

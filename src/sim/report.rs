@@ -61,6 +61,9 @@ pub struct EndpointReport {
     pub share: f64,
     /// Requests it failed.
     pub errors: u64,
+    /// Requests it refused with `429 Too Many Requests` over its rate limit (not errors of
+    /// the endpoint; see [`SimEndpoint::rate_limit`](super::SimEndpoint::rate_limit)).
+    pub throttled: u64,
     /// Latencies of the requests it served successfully, as it saw them (from their arrival,
     /// including any wait for a slot).
     pub latency: Latencies,
@@ -203,6 +206,13 @@ impl fmt::Display for Report {
             )?;
         }
         row(f, "client", self.requests, &"-", self.errors, &self.latency)?;
+        if self.endpoints.iter().any(|e| e.throttled > 0) {
+            write!(f, "refused with 429 (not errors of the endpoint):")?;
+            for e in self.endpoints.iter().filter(|e| e.throttled > 0) {
+                write!(f, " {} {}", e.id, e.throttled)?;
+            }
+            writeln!(f)?;
+        }
         if self.errors > 0 || self.endpoints.iter().any(|e| e.errors > 0) {
             let step = self.timeline_step.as_secs_f64();
             write!(f, "errors per {step:.1}s step:")?;

@@ -12,13 +12,47 @@ use super::endpoint::{nanos, Ticket};
 use super::report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
 use super::workload::Arrivals;
 use super::{Latency, SimEndpoint, SimRequest, SimService, Workload};
-use crate::balance::CompleteOnResponse;
+use crate::balance::{InFlight, TrackCompletion};
 use crate::endpoint::state::clock_ns;
 use crate::hash::mix64;
 use crate::hints::PickHints;
 use crate::pool::Pool;
 use crate::strategy::{fast_rand, AnyStrategy, Strategy};
 use crate::Balancer;
+
+/// What the simulated client counts as a successful response.
+///
+/// Implemented for `http::Response`: any status but `429 Too Many Requests` and 5xx (a
+/// request a rate-limited endpoint refused, and not retried elsewhere, failed as far as the
+/// client is concerned). An error of the service is always a failure.
+pub trait SimOutcome {
+    /// Whether the client got what it asked for.
+    fn is_success(&self) -> bool;
+}
+
+impl<B> SimOutcome for http::Response<B> {
+    fn is_success(&self) -> bool {
+        let status = self.status();
+        !status.is_server_error() && status != http::StatusCode::TOO_MANY_REQUESTS
+    }
+}
+
+/// How a simulation's [`Balancer`] tracks a request (see [`TrackCompletion`]): like
+/// [`CompleteOnBody`](crate::balance::CompleteOnBody) for HTTP balancers, it reads the
+/// response's status (a failure status counts as the endpoint's error, a `429` or `503` with
+/// `Retry-After` backs the endpoint off without counting as one); as simulated responses
+/// have no body, the request ends with the response.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimCompletion;
+
+impl<B> TrackCompletion<InFlight, http::Response<B>> for SimCompletion {
+    type Output = http::Response<B>;
+
+    fn track_completion(&self, mut handle: InFlight, res: http::Response<B>) -> Self::Output {
+        handle.classify(res.status(), res.headers());
+        res
+    }
+}
 
 /// Streams of random numbers derived from a scenario's seed, one per use, so that adding a
 /// use does not shift another's numbers.
@@ -126,8 +160,9 @@ impl Scenario {
     pub fn run_with<St, F, Svc>(&self, label: &str, strategy: St, stack: F) -> Report
     where
         St: Strategy,
-        F: FnOnce(Balancer<SimService, St, CompleteOnResponse>) -> Svc + Send,
+        F: FnOnce(Balancer<SimService, St, SimCompletion>) -> Svc + Send,
         Svc: Service<SimRequest>,
+        Svc::Response: SimOutcome,
     {
         self.run_service(label, move |services| {
             let pool = Pool::builder(strategy).build_with_services();
@@ -136,7 +171,7 @@ impl Scenario {
                     changes.insert_with_service(s.spec().endpoint().clone(), s);
                 }
             });
-            stack(Balancer::from_pool(pool).with_completion(CompleteOnResponse))
+            stack(Balancer::from_pool(pool).with_completion(SimCompletion))
         })
     }
 
@@ -179,6 +214,7 @@ impl Scenario {
     where
         F: FnOnce(Vec<SimService>) -> Svc + Send,
         Svc: Service<SimRequest>,
+        Svc::Response: SimOutcome,
     {
         std::thread::scope(|scope| {
             let run = std::thread::Builder::new()
@@ -224,6 +260,7 @@ impl Scenario {
     where
         F: FnOnce(Vec<SimService>) -> Svc,
         Svc: Service<SimRequest>,
+        Svc::Response: SimOutcome,
     {
         // Start lbkit's clock before the runtime's, so simulated instants all count after it.
         clock_ns(std::time::Instant::now());
@@ -267,6 +304,7 @@ impl Scenario {
                     seen.requests as f64 / total as f64
                 },
                 errors: seen.errors,
+                throttled: seen.throttled,
                 latency: Latencies::of(&mut seen.latencies),
             })
             .collect();
@@ -344,8 +382,9 @@ struct Run {
 async fn track<F, T, E>(start: Instant, sent: Instant, fut: F) -> Outcome
 where
     F: Future<Output = Result<T, E>>,
+    T: SimOutcome,
 {
-    let ok = fut.await.is_ok();
+    let ok = fut.await.is_ok_and(|res| res.is_success());
     Outcome {
         sent_at: nanos(sent - start),
         latency: nanos(sent.elapsed()),
@@ -357,6 +396,7 @@ where
 async fn drive<Svc>(mut svc: Svc, workload: &Workload, mut rng: StdRng, start: Instant) -> Run
 where
     Svc: Service<SimRequest>,
+    Svc::Response: SimOutcome,
 {
     let total = workload.requests;
     let mut outcomes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));

@@ -23,6 +23,17 @@
 //! | [`Ring`] | O(log n) | consistent hashing with bounded load |
 //!
 //! [`AnyStrategy`] chooses among the built-in ones at run time (from a flag or a config file).
+//!
+//! Two signals of the endpoints' health reach every pick:
+//!
+//! - the load-aware strategies ([`LeastConnections`], [`PowerOfTwoChoices`], [`PeakEwma`])
+//!   weigh recent failures: an endpoint's cost is multiplied by `1 + penalty × failure score`
+//!   (see [`PoolBuilder::failure_penalty`](crate::pool::PoolBuilder::failure_penalty)), so one
+//!   that fails fast does not look idle and fast;
+//! - an endpoint that answered `429` or `503` with `Retry-After` is not
+//!   [allowed](PickContext::allows) while its pause lasts, whatever the strategy, unless every
+//!   allowed endpoint is paused (see
+//!   [`EndpointState::is_backed_off`](crate::endpoint::EndpointState::is_backed_off)).
 
 mod any;
 mod least_connections;
@@ -66,14 +77,18 @@ pub trait Strategy: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 }
 
-/// What the request tells the strategy: an optional hash key, endpoints to avoid, and the
-/// most requests an endpoint may have in flight.
+/// What the request tells the strategy: an optional hash key, endpoints to avoid (those a
+/// retry already tried, and those that asked with `Retry-After` not to be sent requests now),
+/// and the most requests an endpoint may have in flight.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PickContext<'a> {
     hash: Option<u64>,
     avoid: &'a [EndpointId],
     /// 0: no limit.
     max_in_flight: u64,
+    /// Now (see `clock_ns`) when endpoints backed off by `Retry-After` are to be passed
+    /// over, else 0.
+    backoff_at: u64,
 }
 
 impl<'a> PickContext<'a> {
@@ -113,11 +128,28 @@ impl<'a> PickContext<'a> {
         self.avoid
     }
 
-    /// Whether `candidate` may be picked: it is not avoided, and under the in-flight limit.
+    /// Passes over endpoints backed off by `Retry-After` at `now_ns` (0: does not).
+    #[inline]
+    pub(crate) fn backing_off_at(mut self, now_ns: u64) -> Self {
+        self.backoff_at = now_ns;
+        self
+    }
+
+    /// Whether this context passes over backed-off endpoints.
+    #[inline]
+    pub(crate) fn checks_backoff(&self) -> bool {
+        self.backoff_at != 0
+    }
+
+    /// Whether `candidate` may be picked: it is not avoided, under the in-flight limit, and,
+    /// when the pool is picking for a request, it did not ask with `Retry-After` not to be
+    /// sent requests now (see
+    /// [`EndpointState::is_backed_off`](crate::endpoint::EndpointState::is_backed_off)).
     #[inline]
     pub fn allows(&self, candidate: &Candidate) -> bool {
         (self.avoid.is_empty() || !self.avoid.contains(candidate.id()))
             && (self.max_in_flight == 0 || candidate.state().in_flight() < self.max_in_flight)
+            && (self.backoff_at == 0 || !candidate.state().is_backed_off_at(self.backoff_at))
     }
 }
 

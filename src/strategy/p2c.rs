@@ -1,4 +1,4 @@
-use super::least_connections::cmp_load;
+use super::least_connections::{cmp_load, Now};
 use super::{fast_rand, next_allowed, PickContext, Strategy};
 use crate::endpoint::state::{clock_ns, now};
 use crate::endpoint::Candidate;
@@ -23,7 +23,7 @@ fn two_random(n: usize) -> (usize, usize) {
 fn pick_two(
     candidates: &[Candidate],
     ctx: &PickContext<'_>,
-    better: impl Fn(&Candidate, &Candidate) -> bool,
+    mut better: impl FnMut(&Candidate, &Candidate) -> bool,
 ) -> Option<usize> {
     if candidates.len() == 1 {
         return next_allowed(candidates, ctx, 0);
@@ -43,6 +43,9 @@ fn pick_two(
 
 /// Power of two choices: sample two endpoints at random, send to the one with fewer requests
 /// in flight per unit of weight.
+///
+/// Requests to an endpoint that failed lately weigh more, as for
+/// [`LeastConnections`](super::LeastConnections): a fast-failing endpoint does not look idle.
 ///
 /// Nearly as good as [`LeastConnections`](super::LeastConnections) at spreading load, at O(1)
 /// per pick, and it avoids the herd effect of every balancer choosing the same least-loaded
@@ -66,7 +69,8 @@ impl Strategy for PowerOfTwoChoices {
 
     #[inline]
     fn pick(&self, _: &(), candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
-        pick_two(candidates, ctx, |x, y| cmp_load(x, y).is_lt())
+        let mut now = Now::default();
+        pick_two(candidates, ctx, |x, y| cmp_load(x, y, &mut now).is_lt())
     }
 
     fn name(&self) -> &'static str {
@@ -83,6 +87,11 @@ impl Strategy for PowerOfTwoChoices {
 /// one is picked. This is the model of Finagle and of tower's `PeakEwma`; the decay window and
 /// the starting estimate are set on the pool (see
 /// [`PoolBuilder::latency_decay`](crate::pool::PoolBuilder::latency_decay)).
+///
+/// Failures weigh too: the cost is multiplied by `1 + penalty × failure score`, the recent
+/// share of the endpoint's requests that failed (see
+/// [`PoolBuilder::failure_penalty`](crate::pool::PoolBuilder::failure_penalty)); otherwise an
+/// endpoint that fails fast would look like the fastest of all.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PeakEwma {
     _priv: (),

@@ -1,4 +1,4 @@
-use super::least_connections::cmp_load;
+use super::least_connections::{cmp_load, Now};
 use super::{fast_rand, PickContext, Strategy};
 use crate::endpoint::Candidate;
 use crate::hash::mix64;
@@ -193,11 +193,12 @@ impl Strategy for Ring {
         // Everything allowed is over the bound (only possible under racing updates):
         // the least loaded allowed endpoint.
         first_allowed.map(|first| {
+            let mut now = Now::default();
             candidates
                 .iter()
                 .enumerate()
                 .filter(|(_, c)| ctx.allows(c))
-                .min_by(|a, b| cmp_load(a.1, b.1))
+                .min_by(|a, b| cmp_load(a.1, b.1, &mut now))
                 .map_or(first, |(i, _)| i)
         })
     }
