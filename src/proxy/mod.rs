@@ -47,9 +47,9 @@ mod error;
 #[cfg(feature = "http-proxy")]
 mod forward;
 #[cfg(feature = "http-proxy")]
-mod tunnel;
-#[cfg(feature = "http-proxy")]
 mod grpc;
+#[cfg(feature = "http-proxy")]
+mod tunnel;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
