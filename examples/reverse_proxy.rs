@@ -29,7 +29,7 @@
 //! - `--cache MiB` (`CacheLayer`): a shared response cache of that many MiB (RFC 9111:
 //!   `Cache-Control`, `Vary`, revalidation with `ETag`/`Last-Modified`), concurrent misses for
 //!   one URL coalesced into one backend request; off by default;
-//! - `FailoverLayer`: a failed idempotent request (connection refused, reset, 502/503/504,
+//! - `FailoverLayer`: a failed idempotent request (connection refused, reset, any 5xx,
 //!   per-try timeout) is sent again to another backend, and so is any request (a `POST`, a
 //!   gRPC call) whose connection was refused, after a short jittered back-off and within a
 //!   retry budget, so a backend that dies under load costs no client a failed request;

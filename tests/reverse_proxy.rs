@@ -371,3 +371,48 @@ async fn with_compress_responses_are_gzipped_for_clients_that_accept_it() {
         }
     }
 }
+
+/// One failure classification: a backend answering `500` has its idempotent requests retried
+/// on another backend (as outlier detection counts the 500s against it), so clients see none.
+#[tokio::test]
+async fn a_backend_answering_500_costs_no_client_a_500() {
+    let bad = reverse_proxy::demo::serve(tower::service_fn(
+        // Its health check (`GET /`) passes; the requests (`/api`) fail.
+        |req: http::Request<lbkit::server::RequestBody>| async move {
+            let mut res =
+                http::Response::new(http_body_util::Full::new(bytes::Bytes::from("oops")));
+            if req.uri().path() != "/" {
+                *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            Ok::<_, std::convert::Infallible>(res)
+        },
+    ))
+    .await
+    .expect("bad backend");
+    let good = reverse_proxy::demo::backend("good")
+        .await
+        .expect("good backend");
+    let (addr, pool, task) = start_proxy(vec![
+        lbkit::Endpoint::from(bad),
+        lbkit::Endpoint::from(good),
+    ])
+    .await;
+    for _ in 0..20 {
+        let answer = String::from_utf8(
+            raw_exchange(
+                addr,
+                "GET /api HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await,
+        )
+        .expect("utf-8");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let stats = pool.stats();
+    let bad_stats = stats.endpoint(&bad.to_string()).expect("bad endpoint");
+    assert!(
+        bad_stats.errors >= 1,
+        "the 500s counted against it: {bad_stats:?}"
+    );
+    task.abort();
+}

@@ -28,7 +28,7 @@ pub(super) struct Shared<P> {
 /// A [`Layer`] that retries failed requests on *other* endpoints.
 ///
 /// In front of a [`Balancer`](crate::Balancer): when an attempt fails (an endpoint error, a
-/// 502/503/504 answer, a [per-try timeout](FailoverLayer::per_try_timeout); see
+/// 5xx answer, a [per-try timeout](FailoverLayer::per_try_timeout); see
 /// [`RetryPolicy`]), the failed endpoint is added to the request's
 /// [`PickHints::avoid`](crate::hints::PickHints::avoid) list and the request is sent again,
 /// so each attempt goes to an endpoint not tried before for this request. Up to

@@ -6,7 +6,8 @@
 //!
 //! - the [`RetryPolicy`]: which requests may be sent twice (idempotent methods by default,
 //!   and any request that provably never reached its endpoint, see [`NotSent`]) and which
-//!   outcomes are failures (endpoint errors, 502/503/504, per-try timeouts by default);
+//!   outcomes are failures (endpoint errors, any 5xx as outlier detection counts them,
+//!   per-try timeouts by default);
 //! - the body: only a body that can be sent again ([`Replay`]: empty, buffered, or any `Clone`
 //!   body) is retried. A request body that streams as it is sent is **not** buffered behind
 //!   your back; wrapped in [`ReplayBody`] it is retried only while the attempt that had it

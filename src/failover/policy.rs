@@ -1,6 +1,6 @@
 use std::error::Error as StdError;
 
-use http::{Method, StatusCode};
+use http::Method;
 
 use super::error::NotSent;
 use crate::error::Error;
@@ -37,15 +37,15 @@ pub trait RetryPolicy: Send + Sync + 'static {
 
     /// Whether a response is a failure of its endpoint, to retry elsewhere.
     ///
-    /// Default: `502 Bad Gateway`, `503 Service Unavailable` and `504 Gateway Timeout`, the
-    /// statuses that say "this server could not handle it now" rather than "this request is
-    /// wrong". A response that did not come through a [`Balancer`](crate::Balancer) (no pick
+    /// Default: any 5xx, the statuses that say "this server failed" rather than "this request
+    /// is wrong", and what outlier detection counts against an endpoint by default: one
+    /// classification, so that a backend answering `500` is retried elsewhere while outlier
+    /// detection ejects it (if you choose other statuses with
+    /// [`OutlierDetection::failure_status`](crate::health::OutlierDetection::failure_status),
+    /// choose the same here). A response that did not come through a [`Balancer`](crate::Balancer) (no pick
     /// was recorded for it) is returned as is.
     fn is_failure<B>(&self, res: &http::Response<B>) -> bool {
-        matches!(
-            res.status(),
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
-        )
+        res.status().is_server_error()
     }
 
     /// Whether an error is worth a retry on another endpoint.
@@ -76,7 +76,8 @@ pub trait RetryPolicy: Send + Sync + 'static {
 }
 
 /// The default [`RetryPolicy`]: idempotent methods, and any method when the attempt never left
-/// the proxy; 502, 503, 504 and endpoint errors.
+/// the proxy; any 5xx answer (the same default as outlier detection's, and Envoy's
+/// `retry_on: 5xx`) and endpoint errors.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DefaultPolicy;
 
