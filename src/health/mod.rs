@@ -74,10 +74,12 @@
 //! ```
 
 mod active;
-mod event;
 mod outlier;
 pub(crate) mod slow_start;
 
+/// Health transitions and check failures are the pool's (it records and broadcasts them);
+/// re-exported here, where the checks and detectors that cause them live.
+pub use crate::pool::{HealthChange, HealthEvent};
 pub use active::{
     check_fn, check_service, CheckError, CheckErrorKind, CheckFuture, FnCheck, HealthCheck,
     HealthChecker, ServiceCheck, TcpCheck,
@@ -85,6 +87,5 @@ pub use active::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use active::{GrpcCheck, HttpCheck};
-pub use event::{HealthChange, HealthEvent};
 pub use outlier::{OutlierDetection, OutlierTrigger};
 pub use slow_start::SlowStart;

@@ -11,10 +11,10 @@ use tokio::sync::{broadcast, Notify};
 
 use super::ramp::SlowStart;
 use super::snapshot::BuildOptions;
+use super::{HealthChange, HealthEvent};
 use super::{Inner, Member, Pool, Snapshot};
 use crate::endpoint::state::{clock_ns, now, PoolShared};
 use crate::endpoint::{Endpoint, EndpointId, EndpointState, Health};
-use crate::health::{HealthChange, HealthEvent};
 use crate::strategy::Strategy;
 
 /// How many health events a slow subscriber may fall behind before it misses some.

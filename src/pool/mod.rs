@@ -10,12 +10,16 @@
 //! already in flight hold its service and state and finish normally (draining), and the service
 //! is dropped when the last of them ends.
 
+mod check_error;
+mod event;
 mod health;
 pub(crate) mod queue;
 pub(crate) mod ramp;
 mod snapshot;
 mod task;
 
+pub use check_error::{CheckError, CheckErrorKind};
+pub use event::{HealthChange, HealthEvent};
 pub use snapshot::Snapshot;
 pub use task::PoolTask;
 
@@ -466,9 +470,9 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     /// broadcast (see [`Pool::health_events`]).
     pub fn set_down(&self, id: &EndpointId, down: bool) -> bool {
         let change = if down {
-            crate::health::HealthChange::Down { reason: None }
+            HealthChange::Down { reason: None }
         } else {
-            crate::health::HealthChange::Up
+            HealthChange::Up
         };
         self.mark(id, None, change)
     }

@@ -1,16 +1,15 @@
 //! Active health checks: a background task probes each endpoint and marks it down or up.
 
 mod check;
-mod error;
 #[cfg(feature = "http-proxy")]
 mod grpc;
 #[cfg(feature = "http-proxy")]
 mod http;
 
+pub use crate::pool::{CheckError, CheckErrorKind};
 pub use check::{
     check_fn, check_service, CheckFuture, FnCheck, HealthCheck, ServiceCheck, TcpCheck,
 };
-pub use error::{CheckError, CheckErrorKind};
 #[cfg(feature = "http-proxy")]
 pub use grpc::GrpcCheck;
 #[cfg(feature = "http-proxy")]
