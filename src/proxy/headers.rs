@@ -41,7 +41,7 @@ fn connection_tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
 /// framing, type, credentials) or what the proxy asserts about the client, so a client must not
 /// be able to strip them on the way (`Connection: host` would drop `Host` before the proxy
 /// copies it into `X-Forwarded-Host`, letting the client's own `X-Forwarded-Host` through).
-const NEVER_HOP_BY_HOP: [&str; 11] = [
+pub const NEVER_HOP_BY_HOP: [&str; 11] = [
     "host",
     "content-length",
     "content-type",
