@@ -872,7 +872,12 @@ async fn all_down_fails_at_once_with_no_endpoint() {
 async fn panic_threshold_spreads_over_all_endpoints() {
     let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
     pool.extend(["a", "b", "c", "d"].map(Endpoint::new));
-    assert_eq!(pool.panic_threshold(), 50);
+    assert_eq!(
+        pool.panic_threshold(),
+        0,
+        "off by default: healthy endpoints only"
+    );
+    pool.set_panic_threshold(50);
     pool.set_down(&"a".into(), true);
     pool.set_down(&"b".into(), true);
     let snap = pool.snapshot();
@@ -930,4 +935,24 @@ async fn slow_start_ramps_new_endpoints_and_stops_cleanly() {
         [1, 1, 2],
         "without slow start every endpoint has its own weight"
     );
+}
+
+/// Healthy-only by default: with two of three endpoints down, every pick goes to the one that
+/// is up (with Envoy's 50 % panic threshold, two thirds would go to the dead ones).
+#[test]
+fn by_default_only_healthy_endpoints_are_picked() {
+    let pool = Pool::new(RoundRobin::new(), |ep: &Endpoint| ep.id().clone());
+    pool.extend(["a", "b", "c"].map(Endpoint::new));
+    pool.set_down(&"a".into(), true);
+    pool.set_ejected(&"b".into(), true);
+    for _ in 0..30 {
+        let (candidate, _) = pool.pick(None).expect("one endpoint is up");
+        assert_eq!(candidate.id().as_str(), "c");
+    }
+    pool.set_panic_threshold(50);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..30 {
+        seen.insert(pool.pick(None).expect("panic spreads").0.id().to_string());
+    }
+    assert_eq!(seen.len(), 3, "in panic every endpoint is picked: {seen:?}");
 }

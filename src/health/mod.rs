@@ -29,8 +29,8 @@
 //! - **Slow start** ([`SlowStart`]): an endpoint that comes (back) up gets a weight that ramps
 //!   up over a window, so a cold server is not flooded.
 //! - **Panic threshold** ([`PoolBuilder::panic_threshold`](crate::pool::PoolBuilder::panic_threshold),
-//!   default 50 %): when fewer than that share of endpoints are healthy, requests go to all of
-//!   them rather than crushing the few healthy ones (Envoy's behaviour). When *no* endpoint is
+//!   off by default, Envoy uses 50 %): when fewer than that share of endpoints are healthy,
+//!   requests go to all of them rather than crushing the few healthy ones. When *no* endpoint is
 //!   healthy, requests fail at once with [`Error::is_no_endpoint`](crate::Error::is_no_endpoint).
 //!
 //! Marks go through the pool: each transition publishes a new snapshot (picking stays

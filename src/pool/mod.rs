@@ -65,10 +65,14 @@ impl<St: Strategy> PoolBuilder<St> {
         self
     }
 
-    /// Sets the panic threshold, a percentage from 0 to 100 (default 50, as Envoy's): when
-    /// fewer than this share of the endpoints in the tier in use are healthy, requests are
-    /// spread over all of that tier's endpoints, healthy or not, rather than crushing the few
-    /// healthy ones. 0 turns panic off. With no healthy endpoint at all, requests still fail
+    /// Sets the panic threshold, a percentage from 0 to 100 (default 0: off, so only healthy
+    /// endpoints get traffic): when fewer than this share of the endpoints in the tier in use
+    /// are healthy, requests are spread over all of that tier's endpoints, healthy or not,
+    /// rather than crushing the few healthy ones. Envoy's default is 50; lbkit's is off
+    /// because with it, two of three endpoints down sends two thirds of the traffic to
+    /// endpoints known to be dead, where a load balancer is expected to send traffic only to
+    /// servers that are up (nginx and HAProxy never send to a server marked down). Turn it on
+    /// when an overloaded fleet failing its checks together is the likelier story. With no healthy endpoint at all, requests still fail
     /// at once with [`Error::is_no_endpoint`](crate::Error::is_no_endpoint). See
     /// [`Snapshot::is_panic`] and [`Pool::set_panic_threshold`].
     pub fn panic_threshold(mut self, percent: u8) -> Self {
@@ -376,7 +380,7 @@ impl<St: Strategy> Pool<(), St> {
             strategy,
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
-            panic_threshold: 50,
+            panic_threshold: 0,
             max_requests: 0,
             queue_size: 1024,
             queue_timeout: Duration::from_secs(5),
