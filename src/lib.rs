@@ -96,6 +96,9 @@ pub mod server;
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
 pub mod stats;
+#[cfg(feature = "status-page")]
+#[cfg_attr(docsrs, doc(cfg(feature = "status-page")))]
+pub mod status;
 #[cfg(feature = "cookie")]
 #[cfg_attr(docsrs, doc(cfg(feature = "cookie")))]
 pub mod sticky;

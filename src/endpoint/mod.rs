@@ -9,7 +9,7 @@ mod histogram;
 pub(crate) mod state;
 
 pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary, BUCKETS};
-pub use state::{EndpointState, Health};
+pub use state::{CheckOutcome, EndpointState, Health};
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -26,6 +26,26 @@ const EJECTED: u8 = 0b10;
 /// Decides whether an HTTP response status counts as a failure of the endpoint.
 pub(crate) type StatusClassifier = dyn Fn(http::StatusCode) -> bool + Send + Sync;
 
+/// The outcome of the latest active health check of an endpoint (see
+/// [`EndpointState::last_check`]): what HAProxy's status page shows as `LastChk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckOutcome {
+    /// When the check ended.
+    pub at: Instant,
+    /// How long it took (up to the check's timeout).
+    pub took: Duration,
+    /// Why it failed (the check error's text); `None` when it passed.
+    pub error: Option<String>,
+}
+
+impl CheckOutcome {
+    /// Whether the check passed.
+    pub fn passed(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
 /// What all endpoints of one pool share: the pool-wide in-flight count, the wiring of
 /// passive health (outlier detection), the failure penalty and the `Retry-After` back-off.
 pub(crate) struct PoolShared {
@@ -194,6 +214,9 @@ pub struct EndpointState {
     ramp_from: AtomicU64,
     /// When a health mark last changed, in nanoseconds since [`clock_base`]; 0 if never.
     health_changed_at: AtomicU64,
+    /// The latest active health check, once one ran (written once per check, never on the
+    /// request path).
+    last_check: ArcSwapOption<CheckOutcome>,
     /// The latency of every finished request, in log-scale buckets.
     latency: LatencyHistogram,
     decay_ns: f64,
@@ -245,6 +268,7 @@ impl EndpointState {
             throttled: AtomicU64::new(0),
             ramp_from: AtomicU64::new(0),
             health_changed_at: AtomicU64::new(0),
+            last_check: ArcSwapOption::empty(),
             latency: LatencyHistogram::new(),
             decay_ns: decay.as_nanos().max(1) as f64,
             shared,
@@ -448,6 +472,18 @@ impl EndpointState {
             0 => None,
             at => Some(at),
         }
+    }
+
+    /// The outcome of the latest active health check of the endpoint (see
+    /// [`HealthChecker`](crate::health::HealthChecker)); `None` before the first one, or when
+    /// no checker watches its pool.
+    pub fn last_check(&self) -> Option<Arc<CheckOutcome>> {
+        self.last_check.load_full()
+    }
+
+    /// Records the outcome of an active health check.
+    pub(crate) fn record_check(&self, outcome: CheckOutcome) {
+        self.last_check.store(Some(Arc::new(outcome)));
     }
 
     /// Whether the endpoint is ramping up under slow start (its weight is reduced).

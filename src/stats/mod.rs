@@ -39,7 +39,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::endpoint::state::{clock_ns, now};
-use crate::endpoint::{EndpointId, Health, HistogramSnapshot, LatencySummary, Tier};
+use crate::endpoint::{CheckOutcome, EndpointId, Health, HistogramSnapshot, LatencySummary, Tier};
 use crate::pool::Pool;
 use crate::strategy::Strategy;
 
@@ -121,6 +121,11 @@ pub struct EndpointStats {
     pub health: Health,
     /// How long ago its health last changed; `None` if it never changed since it joined.
     pub health_changed: Option<Duration>,
+    /// The latest active health check of it (see [`EndpointState::last_check`]); `None`
+    /// before the first one, or when no checker watches the pool.
+    ///
+    /// [`EndpointState::last_check`]: crate::endpoint::EndpointState::last_check
+    pub last_check: Option<CheckOutcome>,
     /// Its configured weight.
     pub weight: u32,
     /// The weight in force in the current snapshot, in the unit of the configured weight:
@@ -175,6 +180,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
                     health_changed: state
                         .health_changed_ns()
                         .map(|at| Duration::from_nanos(now_ns.saturating_sub(at))),
+                    last_check: state.last_check().map(|c| (*c).clone()),
                     weight: endpoint.weight(),
                     effective_weight: position
                         .map_or(0.0, |i| f64::from(eligible[i].weight()) / scale),

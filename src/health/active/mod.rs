@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::HealthChange;
-use crate::endpoint::{Endpoint, EndpointId, EndpointState};
+use crate::endpoint::{CheckOutcome, Endpoint, EndpointId, EndpointState};
 use crate::pool::PoolTask;
 use crate::pool::{Pool, WeakPool};
 use crate::strategy::{fast_rand, Strategy};
@@ -275,6 +275,11 @@ async fn probe<S, St, C>(
                 Ok(verdict) => verdict,
                 Err(_) => Err(CheckError::timeout(settings.timeout)),
             };
+        state.record_check(CheckOutcome {
+            at: std::time::Instant::now(),
+            took: started.elapsed(),
+            error: verdict.as_ref().err().map(ToString::to_string),
+        });
         let down = state.is_down();
         let change = match verdict {
             Ok(()) => {
