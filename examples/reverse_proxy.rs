@@ -9,6 +9,7 @@
 //! cargo run --example reverse_proxy -- --sticky                # affinity cookie `lb`
 //! cargo run --example reverse_proxy -- --strategy maglev --hash-header x-user
 //! cargo run --example reverse_proxy -- --cache 64               # 64 MiB response cache
+//! cargo run --example reverse_proxy -- --status 127.0.0.1:9000  # status page on a local port
 //! ```
 //!
 //! Then try, from another terminal:
@@ -17,6 +18,12 @@
 //! for i in 1 2 3 4 5 6; do curl -s http://127.0.0.1:8080/; done   # answers rotate over the backends
 //! curl -si http://127.0.0.1:8080/headers                           # what a backend sees: X-Forwarded-*
 //! ```
+//!
+//! With `--status 127.0.0.1:9000`, open <http://127.0.0.1:9000/status> in a browser: every
+//! backend with its state, weight, traffic, latency and last health check, reloaded every
+//! 5 s, with drain / undrain / weight buttons (`lbkit::status::StatusPage`); the same as JSON
+//! at `/status.json`. It listens on its own port, not the proxy's public one: keep it on
+//! loopback or a management network.
 //!
 //! The stack, outermost first:
 //!
@@ -85,6 +92,7 @@ use lbkit::health::{GrpcCheck, HealthCheck, HealthChecker, HttpCheck, OutlierDet
 use lbkit::key::HashKeyLayer;
 use lbkit::proxy::{ErrorResponseLayer, Forward, UpstreamProtocol};
 use lbkit::server::{ProxyProtocol, RequestBody, Server};
+use lbkit::status::StatusPage;
 use lbkit::sticky::{StickyKey, StickyLayer};
 use lbkit::strategy::AnyStrategy;
 use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
@@ -129,6 +137,8 @@ pub struct Args {
     pub queue_timeout: Duration,
     /// Connections open to one backend at most.
     pub max_conns_per_backend: usize,
+    /// Where to serve the status page (`--status ADDR`, a local admin port; `None`: off).
+    pub status: Option<SocketAddr>,
 }
 
 impl Default for Args {
@@ -152,6 +162,7 @@ impl Default for Args {
             queue: 1024,
             queue_timeout: Duration::from_secs(5),
             max_conns_per_backend: 256,
+            status: None,
         }
     }
 }
@@ -215,6 +226,7 @@ fn parse_args() -> Result<Args, BoxError> {
                 args.queue_timeout = Duration::from_millis(v.parse()?)
             }
             ("--max-conns-per-backend", Some(v)) => args.max_conns_per_backend = v.parse()?,
+            ("--status", Some(v)) => args.status = Some(v.parse()?),
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -228,7 +240,7 @@ fn parse_args() -> Result<Args, BoxError> {
                      [--upstream http1|h2|same] [--compress] [--trust-proxy CIDR,CIDR,...] \
                      [--proxy-protocol CIDR,CIDR,...] \
                      [--max-requests-per-backend N] [--queue N] [--queue-timeout-ms MS] \
-                     [--max-conns-per-backend N] [--cache MiB]"
+                     [--max-conns-per-backend N] [--cache MiB] [--status ADDR]"
                 );
                 std::process::exit(2);
             }
@@ -290,7 +302,22 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down: finishing requests in flight");
     };
-    let (_pool, serving) = proxy(endpoints, &args, listener, ctrl_c);
+    // The status page: its own listener, bound before serving so a busy port is reported.
+    let status = match args.status {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("cannot listen on {addr} for the status page: {e}");
+                std::process::exit(1);
+            }
+        },
+        None => None,
+    };
+    let (pool, serving) = proxy(endpoints, &args, listener, ctrl_c);
+    if let Some(status) = status {
+        println!("status page on http://{}/status", status.local_addr()?);
+        tokio::spawn(status_page(&pool, status));
+    }
     serving.await;
     println!("bye");
     Ok(())
@@ -366,6 +393,20 @@ pub fn proxy(
         None => serve(balanced, args, listener, shutdown),
     };
     (pool, serving)
+}
+
+/// Serves the status page of the proxy's `pool` on `listener` (`--status`), with the admin
+/// actions on: drain, undrain and weight by form. Its own listener, never the proxy's: bind
+/// it to loopback or a management network.
+pub fn status_page(
+    pool: &Pool<Target, AnyStrategy>,
+    listener: TcpListener,
+) -> impl Future<Output = ()> + Send + 'static {
+    let page = StatusPage::new()
+        .title("lbkit reverse_proxy")
+        .pool("backends", pool)
+        .admin(true);
+    Server::new(page).serve(listener)
 }
 
 /// Serves `proxy` behind `ErrorResponseLayer` on `listener` until `shutdown` (then 10 s of

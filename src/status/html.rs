@@ -8,13 +8,13 @@ use crate::stats::{EndpointStats, PoolStats};
 
 /// Colours and layout, inline: the page must work with no other request.
 const STYLE: &str = "
-body{font:14px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:16px 24px;color:#1d2330;background:#f6f7f9}
+body{font:13px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:16px;color:#1d2330;background:#f6f7f9}
 h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:20px 0 4px}
 .meta{color:#5b6475;margin:0 0 8px}.meta b{color:#1d2330}
-table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002;min-width:100%}
-th,td{padding:4px 8px;border-bottom:1px solid #e3e6eb;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002}
+th,td{padding:4px 7px;border-bottom:1px solid #e3e6eb;text-align:right;white-space:nowrap}
 th{background:#2d3748;color:#fff;font-weight:600;position:sticky;top:0}
-td.id,th.id,td.chk{text-align:left}td.chk{max-width:22em;overflow:hidden;text-overflow:ellipsis}
+td.id,th.id,td.chk{text-align:left}td.chk{max-width:14em;overflow:hidden;text-overflow:ellipsis}
 tr.up td.st{background:#38a169;color:#fff}tr.up{background:#f0fff4}
 tr.warming td.st{background:#9ac53b;color:#fff}tr.warming{background:#f7fde9}
 tr.drain td.st{background:#3182ce;color:#fff}tr.drain{background:#ebf4ff}
@@ -23,7 +23,7 @@ tr.ejected td.st{background:#dd6b20;color:#fff}tr.ejected{background:#fffaf0}
 td.st{font-weight:600;text-align:center;text-transform:uppercase;font-size:12px}
 .bad{color:#c53030;font-weight:600}.dim{color:#8a93a3}
 .panic{background:#e53e3e;color:#fff;padding:1px 6px;border-radius:3px;font-weight:600}
-form{display:inline;margin:0 2px}input[type=number]{width:5em}
+form{display:inline;margin:0 2px}input[type=number]{width:3.5em;font:inherit;font-size:12px}
 button{font:inherit;font-size:12px;padding:1px 6px;cursor:pointer}
 .legend span{display:inline-block;padding:0 6px;margin-right:4px;border-radius:3px;color:#fff;font-size:12px;text-transform:uppercase}
 ";
@@ -250,8 +250,8 @@ fn row(out: &mut String, page: &StatusPage, pool: &str, e: &EndpointStats) {
             out,
             "<form method=\"post\" action=\"{base}/{action}\">{fields}<button>{label}</button></form>\
              <form method=\"post\" action=\"{base}/weight\">{fields}\
-             <input type=\"number\" name=\"weight\" min=\"0\" max=\"{}\" value=\"{}\" required>\
-             <button>set weight</button></form>",
+             <input type=\"number\" name=\"weight\" min=\"0\" max=\"{}\" value=\"{}\" \
+             title=\"weight\" required><button title=\"set the weight\">set</button></form>",
             crate::Endpoint::MAX_WEIGHT,
             e.weight
         );
