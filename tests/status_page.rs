@@ -209,8 +209,13 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
         assert!((p50 - ms(e.latency.p50)).abs() < 1e-6, "{p50} vs {:?}", e.latency.p50);
         let p99 = j["latency_ms"]["p99"].as_f64().expect("a p99");
         assert!((p99 - ms(e.latency.p99)).abs() < 1e-6, "{p99} vs {:?}", e.latency.p99);
+        // Checks go on meanwhile; a live backend's check passes unless the machine is so
+        // loaded that it times out, so only the dead one's outcome is certain.
         let check = &j["last_check"];
-        assert_eq!(check["ok"], e.id.as_str() != "dead", "{check}");
+        assert_eq!(check["ok"].as_bool(), Some(check["error"].is_null()), "{check}");
+        if e.id.as_str() == "dead" {
+            assert_eq!(check["ok"], false, "{check}");
+        }
     }
     let by_id = |id: &str| listed.iter().find(|e| e["id"] == id).expect("listed");
     let dead = by_id("dead");
@@ -240,8 +245,11 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
         assert_eq!(cells[4], "0", "in flight: {cells:?}");
         assert_eq!(cells[5], e.requests.to_string(), "{cells:?}");
         assert!(cells[6].starts_with(&e.errors.to_string()), "{cells:?}");
-        let check = if e.id.as_str() == "dead" { "FAIL" } else { "OK in" };
-        assert!(cells[11].starts_with(check), "{cells:?}");
+        let check = &cells[11];
+        assert!(check.starts_with("OK in") || check.starts_with("FAIL"), "{cells:?}");
+        if e.id.as_str() == "dead" {
+            assert!(check.starts_with("FAIL connection failed"), "{cells:?}");
+        }
         // The admin forms, since the proxy turns them on.
         assert!(cells[12].contains("drain"), "{cells:?}");
     }
