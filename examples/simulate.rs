@@ -16,7 +16,14 @@
 //! cargo run --release --example simulate
 //! cargo run --release --example simulate -- --seed 42 --requests 100000
 //! cargo run --release --example simulate -- --report p2c   # one strategy's full report
+//! cargo run --release --example simulate -- --svg plots    # and SVG plots in plots/
 //! ```
+//!
+//! With `--svg DIR`, each scenario also gets two plots (`lbkit::sim::plot`, feature
+//! `sim-plot`): `latency-NAME.svg`, the client's p50 and p99 latency (and failed requests)
+//! second by second, one line per strategy; and `share-NAME.svg`, each endpoint's share of
+//! the requests second by second, one small chart per strategy, the endpoint in trouble in
+//! red. NAME is `slow`, `outage`, `fast-failures` or `rate-limit`.
 //!
 //! The same seed gives the same tables, byte for byte. What to look for: on the slow fleet,
 //! round robin and random send a tenth of the traffic to the slow endpoint and their p99 is
@@ -27,12 +34,13 @@
 //! connections and peak EWMA send the failing endpoint well under its tenth. On the
 //! rate-limited fleet, honouring `Retry-After` turns most 429s into requests served elsewhere.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lbkit::failover::{FailoverLayer, RetryBudget, RetryPolicy};
 use lbkit::hash::mix64;
 use lbkit::health::OutlierDetection;
-use lbkit::sim::{Comparison, Latency, Scenario, SimEndpoint, SimService, Workload};
+use lbkit::sim::{plot, Comparison, Latency, Scenario, SimEndpoint, SimService, Workload};
 use lbkit::strategy::{AnyStrategy, PowerOfTwoChoices, RoundRobin, Strategy};
 use tower::balance::p2c::Balance;
 use tower::discover::ServiceList;
@@ -177,37 +185,18 @@ fn every_strategy() -> impl Iterator<Item = AnyStrategy> {
         .map(|name| name.parse().expect("a built-in strategy"))
 }
 
-fn main() {
-    let mut seed = 7;
-    let mut requests = 30_000;
-    let mut report = None;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
-        match arg.as_str() {
-            "--seed" => seed = value().parse().expect("--seed takes a number"),
-            "--requests" => requests = value().parse().expect("--requests takes a number"),
-            "--report" => report = Some(value()),
-            other => panic!("unknown argument {other:?} (try --seed, --requests, --report)"),
-        }
-    }
-
+/// Every scenario's comparison table, with a short name for its files: `slow`, `outage`,
+/// `fast-failures` and `rate-limit`.
+pub fn comparisons(seed: u64, requests: u64) -> Vec<(&'static str, Comparison)> {
     let slow = slow_fleet(seed, requests);
     let outage = outage_fleet(seed, requests);
     let fast_failing = fast_failing_fleet(seed, requests);
     let rate_limited = rate_limited_fleet(seed, requests);
-
-    if let Some(name) = report {
-        let strategy: AnyStrategy = name.parse().unwrap_or_else(|e| panic!("{e}"));
-        for scenario in [&slow, &outage, &fast_failing, &rate_limited] {
-            println!("{}", scenario.run(strategy));
-        }
-        return;
-    }
+    let mut tables = Vec::new();
 
     let mut table = slow.compare(every_strategy());
     tower_rows(&slow, &mut table);
-    println!("{table}");
+    tables.push(("slow", table));
 
     let mut table = outage.compare(every_strategy());
     tower_rows(&outage, &mut table);
@@ -227,13 +216,13 @@ fn main() {
                 .layer(b)
         }),
     );
-    println!("{table}");
+    tables.push(("outage", table));
 
     let mut table = with_and_without(&fast_failing, "(no penalty)", |pool| {
         pool.set_failure_penalty(0.0)
     });
     tower_rows(&fast_failing, &mut table);
-    println!("{table}");
+    tables.push(("fast-failures", table));
 
     let mut table = with_and_without(&rate_limited, "(ignores Retry-After)", |pool| {
         pool.set_retry_after_cap(Duration::ZERO)
@@ -247,5 +236,75 @@ fn main() {
                 .layer(b)
         }),
     );
-    println!("{table}");
+    tables.push(("rate-limit", table));
+    tables
+}
+
+/// Writes two plots of each comparison into `dir` (created if missing):
+/// `latency-NAME.svg` (p50 and p99 over time per run, and failures when there are any) and
+/// `share-NAME.svg` (each endpoint's share of the requests over time, per run). Returns the
+/// files written.
+pub fn write_svgs(
+    dir: &Path,
+    tables: &[(&str, Comparison)],
+) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    for (name, table) in tables {
+        let latency = dir.join(format!("latency-{name}.svg"));
+        std::fs::write(&latency, plot::latency_svg(table)?)?;
+        let share = dir.join(format!("share-{name}.svg"));
+        std::fs::write(&share, plot::traffic_share_svg(table)?)?;
+        written.extend([latency, share]);
+    }
+    Ok(written)
+}
+
+fn main() {
+    let mut seed = 7;
+    let mut requests = 30_000;
+    let mut report = None;
+    let mut svg = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--seed" => seed = value().parse().expect("--seed takes a number"),
+            "--requests" => requests = value().parse().expect("--requests takes a number"),
+            "--report" => report = Some(value()),
+            "--svg" => svg = Some(PathBuf::from(value())),
+            other => panic!("unknown argument {other:?} (try --seed, --requests, --report, --svg)"),
+        }
+    }
+
+    if let Some(name) = report {
+        let strategy: AnyStrategy = name.parse().unwrap_or_else(|e| panic!("{e}"));
+        for scenario in [
+            slow_fleet(seed, requests),
+            outage_fleet(seed, requests),
+            fast_failing_fleet(seed, requests),
+            rate_limited_fleet(seed, requests),
+        ] {
+            println!("{}", scenario.run(strategy));
+        }
+        return;
+    }
+
+    let tables = comparisons(seed, requests);
+    for (_, table) in &tables {
+        println!("{table}");
+    }
+    if let Some(dir) = svg {
+        match write_svgs(&dir, &tables) {
+            Ok(files) => {
+                for f in files {
+                    println!("wrote {}", f.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("cannot write the plots to {}: {e}", dir.display());
+                std::process::exit(1);
+            }
+        }
+    }
 }

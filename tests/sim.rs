@@ -342,3 +342,49 @@ fn hash_keys_reach_consistent_hashing() {
     let r = many.run(Maglev::new());
     assert!(r.endpoints.iter().all(|e| e.share > 0.15), "{r}");
 }
+
+#[test]
+fn timelines_show_each_endpoints_share_and_the_latency_step_by_step() {
+    let scenario = outage_fleet(3);
+    let rr = scenario.run(RoundRobin::new());
+    let steps = rr.timeline.len();
+    assert_eq!(steps, 12, "{rr}");
+    for e in &rr.endpoints {
+        assert_eq!(e.timeline.len(), steps);
+        assert_eq!(e.timeline.iter().sum::<u64>(), e.requests, "{}", e.id);
+    }
+    for (s, t) in rr.timeline.iter().enumerate() {
+        // Without retries each request reaches one endpoint, when it is sent.
+        let reached: u64 = rr.endpoints.iter().map(|e| e.timeline[s]).sum();
+        assert_eq!(reached, t.requests, "step {s}");
+        assert_eq!(t.latency.count + t.errors, t.requests, "step {s}");
+        assert!(t.latency.p50 <= t.latency.p99 && t.latency.p99 <= t.latency.max);
+        // Round robin keeps sending e2 its fifth, out or not.
+        let e2 = rr.endpoint("e2").unwrap().timeline[s];
+        assert!(e2.abs_diff(t.requests / 5) <= 1, "step {s}: {e2} of {}", t.requests);
+    }
+    assert_eq!(error_seconds(&rr), [4, 5, 6, 7]);
+
+    // Outlier detection: e2's share falls to nothing while it is out, and comes back.
+    let ejecting = scenario.run_with("p2c + outlier detection", PowerOfTwoChoices::new(), |b| {
+        OutlierDetection::new()
+            .consecutive_failures(5)
+            .base_ejection_time(secs(1))
+            .spawn(b.pool());
+        b
+    });
+    let e2 = ejecting.endpoint("e2").unwrap();
+    let share = |s: usize| e2.timeline[s] as f64 / ejecting.timeline[s].requests as f64;
+    for s in 0..4 {
+        assert!(share(s) > 0.1, "step {s}: {}", share(s));
+    }
+    for s in 5..8 {
+        assert!(share(s) < 0.05, "step {s}: {}", share(s));
+    }
+    // Ejected again and again while out, for longer each time: back once the last ends.
+    assert!(share(11) > 0.1, "back after the outage: {}", share(11));
+    // The client's p99 stays that of the healthy endpoints all along.
+    let p99_before = ejecting.timeline[2].latency.p99;
+    let p99_during = ejecting.timeline[6].latency.p99;
+    assert!(p99_during < p99_before * 2, "{p99_before:?} -> {p99_during:?}");
+}

@@ -266,6 +266,8 @@ pub(crate) struct Seen {
     pub(crate) throttled: u64,
     /// Latencies of successful requests, in nanoseconds.
     pub(crate) latencies: Vec<u64>,
+    /// When each request arrived, in nanoseconds since the start of the run.
+    pub(crate) arrivals: Vec<u64>,
 }
 
 struct Shared {
@@ -350,7 +352,11 @@ impl Service<SimRequest> for SimService {
             fast_rate,
             out,
         } = shared.spec.conditions(since);
-        lock(&shared.seen).requests += 1;
+        {
+            let mut seen = lock(&shared.seen);
+            seen.requests += 1;
+            seen.arrivals.push(nanos(since));
+        }
         let error = |outage| SimError {
             endpoint: shared.spec.id().clone(),
             outage,

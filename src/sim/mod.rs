@@ -8,7 +8,9 @@
 //! built on it (failover, outlier detection, ...), and [`Scenario::run_service`] through any
 //! tower service over the simulated endpoints (such as `tower::balance::p2c`). Each run
 //! returns a [`Report`]: every endpoint's share of the requests, errors and p50/p90/p99/p99.9
-//! latency, and the same as the client saw them; [`Comparison`] puts runs side by side.
+//! latency, and the same as the client saw them, and how requests, errors, latency and each
+//! endpoint's share moved over the run (its timeline); [`Comparison`] puts runs side by side,
+//! and `plot` (feature `sim-plot`) draws them as SVG.
 //!
 //! Runs use tokio's paused clock (feature `sim` turns on tokio's `test-util`): simulated time
 //! jumps from one timer to the next, so minutes of traffic take milliseconds, and a run
@@ -40,6 +42,9 @@
 
 mod endpoint;
 mod latency;
+#[cfg(feature = "sim-plot")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim-plot")))]
+pub mod plot;
 mod report;
 mod scenario;
 mod workload;

@@ -67,6 +67,9 @@ pub struct EndpointReport {
     /// Latencies of the requests it served successfully, as it saw them (from their arrival,
     /// including any wait for a slot).
     pub latency: Latencies,
+    /// Requests it got in each step of the run's [timeline](Report::timeline), by when they
+    /// arrived (one entry per step): its share of the traffic over time.
+    pub timeline: Vec<u64>,
 }
 
 /// Requests and errors of one step of a run's timeline.
@@ -79,6 +82,9 @@ pub struct TimelineStep {
     pub requests: u64,
     /// Of those, the ones that failed (as the client saw them).
     pub errors: u64,
+    /// Latencies of those that succeeded, as the client saw them: how the tail moves over
+    /// time.
+    pub latency: Latencies,
 }
 
 /// The outcome of one simulation run: per endpoint and as the client saw it.
@@ -251,6 +257,16 @@ impl Comparison {
     pub fn push(&mut self, report: Report) -> &mut Self {
         self.reports.push(report);
         self
+    }
+
+    /// The title.
+    pub fn title(&self) -> &str {
+        &self.title
+    }
+
+    /// The highlighted endpoints, in order.
+    pub fn highlighted(&self) -> &[EndpointId] {
+        &self.highlight
     }
 
     /// The runs, in the order they were added.

@@ -292,6 +292,9 @@ impl Scenario {
     fn report(&self, label: &str, start: Instant, run: Run, services: &[SimService]) -> Report {
         let seen: Vec<_> = services.iter().map(SimService::take_seen).collect();
         let total: u64 = seen.iter().map(|s| s.requests).sum();
+        let step = nanos(self.step).max(1);
+        let last = run.outcomes.iter().map(|o| o.sent_at).max().unwrap_or(0);
+        let steps = usize::try_from(last / step).map_or(usize::MAX, |s| s + 1);
         let endpoints = services
             .iter()
             .zip(seen)
@@ -306,28 +309,34 @@ impl Scenario {
                 errors: seen.errors,
                 throttled: seen.throttled,
                 latency: Latencies::of(&mut seen.latencies),
+                timeline: per_step(&seen.arrivals, step, steps),
             })
             .collect();
-        let step = nanos(self.step).max(1);
-        let last = run.outcomes.iter().map(|o| o.sent_at).max().unwrap_or(0);
-        let mut timeline: Vec<TimelineStep> = (0..=last / step)
+        let mut timeline: Vec<TimelineStep> = (0..steps as u64)
             .map(|i| TimelineStep {
                 start: Duration::from_nanos(i * step),
                 requests: 0,
                 errors: 0,
+                latency: Latencies::default(),
             })
             .collect();
         let mut latencies = Vec::with_capacity(run.outcomes.len());
+        let mut step_latencies: Vec<Vec<u64>> = vec![Vec::new(); steps];
         let mut errors = 0;
         for o in &run.outcomes {
-            let t = &mut timeline[(o.sent_at / step) as usize];
+            let i = (o.sent_at / step) as usize;
+            let t = &mut timeline[i];
             t.requests += 1;
             if o.ok {
                 latencies.push(o.latency);
+                step_latencies[i].push(o.latency);
             } else {
                 t.errors += 1;
                 errors += 1;
             }
+        }
+        for (t, l) in timeline.iter_mut().zip(&mut step_latencies) {
+            t.latency = Latencies::of(l);
         }
         Report {
             scenario: self.name.clone(),
@@ -342,6 +351,18 @@ impl Scenario {
             timeline_step: self.step,
         }
     }
+}
+
+/// How many of `times` (nanoseconds since the start) fall in each of `steps` steps of `step`
+/// nanoseconds; later ones count in the last step.
+fn per_step(times: &[u64], step: u64, steps: usize) -> Vec<u64> {
+    let mut counts = vec![0; steps];
+    if let Some(last) = steps.checked_sub(1) {
+        for &t in times {
+            counts[usize::try_from(t / step).map_or(last, |i| i.min(last))] += 1;
+        }
+    }
+    counts
 }
 
 /// The value that occurs most often (the first of equals), if any.
