@@ -244,10 +244,7 @@ pub fn comparisons(seed: u64, requests: u64) -> Vec<(&'static str, Comparison)> 
 /// `latency-NAME.svg` (p50 and p99 over time per run, and failures when there are any) and
 /// `share-NAME.svg` (each endpoint's share of the requests over time, per run). Returns the
 /// files written.
-pub fn write_svgs(
-    dir: &Path,
-    tables: &[(&str, Comparison)],
-) -> std::io::Result<Vec<PathBuf>> {
+pub fn write_svgs(dir: &Path, tables: &[(&str, Comparison)]) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let mut written = Vec::new();
     for (name, table) in tables {

@@ -361,7 +361,11 @@ fn timelines_show_each_endpoints_share_and_the_latency_step_by_step() {
         assert!(t.latency.p50 <= t.latency.p99 && t.latency.p99 <= t.latency.max);
         // Round robin keeps sending e2 its fifth, out or not.
         let e2 = rr.endpoint("e2").unwrap().timeline[s];
-        assert!(e2.abs_diff(t.requests / 5) <= 1, "step {s}: {e2} of {}", t.requests);
+        assert!(
+            e2.abs_diff(t.requests / 5) <= 1,
+            "step {s}: {e2} of {}",
+            t.requests
+        );
     }
     assert_eq!(error_seconds(&rr), [4, 5, 6, 7]);
 
@@ -386,5 +390,8 @@ fn timelines_show_each_endpoints_share_and_the_latency_step_by_step() {
     // The client's p99 stays that of the healthy endpoints all along.
     let p99_before = ejecting.timeline[2].latency.p99;
     let p99_during = ejecting.timeline[6].latency.p99;
-    assert!(p99_during < p99_before * 2, "{p99_before:?} -> {p99_during:?}");
+    assert!(
+        p99_during < p99_before * 2,
+        "{p99_before:?} -> {p99_during:?}"
+    );
 }

@@ -52,7 +52,11 @@ fn the_simulator_writes_well_formed_svg_plots() {
             .unwrap_or_else(|e| panic!("{name} is not well-formed XML: {e}"));
         let root = doc.root_element();
         assert_eq!(root.tag_name().name(), "svg", "{name}");
-        assert_eq!(root.tag_name().namespace(), Some("http://www.w3.org/2000/svg"), "{name}");
+        assert_eq!(
+            root.tag_name().namespace(),
+            Some("http://www.w3.org/2000/svg"),
+            "{name}"
+        );
         let width: f64 = root.attribute("width").expect("a width").parse().unwrap();
         assert!(width >= 800.0, "{name}: {width}");
         let count = |tag: &str| doc.descendants().filter(|n| n.has_tag_name(tag)).count();
@@ -60,11 +64,19 @@ fn the_simulator_writes_well_formed_svg_plots() {
         assert!(runs >= 9, "{name}: {runs} runs");
         if name.starts_with("latency") {
             // p50 and p99 (and failures, when there are any) per run, and the axes.
-            assert!(count("polyline") >= 2 * runs, "{name}: {}", count("polyline"));
+            assert!(
+                count("polyline") >= 2 * runs,
+                "{name}: {}",
+                count("polyline")
+            );
         } else {
             // One band per endpoint per run.
             let bands: usize = table.reports().iter().map(|r| r.endpoints.len()).sum();
-            assert!(count("polygon") >= bands, "{name}: {} of {bands}", count("polygon"));
+            assert!(
+                count("polygon") >= bands,
+                "{name}: {} of {bands}",
+                count("polygon")
+            );
         }
         // Every run is named (chart captions and the legend).
         let texts: HashSet<String> = doc
@@ -74,9 +86,16 @@ fn the_simulator_writes_well_formed_svg_plots() {
             .map(|t| t.trim().to_owned())
             .collect();
         for r in table.reports() {
-            assert!(texts.contains(&r.label), "{name}: no {:?} in {texts:?}", r.label);
+            assert!(
+                texts.contains(&r.label),
+                "{name}: no {:?} in {texts:?}",
+                r.label
+            );
         }
-        assert!(texts.contains(table.title()) || name.starts_with("share"), "{name}");
+        assert!(
+            texts.contains(table.title()) || name.starts_with("share"),
+            "{name}"
+        );
         // Plotted points are numbers, not NaN or infinities.
         assert!(!text.contains("NaN") && !text.contains("inf"), "{name}");
     }
@@ -84,5 +103,8 @@ fn the_simulator_writes_well_formed_svg_plots() {
     let outage = std::fs::read_to_string(&written[2]).unwrap();
     assert!(outage.contains("failed requests per 1s step"));
     let slow = std::fs::read_to_string(&written[0]).unwrap();
-    assert!(!slow.contains("failed requests"), "no failure panel without failures");
+    assert!(
+        !slow.contains("failed requests"),
+        "no failure panel without failures"
+    );
 }

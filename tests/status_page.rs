@@ -178,7 +178,11 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
 
     let json = get(proxy.status, "/status.json").await;
     assert_eq!(json.status, 200);
-    assert!(json.head.contains("content-type: application/json"), "{}", json.head);
+    assert!(
+        json.head.contains("content-type: application/json"),
+        "{}",
+        json.head
+    );
     let html = get(proxy.status, "/status").await;
     // Counters and latency histograms only move with traffic, and there is none now.
     let stats = proxy.pool.stats();
@@ -206,13 +210,25 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
         assert_eq!(j["in_flight"], 0);
         assert_eq!(j["latency_ms"]["count"], e.latency.count);
         let p50 = j["latency_ms"]["p50"].as_f64().expect("a p50");
-        assert!((p50 - ms(e.latency.p50)).abs() < 1e-6, "{p50} vs {:?}", e.latency.p50);
+        assert!(
+            (p50 - ms(e.latency.p50)).abs() < 1e-6,
+            "{p50} vs {:?}",
+            e.latency.p50
+        );
         let p99 = j["latency_ms"]["p99"].as_f64().expect("a p99");
-        assert!((p99 - ms(e.latency.p99)).abs() < 1e-6, "{p99} vs {:?}", e.latency.p99);
+        assert!(
+            (p99 - ms(e.latency.p99)).abs() < 1e-6,
+            "{p99} vs {:?}",
+            e.latency.p99
+        );
         // Checks go on meanwhile; a live backend's check passes unless the machine is so
         // loaded that it times out, so only the dead one's outcome is certain.
         let check = &j["last_check"];
-        assert_eq!(check["ok"].as_bool(), Some(check["error"].is_null()), "{check}");
+        assert_eq!(
+            check["ok"].as_bool(),
+            Some(check["error"].is_null()),
+            "{check}"
+        );
         if e.id.as_str() == "dead" {
             assert_eq!(check["ok"], false, "{check}");
         }
@@ -221,16 +237,23 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
     let dead = by_id("dead");
     assert_eq!(dead["health"], "down");
     assert_eq!(dead["requests"], 0);
-    assert!(dead["last_check"]["error"]
-        .as_str()
-        .is_some_and(|e| e.contains("refused")), "{dead}");
+    assert!(
+        dead["last_check"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused")),
+        "{dead}"
+    );
     let s0 = by_id("s0");
     assert_eq!(s0["weight"], 2);
     assert!(s0["requests"].as_u64() > by_id("s1")["requests"].as_u64());
 
     // The HTML: a self-contained page with one row per endpoint, the same numbers.
     assert_eq!(html.status, 200);
-    assert!(html.head.contains("content-type: text/html"), "{}", html.head);
+    assert!(
+        html.head.contains("content-type: text/html"),
+        "{}",
+        html.head
+    );
     let page = &html.body;
     assert!(page.starts_with("<!DOCTYPE html>"));
     assert!(page.contains("<meta http-equiv=\"refresh\" content=\"5\">"));
@@ -246,7 +269,10 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
         assert_eq!(cells[5], e.requests.to_string(), "{cells:?}");
         assert!(cells[6].starts_with(&e.errors.to_string()), "{cells:?}");
         let check = &cells[11];
-        assert!(check.starts_with("OK in") || check.starts_with("FAIL"), "{cells:?}");
+        assert!(
+            check.starts_with("OK in") || check.starts_with("FAIL"),
+            "{cells:?}"
+        );
         if e.id.as_str() == "dead" {
             assert!(check.starts_with("FAIL connection failed"), "{cells:?}");
         }
@@ -259,7 +285,10 @@ async fn the_proxys_status_page_shows_pool_stats_as_html_and_json() {
     // HEAD has the head and no body; `/` leads to the page.
     let head = exchange(
         proxy.status,
-        format!("HEAD /status HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", proxy.status),
+        format!(
+            "HEAD /status HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+            proxy.status
+        ),
     )
     .await;
     assert_eq!(head.status, 200);
@@ -280,7 +309,10 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
     let (page, pool) = (proxy.status, &proxy.pool);
     let weight = |id: &str| pool.stats().endpoint(id).map(|e| e.weight);
     let eligible = |id: &str| pool.stats().endpoint(id).is_some_and(|e| e.eligible);
-    common::wait_until(HANG, "every endpoint eligible", || pool.stats().eligible() == 3).await;
+    common::wait_until(HANG, "every endpoint eligible", || {
+        pool.stats().eligible() == 3
+    })
+    .await;
 
     // Drain: weight 0, out of rotation; requests go elsewhere.
     let res = post(page, "/status/drain", "pool=backends&endpoint=s0", "").await;
@@ -295,10 +327,20 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
     assert_eq!(requests("s0"), before, "a drained endpoint gets no request");
     let doc: Value = serde_json::from_str(&get(page, "/status.json").await.body).unwrap();
     let j = &doc["pools"][0]["endpoints"][0]; // in id order: s0 first
-    assert_eq!((j["id"].as_str(), j["state"].as_str(), j["drained"].as_bool()), (Some("s0"), Some("drain"), Some(true)));
+    assert_eq!(
+        (
+            j["id"].as_str(),
+            j["state"].as_str(),
+            j["drained"].as_bool()
+        ),
+        (Some("s0"), Some("drain"), Some(true))
+    );
     let html = get(page, "/status").await.body;
     assert_eq!(row_cells(&html, "s0")[1], "drain");
-    assert!(html.contains("action=\"/status/undrain\""), "an undrain button");
+    assert!(
+        html.contains("action=\"/status/undrain\""),
+        "an undrain button"
+    );
 
     // Undrain: the weight it had comes back.
     let res = post(page, "/status/undrain", "pool=backends&endpoint=s0", "").await;
@@ -307,25 +349,65 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
     assert!(eligible("s0"));
 
     // Re-weight, with the id percent-encoded as a browser sends it.
-    let res = post(page, "/status/weight", "pool=backends&endpoint=%73%31&weight=7", "").await;
+    let res = post(
+        page,
+        "/status/weight",
+        "pool=backends&endpoint=%73%31&weight=7",
+        "",
+    )
+    .await;
     assert_eq!(res.status, 303, "{}", res.body);
     assert_eq!(weight("s1"), Some(7));
     // Weight 0 then undrain: back to 7.
-    post(page, "/status/weight", "pool=backends&endpoint=s1&weight=0", "").await;
+    post(
+        page,
+        "/status/weight",
+        "pool=backends&endpoint=s1&weight=0",
+        "",
+    )
+    .await;
     assert_eq!(weight("s1"), Some(0));
     post(page, "/status/undrain", "pool=backends&endpoint=s1", "").await;
     assert_eq!(weight("s1"), Some(7));
 
     // Bad input: a 400 (or 403/405/415) naming the problem, and nothing changes.
     let bad = [
-        ("/status/weight", "pool=backends&endpoint=s2&weight=abc", "not a whole number"),
-        ("/status/weight", "pool=backends&endpoint=s2&weight=-3", "not a whole number"),
-        ("/status/weight", "pool=backends&endpoint=s2&weight=10001", "too large"),
-        ("/status/weight", "pool=backends&endpoint=s2", "missing field \"weight\""),
-        ("/status/drain", "pool=backends&endpoint=nope", "no endpoint \"nope\""),
-        ("/status/drain", "pool=nope&endpoint=s2", "no pool named \"nope\""),
+        (
+            "/status/weight",
+            "pool=backends&endpoint=s2&weight=abc",
+            "not a whole number",
+        ),
+        (
+            "/status/weight",
+            "pool=backends&endpoint=s2&weight=-3",
+            "not a whole number",
+        ),
+        (
+            "/status/weight",
+            "pool=backends&endpoint=s2&weight=10001",
+            "too large",
+        ),
+        (
+            "/status/weight",
+            "pool=backends&endpoint=s2",
+            "missing field \"weight\"",
+        ),
+        (
+            "/status/drain",
+            "pool=backends&endpoint=nope",
+            "no endpoint \"nope\"",
+        ),
+        (
+            "/status/drain",
+            "pool=nope&endpoint=s2",
+            "no pool named \"nope\"",
+        ),
         ("/status/drain", "endpoint=s2", "missing field \"pool\""),
-        ("/status/drain", "pool=backends&pool=backends&endpoint=s2", "given twice"),
+        (
+            "/status/drain",
+            "pool=backends&pool=backends&endpoint=s2",
+            "given twice",
+        ),
     ];
     for (path, form, why) in bad {
         let res = post(page, path, form, "").await;
@@ -352,12 +434,30 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
     .await;
     assert_eq!(res.status, 405);
     // Another site's page posting through the operator's browser, and DNS rebinding.
-    let res = post(page, "/status/drain", "pool=backends&endpoint=s2", "origin: http://evil.example\r\n").await;
+    let res = post(
+        page,
+        "/status/drain",
+        "pool=backends&endpoint=s2",
+        "origin: http://evil.example\r\n",
+    )
+    .await;
     assert_eq!(res.status, 403, "{}", res.body);
     assert!(res.body.contains("cross-origin"));
-    let res = post(page, "/status/drain", "pool=backends&endpoint=s2", "sec-fetch-site: cross-site\r\n").await;
+    let res = post(
+        page,
+        "/status/drain",
+        "pool=backends&endpoint=s2",
+        "sec-fetch-site: cross-site\r\n",
+    )
+    .await;
     assert_eq!(res.status, 403, "{}", res.body);
-    let res = post(page, "/status/drain", "pool=backends&endpoint=s2", &format!("origin: http://{page}\r\n")).await;
+    let res = post(
+        page,
+        "/status/drain",
+        "pool=backends&endpoint=s2",
+        &format!("origin: http://{page}\r\n"),
+    )
+    .await;
     assert_eq!(res.status, 303, "same origin is fine: {}", res.body);
     post(page, "/status/undrain", "pool=backends&endpoint=s2", "").await;
     let rebound = exchange(
@@ -410,7 +510,10 @@ async fn pools_of_any_type_share_a_read_only_page_with_every_text_escaped() {
     assert!(page.contains("<title>&lt;b&gt;lb&lt;/b&gt;</title>"));
     assert!(page.contains("<h2>pool &lt;i&gt;api&lt;/i&gt;</h2>"));
     assert!(page.contains("<h2>pool other</h2>"));
-    assert!(!page.contains("http-equiv"), "no reload when refresh is off");
+    assert!(
+        !page.contains("http-equiv"),
+        "no reload when refresh is off"
+    );
     assert!(!page.contains("<form"), "read-only by default");
     assert!(page.contains("href=\"/admin/lb.json\""));
 

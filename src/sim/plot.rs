@@ -40,7 +40,7 @@ use std::time::Duration;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::report::{Comparison, Report};
+use super::report::{Comparison, Latencies, Report};
 
 /// A plot could not be drawn (plotters failed; with its in-memory SVG backend this does not
 /// happen in practice).
@@ -104,6 +104,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Reads one quantile of a set of latencies.
+type Quantile = fn(&Latencies) -> Duration;
+
 /// The end of the last step of any run, in seconds.
 fn x_end(reports: &[Report]) -> f64 {
     reports
@@ -130,14 +133,12 @@ pub fn latency_svg(comparison: &Comparison) -> Result<String, PlotError> {
         let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
         let (title, body) = root.split_vertically(40);
-        title
-            .titled(comparison.title(), (FONT, 18))
-            .map_err(err)?;
+        title.titled(comparison.title(), (FONT, 18)).map_err(err)?;
         let (plots, legend) = body.split_horizontally(width - LEGEND_WIDTH);
         let areas = plots.split_evenly((panels, 1));
         let x_end = x_end(reports);
         // One y range for both latency panels, so that they compare at a glance.
-        let points = |r: &Report, q: fn(&super::Latencies) -> Duration| -> Vec<(f64, f64)> {
+        let points = |r: &Report, q: Quantile| -> Vec<(f64, f64)> {
             r.timeline
                 .iter()
                 .filter(|t| t.latency.count > 0)
@@ -156,7 +157,7 @@ pub fn latency_svg(comparison: &Comparison) -> Result<String, PlotError> {
         } else {
             (1.0, 1000.0)
         };
-        let quantiles: [(&str, fn(&super::Latencies) -> Duration); 2] =
+        let quantiles: [(&str, Quantile); 2] =
             [("p50 latency", |l| l.p50), ("p99 latency", |l| l.p99)];
         for (area, (name, q)) in areas.iter().zip(quantiles) {
             let mut chart = ChartBuilder::on(area)
@@ -164,7 +165,10 @@ pub fn latency_svg(comparison: &Comparison) -> Result<String, PlotError> {
                 .margin(8)
                 .x_label_area_size(32)
                 .y_label_area_size(64)
-                .build_cartesian_2d(0f64..x_end, (lo..hi).log_scale().with_key_points(ticks(lo, hi)))
+                .build_cartesian_2d(
+                    0f64..x_end,
+                    (lo..hi).log_scale().with_key_points(ticks(lo, hi)),
+                )
                 .map_err(err)?;
             chart
                 .configure_mesh()
@@ -302,7 +306,8 @@ pub fn traffic_share_svg(comparison: &Comparison) -> Result<String, PlotError> {
                     }
                 };
                 let xs: Vec<f64> = r.timeline.iter().map(|t| mid(r, t.start)).collect();
-                let mut band: Vec<(f64, f64)> = xs.iter().copied().zip(above.iter().copied()).collect();
+                let mut band: Vec<(f64, f64)> =
+                    xs.iter().copied().zip(above.iter().copied()).collect();
                 band.extend(xs.iter().copied().zip(below.iter().copied()).rev());
                 chart
                     .draw_series(std::iter::once(Polygon::new(band, fill.filled())))

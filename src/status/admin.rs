@@ -121,7 +121,11 @@ fn parse_weight(value: Option<&str>) -> Result<u32, String> {
 
 /// Reads the form, applies the action, and answers `303` back to the page, or `400`/`413`/
 /// `415` with the reason.
-pub(super) async fn run<B>(page: &StatusPage, action: Action, req: Request<B>) -> Response<Full<Bytes>>
+pub(super) async fn run<B>(
+    page: &StatusPage,
+    action: Action,
+    req: Request<B>,
+) -> Response<Full<Bytes>>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
@@ -131,14 +135,20 @@ where
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
     if !form_type {
         return text(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the form as application/x-www-form-urlencoded",
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_FORM_BYTES).collect().await {
+    let body = match Limited::new(req.into_body(), MAX_FORM_BYTES)
+        .collect()
+        .await
+    {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return text(
@@ -146,11 +156,19 @@ where
                 format!("form too large (at most {MAX_FORM_BYTES} bytes)"),
             )
         }
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("cannot read the form: {e}")),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the form: {e}"),
+            )
+        }
     };
     match apply(page, action, &body) {
         Ok(note) => see_other(&page.inner.path, note),
-        Err(why) => text(StatusCode::BAD_REQUEST, format!("{}: {why}", action.as_str())),
+        Err(why) => text(
+            StatusCode::BAD_REQUEST,
+            format!("{}: {why}", action.as_str()),
+        ),
     }
 }
 
@@ -175,11 +193,7 @@ fn apply(page: &StatusPage, action: Action, body: &[u8]) -> Result<String, Strin
         .endpoint(id.as_str())
         .map(|e| e.weight)
         .ok_or_else(|| format!("no endpoint {:?} in pool {:?}", form.endpoint, form.pool))?;
-    let mut drained = page
-        .inner
-        .drained
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut drained = page.inner.drained.lock().unwrap_or_else(|e| e.into_inner());
     let key = (index, id.clone());
     let (new, note) = match (action, weight) {
         (Action::Drain, _) => {
@@ -193,7 +207,10 @@ fn apply(page: &StatusPage, action: Action, body: &[u8]) -> Result<String, Strin
                 0 => drained.remove(&key).unwrap_or(1),
                 w => w,
             };
-            (back, format!("{id} in pool {} back at weight {back}", form.pool))
+            (
+                back,
+                format!("{id} in pool {} back at weight {back}", form.pool),
+            )
         }
         (Action::Weight, Some(w)) => {
             if w == 0 && current > 0 {
@@ -207,7 +224,10 @@ fn apply(page: &StatusPage, action: Action, body: &[u8]) -> Result<String, Strin
     };
     if !named.source.set_weight(&id, new) {
         // Removed between the look-up and now.
-        return Err(format!("no endpoint {:?} in pool {:?}", form.endpoint, form.pool));
+        return Err(format!(
+            "no endpoint {:?} in pool {:?}",
+            form.endpoint, form.pool
+        ));
     }
     tracing::info!(pool = %form.pool, endpoint = %id, action = action.as_str(), weight = new, "status page admin action");
     Ok(note)
@@ -229,9 +249,15 @@ mod tests {
             .contains("twice"));
         assert_eq!(parse_weight(Some(" 7 ")), Ok(7));
         assert_eq!(parse_weight(Some("0")), Ok(0));
-        assert!(parse_weight(Some("-1")).unwrap_err().contains("whole number"));
-        assert!(parse_weight(Some("abc")).unwrap_err().contains("whole number"));
-        assert!(parse_weight(Some("10001")).unwrap_err().contains("too large"));
+        assert!(parse_weight(Some("-1"))
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(parse_weight(Some("abc"))
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(parse_weight(Some("10001"))
+            .unwrap_err()
+            .contains("too large"));
         assert!(parse_weight(None).unwrap_err().contains("missing"));
     }
 

@@ -152,9 +152,11 @@ fn pool(out: &mut String, page: &StatusPage, name: &str, p: &PoolStats) {
     if p.panic {
         out.push_str(" &middot; <span class=\"panic\">PANIC: all endpoints get traffic</span>");
     }
-    out.push_str("</p>\n<table>\n<thead><tr><th class=\"id\">endpoint</th><th>state</th>\
+    out.push_str(
+        "</p>\n<table>\n<thead><tr><th class=\"id\">endpoint</th><th>state</th>\
         <th>for</th><th>weight</th><th>in flight</th><th>requests</th><th>errors</th>\
-        <th>p50</th><th>p90</th><th>p99</th><th>EWMA</th><th class=\"id\">last check</th>");
+        <th>p50</th><th>p90</th><th>p99</th><th>EWMA</th><th class=\"id\">last check</th>",
+    );
     if page.inner.admin {
         out.push_str("<th class=\"id\">admin</th>");
     }
@@ -168,9 +170,17 @@ fn pool(out: &mut String, page: &StatusPage, name: &str, p: &PoolStats) {
 fn row(out: &mut String, page: &StatusPage, pool: &str, e: &EndpointStats) {
     let state = State::of(e);
     let id = escape(e.id.as_str());
-    let _ = write!(out, "<tr class=\"{}\"><td class=\"id\">{id}", state.as_str());
+    let _ = write!(
+        out,
+        "<tr class=\"{}\"><td class=\"id\">{id}",
+        state.as_str()
+    );
     if let Some(addr) = e.addr.filter(|a| a.to_string() != e.id.as_str()) {
-        let _ = write!(out, " <span class=\"dim\">{}</span>", escape(&addr.to_string()));
+        let _ = write!(
+            out,
+            " <span class=\"dim\">{}</span>",
+            escape(&addr.to_string())
+        );
     }
     if e.tier.0 > 0 {
         let _ = write!(out, " <span class=\"dim\">(backup {})</span>", e.tier.0);
@@ -185,13 +195,13 @@ fn row(out: &mut String, page: &StatusPage, pool: &str, e: &EndpointStats) {
     // Configured weight; the weight in force beside it when it differs (slow start).
     let _ = write!(out, "<td>{}", e.weight);
     if e.eligible && (e.effective_weight - f64::from(e.weight)).abs() > 1e-9 {
-        let _ = write!(out, " <span class=\"dim\">({:.1})</span>", e.effective_weight);
+        let _ = write!(
+            out,
+            " <span class=\"dim\">({:.1})</span>",
+            e.effective_weight
+        );
     }
-    let _ = write!(
-        out,
-        "</td><td>{}</td><td>{}</td>",
-        e.in_flight, e.requests
-    );
+    let _ = write!(out, "</td><td>{}</td><td>{}</td>", e.in_flight, e.requests);
     if e.errors > 0 {
         let share = e.errors as f64 * 100.0 / e.requests.max(1) as f64;
         let _ = write!(

@@ -252,7 +252,11 @@ impl StatusPage {
 }
 
 /// A response with a body of `text` and a content type.
-fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut res = Response::new(Full::new(body.into()));
     *res.status_mut() = status;
     let headers = res.headers_mut();
@@ -357,7 +361,7 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
     let name = name.to_ascii_lowercase();
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name == "localhost"
-        || allowed.iter().any(|a| *a == name)
+        || allowed.contains(&name)
 }
 
 fn is_port(p: &str) -> bool {
@@ -429,7 +433,10 @@ impl StatusPage {
                 Ok(()) => Routed::Admin(action, req),
                 Err(why) => Routed::Done(text(StatusCode::FORBIDDEN, why)),
             },
-            None => Routed::Done(text(StatusCode::NOT_FOUND, format!("not found: see {page}"))),
+            None => Routed::Done(text(
+                StatusCode::NOT_FOUND,
+                format!("not found: see {page}"),
+            )),
         }
     }
 }
