@@ -2,7 +2,7 @@
 //! pools as a row of an HTML table, the same as JSON, and drain / undrain / weight changes by
 //! plain HTML forms, as HAProxy's stats page (`stats admin`) and nginx Plus's dashboard give.
 //!
-//! [`StatusPage`] is a tower [`Service`](tower_service::Service) over `http::Request<B>` for
+//! [`StatusPage`] is a tower `Service` over `http::Request<B>` for
 //! any request body; serve it with [`Server`](crate::server::Server) (feature `http-proxy`),
 //! axum (`Router::route_service`) or hyper. It answers, under its path (default `/status`):
 //!
