@@ -76,6 +76,14 @@ async fn post(addr: SocketAddr, path: &str, form: &str, extra: &str) -> Answer {
     .await
 }
 
+/// `POST path` with a form and extra header lines, which must be answered `status`: the
+/// answer's body.
+async fn post_expect(addr: SocketAddr, path: &str, form: &str, extra: &str, status: u16) -> String {
+    let res = post(addr, path, form, extra).await;
+    assert_eq!(res.status, status, "{path} {form} {extra}: {}", res.body);
+    res.body
+}
+
 struct Proxy {
     addr: SocketAddr,
     status: SocketAddr,
@@ -343,31 +351,19 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
     );
 
     // Undrain: the weight it had comes back.
-    let res = post(page, "/status/undrain", "pool=backends&endpoint=s0", "").await;
-    assert_eq!(res.status, 303, "{}", res.body);
+    let form = |id: &str| format!("pool=backends&endpoint={id}");
+    post_expect(page, "/status/undrain", &form("s0"), "", 303).await;
     assert_eq!(weight("s0"), Some(2));
     assert!(eligible("s0"));
 
     // Re-weight, with the id percent-encoded as a browser sends it.
-    let res = post(
-        page,
-        "/status/weight",
-        "pool=backends&endpoint=%73%31&weight=7",
-        "",
-    )
-    .await;
-    assert_eq!(res.status, 303, "{}", res.body);
+    let reweight = |w: u32| format!("pool=backends&endpoint=%73%31&weight={w}");
+    post_expect(page, "/status/weight", &reweight(7), "", 303).await;
     assert_eq!(weight("s1"), Some(7));
     // Weight 0 then undrain: back to 7.
-    post(
-        page,
-        "/status/weight",
-        "pool=backends&endpoint=s1&weight=0",
-        "",
-    )
-    .await;
+    post_expect(page, "/status/weight", &reweight(0), "", 303).await;
     assert_eq!(weight("s1"), Some(0));
-    post(page, "/status/undrain", "pool=backends&endpoint=s1", "").await;
+    post_expect(page, "/status/undrain", &form("s1"), "", 303).await;
     assert_eq!(weight("s1"), Some(7));
 
     // Bad input: a 400 (or 403/405/415) naming the problem, and nothing changes.
@@ -434,32 +430,15 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
     .await;
     assert_eq!(res.status, 405);
     // Another site's page posting through the operator's browser, and DNS rebinding.
-    let res = post(
-        page,
-        "/status/drain",
-        "pool=backends&endpoint=s2",
-        "origin: http://evil.example\r\n",
-    )
-    .await;
-    assert_eq!(res.status, 403, "{}", res.body);
-    assert!(res.body.contains("cross-origin"));
-    let res = post(
-        page,
-        "/status/drain",
-        "pool=backends&endpoint=s2",
-        "sec-fetch-site: cross-site\r\n",
-    )
-    .await;
-    assert_eq!(res.status, 403, "{}", res.body);
-    let res = post(
-        page,
-        "/status/drain",
-        "pool=backends&endpoint=s2",
-        &format!("origin: http://{page}\r\n"),
-    )
-    .await;
-    assert_eq!(res.status, 303, "same origin is fine: {}", res.body);
-    post(page, "/status/undrain", "pool=backends&endpoint=s2", "").await;
+    let drain = "/status/drain";
+    let evil = "origin: http://evil.example\r\n";
+    let body = post_expect(page, drain, &form("s2"), evil, 403).await;
+    assert!(body.contains("cross-origin"), "{body}");
+    let cross_site = "sec-fetch-site: cross-site\r\n";
+    post_expect(page, drain, &form("s2"), cross_site, 403).await;
+    let same_origin = format!("origin: http://{page}\r\n");
+    post_expect(page, drain, &form("s2"), &same_origin, 303).await;
+    post_expect(page, "/status/undrain", &form("s2"), "", 303).await;
     let rebound = exchange(
         page,
         "GET /status.json HTTP/1.1\r\nhost: evil.example:9000\r\nconnection: close\r\n\r\n"

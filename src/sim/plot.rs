@@ -81,13 +81,9 @@ const PALETTE: [RGBColor; 12] = [
     RGBColor(255, 187, 120),
 ];
 
-/// Colours of highlighted endpoints in the share plot.
-const HIGHLIGHT: [RGBColor; 4] = [
-    RGBColor(214, 39, 40),
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-];
+/// Colours of highlighted endpoints in the share plot: red first (the endpoint in trouble),
+/// then the palette's blue, orange and green.
+const HIGHLIGHT: [RGBColor; 4] = [PALETTE[3], PALETTE[0], PALETTE[1], PALETTE[2]];
 
 const FONT: &str = "sans-serif";
 const LEGEND_WIDTH: u32 = 230;
