@@ -37,8 +37,10 @@
 //! Beside the request path, background tasks use only the pool's public handle: active health
 //! checks, outlier detection and slow start ([`health`]), discovery ([`discover`]: static
 //! lists, `tower::discover` adapters, DNS), and metrics export (`metrics`, feature `metrics`);
-//! [`stats`] reads the pool as plain data, and `sim` (feature `sim`) runs the same stack on a
-//! simulated fleet and clock. The L4 balancer ([`proxy::TcpProxy`]) uses the same pool,
+//! [`stats`] reads the pool as plain data, `status` (feature `status-page`) serves it to
+//! operators as an HTML page and JSON with drain and weight controls, and `sim` (feature
+//! `sim`) runs the same stack on a simulated fleet and clock (`sim::plot`, feature `sim-plot`,
+//! draws the runs as SVG). The L4 balancer ([`proxy::TcpProxy`]) uses the same pool,
 //! strategies and server accept loop for TCP.
 //!
 //! ```

@@ -359,9 +359,7 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
         },
     };
     let name = name.to_ascii_lowercase();
-    name.parse::<std::net::Ipv4Addr>().is_ok()
-        || name == "localhost"
-        || allowed.contains(&name)
+    name.parse::<std::net::Ipv4Addr>().is_ok() || name == "localhost" || allowed.contains(&name)
 }
 
 fn is_port(p: &str) -> bool {
