@@ -5,6 +5,7 @@ items:   entries of target/doc/lbkit/all.html (structs, enums, traits, functions
          constants, macros), each at the one path rustdoc gives it;
 methods: inherent public methods on those types plus the methods of public traits (trait
          implementations such as Clone or Service are not counted: they add no name to learn);
+Items of other crates that lbkit re-exports are counted apart.
 paths:   `pub use` lines that make an item reachable at a second path (rustdoc's "Re-exports").
 Usage: python3 .ci/surface.py [target/doc/lbkit] [-v]
 """
@@ -20,8 +21,14 @@ links = re.findall(r'<li><a href="([^"]+)">', html)
 
 methods = 0
 per_item = {}
+foreign = []
 for link in links:
     page = open(os.path.join(root, link), encoding="utf-8").read()
+    if "src/lbkit/" not in page:
+        # Another crate's item re-exported here (hickory's resolver configuration): counted
+        # apart, as its methods are that crate's to learn.
+        foreign.append(link)
+        continue
     kind = os.path.basename(link).split(".")[0]
     if kind == "trait":
         end = page.find('id="implementors"')
@@ -52,4 +59,7 @@ for dirpath, _, files in os.walk(root):
 if verbose:
     for link, n in sorted(per_item.items(), key=lambda kv: -kv[1]):
         print(f"{n:4} {link}")
-print(f"items {len(links)}  methods {methods}  second paths {reexports}")
+print(
+    f"items {len(links) - len(foreign)}  methods {methods}  second paths {reexports}"
+    f"  (and {len(foreign)} items of other crates re-exported)"
+)

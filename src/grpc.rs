@@ -6,8 +6,8 @@
 //! before any message, whose headers: a *trailers-only* response) say `grpc-status: 14`.
 //! HTTP balancers ([`CompleteOnBody`](crate::balance::CompleteOnBody), the default) read that
 //! field, so outlier detection sees gRPC failures as it sees 5xx (see [`FailureCodes`]); the
-//! proxy answers gRPC requests with gRPC-shaped errors (`proxy::grpc_error_response`, feature
-//! `http-proxy`).
+//! proxy's [`ErrorResponseLayer`](crate::proxy::ErrorResponseLayer) answers gRPC requests with
+//! gRPC-shaped errors (feature `http-proxy`).
 //!
 //! A leaf module: it depends on nothing else in lbkit, so the balancer, the health checks and
 //! the proxy all use it.
@@ -16,11 +16,11 @@ use http::header::{HeaderName, CONTENT_TYPE};
 use http::HeaderMap;
 
 /// The `grpc-status` header or trailer: the call's status code, in decimal.
-pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// The `grpc-message` header or trailer: a percent-encoded description of a failure.
-pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub(crate) const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// The `grpc-timeout` request header: the client's deadline, such as `100m` or `5S`.
-pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+pub(crate) const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// gRPC status codes (`google.rpc.Code`), as numbers: tonic's `Code as u32` gives the same.
 pub mod code {
@@ -78,7 +78,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The `grpc-status` code in `headers` (trailers, or the headers of a trailers-only
 /// response), if there is a well-formed one.
-pub fn status(headers: &HeaderMap) -> Option<u32> {
+pub(crate) fn status(headers: &HeaderMap) -> Option<u32> {
     parse_code(headers.get(GRPC_STATUS)?.as_bytes())
 }
 
@@ -94,7 +94,7 @@ fn parse_code(digits: &[u8]) -> Option<u32> {
 
 /// The client's deadline from a `grpc-timeout` header (`TimeoutValue TimeoutUnit`: at most 8
 /// digits, then `H`, `M`, `S`, `m`, `u` or `n`), or `None` if absent or malformed.
-pub fn timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+pub(crate) fn timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
     let v = headers.get(GRPC_TIMEOUT)?.as_bytes();
     let (&unit, digits) = v.split_last()?;

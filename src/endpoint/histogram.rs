@@ -10,7 +10,7 @@ const SUB: u64 = 1 << SUB_BITS;
 const FIRST_OCTAVE: u32 = 10;
 
 /// How many buckets a [`LatencyHistogram`] has.
-pub const BUCKETS: usize = 128;
+pub(crate) const BUCKETS: usize = 128;
 
 /// The bucket of a latency of `ns` nanoseconds.
 #[inline]

@@ -20,7 +20,7 @@ use crate::grpc::{code, GRPC_MESSAGE, GRPC_STATUS};
 /// which gRPC clients may retry; other statuses follow gRPC's table for HTTP statuses (401
 /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, 404 `UNIMPLEMENTED`, anything else
 /// `UNKNOWN`).
-pub fn grpc_code_for(status: StatusCode) -> u32 {
+pub(crate) fn grpc_code_for(status: StatusCode) -> u32 {
     match status.as_u16() {
         504 => code::DEADLINE_EXCEEDED,
         429 | 502 | 503 => code::UNAVAILABLE,
@@ -36,7 +36,7 @@ pub fn grpc_code_for(status: StatusCode) -> u32 {
 /// HTTP 200, `content-type: application/grpc`, `grpc-status` ([`grpc_code_for`]) and a short
 /// `grpc-message` naming the failure (never a backend address), and no body: a trailers-only
 /// response.
-pub fn grpc_error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
+pub(crate) fn grpc_error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
     let message = match status {
         StatusCode::SERVICE_UNAVAILABLE => "no backend available",
         StatusCode::GATEWAY_TIMEOUT => "backend timed out",
