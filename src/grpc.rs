@@ -18,8 +18,10 @@ use http::HeaderMap;
 /// The `grpc-status` header or trailer: the call's status code, in decimal.
 pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// The `grpc-message` header or trailer: a percent-encoded description of a failure.
+#[cfg_attr(not(feature = "http-proxy"), allow(dead_code))] // the proxy writes it
 pub(crate) const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// The `grpc-timeout` request header: the client's deadline, such as `100m` or `5S`.
+#[cfg_attr(not(feature = "http-proxy"), allow(dead_code))] // the proxy reads it
 pub(crate) const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// gRPC status codes (`google.rpc.Code`), as numbers: tonic's `Code as u32` gives the same.
@@ -94,6 +96,7 @@ fn parse_code(digits: &[u8]) -> Option<u32> {
 
 /// The client's deadline from a `grpc-timeout` header (`TimeoutValue TimeoutUnit`: at most 8
 /// digits, then `H`, `M`, `S`, `m`, `u` or `n`), or `None` if absent or malformed.
+#[cfg_attr(not(feature = "http-proxy"), allow(dead_code))] // the proxy reads it
 pub(crate) fn timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
     let v = headers.get(GRPC_TIMEOUT)?.as_bytes();
