@@ -7,30 +7,13 @@ use hickory_resolver::{Name, TokioResolver};
 use tracing::Instrument;
 
 use super::error::{DnsError, Kind};
-use super::resolve::AddressFilter;
+use super::resolve::{AddressFilter, Query, DEFAULT_MAX_ENDPOINTS};
 use super::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use crate::endpoint::Endpoint;
 #[allow(unused_imports)] // for the docs
 use crate::endpoint::Tier;
 use crate::pool::{Pool, PoolTask};
 use crate::strategy::Strategy;
-
-/// What is looked up.
-#[derive(Clone, Debug)]
-pub(super) enum Query {
-    /// A and AAAA records of `name`, every address on `port`.
-    Host { name: String, port: u16 },
-    /// SRV records of `name`, each target resolved to its addresses.
-    Srv { name: String },
-}
-
-impl Query {
-    fn name(&self) -> &str {
-        match self {
-            Query::Host { name, .. } | Query::Srv { name } => name,
-        }
-    }
-}
 
 /// Discovers a pool's endpoints in DNS: the A/AAAA or SRV records of one name, polled at their
 /// TTL. See the [module docs](super).
@@ -57,7 +40,7 @@ impl DnsDiscovery {
     /// The default [`retry_interval`](DnsDiscovery::retry_interval): 5 seconds.
     pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_secs(5);
     /// The default [`max_endpoints`](DnsDiscovery::max_endpoints): 1 024.
-    pub const DEFAULT_MAX_ENDPOINTS: usize = 1024;
+    pub const DEFAULT_MAX_ENDPOINTS: usize = DEFAULT_MAX_ENDPOINTS;
 
     fn new(query: Query) -> Self {
         DnsDiscovery {
@@ -183,7 +166,7 @@ impl DnsDiscovery {
     /// given). Must be called from within a tokio runtime.
     pub async fn resolve_once(&self) -> Result<Vec<Endpoint>, DnsError> {
         let resolver = self.resolver()?;
-        Ok(self.resolve(&resolver).await?.endpoints)
+        Ok(self.query.resolve(&resolver, self.filter).await?.endpoints)
     }
 
     /// Spawns the task that keeps `pool`'s membership in step with DNS (see the

@@ -9,11 +9,14 @@ use futures::future;
 use hickory_resolver::proto::rr::rdata::SRV;
 use hickory_resolver::{Name, TokioResolver};
 
-use super::builder::Query;
 use super::error::{is_no_such_record, Kind};
-use super::{DnsDiscovery, DnsError};
+use super::DnsError;
 use crate::endpoint::{Endpoint, Tier};
 
+/// The most endpoints one answer may give unless set otherwise.
+pub(super) const DEFAULT_MAX_ENDPOINTS: usize = 1024;
+
+/// Which answered addresses may become endpoints.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct AddressFilter {
     /// Loopback and link-local addresses too.
@@ -26,7 +29,7 @@ impl Default for AddressFilter {
     fn default() -> Self {
         AddressFilter {
             allow_local: false,
-            max: DnsDiscovery::DEFAULT_MAX_ENDPOINTS,
+            max: DEFAULT_MAX_ENDPOINTS,
         }
     }
 }
@@ -49,14 +52,34 @@ impl AddressFilter {
     }
 }
 
-impl DnsDiscovery {
-    /// One poll: the endpoints of a good answer and how long it stays valid.
-    pub(super) async fn resolve(&self, resolver: &TokioResolver) -> Result<Answer, DnsError> {
+/// What is looked up.
+#[derive(Clone, Debug)]
+pub(super) enum Query {
+    /// A and AAAA records of `name`, every address on `port`.
+    Host { name: String, port: u16 },
+    /// SRV records of `name`, each target resolved to its addresses.
+    Srv { name: String },
+}
+
+impl Query {
+    pub(super) fn name(&self) -> &str {
+        match self {
+            Query::Host { name, .. } | Query::Srv { name } => name,
+        }
+    }
+
+    /// One poll: the endpoints of a good answer (addresses passing `filter`) and how long it
+    /// stays valid.
+    pub(super) async fn resolve(
+        &self,
+        resolver: &TokioResolver,
+        filter: AddressFilter,
+    ) -> Result<Answer, DnsError> {
         // The cache is off, but an entry may linger until the cache's housekeeping runs.
         resolver.clear_cache();
-        match &self.query {
-            Query::Host { name, port } => resolve_host(resolver, name, *port, self.filter).await,
-            Query::Srv { name } => resolve_srv(resolver, name, self.filter).await,
+        match self {
+            Query::Host { name, port } => resolve_host(resolver, name, *port, filter).await,
+            Query::Srv { name } => resolve_srv(resolver, name, filter).await,
         }
     }
 }

@@ -32,7 +32,7 @@ impl DnsDiscovery {
     {
         let mut last: Option<Vec<Endpoint>> = None;
         loop {
-            let wait = match self.resolve(&resolver).await {
+            let wait = match self.query.resolve(&resolver, self.filter).await {
                 Ok(answer) => {
                     let Some(pool) = pool.upgrade() else {
                         return;
