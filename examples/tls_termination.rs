@@ -217,7 +217,7 @@ async fn ask(addr: SocketAddr, ca_pem: &str, name: &str) -> Result<String, BoxEr
         .await?;
     let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
     // The same parser that gives a server its clients' identities reads the subject here.
-    let subject = lbkit::server::PeerCertificate::from_chain(chain.to_vec())
+    let subject = lbkit::server::tls::PeerCertificate::from_chain(chain.to_vec())
         .map(|c| c.subject().to_owned())
         .unwrap_or_default();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;

@@ -252,16 +252,6 @@ impl MetricsExporter {
     }
 }
 
-/// Exports `pool`'s statistics every `interval`, labelled `pool = "default"`: shorthand for
-/// `MetricsExporter::new("default").spawn(pool, interval)`.
-pub fn export<S, St>(pool: &Pool<S, St>, interval: Duration) -> PoolTask
-where
-    S: Clone + Send + Sync + 'static,
-    St: Strategy,
-{
-    MetricsExporter::new("default").spawn(pool, interval)
-}
-
 /// Units and help texts, for recorders that show them (Prometheus' `# HELP`).
 fn describe() {
     describe_counter!(names::REQUESTS, "Requests sent to the endpoint.");

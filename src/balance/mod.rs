@@ -18,8 +18,7 @@ mod target;
 #[cfg(feature = "http-proxy")]
 pub(crate) use completion::TunnelGuard;
 pub use completion::{CompleteOnBody, CompleteOnResponse, InFlight, TrackCompletion, TrackedBody};
-pub use future::{EndpointCall, ResponseFuture};
+pub use future::ResponseFuture;
 pub use layer::{Balanced, BalancerLayer};
-pub use queue::{Bind, EntryService, TagTarget};
 pub use service::Balancer;
 pub use target::{Target, TargetUri, TargetUriFuture};

@@ -26,7 +26,7 @@ use crate::strategy::Strategy;
 ///
 /// `poll_ready` is always ready by default: the balancer has no capacity of its own. The picked
 /// endpoint's service is asked for readiness with the request in hand: called at once when
-/// ready, and otherwise awaited inside the response future (see [`EndpointCall`]). This lets
+/// ready, and otherwise awaited inside the response future. This lets
 /// clones of one balancer serve many connections at once without a lock, and lets the endpoint
 /// be chosen with the request in hand (hash keys, stickiness, retries). When no endpoint is
 /// available the response future fails at once with [`Error::is_no_endpoint`]; it never waits

@@ -11,9 +11,6 @@ use super::flight::Flights;
 use super::service::Cache;
 use super::store::Store;
 
-/// The default [maximum object size](CacheLayer::max_object_size): 1 MiB.
-pub const DEFAULT_MAX_OBJECT_SIZE: usize = 1 << 20;
-
 /// A clock for the cache's freshness rules (`SystemTime::now` by default; see
 /// [`CacheLayer::clock`]).
 pub(super) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -205,13 +202,16 @@ pub struct CacheLayer {
 }
 
 impl CacheLayer {
+    /// The default [maximum object size](CacheLayer::max_object_size): 1 MiB.
+    pub const DEFAULT_MAX_OBJECT_SIZE: usize = 1 << 20;
+
     /// A cache holding at most `capacity` bytes, with the defaults: objects up to
-    /// [`DEFAULT_MAX_OBJECT_SIZE`] (or the capacity, if smaller), no `stale-if-error` unless a
-    /// response asks for it, no `Set-Cookie` stored.
+    /// [`DEFAULT_MAX_OBJECT_SIZE`](Self::DEFAULT_MAX_OBJECT_SIZE) (or the capacity, if
+    /// smaller), no `stale-if-error` unless a response asks for it, no `Set-Cookie` stored.
     pub fn new(capacity: u64) -> Self {
         let settings = Settings {
             capacity,
-            max_object: DEFAULT_MAX_OBJECT_SIZE
+            max_object: Self::DEFAULT_MAX_OBJECT_SIZE
                 .min(usize::try_from(capacity).unwrap_or(usize::MAX)),
             stale_if_error: None,
             store_set_cookie: false,
@@ -229,8 +229,9 @@ impl CacheLayer {
         }
     }
 
-    /// Sets the largest body stored, in bytes (default [`DEFAULT_MAX_OBJECT_SIZE`], 1 MiB, so
-    /// that one large download cannot push out many small hot responses, and that a cacheable
+    /// Sets the largest body stored, in bytes (default
+    /// [`DEFAULT_MAX_OBJECT_SIZE`](Self::DEFAULT_MAX_OBJECT_SIZE), 1 MiB, so that one large
+    /// download cannot push out many small hot responses, and that a cacheable
     /// response is held in memory only up to that size while it is read). Larger bodies
     /// stream to the client and are not stored. Capped by the capacity.
     ///

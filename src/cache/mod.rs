@@ -24,5 +24,5 @@ mod service;
 mod store;
 
 pub use body::CacheBody;
-pub use layer::{CacheLayer, CacheStats, DEFAULT_MAX_OBJECT_SIZE};
+pub use layer::{CacheLayer, CacheStats};
 pub use service::{Cache, ResponseFuture};

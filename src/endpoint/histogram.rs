@@ -10,7 +10,7 @@ const SUB: u64 = 1 << SUB_BITS;
 const FIRST_OCTAVE: u32 = 10;
 
 /// How many buckets a [`LatencyHistogram`] has.
-pub const BUCKETS: usize = 128;
+pub(crate) const BUCKETS: usize = 128;
 
 /// The bucket of a latency of `ns` nanoseconds.
 #[inline]
@@ -187,7 +187,9 @@ impl HistogramSnapshot {
         Duration::from_nanos(bounds(BUCKETS - 1).1)
     }
 
-    /// The usual quantiles and the mean.
+    /// The usual quantiles, the mean and the maximum (the top of the slowest non-empty
+    /// bucket: an upper bound, at most a quarter octave above the true value), interpolated as in
+    /// [`quantile`](Self::quantile).
     pub fn summary(&self) -> LatencySummary {
         LatencySummary {
             count: self.count,
@@ -196,6 +198,7 @@ impl HistogramSnapshot {
             p90: self.quantile(0.9),
             p99: self.quantile(0.99),
             p999: self.quantile(0.999),
+            max: self.quantile(1.0),
         }
     }
 
@@ -229,8 +232,11 @@ impl HistogramSnapshot {
     }
 }
 
-/// Latency quantiles and mean, as plain numbers.
+/// Latency quantiles, mean and maximum, as plain numbers: what the pool's statistics
+/// ([`HistogramSnapshot::summary`], bucketed) and the simulator's reports (exact, over every
+/// recorded latency) say about a set of requests. All zero when nothing was counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LatencySummary {
     /// Latencies counted.
     pub count: u64,
@@ -244,6 +250,35 @@ pub struct LatencySummary {
     pub p99: Duration,
     /// The 99.9th percentile.
     pub p999: Duration,
+    /// The largest.
+    pub max: Duration,
+}
+
+impl LatencySummary {
+    /// The exact summary of `nanos` (sorted in place): nearest-rank quantiles (the smallest
+    /// value with at least a share q at or below it), the exact mean and maximum.
+    #[cfg(feature = "sim")]
+    pub(crate) fn exact(nanos: &mut [u64]) -> Self {
+        if nanos.is_empty() {
+            return LatencySummary::default();
+        }
+        nanos.sort_unstable();
+        let n = nanos.len();
+        let at = |q: f64| {
+            let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
+            Duration::from_nanos(nanos[rank - 1])
+        };
+        let sum: u128 = nanos.iter().map(|&x| u128::from(x)).sum();
+        LatencySummary {
+            count: n as u64,
+            mean: Duration::from_nanos((sum / n as u128) as u64),
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: Duration::from_nanos(nanos[n - 1]),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -296,5 +331,34 @@ mod tests {
         assert_eq!(empty.quantile(0.99), Duration::ZERO);
         assert_eq!(s.since(&s).count(), 0);
         assert_eq!(s.since(&empty), s);
+    }
+
+    #[test]
+    fn summary_max_bounds_the_slowest() {
+        let h = LatencyHistogram::new();
+        for ms in [1, 2, 300] {
+            h.record(Duration::from_millis(ms));
+        }
+        let s = h.snapshot().summary();
+        assert_eq!(s.count, 3);
+        assert!(s.max >= Duration::from_millis(300), "{:?}", s.max);
+        assert!(s.max <= Duration::from_millis(300) * 5 / 4, "{:?}", s.max);
+        assert_eq!(
+            HistogramSnapshot::default().summary(),
+            LatencySummary::default()
+        );
+    }
+
+    #[cfg(feature = "sim")]
+    #[test]
+    fn exact_summary_takes_nearest_ranks() {
+        let mut nanos: Vec<u64> = (1..=1000).rev().collect();
+        let s = LatencySummary::exact(&mut nanos);
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.p50, Duration::from_nanos(500));
+        assert_eq!(s.p999, Duration::from_nanos(999));
+        assert_eq!(s.max, Duration::from_nanos(1000));
+        assert_eq!(s.mean, Duration::from_nanos(500));
+        assert_eq!(LatencySummary::exact(&mut []), LatencySummary::default());
     }
 }

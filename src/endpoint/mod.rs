@@ -8,7 +8,7 @@
 mod histogram;
 pub(crate) mod state;
 
-pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary, BUCKETS};
+pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary};
 pub use state::{CheckOutcome, EndpointState, Health};
 
 use std::fmt;

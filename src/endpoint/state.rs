@@ -544,7 +544,7 @@ impl EndpointState {
     /// Whether a gRPC call that ended with status `code` counts as a failure: see
     /// [`FailureCodes`] (the default unless outlier detection chose other codes).
     #[inline]
-    pub(crate) fn is_failure_grpc_code(&self, code: u32) -> bool {
+    pub(crate) fn is_failure_grpc_code(&self, code: crate::grpc::Code) -> bool {
         match self.shared.grpc_failures.load(Ordering::Relaxed) {
             0 => FailureCodes::DEFAULT.contains(code),
             bits => FailureCodes::from_bits(bits).contains(code),

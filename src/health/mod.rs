@@ -77,9 +77,9 @@ mod active;
 mod outlier;
 pub(crate) mod slow_start;
 
-/// Health transitions and check failures are the pool's (it records and broadcasts them);
-/// re-exported here, where the checks and detectors that cause them live.
-pub use crate::pool::{HealthChange, HealthEvent};
+/// Health transitions and check failures are defined in the pool (it records and broadcasts
+/// them); this is their one public path, beside the checks and detectors that cause them.
+pub use crate::pool::event::{HealthChange, HealthEvent};
 pub use active::{
     check_fn, check_service, CheckError, CheckErrorKind, CheckFuture, FnCheck, HealthCheck,
     HealthChecker, ServiceCheck, TcpCheck,

@@ -301,12 +301,12 @@ impl OutlierDetection {
     /// [`failure_status`](Self::failure_status) never sees.
     ///
     /// ```
-    /// use lbkit::grpc::{code, FailureCodes};
+    /// use lbkit::grpc::{Code, FailureCodes};
     /// use lbkit::health::OutlierDetection;
     ///
     /// // Also count UNKNOWN, which these servers answer only when they are broken.
     /// let detection = OutlierDetection::new()
-    ///     .failure_grpc_codes(FailureCodes::DEFAULT.with(code::UNKNOWN));
+    ///     .failure_grpc_codes(FailureCodes::DEFAULT.with(Code::UNKNOWN));
     /// # drop(detection);
     /// ```
     pub fn failure_grpc_codes(mut self, codes: FailureCodes) -> Self {

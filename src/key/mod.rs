@@ -173,7 +173,9 @@ impl Key {
     }
 }
 
-/// Hashes an IP address's bytes (4 for IPv4, including IPv4-mapped IPv6; 16 for IPv6).
+/// Hashes an IP address's bytes (4 for IPv4, including IPv4-mapped IPv6; 16 for IPv6): the key
+/// of [`Key::client_ip`]. For the fuzz target; not a stable API.
+#[doc(hidden)]
 pub fn hash_ip(ip: IpAddr) -> u64 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => stable_hash(&v4.octets()),

@@ -10,16 +10,16 @@
 //! already in flight hold its service and state and finish normally (draining), and the service
 //! is dropped when the last of them ends.
 
-mod check_error;
-mod event;
+pub(crate) mod check_error;
+pub(crate) mod event;
 mod health;
 pub(crate) mod queue;
 pub(crate) mod ramp;
 mod snapshot;
 mod task;
 
-pub use check_error::{CheckError, CheckErrorKind};
-pub use event::{HealthChange, HealthEvent};
+pub(crate) use check_error::CheckError;
+pub(crate) use event::{HealthChange, HealthEvent};
 pub use snapshot::Snapshot;
 pub use task::PoolTask;
 

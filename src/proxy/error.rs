@@ -190,8 +190,8 @@ pub fn status_for(error: &(dyn StdError + 'static)) -> StatusCode {
 /// A [`Layer`] that turns a proxy's errors into HTTP responses (see [`status_for`]), so the
 /// service can be handed to a hyper server as is.
 ///
-/// A gRPC request ([`is_grpc`](crate::grpc::is_grpc)) gets its failures in gRPC's shape
-/// instead ([`grpc_error_response`](super::grpc_error_response): HTTP 200, `grpc-status` 14
+/// A gRPC request (`content-type: application/grpc…`) gets its failures in gRPC's shape
+/// instead (a trailers-only response: HTTP 200, `grpc-status` 14
 /// `UNAVAILABLE` or 4 `DEADLINE_EXCEEDED`), and its client's deadline (`grpc-timeout`) bounds
 /// the wait for the response head: past it the call is dropped (counted as cancelled at the
 /// backend, not as its failure) and answered `DEADLINE_EXCEEDED`.
@@ -228,7 +228,7 @@ pub struct ErrorResponse<S> {
 pub type ProxyBody<B> = Either<B, Full<Bytes>>;
 
 /// The response the proxy sends for `status`: a short plain-text body naming the status only.
-pub fn error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
+pub(crate) fn error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
     let text = match status {
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable\n",
         StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout\n",

@@ -12,7 +12,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use super::ProxyBody;
-use crate::grpc::{code, GRPC_MESSAGE, GRPC_STATUS};
+use crate::grpc::{Code, GRPC_MESSAGE, GRPC_STATUS};
 
 /// The gRPC status code for a failure the proxy would answer with HTTP `status` (see
 /// [`status_for`](super::status_for)): a timeout (504) is `DEADLINE_EXCEEDED` (4); no backend
@@ -20,15 +20,15 @@ use crate::grpc::{code, GRPC_MESSAGE, GRPC_STATUS};
 /// which gRPC clients may retry; other statuses follow gRPC's table for HTTP statuses (401
 /// `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, 404 `UNIMPLEMENTED`, anything else
 /// `UNKNOWN`).
-pub fn grpc_code_for(status: StatusCode) -> u32 {
+pub(crate) fn grpc_code_for(status: StatusCode) -> Code {
     match status.as_u16() {
-        504 => code::DEADLINE_EXCEEDED,
-        429 | 502 | 503 => code::UNAVAILABLE,
-        400 => code::INTERNAL,
-        401 => code::UNAUTHENTICATED,
-        403 => code::PERMISSION_DENIED,
-        404 => code::UNIMPLEMENTED,
-        _ => code::UNKNOWN,
+        504 => Code::DEADLINE_EXCEEDED,
+        429 | 502 | 503 => Code::UNAVAILABLE,
+        400 => Code::INTERNAL,
+        401 => Code::UNAUTHENTICATED,
+        403 => Code::PERMISSION_DENIED,
+        404 => Code::UNIMPLEMENTED,
+        _ => Code::UNKNOWN,
     }
 }
 
@@ -36,7 +36,7 @@ pub fn grpc_code_for(status: StatusCode) -> u32 {
 /// HTTP 200, `content-type: application/grpc`, `grpc-status` ([`grpc_code_for`]) and a short
 /// `grpc-message` naming the failure (never a backend address), and no body: a trailers-only
 /// response.
-pub fn grpc_error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
+pub(crate) fn grpc_error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
     let message = match status {
         StatusCode::SERVICE_UNAVAILABLE => "no backend available",
         StatusCode::GATEWAY_TIMEOUT => "backend timed out",
@@ -50,18 +50,18 @@ pub fn grpc_error_response<B>(status: StatusCode) -> Response<ProxyBody<B>> {
 /// The answer to a gRPC call whose client's deadline (`grpc-timeout`) passed in the proxy:
 /// `DEADLINE_EXCEEDED`.
 pub(super) fn deadline_exceeded<B>() -> Response<ProxyBody<B>> {
-    trailers_only(code::DEADLINE_EXCEEDED, "deadline (grpc-timeout) exceeded")
+    trailers_only(Code::DEADLINE_EXCEEDED, "deadline (grpc-timeout) exceeded")
 }
 
 /// HTTP 200 with `code` and `message` in the headers and no body.
-fn trailers_only<B>(code: u32, message: &'static str) -> Response<ProxyBody<B>> {
+fn trailers_only<B>(code: Code, message: &'static str) -> Response<ProxyBody<B>> {
     let mut res = Response::new(Either::Right(Full::new(Bytes::new())));
     let headers = res.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    headers.insert(GRPC_STATUS, HeaderValue::from(code));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code.as_u32()));
     headers.insert(GRPC_MESSAGE, HeaderValue::from_static(message));
     res
 }
@@ -81,7 +81,7 @@ mod tests {
         assert!(res.body().is_end_stream());
         let res = grpc_error_response::<Full<Bytes>>(StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(res.headers()["grpc-status"], "4");
-        assert_eq!(grpc_code_for(StatusCode::BAD_GATEWAY), code::UNAVAILABLE);
-        assert_eq!(grpc_code_for(StatusCode::IM_A_TEAPOT), code::UNKNOWN);
+        assert_eq!(grpc_code_for(StatusCode::BAD_GATEWAY), Code::UNAVAILABLE);
+        assert_eq!(grpc_code_for(StatusCode::IM_A_TEAPOT), Code::UNKNOWN);
     }
 }

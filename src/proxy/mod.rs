@@ -37,7 +37,7 @@ pub mod headers;
 mod tcp;
 mod udp;
 
-pub use tcp::{splice, TcpProxy};
+pub use tcp::TcpProxy;
 pub use udp::{UdpProxy, UdpStats};
 
 #[cfg(feature = "http-proxy")]
@@ -57,12 +57,8 @@ pub use connect::{LimitedConnection, LimitedConnector};
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use error::{
-    error_response, status_for, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer,
-    ForwardError, ProxyBody,
+    status_for, ErrorResponse, ErrorResponseFuture, ErrorResponseLayer, ForwardError, ProxyBody,
 };
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardFuture, UpstreamProtocol};
-#[cfg(feature = "http-proxy")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use grpc::{grpc_code_for, grpc_error_response};

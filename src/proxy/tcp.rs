@@ -305,7 +305,7 @@ impl<St: Strategy> TcpProxy<St> {
 /// Copies bytes both ways between `a` and `b` until both directions have ended, passing on
 /// half-closes, and fails with `TimedOut` after `idle` without a byte either way. Returns the
 /// bytes copied from `a` to `b` and from `b` to `a`.
-pub async fn splice(
+pub(crate) async fn splice(
     a: TcpStream,
     b: TcpStream,
     idle: Duration,

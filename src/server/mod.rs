@@ -69,8 +69,7 @@ pub use body::{BodyError, RequestBody};
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use http::Server;
 #[cfg(feature = "proxy-protocol")]
+pub(crate) use proxy_protocol::write_v2;
+#[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
-pub use proxy_protocol::{encode_v2, parse_header, write_v2, ProxyProtocol, ProxyProtocolError};
-#[cfg(feature = "tls")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-pub use tls::PeerCertificate;
+pub use proxy_protocol::{encode_v2, parse_header, ProxyProtocol, ProxyProtocolError};

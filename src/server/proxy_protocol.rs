@@ -199,7 +199,7 @@ pub fn parse_header(data: &[u8]) -> Result<Option<SocketAddr>, ProxyProtocolErro
 /// Writes a version 2 `PROXY` header to `backend` saying that `client` connected to `local`:
 /// what [`TcpProxy::send_proxy_protocol`](crate::proxy::TcpProxy::send_proxy_protocol) sends
 /// before the client's bytes.
-pub async fn write_v2(
+pub(crate) async fn write_v2(
     backend: &mut TcpStream,
     client: SocketAddr,
     local: SocketAddr,
@@ -209,6 +209,8 @@ pub async fn write_v2(
 }
 
 /// The bytes of a version 2 `PROXY` header for a TCP connection from `client` to `local`.
+/// For tests and the fuzz target (what [`write_v2`] sends); not a stable API.
+#[doc(hidden)]
 pub fn encode_v2(client: SocketAddr, local: SocketAddr) -> std::io::Result<Vec<u8>> {
     // Both addresses in one family: an IPv4 client on an IPv6 socket is sent as IPv4.
     let (client, local) = match (client, local) {

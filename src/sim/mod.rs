@@ -51,6 +51,6 @@ mod workload;
 
 pub use endpoint::{SimEndpoint, SimError, SimRequest, SimResponse, SimService};
 pub use latency::Latency;
-pub use report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
+pub use report::{Comparison, EndpointReport, Report, TimelineStep};
 pub use scenario::{Scenario, SimCompletion, SimOutcome};
 pub use workload::Workload;

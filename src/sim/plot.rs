@@ -40,7 +40,8 @@ use std::time::Duration;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::report::{Comparison, Latencies, Report};
+use super::report::{Comparison, Report};
+use crate::endpoint::LatencySummary;
 
 /// A plot could not be drawn (plotters failed; with its in-memory SVG backend this does not
 /// happen in practice).
@@ -101,7 +102,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Reads one quantile of a set of latencies.
-type Quantile = fn(&Latencies) -> Duration;
+type Quantile = fn(&LatencySummary) -> Duration;
 
 /// The end of the last step of any run, in seconds.
 fn x_end(reports: &[Report]) -> f64 {

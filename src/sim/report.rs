@@ -1,53 +1,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::endpoint::EndpointId;
-
-/// Exact latency quantiles of a set of requests (nearest rank over every recorded latency).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Latencies {
-    /// How many latencies.
-    pub count: u64,
-    /// Their mean.
-    pub mean: Duration,
-    /// The median.
-    pub p50: Duration,
-    /// The 90th percentile.
-    pub p90: Duration,
-    /// The 99th percentile.
-    pub p99: Duration,
-    /// The 99.9th percentile.
-    pub p999: Duration,
-    /// The largest.
-    pub max: Duration,
-}
-
-impl Latencies {
-    /// The quantiles of `nanos` (sorted in place).
-    pub(crate) fn of(nanos: &mut [u64]) -> Self {
-        if nanos.is_empty() {
-            return Latencies::default();
-        }
-        nanos.sort_unstable();
-        let n = nanos.len();
-        let at = |q: f64| {
-            // Nearest rank: the smallest value with at least a share q at or below it.
-            let rank = ((q * n as f64).ceil() as usize).clamp(1, n);
-            Duration::from_nanos(nanos[rank - 1])
-        };
-        let sum: u128 = nanos.iter().map(|&x| u128::from(x)).sum();
-        Latencies {
-            count: n as u64,
-            mean: Duration::from_nanos((sum / n as u128) as u64),
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            p999: at(0.999),
-            max: Duration::from_nanos(nanos[n - 1]),
-        }
-    }
-}
+use crate::endpoint::{EndpointId, LatencySummary};
 
 /// What one simulated endpoint saw during a run.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,7 +20,7 @@ pub struct EndpointReport {
     pub throttled: u64,
     /// Latencies of the requests it served successfully, as it saw them (from their arrival,
     /// including any wait for a slot).
-    pub latency: Latencies,
+    pub latency: LatencySummary,
     /// Requests it got in each step of the run's [timeline](Report::timeline), by when they
     /// arrived (one entry per step): its share of the traffic over time.
     pub timeline: Vec<u64>,
@@ -84,7 +38,7 @@ pub struct TimelineStep {
     pub errors: u64,
     /// Latencies of those that succeeded, as the client saw them: how the tail moves over
     /// time.
-    pub latency: Latencies,
+    pub latency: LatencySummary,
 }
 
 /// The outcome of one simulation run: per endpoint and as the client saw it.
@@ -106,9 +60,9 @@ pub struct Report {
     pub errors: u64,
     /// Simulated time from the first arrival to the last response.
     pub elapsed: Duration,
-    /// Latencies of the client's successful requests, from when each should have been sent
+    /// LatencySummary of the client's successful requests, from when each should have been sent
     /// to its response (retries and waits included).
-    pub latency: Latencies,
+    pub latency: LatencySummary,
     /// Each endpoint, in the scenario's order.
     pub endpoints: Vec<EndpointReport>,
     /// Requests and errors over time, by when they were sent, in steps of `timeline_step`.
@@ -187,7 +141,7 @@ impl fmt::Display for Report {
                    req,
                    share: &dyn fmt::Display,
                    err,
-                   l: &Latencies| {
+                   l: &LatencySummary| {
             writeln!(
                 f,
                 "{:<width$} {:>9} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9}",

@@ -9,11 +9,12 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::endpoint::{nanos, Ticket};
-use super::report::{Comparison, EndpointReport, Latencies, Report, TimelineStep};
+use super::report::{Comparison, EndpointReport, Report, TimelineStep};
 use super::workload::Arrivals;
 use super::{Latency, SimEndpoint, SimRequest, SimService, Workload};
 use crate::balance::{InFlight, TrackCompletion};
 use crate::endpoint::state::clock_ns;
+use crate::endpoint::LatencySummary;
 use crate::hash::mix64;
 use crate::hints::PickHints;
 use crate::pool::Pool;
@@ -308,7 +309,7 @@ impl Scenario {
                 },
                 errors: seen.errors,
                 throttled: seen.throttled,
-                latency: Latencies::of(&mut seen.latencies),
+                latency: LatencySummary::exact(&mut seen.latencies),
                 timeline: per_step(&seen.arrivals, step, steps),
             })
             .collect();
@@ -317,7 +318,7 @@ impl Scenario {
                 start: Duration::from_nanos(i * step),
                 requests: 0,
                 errors: 0,
-                latency: Latencies::default(),
+                latency: LatencySummary::default(),
             })
             .collect();
         let mut latencies = Vec::with_capacity(run.outcomes.len());
@@ -336,7 +337,7 @@ impl Scenario {
             }
         }
         for (t, l) in timeline.iter_mut().zip(&mut step_latencies) {
-            t.latency = Latencies::of(l);
+            t.latency = LatencySummary::exact(l);
         }
         Report {
             scenario: self.name.clone(),
@@ -345,7 +346,7 @@ impl Scenario {
             requests: run.outcomes.len() as u64,
             errors,
             elapsed: run.end.saturating_duration_since(start),
-            latency: Latencies::of(&mut latencies),
+            latency: LatencySummary::exact(&mut latencies),
             endpoints,
             timeline,
             timeline_step: self.step,

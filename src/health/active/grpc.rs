@@ -106,8 +106,8 @@ async fn run(config: &Config, addr: SocketAddr) -> Result<(), CheckError> {
     }
     // A trailers-only answer: the status is in the headers and there is no message.
     if let Some(code) = grpc::status(res.headers()) {
-        if code != grpc::code::OK {
-            return Err(CheckError::grpc_status(code));
+        if code != grpc::Code::OK {
+            return Err(CheckError::grpc_status(code.as_u32()));
         }
     }
     let mut body = res.into_body();
@@ -126,8 +126,8 @@ async fn run(config: &Config, addr: SocketAddr) -> Result<(), CheckError> {
         }
     }
     match code {
-        Some(grpc::code::OK) => {}
-        Some(code) => return Err(CheckError::grpc_status(code)),
+        Some(grpc::Code::OK) => {}
+        Some(code) => return Err(CheckError::grpc_status(code.as_u32())),
         None => return Err(CheckError::protocol("no grpc-status in the answer")),
     }
     match decode_status(&message) {

@@ -6,7 +6,7 @@ mod grpc;
 #[cfg(feature = "http-proxy")]
 mod http;
 
-pub use crate::pool::{CheckError, CheckErrorKind};
+pub use crate::pool::check_error::{CheckError, CheckErrorKind};
 pub use check::{
     check_fn, check_service, CheckFuture, FnCheck, HealthCheck, ServiceCheck, TcpCheck,
 };

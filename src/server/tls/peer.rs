@@ -48,7 +48,7 @@ impl fmt::Display for SubjectAltName {
 ///
 /// ```
 /// # use http::Request;
-/// use lbkit::server::PeerCertificate;
+/// use lbkit::server::tls::PeerCertificate;
 ///
 /// fn client_id<B>(req: &Request<B>) -> Option<&str> {
 ///     req.extensions().get::<PeerCertificate>()?.uris().next()
