@@ -141,12 +141,16 @@ proptest! {
         }
     }
 
-    /// Random picks each endpoint in proportion to its weight, within 6 standard deviations
-    /// (plus one pick) of the expected count.
+    /// Random picks each endpoint in proportion to its weight, and so do least connections
+    /// and power of two choices at zero load (nothing in flight, so every comparison is a
+    /// tie): within 6 standard deviations (plus one pick) of the expected count.
     #[test]
-    fn random_follows_weights(weights in weights()) {
+    fn random_and_load_aware_at_zero_load_follow_weights(
+        weights in weights(),
+        name in prop::sample::select(vec!["random", "least_connections", "p2c"]),
+    ) {
         const PICKS: usize = 20_000;
-        let pool = pool("random".parse().unwrap(), &weights);
+        let pool = pool(name.parse().unwrap(), &weights);
         let snap = snapshot(&pool);
         let mut count: HashMap<usize, u64> = HashMap::new();
         for _ in 0..PICKS {
@@ -160,7 +164,7 @@ proptest! {
             let got = count.get(&i).copied().unwrap_or(0) as f64;
             prop_assert!(
                 (got - expected).abs() <= 6.0 * sigma + 1.0,
-                "{}: {} picks, expected {:.0} ± {:.0}", c.id(), got, expected, sigma
+                "{name}: {}: {} picks, expected {:.0} ± {:.0}", c.id(), got, expected, sigma
             );
         }
     }

@@ -56,7 +56,7 @@ impl AnyStrategy {
 pub enum AnyState {
     /// State of [`RoundRobin`].
     RoundRobin(Schedule),
-    /// State of [`Random`].
+    /// State of [`Random`], [`PowerOfTwoChoices`] and [`PeakEwma`]: the weights they sample by.
     Random(RandomState),
     /// For strategies without state.
     Stateless,
@@ -73,11 +73,11 @@ impl Strategy for AnyStrategy {
         match self {
             AnyStrategy::RoundRobin(s) => AnyState::RoundRobin(s.prepare(c)),
             AnyStrategy::Random(s) => AnyState::Random(s.prepare(c)),
+            AnyStrategy::PowerOfTwoChoices(s) => AnyState::Random(s.prepare(c)),
+            AnyStrategy::PeakEwma(s) => AnyState::Random(s.prepare(c)),
             AnyStrategy::Maglev(s) => AnyState::Maglev(s.prepare(c)),
             AnyStrategy::Ring(s) => AnyState::Ring(s.prepare(c)),
-            AnyStrategy::LeastConnections(_)
-            | AnyStrategy::PowerOfTwoChoices(_)
-            | AnyStrategy::PeakEwma(_) => AnyState::Stateless,
+            AnyStrategy::LeastConnections(_) => AnyState::Stateless,
         }
     }
 
@@ -89,8 +89,8 @@ impl Strategy for AnyStrategy {
             (AnyStrategy::Maglev(s), AnyState::Maglev(st)) => s.pick(st, c, ctx),
             (AnyStrategy::Ring(s), AnyState::Ring(st)) => s.pick(st, c, ctx),
             (AnyStrategy::LeastConnections(s), _) => s.pick(&(), c, ctx),
-            (AnyStrategy::PowerOfTwoChoices(s), _) => s.pick(&(), c, ctx),
-            (AnyStrategy::PeakEwma(s), _) => s.pick(&(), c, ctx),
+            (AnyStrategy::PowerOfTwoChoices(s), AnyState::Random(st)) => s.pick(st, c, ctx),
+            (AnyStrategy::PeakEwma(s), AnyState::Random(st)) => s.pick(st, c, ctx),
             // A state is only ever paired with the strategy that prepared it.
             _ => None,
         }

@@ -5,7 +5,13 @@ use crate::endpoint::state::{clock_ns, now};
 use crate::endpoint::Candidate;
 
 /// Least connections, weighted: the endpoint with the fewest requests in flight per unit of
-/// weight, ties broken uniformly at random.
+/// weight (HAProxy's `leastconn`, Envoy's least request), ties broken at random in proportion
+/// to the weights.
+///
+/// So weights count at any load: under load, an endpoint of weight 3 holds about three times
+/// the requests of one of weight 1; at zero load, when every endpoint has nothing in flight
+/// and all tie, it gets three picks in four. A [slow-start](crate::health::SlowStart) ramp
+/// acts the same way, through the ramped weight.
 ///
 /// An endpoint whose requests failed lately looks more loaded than it is: its requests in
 /// flight, and the one to be sent, each count `1 + penalty × failure score` times (see
@@ -73,21 +79,25 @@ impl Strategy for LeastConnections {
 
     fn pick(&self, _: &(), candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
         let mut best: Option<usize> = None;
-        let mut ties = 0usize;
+        // The weights of the endpoints tied with `best` so far, its own included.
+        let mut tied_weight = 0u64;
         let mut now = Now::default();
         for (i, c) in candidates.iter().enumerate() {
             if !ctx.allows(c) {
                 continue;
             }
+            let weight = u64::from(c.weight().max(1));
             match best.map(|b| cmp_load(c, &candidates[b], &mut now)) {
                 None | Some(Ordering::Less) => {
                     best = Some(i);
-                    ties = 1;
+                    tied_weight = weight;
                 }
                 Some(Ordering::Equal) => {
-                    // Reservoir sampling: each of the k tied endpoints wins with chance 1/k.
-                    ties += 1;
-                    if fast_rand::below(ties) == 0 {
+                    // Weighted reservoir sampling: each tied endpoint wins with a chance of
+                    // its weight over the tied endpoints' total, so at zero load (all tied)
+                    // the picks follow the weights.
+                    tied_weight += weight;
+                    if fast_rand::u64() % tied_weight < weight {
                         best = Some(i);
                     }
                 }

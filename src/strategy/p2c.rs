@@ -1,5 +1,7 @@
+use std::cmp::Ordering;
+
 use super::least_connections::{cmp_load, Now};
-use super::{fast_rand, next_allowed, PickContext, Strategy};
+use super::{fast_rand, next_allowed, PickContext, Random, RandomState, Strategy};
 use crate::endpoint::state::{clock_ns, now};
 use crate::endpoint::Candidate;
 
@@ -17,23 +19,43 @@ fn two_random(n: usize) -> (usize, usize) {
     (a, b)
 }
 
-/// Samples two distinct candidates and keeps the one `better` prefers; falls back to a scan
+/// Samples two distinct candidates, in proportion to their weights, and keeps the cheaper by
+/// `cost` (which compares its first argument's cost to its second's); falls back to a scan
 /// when the context rules out both.
+///
+/// With unequal weights, both samples are drawn independently by weight; on a tie, each wins
+/// half the time. Should both draws land on one endpoint, the second becomes a uniformly drawn
+/// other one, which that endpoint wins a tie against. So at zero load (every cost tied) an
+/// endpoint is picked with exactly its share of the weights, and yet a pick always compares
+/// two endpoints. With equal weights, two distinct endpoints are drawn uniformly.
 #[inline]
 fn pick_two(
+    state: &RandomState,
     candidates: &[Candidate],
     ctx: &PickContext<'_>,
-    mut better: impl FnMut(&Candidate, &Candidate) -> bool,
+    mut cost: impl FnMut(&Candidate, &Candidate) -> Ordering,
 ) -> Option<usize> {
-    if candidates.len() == 1 {
+    let n = candidates.len();
+    if n == 1 {
         return next_allowed(candidates, ctx, 0);
     }
-    let (a, b) = two_random(candidates.len());
-    match (ctx.allows(&candidates[a]), ctx.allows(&candidates[b])) {
-        (true, true) => Some(if better(&candidates[b], &candidates[a]) {
-            b
+    let (a, b, independent) = if state.is_uniform() {
+        let (a, b) = two_random(n);
+        (a, b, false)
+    } else {
+        let (a, b) = (state.sample(n), state.sample(n));
+        if a == b {
+            let other = fast_rand::below(n - 1);
+            (a, other + usize::from(other >= a), false)
         } else {
-            a
+            (a, b, true)
+        }
+    };
+    match (ctx.allows(&candidates[a]), ctx.allows(&candidates[b])) {
+        (true, true) => Some(match cost(&candidates[b], &candidates[a]) {
+            Ordering::Less => b,
+            Ordering::Equal if independent && fast_rand::u64() & 1 == 1 => b,
+            _ => a,
         }),
         (true, false) => Some(a),
         (false, true) => Some(b),
@@ -41,8 +63,15 @@ fn pick_two(
     }
 }
 
-/// Power of two choices: sample two endpoints at random, send to the one with fewer requests
-/// in flight per unit of weight.
+/// Power of two choices: sample two endpoints at random, in proportion to their weights, and
+/// send to the one with fewer requests in flight per unit of weight.
+///
+/// Weights count at any load: an endpoint of weight 3 is sampled three times as often as one
+/// of weight 1, and holds about three times the requests under load; at zero load (nothing in
+/// flight anywhere, every comparison a tie) it gets exactly its share of the picks. A
+/// [slow-start](crate::health::SlowStart) ramp acts through the ramped weight. With equal
+/// weights a pick is O(1); with unequal ones each sample is a binary search over the
+/// cumulative weights (O(log n)), as [`Random`]'s.
 ///
 /// Requests to an endpoint that failed lately weigh more, as for
 /// [`LeastConnections`](super::LeastConnections): a fast-failing endpoint does not look idle.
@@ -63,14 +92,21 @@ impl PowerOfTwoChoices {
 }
 
 impl Strategy for PowerOfTwoChoices {
-    type State = ();
+    type State = RandomState;
 
-    fn prepare(&self, _: &[Candidate]) {}
+    fn prepare(&self, candidates: &[Candidate]) -> RandomState {
+        Random::new().prepare(candidates)
+    }
 
     #[inline]
-    fn pick(&self, _: &(), candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(
+        &self,
+        state: &RandomState,
+        candidates: &[Candidate],
+        ctx: &PickContext<'_>,
+    ) -> Option<usize> {
         let mut now = Now::default();
-        pick_two(candidates, ctx, |x, y| cmp_load(x, y, &mut now).is_lt())
+        pick_two(state, candidates, ctx, |x, y| cmp_load(x, y, &mut now))
     }
 
     fn name(&self) -> &'static str {
@@ -83,8 +119,8 @@ impl Strategy for PowerOfTwoChoices {
 /// Each endpoint keeps a moving average of its response times that jumps up at once on a slow
 /// response (the peak) and decays slowly otherwise; the cost of an endpoint is that estimate,
 /// decayed further while the endpoint is idle so it is probed again, times the requests that
-/// would be in flight, divided by its weight. Two random endpoints are sampled and the cheaper
-/// one is picked. This is the model of Finagle and of tower's `PeakEwma`; the decay window and
+/// would be in flight, divided by its weight. Two random endpoints are sampled (in proportion
+/// to their weights, as for [`PowerOfTwoChoices`]) and the cheaper one is picked. This is the model of Finagle and of tower's `PeakEwma`; the decay window and
 /// the starting estimate are set on the pool (see
 /// [`PoolBuilder::latency_decay`](crate::pool::PoolBuilder::latency_decay)).
 ///
@@ -105,15 +141,22 @@ impl PeakEwma {
 }
 
 impl Strategy for PeakEwma {
-    type State = ();
+    type State = RandomState;
 
-    fn prepare(&self, _: &[Candidate]) {}
+    fn prepare(&self, candidates: &[Candidate]) -> RandomState {
+        Random::new().prepare(candidates)
+    }
 
     #[inline]
-    fn pick(&self, _: &(), candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(
+        &self,
+        state: &RandomState,
+        candidates: &[Candidate],
+        ctx: &PickContext<'_>,
+    ) -> Option<usize> {
         let now = clock_ns(now());
         let cost = |c: &Candidate| c.state().peak_ewma_cost(now) / f64::from(c.weight().max(1));
-        pick_two(candidates, ctx, |x, y| cost(x) < cost(y))
+        pick_two(state, candidates, ctx, |x, y| cost(x).total_cmp(&cost(y)))
     }
 
     fn name(&self) -> &'static str {

@@ -18,10 +18,34 @@ impl Random {
     }
 }
 
-/// The per-snapshot state of [`Random`]: cumulative weights, empty when all are equal.
+/// The per-snapshot state of [`Random`], [`PowerOfTwoChoices`](super::PowerOfTwoChoices) and
+/// [`PeakEwma`](super::PeakEwma): cumulative weights to sample from, empty when all weights
+/// are equal.
 #[derive(Debug)]
 pub struct RandomState {
     cumulative: Vec<u64>,
+}
+
+impl RandomState {
+    /// Whether every candidate has the same weight (sampling is then uniform).
+    #[inline]
+    pub(crate) fn is_uniform(&self) -> bool {
+        self.cumulative.is_empty()
+    }
+
+    /// The index of one of `n` candidates (`n > 0`, the ones this state was prepared from),
+    /// drawn in proportion to its weight: one random number, plus a binary search over the
+    /// cumulative weights when they differ (O(log n)).
+    #[inline]
+    pub(crate) fn sample(&self, n: usize) -> usize {
+        match self.cumulative.last() {
+            None => fast_rand::below(n),
+            Some(&total) => {
+                let r = fast_rand::u64() % total;
+                self.cumulative.partition_point(|&c| c <= r)
+            }
+        }
+    }
 }
 
 impl Strategy for Random {
@@ -50,13 +74,7 @@ impl Strategy for Random {
         candidates: &[Candidate],
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
-        let idx = match s.cumulative.last() {
-            None => fast_rand::below(candidates.len()),
-            Some(&total) => {
-                let r = fast_rand::u64() % total;
-                s.cumulative.partition_point(|&c| c <= r)
-            }
-        };
+        let idx = s.sample(candidates.len());
         if ctx.allows(&candidates[idx]) {
             Some(idx)
         } else {
