@@ -13,17 +13,18 @@ use futures::future::join_all;
 use futures::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
+use lbkit::health::SlowStart;
 use lbkit::hints::PickHints;
 use lbkit::strategy::{
     AnyStrategy, LeastConnections, PeakEwma, PowerOfTwoChoices, RoundRobin, Strategy,
 };
 use lbkit::{Balancer, Endpoint, EndpointId, Tier};
 use tokio::task::JoinSet;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use common::{
     ask, balancer, body_text, dead_addr, endpoints, get, hits, start_servers,
-    start_streaming_server, wait_until, within, HttpEndpoint, HANG,
+    start_streaming_server, wait_until, within, HttpEndpoint, TestServer, HANG,
 };
 
 /// Bound on a whole test; only catches a hang.
@@ -409,6 +410,150 @@ async fn complete_on_body_counts_streaming_responses() {
         assert_eq!(state.in_flight(), 0, "a dropped body stops counting");
         assert_eq!((state.requests(), state.errors()), (2, 0));
         assert_eq!(server.hits(), 2);
+    })
+    .await;
+}
+
+/// Sends `n` requests through `b` that stay in flight: each is picked (the balancer's `call`)
+/// before the next one is, and the servers hold every answer until released. Returns the
+/// tasks that end once the servers answer.
+async fn held_requests<St: Strategy>(
+    b: &Balancer<HttpEndpoint, St>,
+    n: u64,
+) -> JoinSet<String> {
+    let mut held = JoinSet::new();
+    for _ in 0..n {
+        let mut svc = b.clone();
+        let answer = svc.ready().await.expect("the balancer is ready").call(get());
+        held.spawn(async move { body_text(answer.await.expect("held request").into_body()).await });
+    }
+    held
+}
+
+/// Weights 3:1 over two equal servers give a 3:1 split with least connections and with
+/// power of two choices, both at zero load (requests one after the other: nothing in flight,
+/// every comparison a tie, broken by weight) and under load (16 requests held in flight at
+/// once: each goes to the lower in-flight count per unit of weight). Counts only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_3_1_split_3_1_with_least_connections_and_p2c() {
+    within(LIMIT, async {
+        let strategies: [AnyStrategy; 2] =
+            [LeastConnections::new().into(), PowerOfTwoChoices::new().into()];
+        for strategy in strategies {
+            let name = strategy.name();
+            let servers = start_servers(2).await;
+            let b = balancer(
+                [servers[0].endpoint().with_weight(3), servers[1].endpoint()],
+                strategy,
+            );
+
+            // Zero load: 400 requests, one after the other; 300 expected on s0 (σ ≈ 8.7).
+            const SEQUENTIAL: u64 = 400;
+            for _ in 0..SEQUENTIAL {
+                ask(&b).await.expect("request");
+            }
+            let zero_load = hits(&servers);
+            println!("{name}: zero load, weights 3:1: {zero_load:?}");
+            assert!(
+                (250..=350).contains(&zero_load[0]),
+                "{name}: zero load split {zero_load:?}, expected about 300:100"
+            );
+
+            // Under load: 16 requests in flight at once split 12:4 (±1 for the tie-breaks).
+            const HELD: u64 = 16;
+            servers.iter().for_each(|s| s.hold(1));
+            let mut held = held_requests(&b, HELD).await;
+            wait_until(HANG, "the held requests to reach the servers", || {
+                hits(&servers).iter().sum::<u64>() == SEQUENTIAL + HELD
+            })
+            .await;
+            let loaded: Vec<u64> = hits(&servers)
+                .iter()
+                .zip(&zero_load)
+                .map(|(after, before)| after - before)
+                .collect();
+            println!("{name}: {HELD} in flight, weights 3:1: {loaded:?}");
+            assert!(
+                (11..=13).contains(&loaded[0]),
+                "{name}: in-flight split {loaded:?}, expected 12:4"
+            );
+            servers.iter().for_each(TestServer::release);
+            while let Some(done) = held.join_next().await {
+                done.expect("held request");
+            }
+            assert_eq!(b.pool().in_flight(), 0);
+        }
+    })
+    .await;
+}
+
+/// Slow start acts on least connections and P2C: an endpoint that comes back ramps from a
+/// tenth of its weight (1 against 10 and 10 here: about 1/21 of the requests at zero load, 1
+/// of 21 held in flight), and gets its third once its ramp ends. The ramp window is an hour,
+/// so the test never reaches its end by time: it ends the ramp by stopping slow start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_a_returning_endpoint_under_least_connections_and_p2c() {
+    within(LIMIT, async {
+        let strategies: [AnyStrategy; 2] =
+            [LeastConnections::new().into(), PowerOfTwoChoices::new().into()];
+        for strategy in strategies {
+            let name = strategy.name();
+            let servers = start_servers(3).await;
+            let b = balancer(endpoints(&servers), strategy);
+            let ramp = SlowStart::new(Duration::from_secs(3600)).spawn(b.pool());
+            assert!(b.pool().set_down(&id("s2"), true));
+            assert!(b.pool().set_down(&id("s2"), false));
+            let weights: Vec<u32> = b
+                .pool()
+                .snapshot()
+                .eligible()
+                .iter()
+                .map(|c| c.weight())
+                .collect();
+            assert_eq!(weights, [10, 10, 1], "{name}: ramped weights");
+
+            // Zero load: 420 requests, 20 expected on s2 (σ ≈ 4.4).
+            const SEQUENTIAL: u64 = 420;
+            for _ in 0..SEQUENTIAL {
+                ask(&b).await.expect("request");
+            }
+            let ramping = hits(&servers);
+            println!("{name}: zero load, s2 ramping: {ramping:?}");
+            assert!(
+                (1..=45).contains(&ramping[2]),
+                "{name}: the ramping endpoint got {} of {SEQUENTIAL}: {ramping:?}",
+                ramping[2]
+            );
+
+            // Under load: of 21 requests in flight, s2 holds 1 (2 at most with tie-breaks).
+            servers.iter().for_each(|s| s.hold(1));
+            let mut held = held_requests(&b, 21).await;
+            wait_until(HANG, "the held requests to reach the servers", || {
+                hits(&servers).iter().sum::<u64>() == SEQUENTIAL + 21
+            })
+            .await;
+            let loaded = hits(&servers)[2] - ramping[2];
+            println!("{name}: 21 in flight, s2 ramping holds {loaded}");
+            assert!(loaded <= 2, "{name}: s2 holds {loaded} of 21");
+            servers.iter().for_each(TestServer::release);
+            while let Some(done) = held.join_next().await {
+                done.expect("held request");
+            }
+
+            // The ramp ends: s2 gets its third again.
+            ramp.abort();
+            wait_until(HANG, "the ramp to end", || {
+                b.pool().snapshot().eligible().iter().all(|c| c.weight() == 1)
+            })
+            .await;
+            let before = hits(&servers);
+            for _ in 0..300 {
+                ask(&b).await.expect("request");
+            }
+            let after = hits(&servers)[2] - before[2];
+            println!("{name}: after the ramp, s2 got {after} of 300");
+            assert!((60..=140).contains(&after), "{name}: s2 got {after} of 300");
+        }
     })
     .await;
 }
