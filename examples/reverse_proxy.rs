@@ -43,11 +43,12 @@
 //! - `--sticky` (`StickyLayer`) or `--hash-header NAME` (`HashKeyLayer`, for `maglev`/`ring`);
 //! - `BalancerLayer`: the strategy picks a backend from a pool that is health-checked every
 //!   second and watched by outlier detection (which counts 5xx answers and gRPC calls ending
-//!   in `UNAVAILABLE`, `DEADLINE_EXCEEDED` or `INTERNAL`). The check fits the upstream
-//!   protocol: `GET /` over HTTP/1.1 by default; a TCP connect with `--upstream h2`, as
-//!   HAProxy's `proto h2` servers get, since an HTTP/2-only backend is usually a gRPC server,
-//!   which answers a plain `GET` with 415 or a gRPC error. `--check http:/healthz` sends
-//!   `GET /healthz` (over HTTP/2 with `--upstream h2`), `--check grpc` (or `grpc:SERVICE`)
+//!   in `UNAVAILABLE`, `DEADLINE_EXCEEDED` or `INTERNAL`). The check fits the backend: by
+//!   default `GET /` over HTTP/1.1, or over h2c for a backend found to speak only HTTP/2 (a
+//!   gRPC server, up when it answers as one), so gRPC backends work with no flag; a TCP
+//!   connect with `--upstream h2`, as HAProxy's `proto h2` servers get. `--check
+//!   http:/healthz` sends `GET /healthz` (over HTTP/2 with `--upstream h2`), `--check grpc`
+//!   (or `grpc:SERVICE`)
 //!   asks a gRPC server's `grpc.health.v1` service (`SERVING` is up), `--check tcp` suits a
 //!   backend that answers no plain GET, such as a WebSocket-only server; each backend takes at
 //!   most `--max-requests-per-backend` requests at once (default 256), the others wait in a
@@ -114,9 +115,9 @@ pub struct Args {
     pub threads: Option<usize>,
     pub sticky: bool,
     pub hash_header: Option<String>,
-    /// The active health check; `None`: `GET /` over HTTP/1.1 (any 2xx or 3xx), or a TCP
-    /// connect for `UpstreamProtocol::Http2` (HTTP/2-only backends are mostly gRPC servers,
-    /// which fail a plain GET).
+    /// The active health check; `None`: `GET /` (any 2xx or 3xx) over HTTP/1.1, or over h2c
+    /// to a backend that speaks only HTTP/2 (a gRPC server is up when it answers as one), or a
+    /// TCP connect for `UpstreamProtocol::Http2`.
     pub check: Option<Check>,
     /// The protocol spoken to the backends (gRPC always goes over HTTP/2).
     pub upstream: UpstreamProtocol,
@@ -341,15 +342,17 @@ pub fn proxy(
         .build(Target::new);
     pool.extend(endpoints);
     let balancer = BalancerLayer::from_pool(pool);
-    // The check fits the backends: an HTTP/2-only backend answers an HTTP/1.1 probe with a
-    // protocol error, so an HTTP check speaks what the proxy speaks to it, and by default
-    // such a backend (likely a gRPC server, which answers a plain GET with 415 or a gRPC
-    // error) gets a TCP check, as HAProxy's `proto h2` servers do.
+    // The check fits the backends: an HTTP check finds out which backends speak only HTTP/2
+    // (they answer an HTTP/1.1 probe with a protocol error) and asks them over h2c, where a
+    // gRPC server answering a plain GET as gRPC servers do is up. Backends the proxy speaks
+    // HTTP/2 to get a TCP check by default, as HAProxy's `proto h2` servers do, and an HTTP
+    // check in HTTP/2.
     let http2 = args.upstream == UpstreamProtocol::Http2;
     let check: Box<dyn HealthCheck> = match &args.check {
         None if http2 => Box::new(TcpCheck::new()),
         None => Box::new(HttpCheck::get("/")),
-        Some(Check::Http(path)) => Box::new(HttpCheck::get(path).http2(http2)),
+        Some(Check::Http(path)) if http2 => Box::new(HttpCheck::get(path).http2(true)),
+        Some(Check::Http(path)) => Box::new(HttpCheck::get(path)),
         Some(Check::Grpc(service)) => Box::new(GrpcCheck::new().service(service)),
         Some(Check::Tcp) => Box::new(TcpCheck::new()),
     };

@@ -453,14 +453,16 @@ async fn the_grpc_health_check_asks_grpc_health_v1() {
         kind(GrpcCheck::new().check(&no_health.endpoint()).await),
         Err(CheckErrorKind::GrpcStatus(12))
     );
-    // An HTTP/1.1 probe fails on an HTTP/2-only server; the same probe over h2 reaches it
-    // (tonic answers a plain GET with HTTP 200 and a gRPC error).
-    let h1 = HttpCheck::get("/").check(&ep).await;
+    // An HTTP/1.1-only probe fails on an HTTP/2-only server; the same probe over h2 reaches
+    // it (tonic answers a plain GET with HTTP 200 and a gRPC error), and so does the default
+    // probe, which finds out that the server speaks only HTTP/2.
+    let h1 = HttpCheck::get("/").http2(false).check(&ep).await;
     assert_eq!(kind(h1), Err(CheckErrorKind::Protocol));
     assert_eq!(
         kind(HttpCheck::get("/").http2(true).check(&ep).await),
         Ok(())
     );
+    assert_eq!(kind(HttpCheck::get("/").check(&ep).await), Ok(()));
     let checks_before = server.state.health_checks.load(Ordering::Relaxed);
     assert!(checks_before >= 4, "{checks_before}");
 
@@ -822,4 +824,250 @@ async fn a_client_side_balanced_tonic_client_sees_unavailable_with_no_server_up(
 #[test]
 fn the_grpc_client_example_runs() {
     grpc_client::main().expect("the grpc_client example");
+}
+
+/// An HTTP/2-only backend written with hyper, standing for the gRPC servers users have that
+/// are not tonic: counts the connections it accepts, the health checks and the other
+/// requests it gets.
+struct H2Backend {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    checks: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How an [`H2Backend`] answers.
+#[derive(Clone, Copy, Debug)]
+enum H2Answer {
+    /// As grpc-go does: a gRPC request gets `grpc-status: 0` (trailers-only), any other
+    /// request `415 Unsupported Media Type` with a gRPC error (`grpc-status: 13`).
+    GrpcServer,
+    /// 200, with the protocol spoken in `x-version`.
+    Plain,
+}
+
+impl H2Backend {
+    async fn start(name: &'static str, answer: H2Answer) -> H2Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicU64::new(0));
+        let checks = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (conns, chk, reqs) = (connections.clone(), checks.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            let mut served = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::Relaxed);
+                let (chk, reqs) = (chk.clone(), reqs.clone());
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let is_check = req
+                            .headers()
+                            .get("user-agent")
+                            .is_some_and(|ua| ua == "lbkit-health-check");
+                        let counter = if is_check { &chk } else { &reqs };
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let res = http::Response::builder()
+                            .header("x-server", name)
+                            .header("x-version", format!("{:?}", req.version()));
+                        let grpc = lbkit::grpc::is_grpc(req.headers());
+                        let res = match answer {
+                            H2Answer::GrpcServer if grpc => res
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "0"),
+                            H2Answer::GrpcServer => res
+                                .status(415)
+                                .header("content-type", "application/grpc")
+                                .header("grpc-status", "13")
+                                .header("grpc-message", "invalid gRPC request content-type"),
+                            H2Answer::Plain => res,
+                        };
+                        let res = res.body(Full::new(Bytes::from(name))).expect("response");
+                        std::future::ready(Ok::<_, Infallible>(res))
+                    });
+                served.spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        H2Backend {
+            addr,
+            connections,
+            checks,
+            requests,
+            task,
+        }
+    }
+
+    fn endpoint(&self, name: &str) -> Endpoint {
+        Endpoint::new(name).with_addr(self.addr)
+    }
+}
+
+impl Drop for H2Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The default HTTP check finds out that a backend speaks only HTTP/2 on its first check (an
+/// HTTP/1.1 attempt that fails on a protocol error, then h2c), and remembers it: later checks
+/// open one connection each, in HTTP/2. A gRPC server's answer to a plain GET (415 with a
+/// gRPC error) is up; told to speak HTTP/1.1 only, the check fails on a protocol error.
+#[tokio::test]
+async fn the_default_http_check_finds_http2_only_backends_and_remembers_them() {
+    let backend = H2Backend::start("grpc-go-like", H2Answer::GrpcServer).await;
+    let ep = backend.endpoint("b");
+    let kind = |r: Result<(), lbkit::health::CheckError>| r.map_err(|e| e.kind());
+    let check = HttpCheck::get("/");
+    assert_eq!(kind(check.check(&ep).await), Ok(()));
+    assert_eq!(backend.connections.load(Ordering::Relaxed), 2);
+    assert_eq!(backend.checks.load(Ordering::Relaxed), 1);
+    // A clone shares what the check learned.
+    for n in 1..=3 {
+        assert_eq!(kind(check.clone().check(&ep).await), Ok(()));
+        assert_eq!(backend.connections.load(Ordering::Relaxed), 2 + n);
+        assert_eq!(backend.checks.load(Ordering::Relaxed), 1 + n);
+    }
+    // The gRPC exception only holds for the protocol found by the check.
+    assert_eq!(
+        kind(HttpCheck::get("/").http2(true).check(&ep).await),
+        Err(CheckErrorKind::Status(415))
+    );
+    assert_eq!(
+        kind(HttpCheck::get("/").http2(false).check(&ep).await),
+        Err(CheckErrorKind::Protocol)
+    );
+    // Nor when a body is expected.
+    assert_eq!(
+        kind(HttpCheck::get("/").expect_body("ok").check(&ep).await),
+        Err(CheckErrorKind::Status(415))
+    );
+    // An HTTP/1.1 backend is checked in HTTP/1.1, on one connection.
+    let h1 = common::start_server("h1").await;
+    assert_eq!(
+        kind(HttpCheck::get("/").check(&h1.endpoint()).await),
+        Ok(())
+    );
+    assert_eq!(h1.hits(), 1);
+    assert_eq!(h1.open_connections(), 0);
+}
+
+/// Sends `n` requests through the proxy at `addr` over one HTTP/2 connection, gRPC-shaped
+/// (`POST`, `content-type: application/grpc`) if `grpc`; returns the answers per backend
+/// (`x-server`) and the failures.
+async fn h2_requests(
+    addr: SocketAddr,
+    n: usize,
+    grpc: bool,
+) -> (BTreeMap<String, usize>, Vec<String>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let (mut by_server, mut failed) = (BTreeMap::new(), Vec::new());
+    for _ in 0..n {
+        let req = if grpc {
+            http::Request::post(format!("http://{addr}{SAY_HELLO}"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+        } else {
+            http::Request::get(format!("http://{addr}/"))
+        };
+        let req = req.body(Full::new(Bytes::new())).expect("request");
+        let res = tokio::time::timeout(HANG, send.clone().send_request(req))
+            .await
+            .expect("a request hung");
+        match res {
+            Ok(res)
+                if res.status() == 200
+                    && res.headers().get("grpc-status").is_none_or(|s| s == "0") =>
+            {
+                let server = res.headers()["x-server"].to_str().expect("name").to_owned();
+                *by_server.entry(server).or_default() += 1;
+            }
+            Ok(res) => failed.push(format!("{:?}", res.headers())),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    (by_server, failed)
+}
+
+/// Waits until every backend has passed `n` HTTP/2 health checks (which the default check
+/// only sends once it found the backend speaks only HTTP/2).
+async fn wait_for_checks(backends: &[H2Backend], n: u64) {
+    common::wait_until(HANG, "the backends to be checked over HTTP/2", || {
+        backends
+            .iter()
+            .all(|b| b.checks.load(Ordering::Relaxed) >= n)
+    })
+    .await;
+}
+
+/// The README's proxy with no flags in front of three HTTP/2-only gRPC servers (answering a
+/// plain GET as grpc-go does, with 415 and a gRPC error): the default check keeps them up,
+/// and gRPC calls through the proxy succeed, 100 of 100, spread over all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_only_grpc_backends_work_with_no_flags() {
+    let mut backends = Vec::new();
+    for name in ["g1", "g2", "g3"] {
+        backends.push(H2Backend::start(name, H2Answer::GrpcServer).await);
+    }
+    let endpoints = backends
+        .iter()
+        .zip(["g1", "g2", "g3"])
+        .map(|(b, name)| b.endpoint(name))
+        .collect();
+    let args = Args {
+        check_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    assert!(args.check.is_none() && args.upstream == UpstreamProtocol::Http1);
+    let (addr, pool, task) = start_proxy(endpoints, args).await;
+    wait_for_checks(&backends, 3).await;
+    for name in ["g1", "g2", "g3"] {
+        assert_eq!(pool.health(&EndpointId::new(name)), Some(Health::Healthy));
+    }
+
+    let (by_server, failed) = h2_requests(addr, 100, true).await;
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(by_server.values().sum::<usize>(), 100);
+    assert_eq!(by_server.len(), 3, "{by_server:?}");
+    let reached: u64 = backends
+        .iter()
+        .map(|b| b.requests.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(reached, 100);
+    task.abort();
+}
+
+/// Plain HTTP/2 requests reach HTTP/2-only backends with `--upstream same` and the default
+/// check: 100 of 100, spoken to in HTTP/2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_only_backends_work_with_upstream_same_and_the_default_check() {
+    let mut backends = Vec::new();
+    for name in ["p1", "p2", "p3"] {
+        backends.push(H2Backend::start(name, H2Answer::Plain).await);
+    }
+    let endpoints = backends
+        .iter()
+        .zip(["p1", "p2", "p3"])
+        .map(|(b, name)| b.endpoint(name))
+        .collect();
+    let args = Args {
+        upstream: UpstreamProtocol::SameAsClient,
+        check_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let (addr, _pool, task) = start_proxy(endpoints, args).await;
+    wait_for_checks(&backends, 3).await;
+    let (by_server, failed) = h2_requests(addr, 100, false).await;
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert_eq!(by_server.values().sum::<usize>(), 100);
+    assert_eq!(by_server.len(), 3, "{by_server:?}");
+    task.abort();
 }

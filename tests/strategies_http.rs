@@ -417,14 +417,15 @@ async fn complete_on_body_counts_streaming_responses() {
 /// Sends `n` requests through `b` that stay in flight: each is picked (the balancer's `call`)
 /// before the next one is, and the servers hold every answer until released. Returns the
 /// tasks that end once the servers answer.
-async fn held_requests<St: Strategy>(
-    b: &Balancer<HttpEndpoint, St>,
-    n: u64,
-) -> JoinSet<String> {
+async fn held_requests<St: Strategy>(b: &Balancer<HttpEndpoint, St>, n: u64) -> JoinSet<String> {
     let mut held = JoinSet::new();
     for _ in 0..n {
         let mut svc = b.clone();
-        let answer = svc.ready().await.expect("the balancer is ready").call(get());
+        let answer = svc
+            .ready()
+            .await
+            .expect("the balancer is ready")
+            .call(get());
         held.spawn(async move { body_text(answer.await.expect("held request").into_body()).await });
     }
     held
@@ -437,8 +438,10 @@ async fn held_requests<St: Strategy>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_3_1_split_3_1_with_least_connections_and_p2c() {
     within(LIMIT, async {
-        let strategies: [AnyStrategy; 2] =
-            [LeastConnections::new().into(), PowerOfTwoChoices::new().into()];
+        let strategies: [AnyStrategy; 2] = [
+            LeastConnections::new().into(),
+            PowerOfTwoChoices::new().into(),
+        ];
         for strategy in strategies {
             let name = strategy.name();
             let servers = start_servers(2).await;
@@ -494,8 +497,10 @@ async fn weights_3_1_split_3_1_with_least_connections_and_p2c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_ramps_a_returning_endpoint_under_least_connections_and_p2c() {
     within(LIMIT, async {
-        let strategies: [AnyStrategy; 2] =
-            [LeastConnections::new().into(), PowerOfTwoChoices::new().into()];
+        let strategies: [AnyStrategy; 2] = [
+            LeastConnections::new().into(),
+            PowerOfTwoChoices::new().into(),
+        ];
         for strategy in strategies {
             let name = strategy.name();
             let servers = start_servers(3).await;
@@ -543,7 +548,11 @@ async fn slow_start_ramps_a_returning_endpoint_under_least_connections_and_p2c()
             // The ramp ends: s2 gets its third again.
             ramp.abort();
             wait_until(HANG, "the ramp to end", || {
-                b.pool().snapshot().eligible().iter().all(|c| c.weight() == 1)
+                b.pool()
+                    .snapshot()
+                    .eligible()
+                    .iter()
+                    .all(|c| c.weight() == 1)
             })
             .await;
             let before = hits(&servers);

@@ -1,16 +1,17 @@
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, USER_AGENT};
-use http::{HeaderValue, Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::check::target;
-use super::{CheckError, CheckFuture, HealthCheck};
+use super::{CheckError, CheckErrorKind, CheckFuture, HealthCheck};
 use crate::endpoint::Endpoint;
 
 /// The most of a response body an [`HttpCheck`] reads when looking for its expected text.
@@ -21,9 +22,22 @@ const MAX_BODY: usize = 64 * 1024;
 ///
 /// Each check opens a new connection (`Connection: close`), as HAProxy's `option httpchk`
 /// does, so it sees what a new client would see. Defaults: `GET`, any 2xx or 3xx status, no
-/// body check, `Host` the endpoint's address, HTTP/1.1. An HTTP/2-only backend answers an
-/// HTTP/1.1 request with a protocol error: check it with [`http2`](HttpCheck::http2) (h2c,
-/// prior knowledge), as the proxy speaks to it (HAProxy's `check-proto h2`).
+/// body check, `Host` the endpoint's address, and the protocol the endpoint speaks:
+///
+/// - By default the check speaks HTTP/1.1, and finds out by itself when a backend speaks only
+///   HTTP/2 (as gRPC servers do): such a backend answers an HTTP/1.1 request with an HTTP/2
+///   frame, which fails as a protocol error, and the check then asks again over h2c (prior
+///   knowledge). It remembers, per endpoint address, which protocol answered and speaks it
+///   first from then on (switching back the same way if the backend changes), so an
+///   HTTP/2-only backend is never marked down for not speaking HTTP/1.1. An HTTP/2-only
+///   backend that answers the check as a gRPC server answers any request that is not gRPC
+///   (with `content-type: application/grpc`, or `415 Unsupported Media Type` as the gRPC spec
+///   asks) is up: it is serving gRPC, which is all a plain request can learn of it (ask its
+///   health service with [`GrpcCheck`](super::GrpcCheck) to learn more). That exception does
+///   not apply when a body is expected.
+/// - [`http2(true)`](HttpCheck::http2) speaks only HTTP/2 (h2c, prior knowledge), as the proxy
+///   speaks to such backends (HAProxy's `check-proto h2`); [`http2(false)`](HttpCheck::http2)
+///   only HTTP/1.1. Either way the status and body rules apply as set.
 ///
 /// ```
 /// use lbkit::health::{HealthChecker, HttpCheck};
@@ -38,6 +52,17 @@ const MAX_BODY: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct HttpCheck {
     config: Arc<Config>,
+    /// The endpoints found to speak only HTTP/2, shared by the clones of the check.
+    http2_peers: Arc<Http2Peers>,
+}
+
+/// The protocol a check speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/1.1, or h2c for a peer that speaks only HTTP/2.
+    Detect,
+    Http1,
+    Http2,
 }
 
 #[derive(Clone, Debug)]
@@ -48,7 +73,38 @@ struct Config {
     body: Option<String>,
     host: Option<String>,
     port: Option<u16>,
-    http2: bool,
+    protocol: Protocol,
+}
+
+/// The addresses found to speak only HTTP/2. Bounded: past [`Http2Peers::MAX`] addresses (a
+/// pool whose endpoints come and go for a long time), it starts over, and a forgotten one
+/// costs one more connection to be found again.
+#[derive(Debug, Default)]
+struct Http2Peers(Mutex<HashSet<SocketAddr>>);
+
+impl Http2Peers {
+    const MAX: usize = 4096;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<SocketAddr>> {
+        // Only inserts and removes under the lock: a panic cannot leave it half-changed.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_http2_only(&self, addr: SocketAddr) -> bool {
+        self.lock().contains(&addr)
+    }
+
+    fn set(&self, addr: SocketAddr, http2_only: bool) {
+        let mut peers = self.lock();
+        if !http2_only {
+            peers.remove(&addr);
+            return;
+        }
+        if peers.len() >= Self::MAX {
+            peers.clear();
+        }
+        peers.insert(addr);
+    }
 }
 
 impl HttpCheck {
@@ -62,8 +118,9 @@ impl HttpCheck {
                 body: None,
                 host: None,
                 port: None,
-                http2: false,
+                protocol: Protocol::Detect,
             }),
+            http2_peers: Arc::default(),
         }
     }
 
@@ -110,10 +167,16 @@ impl HttpCheck {
         self
     }
 
-    /// Speaks HTTP/2 without TLS (h2c, prior knowledge) instead of HTTP/1.1 (default `false`),
-    /// for backends that speak only HTTP/2. The host goes in `:authority`.
+    /// Speaks only HTTP/2 without TLS (h2c, prior knowledge) with `true`, only HTTP/1.1 with
+    /// `false`. By default (not called) the check speaks HTTP/1.1 and switches to h2c for an
+    /// endpoint that speaks only HTTP/2 (see the [type docs](HttpCheck)). Over HTTP/2 the host
+    /// goes in `:authority`.
     pub fn http2(mut self, http2: bool) -> Self {
-        self.config().http2 = http2;
+        self.config().protocol = if http2 {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
         self
     }
 }
@@ -122,7 +185,8 @@ impl HealthCheck for HttpCheck {
     fn check(&self, endpoint: &Endpoint) -> CheckFuture {
         let addr = target(endpoint, self.config.port);
         let config = self.config.clone();
-        Box::pin(async move { run(&config, addr?).await })
+        let peers = self.http2_peers.clone();
+        Box::pin(async move { run(&config, &peers, addr?).await })
     }
 }
 
@@ -199,21 +263,64 @@ where
     }
 }
 
-async fn run(config: &Config, addr: SocketAddr) -> Result<(), CheckError> {
+/// The check's request to `addr`.
+fn request(config: &Config, addr: SocketAddr) -> Result<Request<Empty<Bytes>>, CheckError> {
     let host = match &config.host {
         Some(h) => HeaderValue::from_str(h),
         None => HeaderValue::from_str(&addr.to_string()),
     }
     .map_err(CheckError::failed)?;
-    let req = Request::builder()
+    Request::builder()
         .method(config.method.clone())
         .uri(config.path.as_str())
         .header(HOST, host)
         .header(USER_AGENT, "lbkit-health-check")
         .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(CheckError::failed)?;
-    let (res, _conn) = send(addr, req, config.http2).await?;
+        .map_err(CheckError::failed)
+}
+
+/// Sends the check's request in the protocol `addr` is known to speak; on a protocol error
+/// (as an HTTP/2-only peer's answer to HTTP/1.1 is, and the other way round), once more in
+/// the other protocol, remembering it if it answers. The response, its connection, and
+/// whether it came over HTTP/2 from a peer that speaks nothing else.
+async fn detect(
+    config: &Config,
+    peers: &Http2Peers,
+    addr: SocketAddr,
+) -> Result<(Response<Incoming>, AbortOnDrop, bool), CheckError> {
+    let http2 = peers.is_http2_only(addr);
+    match send(addr, request(config, addr)?, http2).await {
+        Ok((res, conn)) => Ok((res, conn, http2)),
+        Err(e) if e.kind() == CheckErrorKind::Protocol => {
+            match send(addr, request(config, addr)?, !http2).await {
+                Ok((res, conn)) => {
+                    tracing::debug!(
+                        %addr, http2_only = !http2,
+                        "health check: the endpoint answers in the other protocol"
+                    );
+                    peers.set(addr, !http2);
+                    Ok((res, conn, !http2))
+                }
+                Err(_) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn run(config: &Config, peers: &Http2Peers, addr: SocketAddr) -> Result<(), CheckError> {
+    let (res, _conn, http2_only) = match config.protocol {
+        Protocol::Detect => detect(config, peers, addr).await?,
+        fixed => {
+            let http2 = fixed == Protocol::Http2;
+            let (res, conn) = send(addr, request(config, addr)?, http2).await?;
+            (res, conn, false)
+        }
+    };
+    if http2_only && config.body.is_none() && answers_as_grpc_server(&res) {
+        return Ok(());
+    }
     let status = res.status().as_u16();
     if status < config.status.0 || status > config.status.1 {
         return Err(CheckError::status(status));
@@ -239,6 +346,14 @@ async fn run(config: &Config, addr: SocketAddr) -> Result<(), CheckError> {
         }
     }
     Ok(())
+}
+
+/// Whether `res` is how a gRPC server answers a request that is not gRPC: a gRPC response
+/// (`content-type: application/grpc…`, as grpc-go's `415`/`405` and tonic's `UNIMPLEMENTED`
+/// are), or `415 Unsupported Media Type`, which the gRPC over HTTP/2 spec asks of servers
+/// for a request of another content type.
+fn answers_as_grpc_server(res: &Response<Incoming>) -> bool {
+    res.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE || crate::grpc::is_grpc(res.headers())
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
