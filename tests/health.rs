@@ -956,3 +956,115 @@ fn by_default_only_healthy_endpoints_are_picked() {
     }
     assert_eq!(seen.len(), 3, "in panic every endpoint is picked: {seen:?}");
 }
+
+/// Sends `n` requests; how many each endpoint served (all must succeed).
+async fn served_by<S>(
+    balancer: &Balancer<S, RoundRobin, lbkit::balance::CompleteOnBody>,
+    n: usize,
+) -> std::collections::BTreeMap<EndpointId, usize>
+where
+    S: Service<http::Request<Empty<Bytes>>, Response = http::Response<Incoming>> + Clone,
+    S::Error: Into<BoxError>,
+{
+    let mut by = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let (id, status) = send(balancer).await.expect("a healthy endpoint answers");
+        assert_eq!(status, 200);
+        *by.entry(id).or_default() += 1;
+    }
+    by
+}
+
+/// `start_down`: every endpoint is out of rotation until its first check passes (one pass,
+/// not `rise`): a backend failing its check gets no request; once it passes, it gets its
+/// share. So does an endpoint added while the checks run (as discovery adds them): it is
+/// down in the very snapshot that adds it. Once the checker stops, new endpoints join up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_down_keeps_endpoints_out_until_their_first_check_passes() {
+    bounded(async {
+        let ready = HttpBackend::start("ready").await;
+        let starting = HttpBackend::start("starting").await;
+        starting.set_status(503);
+        let balancer = http_balancer(&[ready.addr, starting.addr]);
+        let pool = balancer.pool();
+        let mut events = pool.health_events();
+        let checks = CheckLog::default();
+        let spawned = Instant::now();
+        let checker = HealthChecker::new(Logged::new(HttpCheck::get("/work"), &checks))
+            .interval(INTERVAL)
+            .jitter(JITTER)
+            .rise(3)
+            .start_down(true)
+            .spawn(pool);
+
+        // Held at once, before any check has run.
+        assert_eq!(pool.health(&ready.id()), Some(Health::Down));
+        assert_eq!(pool.health(&starting.id()), Some(Health::Down));
+        let err = send(&balancer)
+            .await
+            .expect_err("nothing is up before a check passes");
+        assert!(err.is_no_endpoint(), "{err:?}");
+
+        // The ready backend is up after its first passed check.
+        let up = next_event(&mut events, &ready.id(), is_up).await;
+        assert_eq!(checks.between(&ready.id(), true, spawned, up.at()), 1);
+
+        // The starting one fails its checks and gets no request.
+        wait_until(HANG, "three failed checks of the starting backend", || {
+            checks.failed(&starting.id()) >= 3
+        })
+        .await;
+        let by = served_by(&balancer, 20).await;
+        assert_eq!(by.get(&ready.id()), Some(&20), "{by:?}");
+        assert_eq!(pool.health(&starting.id()), Some(Health::Down));
+
+        // It passes: it gets its share.
+        starting.set_status(200);
+        next_event(&mut events, &starting.id(), is_up).await;
+        let by = served_by(&balancer, 20).await;
+        assert_eq!(by.get(&starting.id()), Some(&10), "{by:?}");
+
+        // An endpoint added while the checks run is down from the start, gets nothing while
+        // it fails its checks, then its share.
+        let late = HttpBackend::start("late").await;
+        late.set_status(503);
+        assert!(pool.insert(Endpoint::from(late.addr)));
+        assert_eq!(pool.health(&late.id()), Some(Health::Down));
+        assert_eq!(pool.snapshot().position(&late.id()), None);
+        wait_until(HANG, "two failed checks of the added backend", || {
+            checks.failed(&late.id()) >= 2
+        })
+        .await;
+        let by = served_by(&balancer, 30).await;
+        assert_eq!(by.get(&late.id()), None, "{by:?}");
+        late.set_status(200);
+        next_event(&mut events, &late.id(), is_up).await;
+        let by = served_by(&balancer, 30).await;
+        assert_eq!(by.get(&late.id()), Some(&10), "{by:?}");
+
+        // Without the checker, endpoints join up again.
+        checker.abort();
+        wait_until(HANG, "the checker to stop", || checker.is_finished()).await;
+        let other = HttpBackend::start("other").await;
+        assert!(pool.insert(Endpoint::from(other.addr)));
+        assert_eq!(pool.health(&other.id()), Some(Health::Healthy));
+    })
+    .await;
+}
+
+/// By default a new endpoint is in rotation at once (the checker's first failed check takes
+/// a dead one out).
+#[tokio::test]
+async fn by_default_a_new_endpoint_is_up_before_its_first_check() {
+    let backend = HttpBackend::start("new").await;
+    let balancer = http_balancer(&[]);
+    let pool = balancer.pool();
+    let _checker = HealthChecker::new(HttpCheck::get("/work"))
+        .interval(Duration::from_secs(3600))
+        .jitter(Duration::from_secs(3600))
+        .spawn(pool);
+    assert!(pool.insert(Endpoint::from(backend.addr)));
+    assert_eq!(pool.health(&backend.id()), Some(Health::Healthy));
+    let (by, status) = bounded(send(&balancer)).await.expect("served");
+    assert_eq!((by, status), (backend.id(), 200));
+}

@@ -3,7 +3,7 @@
 //! slow start and outlier detection.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ pub(super) struct HealthHooks {
     /// Wakes the slow-start task when a ramp begins, and when the pool is dropped.
     pub(super) ramp_wake: Arc<Notify>,
     panic_threshold: AtomicU8,
+    /// Whether endpoints join down, until a health check brings them up (set by a checker
+    /// with [`start_down`](crate::health::HealthChecker::start_down)).
+    hold_new: AtomicBool,
 }
 
 impl HealthHooks {
@@ -36,6 +39,7 @@ impl HealthHooks {
             slow_start: Mutex::new(None),
             ramp_wake: Arc::new(Notify::new()),
             panic_threshold: AtomicU8::new(panic_threshold.min(100)),
+            hold_new: AtomicBool::new(false),
         }
     }
 
@@ -156,6 +160,50 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             self.inner.health.ramp_wake.notify_one();
         }
         true
+    }
+
+    /// Keeps endpoints out of rotation until a health check brings them up (`hold`), or stops
+    /// doing so for the endpoints that join from now on.
+    ///
+    /// Holding marks every endpoint of the pool down at once (one snapshot, a
+    /// [`HealthChange::Down`] event for each that was not down), and makes endpoints that
+    /// join later start down, in the snapshot that adds them: they never get a request before
+    /// a check has passed. The active checker that asks for it lifts the marks.
+    pub(crate) fn hold_until_checked(&self, hold: bool) {
+        let members = self.lock();
+        self.inner.health.hold_new.store(hold, Ordering::Relaxed);
+        if !hold {
+            return;
+        }
+        let now = now();
+        let mut held = Vec::new();
+        for (id, m) in members.iter() {
+            let previous = m.state.health();
+            if m.state.set_down(true) {
+                m.state.end_ramp();
+                tracing::debug!(endpoint = %id, "endpoint held out until a health check passes");
+                held.push((id.clone(), previous, m.state.health()));
+            }
+        }
+        if held.is_empty() {
+            return;
+        }
+        self.publish(&members);
+        drop(members);
+        for (endpoint, previous, health) in held {
+            let _ = self.inner.health.events.send(HealthEvent {
+                endpoint,
+                change: HealthChange::Down { reason: None },
+                previous,
+                health,
+                at: now,
+            });
+        }
+    }
+
+    /// Whether endpoints join down (see [`Pool::hold_until_checked`]).
+    pub(super) fn holds_new_members(&self) -> bool {
+        self.inner.health.hold_new.load(Ordering::Relaxed)
     }
 
     /// Every endpoint with its state, sharing the pool's `Arc`s (for background tasks).

@@ -422,9 +422,13 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         let inner = &*self.inner;
         // With slow start, endpoints joining a pool that already has some ramp up.
         let ramp_from = self.ramp_for_new_members(&members);
+        // With a checker that holds new endpoints, they join down (and ramp once up).
+        let hold = self.holds_new_members();
         let new_state = || {
             let state = EndpointState::new(inner.default_rtt, inner.decay, inner.shared.clone());
-            if let Some(at) = ramp_from {
+            if hold {
+                state.set_down(true);
+            } else if let Some(at) = ramp_from {
                 state.start_ramp(at);
             }
             state
@@ -438,7 +442,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         let out = f(&mut changes);
         if changes.changed {
             self.publish(&members);
-            if ramp_from.is_some() {
+            if ramp_from.is_some() && !hold {
                 self.inner.health.ramp_wake.notify_one();
             }
         }

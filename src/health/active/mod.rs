@@ -37,7 +37,8 @@ use crate::strategy::{fast_rand, Strategy};
 /// back. An endpoint starts up, but as in HAProxy the *first* failed check of a new endpoint
 /// marks it down at once, so a backend that is dead from the start is found in one check.
 /// While an endpoint is down it may be checked more often
-/// ([`down_interval`](HealthChecker::down_interval)).
+/// ([`down_interval`](HealthChecker::down_interval)). To keep endpoints out until their first
+/// check *passes* instead, see [`start_down`](HealthChecker::start_down).
 ///
 /// | setting | default | |
 /// |---|---|---|
@@ -47,6 +48,7 @@ use crate::strategy::{fast_rand, Strategy};
 /// | `rise` | 2 | HAProxy's default |
 /// | `fall` | 3 | HAProxy's default |
 /// | `down_interval` | `interval` | HAProxy's `downinter` |
+/// | `start_down` | `false` | nginx's `mandatory`, HAProxy's `init-state down` |
 ///
 /// So with the defaults a stopped backend is marked down within `fall × (interval + jitter)`
 /// plus one timeout, about 7.6 s, and comes back within about 4.4 s of answering again.
@@ -84,6 +86,7 @@ struct Settings {
     jitter: Option<Duration>,
     rise: u32,
     fall: u32,
+    start_down: bool,
 }
 
 impl Settings {
@@ -122,6 +125,7 @@ impl<C: HealthCheck> HealthChecker<C> {
                 jitter: None,
                 rise: Self::DEFAULT_RISE,
                 fall: Self::DEFAULT_FALL,
+                start_down: false,
             },
         }
     }
@@ -166,6 +170,31 @@ impl<C: HealthCheck> HealthChecker<C> {
         self
     }
 
+    /// Keeps every endpoint out of rotation until its first check passes (default `false`), as
+    /// nginx's `health_check mandatory` and HAProxy's `init-state down` do.
+    ///
+    /// With it, [`spawn`](Self::spawn) marks the pool's endpoints down at once, and an
+    /// endpoint that joins later (added by hand or by discovery) is down in the very snapshot
+    /// that adds it; each comes up at its first passed check (not `rise` of them, just as the
+    /// first failed check of an endpoint marks it down at once), and then ramps up if
+    /// [`SlowStart`](crate::health::SlowStart) runs. So a backend that is not ready when it
+    /// appears (a pod still starting, a server that listens before it can serve) never gets a
+    /// request before a check has seen it serve.
+    ///
+    /// Off by default, as in nginx and HAProxy: without it a new endpoint gets traffic at
+    /// once, and one that is dead from the start is marked down by its first check (within an
+    /// interval's jitter plus one timeout), while with it *every* endpoint waits for a check,
+    /// so a pool (or a proxy) that starts has no endpoint until the first checks answer, and a
+    /// check that cannot pass (a wrong path) keeps everything out. Turn it on where endpoints
+    /// come and go while traffic flows and a new one may not be ready. Spawn the checker with
+    /// the pool, before traffic: it takes endpoints that already serve out until their check.
+    /// When the checker stops, endpoints that join later are no longer held (those it holds
+    /// stay down, as every mark a stopped checker leaves).
+    pub fn start_down(mut self, start_down: bool) -> Self {
+        self.settings.start_down = start_down;
+        self
+    }
+
     /// Starts checking the endpoints of `pool`, including those added later, until the pool
     /// is dropped (or the returned task is aborted). Must be called from within a tokio
     /// runtime.
@@ -174,12 +203,32 @@ impl<C: HealthCheck> HealthChecker<C> {
         S: Clone + Send + Sync + 'static,
         St: Strategy,
     {
+        let hold = self.settings.start_down.then(|| {
+            pool.hold_until_checked(true);
+            Unhold(pool.downgrade())
+        });
         let checker = Arc::new(Checker {
             check: self.check,
             settings: self.settings,
         });
-        let join = tokio::spawn(supervise(pool.downgrade(), pool.watch(), checker));
+        let supervising = supervise(pool.downgrade(), pool.watch(), checker);
+        let join = tokio::spawn(async move {
+            let _unhold = hold;
+            supervising.await
+        });
         PoolTask::new(join)
+    }
+}
+
+/// Stops holding new endpoints down when the checker that asked for it ends (aborted, or its
+/// pool gone).
+struct Unhold<S: Clone, St: Strategy>(WeakPool<S, St>);
+
+impl<S: Clone, St: Strategy> Drop for Unhold<S, St> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.hold_until_checked(false);
+        }
     }
 }
 
@@ -268,6 +317,8 @@ async fn probe<S, St, C>(
     tokio::time::sleep(settings.random_jitter()).await;
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut first = true;
+    // Until a check passes, an endpoint held down by `start_down` waits for one pass only.
+    let mut held = settings.start_down;
     loop {
         let started = Instant::now();
         let verdict =
@@ -286,7 +337,9 @@ async fn probe<S, St, C>(
                 failed = 0;
                 passed = passed.saturating_add(1);
                 tracing::trace!(endpoint = %endpoint.id(), passed, "health check passed");
-                (down && passed >= settings.rise).then_some(HealthChange::Up)
+                let rise = if held { 1 } else { settings.rise };
+                held = false;
+                (down && passed >= rise).then_some(HealthChange::Up)
             }
             Err(error) => {
                 passed = 0;
