@@ -395,3 +395,39 @@ fn timelines_show_each_endpoints_share_and_the_latency_step_by_step() {
         "{p99_before:?} -> {p99_during:?}"
     );
 }
+
+/// Four equal endpoints of weights 3, 1, 1, 1: every weighted strategy gives `e0` half of the
+/// requests, one at a time (zero load: the load-aware ones compare endpoints with nothing in
+/// flight) and with 16 at once. Simulated time, so the shares repeat exactly.
+#[test]
+fn weights_3_1_1_1_give_half_to_the_heavy_endpoint_at_zero_load_and_under_load() {
+    let latency = Latency::log_normal(ms(10), 0.3);
+    let strategies: [AnyStrategy; 4] = [
+        RoundRobin::new().into(),
+        Random::new().into(),
+        LeastConnections::new().into(),
+        PowerOfTwoChoices::new().into(),
+    ];
+    for workers in [1, 16] {
+        let scenario = Scenario::new("weights 3:1:1:1")
+            .seed(7)
+            .endpoint(SimEndpoint::new("e0", latency).weight(3))
+            .endpoints((1..4).map(|i| SimEndpoint::new(format!("e{i}"), latency)))
+            .workload(Workload::closed(workers).requests(4_000));
+        for strategy in strategies {
+            let report = scenario.run(strategy);
+            let share = report.endpoint("e0").expect("e0").share;
+            println!(
+                "{} workers, {}: e0 share {:.3}",
+                workers,
+                report.label,
+                share
+            );
+            assert!(
+                (0.44..=0.56).contains(&share),
+                "{workers} workers, {}: e0 got {share:.3} of the requests\n{report}",
+                report.label
+            );
+        }
+    }
+}

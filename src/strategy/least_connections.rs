@@ -35,24 +35,44 @@ impl LeastConnections {
     }
 }
 
-/// Compares `in_flight / weight` of two candidates: exactly (by cross-multiplication) when
-/// neither failed lately, otherwise with each one's in-flight count raised by its failure
-/// factor `m` (see [`EndpointState::failure_factor`]) to `(in_flight + 1) × m − 1`, which is
-/// `in_flight` when `m` is 1. `now` reads the clock, once, when a factor is needed.
+/// Twice the offset added to a busy endpoint's in-flight count (see [`cmp_load`]).
+const OFFSET2: u64 = 1;
+
+/// Compares the load per unit of weight of two candidates, HAProxy's `leastconn` key: 0 for
+/// an idle endpoint (so at zero load all tie, and the tie is broken by weight), and
+/// `(in_flight + ½) / weight` for a busy one. The half (HAProxy adds 1) makes the in-flight
+/// counts follow the weights without bias whatever the concurrency: picking the lowest
+/// `in_flight / weight` favours light endpoints (with 16 requests in flight over weights
+/// 3, 1, 1, 1 the heavy one held 43 % instead of half), `(in_flight + 1) / weight` heavy ones;
+/// this is the Sainte-Laguë rule of apportionment.
+///
+/// Exact (by cross-multiplication) when neither failed lately, otherwise with each one's
+/// in-flight count raised by its failure factor `m` (see [`EndpointState::failure_factor`])
+/// to `(in_flight + 1) × m − 1`, which is `in_flight` when `m` is 1. `now` reads the clock,
+/// once, when a factor is needed.
 ///
 /// [`EndpointState::failure_factor`]: crate::endpoint::EndpointState
 #[inline]
 pub(crate) fn cmp_load(a: &Candidate, b: &Candidate, now: &mut Now) -> Ordering {
     let (sa, sb) = (a.state(), b.state());
     if !sa.has_failure_score() && !sb.has_failure_score() {
-        let la = u128::from(a.in_flight()) * u128::from(b.weight().max(1));
-        let lb = u128::from(b.in_flight()) * u128::from(a.weight().max(1));
+        let key = |c: &Candidate| match c.in_flight() {
+            0 => 0,
+            n => u128::from(2 * n + OFFSET2),
+        };
+        let la = key(a) * u128::from(b.weight().max(1));
+        let lb = key(b) * u128::from(a.weight().max(1));
         return la.cmp(&lb);
     }
     let now = now.get();
     let load = |c: &Candidate| {
         let m = c.state().failure_factor(now);
-        ((c.in_flight() as f64 + 1.0) * m - 1.0) / f64::from(c.weight().max(1))
+        let effective = (c.in_flight() as f64 + 1.0) * m - 1.0;
+        if effective <= 0.0 {
+            0.0
+        } else {
+            (2.0 * effective + OFFSET2 as f64) / f64::from(c.weight().max(1))
+        }
     };
     load(a).total_cmp(&load(b))
 }
