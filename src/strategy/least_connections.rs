@@ -6,7 +6,9 @@ use crate::endpoint::Candidate;
 
 /// Least connections, weighted: the endpoint with the fewest requests in flight per unit of
 /// weight (HAProxy's `leastconn`, Envoy's least request), ties broken at random in proportion
-/// to the weights.
+/// to the weights. An idle endpoint comes first; among busy ones the key is
+/// `(in flight + ½) / weight`, which shares the requests in flight in proportion to the
+/// weights without favouring light or heavy endpoints (see the source of `cmp_load`).
 ///
 /// So weights count at any load: under load, an endpoint of weight 3 holds about three times
 /// the requests of one of weight 1; at zero load, when every endpoint has nothing in flight

@@ -16,7 +16,7 @@
 //! |---|---|---|
 //! | [`RoundRobin`] | O(1) | smooth weighted order, exact proportions per cycle |
 //! | [`Random`] | O(1), O(log n) weighted | stateless spreading |
-//! | [`LeastConnections`] | O(n) | fewest in flight per weight, ties broken by weight |
+//! | [`LeastConnections`] | O(n) | fewest in flight per weight (idle first), ties broken by weight |
 //! | [`PowerOfTwoChoices`] | O(1), O(log n) weighted | the less loaded (per weight) of two endpoints sampled by weight |
 //! | [`PeakEwma`] | O(1), O(log n) weighted | the lower latency × load per weight of two endpoints sampled by weight |
 //! | [`Maglev`] | O(1) | consistent hashing on the request's hash key |
