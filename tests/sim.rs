@@ -419,9 +419,7 @@ fn weights_3_1_1_1_give_half_to_the_heavy_endpoint_at_zero_load_and_under_load()
             let share = report.endpoint("e0").expect("e0").share;
             println!(
                 "{} workers, {}: e0 share {:.3}",
-                workers,
-                report.label,
-                share
+                workers, report.label, share
             );
             assert!(
                 (0.44..=0.56).contains(&share),
