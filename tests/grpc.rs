@@ -997,6 +997,23 @@ async fn h2_requests(
     (by_server, failed)
 }
 
+/// Starts an [`H2Backend`] per name, and their endpoints (named so).
+async fn h2_backends(
+    names: [&'static str; 3],
+    answer: H2Answer,
+) -> (Vec<H2Backend>, Vec<Endpoint>) {
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(H2Backend::start(name, answer).await);
+    }
+    let endpoints = backends
+        .iter()
+        .zip(names)
+        .map(|(b, name)| b.endpoint(name))
+        .collect();
+    (backends, endpoints)
+}
+
 /// Waits until every backend has passed `n` HTTP/2 health checks (which the default check
 /// only sends once it found the backend speaks only HTTP/2).
 async fn wait_for_checks(backends: &[H2Backend], n: u64) {
@@ -1013,15 +1030,7 @@ async fn wait_for_checks(backends: &[H2Backend], n: u64) {
 /// and gRPC calls through the proxy succeed, 100 of 100, spread over all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_only_grpc_backends_work_with_no_flags() {
-    let mut backends = Vec::new();
-    for name in ["g1", "g2", "g3"] {
-        backends.push(H2Backend::start(name, H2Answer::GrpcServer).await);
-    }
-    let endpoints = backends
-        .iter()
-        .zip(["g1", "g2", "g3"])
-        .map(|(b, name)| b.endpoint(name))
-        .collect();
+    let (backends, endpoints) = h2_backends(["g1", "g2", "g3"], H2Answer::GrpcServer).await;
     let args = Args {
         check_interval: Duration::from_millis(50),
         ..Default::default()
@@ -1049,15 +1058,7 @@ async fn http2_only_grpc_backends_work_with_no_flags() {
 /// check: 100 of 100, spoken to in HTTP/2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_only_backends_work_with_upstream_same_and_the_default_check() {
-    let mut backends = Vec::new();
-    for name in ["p1", "p2", "p3"] {
-        backends.push(H2Backend::start(name, H2Answer::Plain).await);
-    }
-    let endpoints = backends
-        .iter()
-        .zip(["p1", "p2", "p3"])
-        .map(|(b, name)| b.endpoint(name))
-        .collect();
+    let (backends, endpoints) = h2_backends(["p1", "p2", "p3"], H2Answer::Plain).await;
     let args = Args {
         upstream: UpstreamProtocol::SameAsClient,
         check_interval: Duration::from_millis(50),

@@ -431,6 +431,14 @@ async fn held_requests<St: Strategy>(b: &Balancer<HttpEndpoint, St>, n: u64) -> 
     held
 }
 
+/// The strategies that pick by load per unit of weight.
+fn least_connections_and_p2c() -> [AnyStrategy; 2] {
+    [
+        LeastConnections::new().into(),
+        PowerOfTwoChoices::new().into(),
+    ]
+}
+
 /// Weights 3:1 over two equal servers give a 3:1 split with least connections and with
 /// power of two choices, both at zero load (requests one after the other: nothing in flight,
 /// every comparison a tie, broken by weight) and under load (16 requests held in flight at
@@ -438,11 +446,7 @@ async fn held_requests<St: Strategy>(b: &Balancer<HttpEndpoint, St>, n: u64) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_3_1_split_3_1_with_least_connections_and_p2c() {
     within(LIMIT, async {
-        let strategies: [AnyStrategy; 2] = [
-            LeastConnections::new().into(),
-            PowerOfTwoChoices::new().into(),
-        ];
-        for strategy in strategies {
+        for strategy in least_connections_and_p2c() {
             let name = strategy.name();
             let servers = start_servers(2).await;
             let b = balancer(
@@ -497,11 +501,7 @@ async fn weights_3_1_split_3_1_with_least_connections_and_p2c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_ramps_a_returning_endpoint_under_least_connections_and_p2c() {
     within(LIMIT, async {
-        let strategies: [AnyStrategy; 2] = [
-            LeastConnections::new().into(),
-            PowerOfTwoChoices::new().into(),
-        ];
-        for strategy in strategies {
+        for strategy in least_connections_and_p2c() {
             let name = strategy.name();
             let servers = start_servers(3).await;
             let b = balancer(endpoints(&servers), strategy);
