@@ -17,7 +17,8 @@
 )]
 //!   [`check_service`]). As in HAProxy, `fall` failures in a row mark an endpoint down and
 //!   `rise` successes in a row bring it back; each check has a timeout. Defaults: every 2 s,
-//!   timeout 1 s, rise 2, fall 3.
+//!   timeout 1 s, rise 2, fall 3. With [`start_down`](HealthChecker::start_down), an endpoint
+//!   (also one that joins later) gets no traffic before its first check passes.
 //! - **Passive health, or outlier detection** ([`OutlierDetection`]): the balancer already
 //!   sees every request's outcome; after 5 failures in a row (errors, and with
 //!   HTTP balancers, 5xx responses, gRPC calls ending in `UNAVAILABLE`, `DEADLINE_EXCEEDED`
