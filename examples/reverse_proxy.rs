@@ -71,7 +71,8 @@
 //!
 //! Other flags: `--backends 127.0.0.1:9001,127.0.0.1:9002` balances over backends of your
 //! own instead of the demo ones (the end-to-end benchmark, `benches/e2e/compare.sh`, uses it),
-//! `--threads N` sets the runtime's worker threads (default: one per core),
+//! `--threads N` serves on N worker threads, each with its own event loop (`Server::workers`,
+//! nginx's layout; default: one per core),
 //! `--trust-proxy CIDR,...` believes the forwarding headers (`X-Forwarded-For`, ...) of proxies
 //! in front, and `--proxy-protocol CIDR,...` takes the client's address from the PROXY protocol
 //! header (v1 or v2) of the L4 balancers in front (AWS NLB, HAProxy in TCP mode), refusing
@@ -255,17 +256,10 @@ fn main() -> Result<(), BoxError> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = parse_args()?;
-    // One thread: a current-thread runtime, one event loop like one nginx worker. More: a
-    // work-stealing runtime with that many workers.
-    let mut runtime = match args.threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
+    // The main thread runs a single-threaded runtime: the demo backends, health checks and
+    // the other background tasks. The server serves on worker threads of its own, one event
+    // loop each (see `serve`), unless `--threads 1` asks it to serve on this one.
+    let mut runtime = tokio::runtime::Builder::new_current_thread();
     runtime.enable_all().build()?.block_on(run(args))
 }
 
@@ -432,16 +426,26 @@ where
     let grace = Duration::from_secs(10);
     let proxy_protocol = (!args.proxy_protocol.is_empty())
         .then(|| ProxyProtocol::trusting(args.proxy_protocol.iter().copied()));
-    fn server<S>(service: S, proxy_protocol: Option<ProxyProtocol>) -> Server<S> {
-        match proxy_protocol {
-            Some(pp) => Server::new(service).proxy_protocol(pp),
-            None => Server::new(service),
+    // One event loop per worker thread, each serving the connections it accepted.
+    let workers = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    fn with_proxy_protocol<S>(server: Server<S>, pp: &Option<ProxyProtocol>) -> Server<S> {
+        match pp {
+            Some(pp) => server.proxy_protocol(pp.clone()),
+            None => server,
         }
     }
     if args.compress {
         let compressed = CompressionLayer::new().layer(proxy);
-        Box::pin(server(compressed, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
+        Box::pin(
+            with_proxy_protocol(Server::new(compressed).workers(workers), &proxy_protocol)
+                .serve_with_shutdown(listener, shutdown, grace),
+        )
     } else {
-        Box::pin(server(proxy, proxy_protocol).serve_with_shutdown(listener, shutdown, grace))
+        Box::pin(
+            with_proxy_protocol(Server::new(proxy).workers(workers), &proxy_protocol)
+                .serve_with_shutdown(listener, shutdown, grace),
+        )
     }
 }

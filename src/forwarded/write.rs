@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Which forwarding headers the proxy writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -65,34 +65,40 @@ pub fn append_forwarded(
     let trusted = peer_trusted && client.is_some();
     let host = headers.get(header::HOST).cloned();
     if !trusted {
-        for name in [
-            "x-forwarded-for",
-            "x-forwarded-host",
-            "x-forwarded-proto",
-            "x-forwarded-port",
-            "x-real-ip",
-        ] {
-            headers.remove(name);
+        // One pass over the names, then removals only for what is there: nearly every request
+        // carries none of these, and a `remove` per absent name costs a hash each.
+        let mut present = 0u8;
+        for name in headers.keys() {
+            if let Some(i) = SPOOFABLE.iter().position(|s| s == name) {
+                present |= 1 << i;
+            }
         }
-        headers.remove(header::FORWARDED);
+        for (i, name) in SPOOFABLE.iter().enumerate() {
+            if present & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
     }
     if matches!(kind, ForwardedHeaders::XForwarded | ForwardedHeaders::Both) {
         if let Some(addr) = client {
-            let ip = addr.ip().to_canonical().to_string();
-            let value = match headers.get("x-forwarded-for").map(HeaderValue::to_str) {
-                Some(Ok(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
+            let mut buf = IpText::new();
+            let ip = buf.write(addr.ip().to_canonical());
+            let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::to_str) {
+                Some(Ok(prev)) if !prev.trim().is_empty() => {
+                    HeaderValue::try_from(format!("{prev}, {ip}")).ok()
+                }
+                _ => HeaderValue::from_str(ip).ok(),
             };
-            if let Ok(v) = HeaderValue::try_from(value) {
-                headers.insert("x-forwarded-for", v);
+            if let Some(v) = value {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
             }
         }
-        if !headers.contains_key("x-forwarded-proto") {
-            headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        if !trusted || !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
         }
         if let Some(h) = &host {
-            if !headers.contains_key("x-forwarded-host") {
-                headers.insert("x-forwarded-host", h.clone());
+            if !trusted || !headers.contains_key(&X_FORWARDED_HOST) {
+                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
             }
         }
     }
@@ -117,6 +123,71 @@ pub fn append_forwarded(
             headers.insert(header::FORWARDED, v);
         }
     }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// What only a trusted peer may assert: dropped from anyone else's request.
+static SPOOFABLE: [HeaderName; 6] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+    header::FORWARDED,
+];
+
+/// An IP address written as text on the stack (`Display` into a `String` allocates, and the
+/// address is written for every request).
+struct IpText {
+    buf: [u8; 45],
+    len: usize,
+}
+
+impl IpText {
+    fn new() -> Self {
+        IpText {
+            buf: [0; 45],
+            len: 0,
+        }
+    }
+
+    /// Writes `ip` (IPv4 dotted, IPv6 as `Display` writes it) and returns it.
+    fn write(&mut self, ip: IpAddr) -> &str {
+        use std::io::Write;
+        let mut cursor = std::io::Cursor::new(&mut self.buf[..]);
+        // 45 bytes hold the longest IPv6 text (an IPv4-mapped form with all groups).
+        let _ = match ip {
+            IpAddr::V4(v4) => {
+                let [a, b, c, d] = v4.octets();
+                write_u8(&mut cursor, a);
+                for o in [b, c, d] {
+                    let _ = cursor.write_all(b".");
+                    write_u8(&mut cursor, o);
+                }
+                Ok(())
+            }
+            IpAddr::V6(v6) => write!(cursor, "{v6}"),
+        };
+        self.len = cursor.position() as usize;
+        // Only ASCII digits, dots, colons and hex letters were written.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+fn write_u8(out: &mut std::io::Cursor<&mut [u8]>, n: u8) {
+    use std::io::Write;
+    let digits = [b'0' + n / 100, b'0' + n / 10 % 10, b'0' + n % 10];
+    let skip = if n >= 100 {
+        0
+    } else if n >= 10 {
+        1
+    } else {
+        2
+    };
+    let _ = out.write_all(&digits[skip..]);
 }
 
 /// A `for=` node: IPv4 bare, IPv6 bracketed and quoted (RFC 7239 §6).
@@ -176,6 +247,23 @@ mod tests {
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=https;host=shop.example"
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "203.0.113.9",
+            "::1",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::new().write(ip), ip.to_string());
+        }
     }
 
     #[test]

@@ -20,6 +20,10 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// [`HOP_BY_HOP`] as one value in memory: a `const` array of header names is built (and
+/// dropped) again at every use.
+static HOP_BY_HOP_NAMES: [HeaderName; 9] = HOP_BY_HOP;
+
 /// Whether the headers ask to switch protocols (`Connection: upgrade` with an `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -63,29 +67,43 @@ pub const NEVER_HOP_BY_HOP: [&str; 11] = [
 /// With `keep_upgrade`, an upgrade handshake survives: `Upgrade` is kept and `Connection` is set
 /// to `upgrade` alone, as a proxy that forwards the upgrade must do.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let upgrade = keep_upgrade && is_upgrade(headers);
-    // Names listed in Connection are hop-by-hop too. Collecting them allocates only when
-    // Connection names something beyond the usual keep-alive/close/upgrade.
-    let mut named: Vec<HeaderName> = Vec::new();
-    for v in headers.get_all(header::CONNECTION) {
-        for t in connection_tokens(v) {
-            if ["keep-alive", "close", "upgrade"]
-                .iter()
-                .chain(NEVER_HOP_BY_HOP.iter())
-                .any(|k| t.eq_ignore_ascii_case(k))
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
-                named.push(name);
-            }
+    // One pass over the names finds which hop-by-hop headers are there at all: most messages
+    // carry none (or only `Connection: keep-alive`), and a `remove` per absent name would hash
+    // every name in the list, for every request and response.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP_NAMES.iter().position(|h| h == name) {
+            present |= 1 << i;
         }
     }
-    for name in named {
-        headers.remove(name);
+    if present == 0 {
+        return;
     }
-    for name in &HOP_BY_HOP {
-        if upgrade && (name == header::UPGRADE) {
+    let upgrade = keep_upgrade && is_upgrade(headers);
+    if present & 1 != 0 {
+        // Names listed in Connection are hop-by-hop too. Collecting them allocates only when
+        // Connection names something beyond the usual keep-alive/close/upgrade.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(header::CONNECTION) {
+            for t in connection_tokens(v) {
+                if ["keep-alive", "close", "upgrade"]
+                    .iter()
+                    .chain(NEVER_HOP_BY_HOP.iter())
+                    .any(|k| t.eq_ignore_ascii_case(k))
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP_NAMES.iter().enumerate() {
+        if present & (1 << i) == 0 || (upgrade && name == header::UPGRADE) {
             continue;
         }
         headers.remove(name);

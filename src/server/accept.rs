@@ -98,6 +98,35 @@ impl Drain {
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     max_connections: usize,
+    handle: F,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    F: FnMut(TcpStream, SocketAddr, Drain) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    accept_loop_sharing(
+        listener,
+        connection_slots(max_connections),
+        handle,
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// The slots of a limit of `max_connections`, for [`accept_loop_sharing`].
+pub(crate) fn connection_slots(max_connections: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(
+        max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ))
+}
+
+/// [`accept_loop`] with its connection limit shared: several loops (one per worker thread)
+/// taking their connections' slots from one `slots`.
+pub(crate) async fn accept_loop_sharing<F, Fut>(
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
     mut handle: F,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -106,9 +135,6 @@ pub(crate) async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let signal = Arc::new(DrainSignal::default());
-    let slots = Arc::new(Semaphore::new(
-        max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
     let mut conns = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut slot = None;
@@ -123,7 +149,6 @@ pub(crate) async fn accept_loop<F, Fut>(
                 }
                 Err(_) if !at_limit_logged => {
                     tracing::warn!(
-                        max_connections,
                         "connection limit reached: new connections wait in the listen backlog"
                     );
                     at_limit_logged = true;

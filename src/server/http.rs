@@ -10,9 +10,10 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
 
-use super::accept::{accept_loop, Drain};
+use super::accept::{accept_loop_sharing, connection_slots, Drain};
 use super::body::RequestBody;
 use super::conn::{drive, Activity, ConnService, IdleRules};
+use super::workers;
 use crate::error::BoxError;
 
 /// A hardened HTTP/1.1 and HTTP/2 server for a tower service: see the [module docs](super) for
@@ -38,6 +39,7 @@ struct Settings {
     h2_keep_alive_interval: Option<Duration>,
     h2_keep_alive_timeout: Duration,
     body_read_timeout: Duration,
+    workers: usize,
     #[cfg(feature = "tls")]
     tls: Option<Tls>,
     #[cfg(feature = "proxy-protocol")]
@@ -91,6 +93,7 @@ impl<S> Server<S> {
                 h2_keep_alive_interval: Some(Duration::from_secs(20)),
                 h2_keep_alive_timeout: Duration::from_secs(20),
                 body_read_timeout: Duration::from_secs(30),
+                workers: 1,
                 #[cfg(feature = "tls")]
                 tls: None,
                 #[cfg(feature = "proxy-protocol")]
@@ -130,6 +133,25 @@ impl<S> Server<S> {
     /// (an HTTP/1.1 connection is then closed). `Duration::MAX` turns it off.
     pub fn body_read_timeout(mut self, timeout: Duration) -> Self {
         self.settings.body_read_timeout = timeout;
+        self
+    }
+
+    /// Serves on `n` threads of its own, each running a single-threaded tokio runtime and
+    /// accepting from the same listener (default 1: no thread of its own, the connections are
+    /// served on the runtime that runs [`serve`](Self::serve)). This is nginx's and HAProxy's
+    /// layout, one event loop per core: a connection, its requests and whatever they set off
+    /// (timers, tunnels, backend connections [`Forward`](crate::proxy::Forward) opens for
+    /// them) stay on the thread that accepted it, with no work stealing and no wake-up of
+    /// another thread on the request path. A multi-threaded runtime running `serve` instead
+    /// moves tasks between its workers, which costs CPU on every request (see BENCHMARKS.md).
+    ///
+    /// The service is cloned into each worker; what its clones share (a balancer's pool,
+    /// `Forward`'s connection pools) is shared across the workers. The [connection
+    /// limit](Self::max_connections) and graceful shutdown cover all of them. Background tasks
+    /// (health checks, discovery) stay on the runtime they were spawned on. `n` is at least 1;
+    /// one per core (`std::thread::available_parallelism`) is the usual choice.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.settings.workers = n.max(1);
         self
     }
 
@@ -235,11 +257,30 @@ where
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) {
-        let max_connections = self.settings.max_connections;
+        let slots = connection_slots(self.settings.max_connections);
+        if self.settings.workers > 1 {
+            return workers::serve(self, listener, slots, shutdown, grace).await;
+        }
+        self.serve_sharing(listener, slots, shutdown, grace).await
+    }
+
+    /// How many worker threads [`workers`](Self::workers) asked for.
+    pub(super) fn worker_count(&self) -> usize {
+        self.settings.workers
+    }
+
+    /// The accept loop of one worker, its connections counted in `slots`.
+    pub(super) async fn serve_sharing(
+        self,
+        listener: TcpListener,
+        slots: Arc<tokio::sync::Semaphore>,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) {
         let conn = ConnParts::new(self);
-        accept_loop(
+        accept_loop_sharing(
             listener,
-            max_connections,
+            slots,
             move |stream, peer, drain| conn.clone().serve(stream, peer, Some(drain)),
             shutdown,
             grace,
