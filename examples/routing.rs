@@ -22,11 +22,10 @@ pub mod demo;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use std::convert::Infallible;
 
 use lbkit::balance::{Balanced, TrackedBody};
-use lbkit::proxy::{ErrorResponse, ErrorResponseLayer, Forward, ProxyBody};
+use lbkit::proxy::{ErrorResponse, ErrorResponseLayer, Forward, ForwardBody, ProxyBody};
 use lbkit::route::{Match, Routes};
 use lbkit::server::{RequestBody, Server};
 use lbkit::strategy::RoundRobin;
@@ -37,7 +36,7 @@ use tower::ServiceBuilder;
 type Stack = ErrorResponse<Balanced<Forward<RequestBody>, RoundRobin>>;
 
 /// What every route answers.
-type Body = ProxyBody<TrackedBody<Incoming>>;
+type Body = ProxyBody<TrackedBody<ForwardBody<RequestBody>>>;
 
 fn pool(backends: &[SocketAddr]) -> Stack {
     ServiceBuilder::new()

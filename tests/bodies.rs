@@ -116,7 +116,7 @@ fn backend(fleet: Fleet) -> Backend {
 }
 
 /// The body the failover layer and below answer with.
-type AnswerBody = lbkit::balance::TrackedBody<Incoming>;
+type AnswerBody = lbkit::balance::TrackedBody<lbkit::proxy::ForwardBody<ReplayBody<RequestBody>>>;
 /// What the failover layer and below answer.
 type Answer = Response<AnswerBody>;
 /// The proxy's service, as the server calls it.

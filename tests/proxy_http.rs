@@ -1154,3 +1154,129 @@ async fn expect_100_continue_is_answered_and_the_body_forwarded() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Forward's HTTP/1.1 connection pool
+
+/// A raw HTTP/1.1 backend answering `hello` to each request head; it closes the connection
+/// after `per_conn` responses (without saying so: as a backend whose keep-alive timeout fires
+/// between two requests), and holds each answer until `gate` has a permit.
+fn counting_backend(
+    per_conn: usize,
+    gate: Arc<tokio::sync::Semaphore>,
+    open: Arc<AtomicU64>,
+    peak: Arc<AtomicU64>,
+) -> (SocketAddr, JoinHandle<()>, Arc<AtomicU64>) {
+    raw_backend(move |mut s| {
+        let (gate, open, peak) = (gate.clone(), open.clone(), peak.clone());
+        async move {
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            for _ in 0..per_conn {
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            open.fetch_sub(1, Ordering::SeqCst);
+                            return;
+                        }
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                buf.drain(..end);
+                gate.acquire().await.unwrap().forget();
+                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                if s.write_all(answer).await.is_err() {
+                    break;
+                }
+            }
+            open.fetch_sub(1, Ordering::SeqCst);
+        }
+    })
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_backend_connection() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(
+        tokio::sync::Semaphore::MAX_PERMITS,
+    ));
+    let (addr, _task, accepted) =
+        counting_backend(usize::MAX, gate, Arc::default(), Arc::default());
+    let proxy = start_proxy(vec![addr.into()], Forward::new()).await;
+    let mut client = h1_client::<Empty<Bytes>>(proxy.addr).await;
+    for _ in 0..50 {
+        let res = within(client.send_request(get("/").body(Empty::new()).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(text(res).await, "hello");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one kept-alive connection"
+    );
+}
+
+/// A backend that closes each connection after one response, without `Connection: close`:
+/// the pooled connection is found closed by the next request (before it is written, or when
+/// hyper tells so), which goes on a new connection; no client sees an error.
+#[tokio::test]
+async fn connections_the_backend_closed_while_idle_are_never_a_failure() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(
+        tokio::sync::Semaphore::MAX_PERMITS,
+    ));
+    let (addr, _task, accepted) = counting_backend(1, gate, Arc::default(), Arc::default());
+    let proxy = start_proxy(vec![addr.into()], Forward::new()).await;
+    let mut client = h1_client::<Empty<Bytes>>(proxy.addr).await;
+    for i in 0..30 {
+        let res = within(client.send_request(get("/").body(Empty::new()).unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "request {i}");
+        assert_eq!(text(res).await, "hello");
+    }
+    assert!(accepted.load(Ordering::SeqCst) >= 30);
+}
+
+/// With a cap of 2 connections, 20 requests at once never open a third; the waiting ones get
+/// the connections as they come free, including when the backend closes them after each
+/// response (the freed slot is handed to a waiting request, which connects).
+#[tokio::test]
+async fn the_connection_cap_holds_and_waiting_requests_are_served() {
+    for per_conn in [usize::MAX, 1] {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (open, peak) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (addr, _task, _) = counting_backend(per_conn, gate.clone(), open, peak.clone());
+        let forward = Forward::new().max_connections_per_endpoint(2);
+        let proxy = start_proxy(vec![addr.into()], forward).await;
+        let mut calls = JoinSet::new();
+        for _ in 0..20 {
+            let addr = proxy.addr;
+            calls.spawn(async move {
+                text(send(addr, get("/").body(Empty::<Bytes>::new()).unwrap()).await).await
+            });
+        }
+        // Let them all queue up, then release the answers one by one.
+        within(async {
+            while peak.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        gate.add_permits(20);
+        let mut answered = 0;
+        while let Some(body) = within(calls.join_next()).await {
+            assert_eq!(body.unwrap(), "hello");
+            answered += 1;
+        }
+        assert_eq!(answered, 20);
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            2,
+            "per_conn {per_conn}: over the cap"
+        );
+    }
+}

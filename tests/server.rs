@@ -239,8 +239,21 @@ async fn a_silent_h2_client_after_alpn_is_closed() {
 
 #[tokio::test]
 async fn past_the_connection_limit_clients_wait_in_the_backlog() {
+    connection_limit(1).await;
+}
+
+/// The limit covers all the workers together.
+#[tokio::test]
+async fn with_workers_the_connection_limit_is_shared() {
+    connection_limit(2).await;
+}
+
+async fn connection_limit(workers: usize) {
     let count = Arc::new(AtomicU64::new(0));
-    let (addr, task) = serve(Server::new(echo_peer(count.clone())).max_connections(2)).await;
+    let server = Server::new(echo_peer(count.clone()))
+        .max_connections(2)
+        .workers(workers);
+    let (addr, task) = serve(server).await;
 
     // Two connections take both slots and stay open.
     let mut open = Vec::new();
@@ -278,6 +291,15 @@ async fn past_the_connection_limit_clients_wait_in_the_backlog() {
 
 #[tokio::test]
 async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
+    shutdown_with_a_request_in_flight(1).await;
+}
+
+#[tokio::test]
+async fn with_workers_shutdown_lets_the_request_in_flight_finish_then_returns() {
+    shutdown_with_a_request_in_flight(2).await;
+}
+
+async fn shutdown_with_a_request_in_flight(workers: usize) {
     let release = Arc::new(Notify::new());
     let arrived = Arc::new(Notify::new());
     let (r, a) = (release.clone(), arrived.clone());
@@ -295,7 +317,7 @@ async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(Notify::new());
     let s = stop.clone();
-    let server = tokio::spawn(Server::new(svc).serve_with_shutdown(
+    let server = tokio::spawn(Server::new(svc).workers(workers).serve_with_shutdown(
         listener,
         async move { s.notified().await },
         HANG,
@@ -322,4 +344,56 @@ async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
     assert!(text.contains("connection: close"), "{text}");
     assert!(text.ends_with("done"), "{text}");
     within("the server to return", server).await.unwrap();
+}
+
+/// With workers every connection is served on a thread of the server's own, each running its
+/// own event loop, and dropping the serving future closes the connections, as without them.
+#[tokio::test]
+async fn workers_serve_on_their_own_threads_and_stop_when_dropped() {
+    let threads = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let arrived = Arc::new(Notify::new());
+    let (t, a) = (threads.clone(), arrived.clone());
+    let svc = tower::util::BoxCloneSyncService::new(tower::service_fn(
+        move |req: Request<RequestBody>| {
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            t.lock().unwrap().insert(name);
+            let hold = req.uri().path() == "/hold";
+            let a = a.clone();
+            async move {
+                if hold {
+                    a.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                // A flavour the caller's runtime does not have: the worker's own.
+                let flavor = tokio::runtime::Handle::current().runtime_flavor();
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{flavor:?}")))))
+            }
+        },
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(Server::new(svc).workers(2).serve(listener));
+    for _ in 0..40 {
+        assert_eq!(within("a request", get(addr)).await, "CurrentThread");
+    }
+    let names = threads.lock().unwrap().clone();
+    assert!(
+        !names.is_empty() && names.iter().all(|n| n.starts_with("lbkit-worker-")),
+        "served on {names:?}"
+    );
+
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    within("the held request to arrive", arrived.notified()).await;
+    task.abort();
+    let got = within("the connection to close", read_to_close(&mut held)).await;
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    within("the listener to close", async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }

@@ -64,6 +64,31 @@ impl ForwardError {
         }
     }
 
+    /// The backend could not be connected to (or the HTTP handshake on the new connection
+    /// failed): the request never left.
+    pub(crate) fn connect(e: BoxError) -> Self {
+        ForwardError {
+            kind: Kind::Connect,
+            source: Some(Box::new(NotSent::new(e))),
+        }
+    }
+
+    /// The connection closed (or was not ready) before the request was written.
+    pub(crate) fn unsent(e: BoxError) -> Self {
+        ForwardError {
+            kind: Kind::Unsent,
+            source: Some(Box::new(NotSent::new(e))),
+        }
+    }
+
+    /// A failure of hyper's client connection once the request was handed to it.
+    pub(crate) fn from_hyper(e: hyper::Error) -> Self {
+        if e.is_canceled() {
+            return Self::unsent(e.into());
+        }
+        Self::other(e.into())
+    }
+
     pub(crate) fn from_client(e: hyper_util::client::legacy::Error) -> Self {
         // hyper says "canceled" only for a request it hands back unsent: the connection closed,
         // or was not ready, before the request was written (hyper-util retries those itself on

@@ -17,6 +17,7 @@ use tower_service::Service;
 
 use super::connect::LimitedConnector;
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
+use super::http1_pool::{Http1Pool, Returner};
 use super::tunnel::{ClientUpgrade, DEFAULT_IDLE_TIMEOUT};
 use super::ForwardError;
 use crate::balance::Target;
@@ -137,11 +138,11 @@ impl std::str::FromStr for UpstreamProtocol {
     }
 }
 
-/// The two connection pools of a [`Forward`]: HTTP/1.1 and HTTP/2 (h2c). hyper-util's client
-/// picks one protocol per pool; the request's choice picks the pool. Each pool connects only
-/// when first used.
+/// The two connection pools of a [`Forward`]: HTTP/1.1 ([`Http1Pool`]) and HTTP/2 (h2c,
+/// hyper-util's client, which multiplexes requests on one connection per backend). The
+/// request's protocol picks the pool. Each pool connects only when first used.
 struct Clients<B> {
-    http1: Client<Connector, B>,
+    http1: Http1Pool<B>,
     http2: Client<Connector, B>,
 }
 
@@ -151,26 +152,29 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Both pools for `config`, sharing one connection cap per backend.
+    /// Both pools for `config`, each with its cap of connections per backend.
     fn new(config: &Config) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(true);
         connector.set_connect_timeout(config.connect_timeout);
-        let connector = LimitedConnector::new(connector, config.max_connections);
-        let client = |http2: bool| {
-            legacy::Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .http2_only(http2)
-                .set_host(false)
-                .build(connector.clone())
-        };
+        let http2 = legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .http2_only(true)
+            .set_host(false)
+            .build(LimitedConnector::new(
+                connector.clone(),
+                config.max_connections,
+            ));
         Clients {
-            http1: client(false),
-            http2: client(true),
+            http1: Http1Pool::new(connector, config.max_connections, IDLE_TIMEOUT),
+            http2,
         }
     }
 }
+
+/// How long an idle connection to a backend is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
@@ -357,15 +361,15 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<ForwardBody<B>>;
     type Error = ForwardError;
-    type Future = ForwardFuture;
+    type Future = ForwardFuture<B>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ForwardError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<B>) -> ForwardFuture {
+    fn call(&mut self, mut req: Request<B>) -> ForwardFuture<B> {
         let cfg = &*self.config;
         let Some(authority) = req
             .extensions()
@@ -427,10 +431,10 @@ where
         }
         let inner = if http2 {
             *req.version_mut() = Version::HTTP_2;
-            self.clients.http2.request(req)
+            Sending::Http2(self.clients.http2.request(req))
         } else {
             *req.version_mut() = Version::HTTP_11;
-            self.clients.http1.request(req)
+            Sending::Http1(Box::pin(self.clients.http1.send(authority.clone(), req)))
         };
 
         ForwardFuture {
@@ -444,10 +448,22 @@ where
     }
 }
 
+/// A request on its way: over HTTP/1.1 in lbkit's pool, over HTTP/2 in hyper-util's client.
+enum Sending<B> {
+    Http1(
+        Pin<
+            Box<
+                dyn Future<Output = Result<(Response<Incoming>, Returner<B>), ForwardError>> + Send,
+            >,
+        >,
+    ),
+    Http2(legacy::ResponseFuture),
+}
+
 pin_project! {
     /// The response future of [`Forward`].
-    pub struct ForwardFuture {
-        inner: Option<legacy::ResponseFuture>,
+    pub struct ForwardFuture<B> {
+        inner: Option<Sending<B>>,
         #[pin]
         sleep: Option<Sleep>,
         error: Option<ForwardError>,
@@ -457,7 +473,7 @@ pin_project! {
     }
 }
 
-impl ForwardFuture {
+impl<B> ForwardFuture<B> {
     fn failed(e: ForwardError) -> Self {
         ForwardFuture {
             inner: None,
@@ -470,14 +486,14 @@ impl ForwardFuture {
     }
 }
 
-impl fmt::Debug for ForwardFuture {
+impl<B> fmt::Debug for ForwardFuture<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ForwardFuture").finish_non_exhaustive()
     }
 }
 
-impl Future for ForwardFuture {
-    type Output = Result<Response<Incoming>, ForwardError>;
+impl<B> Future for ForwardFuture<B> {
+    type Output = Result<Response<ForwardBody<B>>, ForwardError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -487,7 +503,14 @@ impl Future for ForwardFuture {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(ForwardError::other("polled after completion".into())));
         };
-        let res = match Pin::new(inner).poll(cx) {
+        let polled = match inner {
+            Sending::Http1(fut) => fut.as_mut().poll(cx),
+            Sending::Http2(fut) => Pin::new(fut)
+                .poll(cx)
+                .map_ok(|res| (res, Returner::none()))
+                .map_err(ForwardError::from_client),
+        };
+        let res = match polled {
             Poll::Ready(res) => res,
             Poll::Pending => {
                 if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
@@ -499,8 +522,10 @@ impl Future for ForwardFuture {
             }
         };
         *this.inner = None;
-        let mut res = res.map_err(ForwardError::from_client)?;
+        let (mut res, mut returner) = res?;
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            // The connection is the tunnel's now, never back in the pool.
+            returner.forget();
             if let Some(client_side) = this.client_upgrade.take() {
                 let idle = this
                     .config
@@ -517,7 +542,57 @@ impl Future for ForwardFuture {
         if let Some(backend) = this.backend.as_ref() {
             hide_backend_authority(res.headers_mut(), backend);
         }
-        Poll::Ready(Ok(res))
+        if http_body::Body::is_end_stream(res.body()) {
+            returner.put_back();
+        }
+        Poll::Ready(Ok(res.map(|inner| ForwardBody { inner, returner })))
+    }
+}
+
+pin_project! {
+    /// The body of a response from a backend, streamed through as it arrives (hyper's
+    /// [`Incoming`]). When it has been read to its end, its HTTP/1.1 connection goes back to
+    /// [`Forward`]'s pool for the next request; dropped before that, the connection is closed.
+    pub struct ForwardBody<B> {
+        #[pin]
+        inner: Incoming,
+        returner: Returner<B>,
+    }
+}
+
+impl<B> fmt::Debug for ForwardBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ForwardBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> http_body::Body for ForwardBody<B> {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        match &frame {
+            None => this.returner.put_back(),
+            Some(Ok(_)) if this.inner.is_end_stream() => this.returner.put_back(),
+            Some(Err(_)) => this.returner.forget(),
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

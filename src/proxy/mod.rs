@@ -49,6 +49,8 @@ mod forward;
 #[cfg(feature = "http-proxy")]
 mod grpc;
 #[cfg(feature = "http-proxy")]
+mod http1_pool;
+#[cfg(feature = "http-proxy")]
 mod tunnel;
 
 #[cfg(feature = "http-proxy")]
@@ -61,4 +63,4 @@ pub use error::{
 };
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use forward::{Forward, ForwardFuture, UpstreamProtocol};
+pub use forward::{Forward, ForwardBody, ForwardFuture, UpstreamProtocol};
