@@ -249,13 +249,16 @@ where
     }
 
     /// Opens at most `max` connections to each backend at once (default 1024, Envoy's
-    /// `max_connections`; at least 1): a request that needs one more waits for an idle
-    /// connection or a free slot (bounded by [`timeout`](Forward::timeout), if set). Over
-    /// HTTP/1.1 one connection carries one request at a time, so this also caps the requests
-    /// in flight to a backend; cap those in the balancer's pool
+    /// `max_connections`; at least 1): a request that needs one more waits for a connection
+    /// to come free (handed over as its response ends) or to close (bounded by
+    /// [`timeout`](Forward::timeout), if set). Over HTTP/1.1 one connection carries one
+    /// request at a time, so this also caps the requests in flight to a backend; cap those in
+    /// the balancer's pool
     /// ([`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint))
     /// at or below it, so that requests beyond it queue there and get a 503 when the queue is
-    /// full, rather than waiting here. See [`LimitedConnector`]. Starts a new connection pool.
+    /// full, rather than waiting here. HTTP/1.1 and HTTP/2 connections are capped each on
+    /// their own (HTTP/2 through a [`LimitedConnector`]). A WebSocket tunnel holds its
+    /// connection until it closes. Starts a new connection pool.
     pub fn max_connections_per_endpoint(self, max: usize) -> Self {
         let mut config = (*self.config).clone();
         config.max_connections = max.max(1);
