@@ -10,6 +10,7 @@
 //! connection to come back (or to close), never for an idle one held elsewhere.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -53,7 +54,7 @@ struct Inner<B> {
 }
 
 struct Hosts<B> {
-    map: HashMap<Authority, Host<B>>,
+    map: HashMap<Authority, Host<B>, BuildHasherDefault<Fnv>>,
     /// When idle connections were last looked through for expired ones.
     swept: Instant,
 }
@@ -220,7 +221,7 @@ where
                 max: max.max(1),
                 idle_timeout,
                 hosts: Mutex::new(Hosts {
-                    map: HashMap::new(),
+                    map: HashMap::default(),
                     swept: Instant::now(),
                 }),
             }),
@@ -340,5 +341,29 @@ impl<B> std::fmt::Debug for Returner<B> {
         f.debug_struct("Returner")
             .field("pooled", &self.pool.is_some())
             .finish()
+    }
+}
+
+/// FNV-1a for the pool's map: `Authority` hashes itself a byte at a time (lowercased), which
+/// the standard SipHash makes cost several hundred instructions per request. The keys are the
+/// balancer's own endpoints, not a client's input, so a hash-flooding defence buys nothing.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
     }
 }
