@@ -453,15 +453,13 @@ where
 
 /// A request on its way: over HTTP/1.1 in lbkit's pool, over HTTP/2 in hyper-util's client.
 enum Sending<B> {
-    Http1(
-        Pin<
-            Box<
-                dyn Future<Output = Result<(Response<Incoming>, Returner<B>), ForwardError>> + Send,
-            >,
-        >,
-    ),
+    Http1(Http1Sending<B>),
     Http2(legacy::ResponseFuture),
 }
+
+/// The future of a request sent in the HTTP/1.1 pool.
+type Http1Sending<B> =
+    Pin<Box<dyn Future<Output = Result<(Response<Incoming>, Returner<B>), ForwardError>> + Send>>;
 
 pin_project! {
     /// The response future of [`Forward`].
