@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind's callgrind: repeatable whatever else
+# the machine is doing (a wrk run on 2 shared cores moves by 10-15 % between rounds; this
+# count moves by well under 1 %). It measures work, not waiting: the kernel's share (the
+# syscalls, a good half of a proxy's CPU time) is not in it.
+#
+#   bash benches/e2e/callgrind.sh                        # the README proxy of this checkout
+#   BIN=/path/to/reverse_proxy bash benches/e2e/callgrind.sh   # another build of it
+#   N=50000 TOP=40 bash benches/e2e/callgrind.sh
+#
+# Three nginx backends on 127.0.0.1 (as benches/e2e/compare.sh), the proxy on one thread
+# (`--threads 1`, round robin) under callgrind, its counters zeroed once it answers, then N
+# keep-alive GETs from h2load over 16 connections; prints instructions per request and the
+# functions with the most instructions (inclusive). Everything it starts is stopped on exit.
+set -euo pipefail
+
+N="${N:-20000}"
+TOP="${TOP:-25}"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+WORK="$(mktemp -d /tmp/lbkit-callgrind.XXXXXX)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need valgrind || ! need h2load || ! need nginx; then
+  echo "installing valgrind, nghttp2-client (h2load) and nginx from Debian..." >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind nghttp2-client nginx >/dev/null
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+if [ -z "${BIN:-}" ]; then
+  echo "building examples/reverse_proxy (release)..." >&2
+  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
+  BIN="$ROOT/target/release/examples/reverse_proxy"
+fi
+
+B1=127.0.0.1:19201; B2=127.0.0.1:19202; B3=127.0.0.1:19203; PROXY=127.0.0.1:19200
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1;
+error_log $WORK/error.log crit;
+pid $WORK/nginx.pid;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen $B1; location / { return 200 "hello from backend\n"; } }
+  server { listen $B2; location / { return 200 "hello from backend\n"; } }
+  server { listen $B3; location / { return 200 "hello from backend\n"; } }
+}
+CONF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" &
+PIDS+=($!)
+
+RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" "$BIN" \
+  --listen "$PROXY" --backends "$B1,$B2,$B3" --threads 1 --strategy round_robin \
+  >"$WORK/proxy.log" 2>&1 &
+VG=$!
+PIDS+=($VG)
+for _ in $(seq 1 300); do
+  curl -s -o /dev/null -m 1 "http://$PROXY/" && break
+  sleep 0.2
+done
+curl -s -o /dev/null -m 5 "http://$PROXY/" || { echo "the proxy did not come up" >&2; exit 1; }
+callgrind_control -z "$VG" >/dev/null
+h2load --h1 -n "$N" -c 16 "http://$PROXY/" | grep -E '^requests:' >&2
+callgrind_control -d "$VG" >/dev/null
+sleep 2
+out="$(ls -S "$WORK"/cg.out* | head -1)"
+total="$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
+echo "$BIN"
+echo "instructions per request: $((total / N))  ($total for $N requests)"
+echo
+echo "most instructions, inclusive (per request):"
+callgrind_annotate --inclusive=yes "$out" 2>/dev/null \
+  | awk -v n="$N" '/^ *[0-9,]+ +\(/ {v=$1; gsub(",", "", v); $1=""; $2=""; printf "%8d %s\n", v / n, substr($0, 3)}' \
+  | grep -v -E 'lang_start|libc_start|below main|ld-linux|::main |block_on|run_task|raw::poll|harness|core::poll|enter_runtime|LocalKey|backtrace' \
+  | head -n "$TOP" | cut -c1-160
