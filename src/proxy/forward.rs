@@ -424,18 +424,22 @@ where
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(authority.clone());
-        parts.path_and_query = Some(path);
-        match Uri::from_parts(parts) {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
-        }
         let inner = if http2 {
+            // hyper-util's client takes the absolute URI (its authority picks the pool) and
+            // sends `:scheme`, `:authority` and `:path` from it.
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(path);
+            match Uri::from_parts(parts) {
+                Ok(uri) => *req.uri_mut() = uri,
+                Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
+            }
             *req.version_mut() = Version::HTTP_2;
             Sending::Http2(self.clients.http2.request(req))
         } else {
+            // HTTP/1.1 to an origin server: the origin form, path and query (RFC 9112 §3.2.1).
+            *req.uri_mut() = Uri::from(path);
             *req.version_mut() = Version::HTTP_11;
             Sending::Http1(Box::pin(self.clients.http1.send(authority.clone(), req)))
         };
