@@ -6,6 +6,7 @@
 #   DURATION=5 ROUNDS=1 bash benches/e2e/compare.sh
 #   WORKERS=2 bash benches/e2e/compare.sh   # two worker threads/processes per proxy
 #   BASELINE=/path/to/old/reverse_proxy bash benches/e2e/compare.sh   # also an older build
+#   LBKIT_BIN=/path/to/reverse_proxy bash benches/e2e/compare.sh       # this build, not rebuilt
 #
 # Besides requests/s and latency it reports each proxy's CPU time per request: utime + stime
 # of the proxy's processes (all threads; nginx's master and workers) from /proc over each wrk
@@ -41,8 +42,12 @@ fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
-B1=127.0.0.1:19001; B2=127.0.0.1:19002; B3=127.0.0.1:19003
-LBKIT=127.0.0.1:19100; NGX=127.0.0.1:19101; HAP=127.0.0.1:19102; BASE=127.0.0.1:19103
+# PORT=N moves every port (N+1..N+3 backends, N+100..N+103 proxies), so that two runs can
+# share a machine.
+P="${PORT:-19000}"
+B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
+LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
+BASE=127.0.0.1:$((P + 103))
 declare -A PID
 
 # --- backends: one nginx, three identical servers answering a small static body.
@@ -121,9 +126,12 @@ CONF
 PIDS+=($!); PID[haproxy]=$!
 
 # --- lbkit: the README's example in release mode, over the same backends.
-echo "building examples/reverse_proxy (release)..." >&2
-(cd "$ROOT" && cargo build -q --release --example reverse_proxy)
-RUST_LOG=error "$ROOT/target/release/examples/reverse_proxy" \
+if [ -z "${LBKIT_BIN:-}" ]; then
+  echo "building examples/reverse_proxy (release)..." >&2
+  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
+  LBKIT_BIN="$ROOT/target/release/examples/reverse_proxy"
+fi
+RUST_LOG=error "$LBKIT_BIN" \
   --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
   >/dev/null 2>&1 &
 PIDS+=($!); PID[lbkit]=$!
