@@ -81,19 +81,36 @@ impl<B> Default for Host<B> {
 struct Idle<B> {
     tx: SendRequest<B>,
     since: Instant,
+    /// The thread whose runtime runs the connection's task (see [`thread_tag`]).
+    home: u32,
+}
+
+/// How many of the most recently idle connections a checkout looks through for one whose task
+/// runs on its own thread.
+const AFFINITY_SCAN: usize = 8;
+
+/// A small number naming the current thread. On a single-threaded runtime per worker thread
+/// ([`Server::workers`](crate::server::Server::workers)), a connection's task runs on the
+/// thread that opened it; a request on that same thread reaches it without waking another
+/// thread, so checkouts prefer such connections.
+fn thread_tag() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    thread_local!(static TAG: u32 = NEXT.fetch_add(1, Ordering::Relaxed));
+    TAG.with(|t| *t)
 }
 
 /// What a waiting request is handed.
 enum Handoff<B> {
-    /// A connection that just finished its response.
-    Conn(SendRequest<B>),
+    /// A connection that just finished its response (and its home thread).
+    Conn(SendRequest<B>, u32),
     /// A connection closed: the request may open one in its place.
     Slot(Slot<B>),
 }
 
 /// What a request does next after looking in the pool.
 enum Checkout<B> {
-    Idle(SendRequest<B>),
+    Idle(SendRequest<B>, u32),
     /// A slot is taken for it: connect.
     Connect(Slot<B>),
     Wait(oneshot::Receiver<Handoff<B>>),
@@ -128,9 +145,21 @@ impl<B> Inner<B> {
             Some(host) => host,
             None => hosts.map.entry(authority.clone()).or_default(),
         };
+        // Prefer a connection served by this thread, among the most recently idle.
+        let me = thread_tag();
+        let len = host.idle.len();
+        if let Some(i) = (len.saturating_sub(AFFINITY_SCAN)..len)
+            .rev()
+            .find(|&i| host.idle[i].home == me)
+        {
+            let idle = host.idle.remove(i);
+            if !idle.tx.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
+                return Checkout::Idle(idle.tx, idle.home);
+            }
+        }
         while let Some(idle) = host.idle.pop() {
             if !idle.tx.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
-                return Checkout::Idle(idle.tx);
+                return Checkout::Idle(idle.tx, idle.home);
             }
         }
         if host.open < self.max {
@@ -147,7 +176,7 @@ impl<B> Inner<B> {
     }
 
     /// A connection is free again: to a waiting request, else into the pool.
-    fn put(&self, authority: &Authority, mut tx: SendRequest<B>) {
+    fn put(&self, authority: &Authority, mut tx: SendRequest<B>, home: u32) {
         let mut hosts = self.hosts();
         let now = Instant::now();
         if now.duration_since(hosts.swept) > self.idle_timeout / 2 {
@@ -158,14 +187,18 @@ impl<B> Inner<B> {
             return;
         };
         while let Some(waiter) = host.waiters.pop_front() {
-            match waiter.send(Handoff::Conn(tx)) {
+            match waiter.send(Handoff::Conn(tx, home)) {
                 Ok(()) => return,
                 // That request was given up on: the next one.
-                Err(Handoff::Conn(back)) => tx = back,
+                Err(Handoff::Conn(back, _)) => tx = back,
                 Err(Handoff::Slot(_)) => unreachable!("a connection was sent"),
             }
         }
-        host.idle.push(Idle { tx, since: now });
+        host.idle.push(Idle {
+            tx,
+            since: now,
+            home,
+        });
     }
 
     /// A connection's task ended: its slot goes to a waiting request, or is free.
@@ -184,7 +217,7 @@ impl<B> Inner<B> {
                 // The slot passes to that request, still counted.
                 Ok(()) => return,
                 Err(Handoff::Slot(back)) => slot = back,
-                Err(Handoff::Conn(_)) => unreachable!("a slot was sent"),
+                Err(Handoff::Conn(..)) => unreachable!("a slot was sent"),
             }
         }
         // Not handed on: freed here, under the lock, not by the guard.
@@ -240,12 +273,12 @@ where
         async move {
             let mut stale = 0;
             loop {
-                let (mut tx, fresh) = match pool.inner.checkout(&authority) {
-                    Checkout::Idle(tx) => (tx, false),
-                    Checkout::Connect(slot) => (pool.connect(slot).await?, true),
+                let (mut tx, home, fresh) = match pool.inner.checkout(&authority) {
+                    Checkout::Idle(tx, home) => (tx, home, false),
+                    Checkout::Connect(slot) => (pool.connect(slot).await?, thread_tag(), true),
                     Checkout::Wait(rx) => match rx.await {
-                        Ok(Handoff::Conn(tx)) => (tx, false),
-                        Ok(Handoff::Slot(slot)) => (pool.connect(slot).await?, true),
+                        Ok(Handoff::Conn(tx, home)) => (tx, home, false),
+                        Ok(Handoff::Slot(slot)) => (pool.connect(slot).await?, thread_tag(), true),
                         Err(_) => return Err(ForwardError::other("connection pool closed".into())),
                     },
                 };
@@ -261,7 +294,7 @@ where
                 match tx.try_send_request(req).await {
                     Ok(res) => {
                         let returner = Returner {
-                            pool: Some((pool, authority, tx)),
+                            pool: Some((pool, authority, tx, home)),
                         };
                         return Ok((res, returner));
                     }
@@ -314,7 +347,7 @@ where
 /// that, the connection is closed (hyper closes a connection whose response body is dropped
 /// unread).
 pub(crate) struct Returner<B> {
-    pool: Option<(Http1Pool<B>, Authority, SendRequest<B>)>,
+    pool: Option<(Http1Pool<B>, Authority, SendRequest<B>, u32)>,
 }
 
 impl<B> Returner<B> {
@@ -325,8 +358,8 @@ impl<B> Returner<B> {
 
     /// The response has ended: the connection is free for the next request.
     pub(crate) fn put_back(&mut self) {
-        if let Some((pool, authority, tx)) = self.pool.take() {
-            pool.inner.put(&authority, tx);
+        if let Some((pool, authority, tx, home)) = self.pool.take() {
+            pool.inner.put(&authority, tx, home);
         }
     }
 
