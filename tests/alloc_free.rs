@@ -261,7 +261,7 @@ fn picks_avoiding_endpoints_do_not_allocate() {
     // A retry's hints: a hash key and endpoints to avoid (built before counting).
     let pool = pool(Maglev::new(), ENDPOINTS, false);
     let mut hints = PickHints::default();
-    for c in &pool.snapshot().eligible()[..10] {
+    for c in pool.snapshot().eligible().iter().take(10) {
         hints.avoid(c.id().clone());
     }
     assert_eq!(hinted_pick_allocations(&pool, hints), 0);
@@ -396,9 +396,9 @@ struct Leaky;
 impl Strategy for Leaky {
     type State = ();
 
-    fn prepare(&self, _: &[lbkit::endpoint::Candidate]) {}
+    fn prepare(&self, _: &lbkit::endpoint::Candidates) {}
 
-    fn pick(&self, _: &(), _: &[lbkit::endpoint::Candidate], _: &PickContext<'_>) -> Option<usize> {
+    fn pick(&self, _: &(), _: &lbkit::endpoint::Candidates, _: &PickContext<'_>) -> Option<usize> {
         black_box(Box::new(0u64));
         Some(0)
     }

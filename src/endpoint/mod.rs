@@ -5,9 +5,12 @@
 //! latency, health) in an [`EndpointState`] whose counters are atomics, so reading and updating
 //! them on the request path takes no lock.
 
+mod candidates;
 mod histogram;
 pub(crate) mod state;
 
+pub use candidates::{Candidates, Iter as CandidatesIter};
+pub(crate) use candidates::Chunked;
 pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary};
 pub use state::{CheckOutcome, EndpointState, Health};
 

@@ -2,7 +2,6 @@
 //! `tracing` event and a broadcast [`HealthEvent`]), the panic threshold, and the plumbing of
 //! slow start and outlier detection.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use tokio::sync::{broadcast, Notify};
 use super::ramp::SlowStart;
 use super::snapshot::BuildOptions;
 use super::{HealthChange, HealthEvent};
-use super::{Inner, Member, Pool, Snapshot};
+use super::{Inner, Pool, Snapshot, Table};
 use crate::endpoint::state::{clock_ns, now, PoolShared};
 use crate::endpoint::{Endpoint, EndpointId, EndpointState, Health};
 use crate::strategy::Strategy;
@@ -94,12 +93,12 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     /// Sets the panic threshold, a percentage from 0 (off) to 100, and republishes the
     /// snapshot (see [`PoolBuilder::panic_threshold`](super::PoolBuilder::panic_threshold)).
     pub fn set_panic_threshold(&self, percent: u8) {
-        let members = self.lock();
+        let mut members = self.lock();
         self.inner
             .health
             .panic_threshold
             .store(percent.min(100), Ordering::Relaxed);
-        self.publish(&members);
+        self.publish(&mut members);
     }
 
     /// The panic threshold, in percent.
@@ -117,7 +116,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         only: Option<&Arc<EndpointState>>,
         change: HealthChange,
     ) -> bool {
-        let members = self.lock();
+        let mut members = self.lock();
         let Some(m) = members.get(id) else {
             return false;
         };
@@ -145,7 +144,8 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             m.state.end_ramp();
         }
         log_transition(id, &change, previous, health);
-        self.publish(&members);
+        members.dirty.push(id.clone());
+        self.publish(&mut members);
         let event = HealthEvent {
             endpoint: id.clone(),
             change,
@@ -170,7 +170,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     /// join later start down, in the snapshot that adds them: they never get a request before
     /// a check has passed. The active checker that asks for it lifts the marks.
     pub(crate) fn hold_until_checked(&self, hold: bool) {
-        let members = self.lock();
+        let mut members = self.lock();
         self.inner.health.hold_new.store(hold, Ordering::Relaxed);
         if !hold {
             return;
@@ -188,7 +188,9 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         if held.is_empty() {
             return;
         }
-        self.publish(&members);
+        // Marks set here, not through `mark`: the next snapshot counts every member again.
+        members.rebuild = true;
+        self.publish(&mut members);
         drop(members);
         for (endpoint, previous, health) in held {
             let _ = self.inner.health.events.send(HealthEvent {
@@ -221,14 +223,15 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
 
     /// Installs (or removes) slow start, then republishes; without it, ramps end at once.
     pub(crate) fn set_slow_start(&self, slow_start: Option<SlowStart>) {
-        let members = self.lock();
+        let mut members = self.lock();
         *self
             .inner
             .health
             .slow_start
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = slow_start;
-        self.publish(&members);
+        members.rebuild = true;
+        self.publish(&mut members);
     }
 
     /// What wakes the slow-start task.
@@ -241,25 +244,38 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         self.lock().values().any(|m| m.state.ramp_start().is_some())
     }
 
-    /// Publishes a fresh snapshot of the same endpoints (slow-start weights move on).
+    /// Publishes a fresh snapshot of the same endpoints, built from scratch (slow-start
+    /// weights move on).
     pub(crate) fn republish(&self) {
-        let members = self.lock();
-        self.publish(&members);
+        let mut members = self.lock();
+        members.rebuild = true;
+        self.publish(&mut members);
     }
 
     /// When endpoints inserted now should start their ramp: now, if slow start runs and the
     /// pool already has endpoints.
     pub(super) fn ramp_for_new_members(
         &self,
-        members: &BTreeMap<EndpointId, Member<S>>,
+        members: &Table<S>,
     ) -> Option<u64> {
         (!members.is_empty() && self.inner.health.slow_start().is_some()).then(|| clock_ns(now()))
     }
 
-    /// The settings of the next snapshot; ends the ramps that are over.
-    pub(super) fn build_options(&self, members: &BTreeMap<EndpointId, Member<S>>) -> BuildOptions {
-        let now_ns = clock_ns(now());
-        let slow_start = self.inner.health.slow_start();
+    /// The settings of the next snapshot.
+    pub(super) fn build_options(&self) -> BuildOptions {
+        BuildOptions {
+            panic_threshold: self.inner.health.panic_threshold.load(Ordering::Relaxed),
+            slow_start: self.inner.health.slow_start(),
+            now_ns: clock_ns(now()),
+        }
+    }
+
+    /// Ends the ramps that are over (or all of them without slow start), before a snapshot is
+    /// built from scratch: O(endpoints), so not on the path of an incremental one, which only
+    /// runs while no endpoint ramps.
+    pub(super) fn end_finished_ramps(&self, members: &Table<S>, options: &mut BuildOptions) {
+        options.now_ns = clock_ns(now());
+        let (now_ns, slow_start) = (options.now_ns, options.slow_start);
         for m in members.values() {
             if let Some(from) = m.state.ramp_start() {
                 let elapsed = Duration::from_nanos(now_ns.saturating_sub(from));
@@ -268,11 +284,6 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
                     tracing::debug!(endpoint = %m.endpoint.id(), "slow start over");
                 }
             }
-        }
-        BuildOptions {
-            panic_threshold: self.inner.health.panic_threshold.load(Ordering::Relaxed),
-            slow_start,
-            now_ns,
         }
     }
 }

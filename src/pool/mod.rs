@@ -164,7 +164,13 @@ impl<St: Strategy> PoolBuilder<St> {
         shared.set_retry_after_cap(self.retry_after_cap);
         let inner = Inner {
             current: ArcSwap::from_pointee(Snapshot::empty(&self.strategy)),
-            members: Mutex::new(BTreeMap::new()),
+            members: Mutex::new(Table {
+                map: BTreeMap::new(),
+                tiers: BTreeMap::new(),
+                dirty: Vec::new(),
+                gone: Vec::new(),
+                rebuild: true,
+            }),
             versions: watch::channel(0).0,
             strategy: self.strategy,
             make,
@@ -197,6 +203,47 @@ struct Member<S> {
     endpoint: Arc<Endpoint>,
     state: Arc<EndpointState>,
     service: S,
+    /// How the latest snapshot saw it.
+    published: Published,
+}
+
+/// How the latest snapshot saw a member: its index among the eligible endpoints, and how it
+/// was counted in its tier (`None` before its first snapshot).
+#[derive(Clone, Copy, Debug, Default)]
+struct Published {
+    slot: Option<u32>,
+    status: Option<Status>,
+}
+
+/// What decides whether an endpoint is eligible, besides the pool-wide tier and panic state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Status {
+    tier: crate::endpoint::Tier,
+    in_rotation: bool,
+    healthy: bool,
+}
+
+/// The writers' view of the pool: the members by id, and what changed since the latest
+/// snapshot, so that the next one can be built from it (see [`Snapshot`]).
+struct Table<S> {
+    map: BTreeMap<EndpointId, Member<S>>,
+    /// Per tier, the endpoints in rotation and the healthy ones among them, as the latest
+    /// snapshot counted them.
+    tiers: BTreeMap<crate::endpoint::Tier, (usize, usize)>,
+    /// Members added or changed since the latest snapshot (health marks included).
+    dirty: Vec<EndpointId>,
+    /// Members removed since the latest snapshot, as it saw them.
+    gone: Vec<(EndpointId, Published)>,
+    /// Whether the next snapshot must be built from scratch.
+    rebuild: bool,
+}
+
+impl<S> std::ops::Deref for Table<S> {
+    type Target = BTreeMap<EndpointId, Member<S>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
 }
 
 type MakeService<S> = Box<dyn Fn(&Endpoint) -> S + Send + Sync>;
@@ -204,7 +251,7 @@ type MakeService<S> = Box<dyn Fn(&Endpoint) -> S + Send + Sync>;
 struct Inner<S, St: Strategy> {
     current: ArcSwap<Snapshot<S, St::State>>,
     /// The writers' view; only changes take this lock, never picks.
-    members: Mutex<BTreeMap<EndpointId, Member<S>>>,
+    members: Mutex<Table<S>>,
     /// The version of the latest snapshot, for watchers.
     versions: watch::Sender<u64>,
     strategy: St,
@@ -259,7 +306,7 @@ impl<S, St: Strategy> fmt::Debug for Pool<S, St> {
 
 /// A batch of changes, applied as one new snapshot by [`Pool::update`].
 pub struct Changes<'a, S> {
-    members: &'a mut BTreeMap<EndpointId, Member<S>>,
+    members: &'a mut Table<S>,
     make: Option<&'a (dyn Fn(&Endpoint) -> S + Send + Sync)>,
     new_state: &'a dyn Fn() -> EndpointState,
     changed: bool,
@@ -284,7 +331,7 @@ impl<S> Changes<'_, S> {
     /// endpoint (use [`Changes::insert_with_service`] there).
     pub fn insert(&mut self, endpoint: Endpoint) -> bool {
         let make = self.make;
-        match self.members.get_mut(endpoint.id()) {
+        match self.members.map.get_mut(endpoint.id()) {
             Some(m) if *m.endpoint == endpoint => true,
             Some(m) => {
                 if m.endpoint.socket_addr() != endpoint.socket_addr() {
@@ -293,6 +340,7 @@ impl<S> Changes<'_, S> {
                     }
                 }
                 m.endpoint = Arc::new(endpoint);
+                self.members.dirty.push(m.endpoint.id().clone());
                 self.changed = true;
                 true
             }
@@ -313,10 +361,11 @@ impl<S> Changes<'_, S> {
     /// Adds an endpoint with a service made elsewhere, or replaces the service and description
     /// of the one with its id (keeping its live state).
     pub fn insert_with_service(&mut self, endpoint: Endpoint, service: S) {
-        match self.members.get_mut(endpoint.id()) {
+        match self.members.map.get_mut(endpoint.id()) {
             Some(m) => {
                 m.endpoint = Arc::new(endpoint);
                 m.service = service;
+                self.members.dirty.push(m.endpoint.id().clone());
                 self.changed = true;
             }
             None => self.add(endpoint, service),
@@ -328,18 +377,23 @@ impl<S> Changes<'_, S> {
             service,
             state: Arc::new((self.new_state)()),
             endpoint: Arc::new(endpoint),
+            published: Published::default(),
         };
         tracing::debug!(endpoint = %member.endpoint.id(), "endpoint added");
-        self.members.insert(member.endpoint.id().clone(), member);
+        let id = member.endpoint.id().clone();
+        self.members.dirty.push(id.clone());
+        self.members.map.insert(id, member);
         self.changed = true;
     }
 
     /// Removes an endpoint; returns whether it was there. Its in-flight requests finish.
     pub fn remove(&mut self, id: &EndpointId) -> bool {
-        let removed = self.members.remove(id).is_some();
-        if removed {
+        let removed = self.members.map.remove(id);
+        if let Some(m) = &removed {
             tracing::debug!(endpoint = %id, "endpoint removed");
+            self.members.gone.push((id.clone(), m.published));
         }
+        let removed = removed.is_some();
         self.changed |= removed;
         removed
     }
@@ -357,12 +411,14 @@ impl<S> Changes<'_, S> {
     /// Removes every endpoint whose id is not in `keep`, and inserts or updates the ones in it.
     pub fn replace_all(&mut self, keep: impl IntoIterator<Item = Endpoint>) {
         let keep: Vec<Endpoint> = keep.into_iter().collect();
+        let kept: std::collections::HashSet<&EndpointId> = keep.iter().map(Endpoint::id).collect();
         let gone: Vec<EndpointId> = self
             .members
             .keys()
-            .filter(|id| !keep.iter().any(|e| e.id() == *id))
+            .filter(|id| !kept.contains(id))
             .cloned()
             .collect();
+        drop(kept);
         for id in &gone {
             self.remove(id);
         }
@@ -434,14 +490,14 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             state
         };
         let mut changes = Changes {
-            members: &mut members,
+            members: &mut *members,
             make: inner.make.as_deref(),
             new_state: &new_state,
             changed: false,
         };
         let out = f(&mut changes);
         if changes.changed {
-            self.publish(&members);
+            self.publish(&mut members);
             if ramp_from.is_some() && !hold {
                 self.inner.health.ramp_wake.notify_one();
             }
@@ -626,23 +682,24 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<EndpointId, Member<S>>> {
+    fn lock(&self) -> MutexGuard<'_, Table<S>> {
         // A panic while holding the lock cannot leave the map half-changed in a way that
         // matters: each change is a single insert or remove. Go on with it.
         self.inner.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, members: &BTreeMap<EndpointId, Member<S>>) {
+    fn publish(&self, members: &mut Table<S>) {
         let prev = self.inner.current.load();
-        let options = self.build_options(members);
-        let snap = Snapshot::build(
-            &self.inner.strategy,
-            members
-                .values()
-                .map(|m| (&m.endpoint, &m.state, &m.service)),
-            prev.version() + 1,
-            &options,
-        );
+        let mut options = self.build_options();
+        let version = prev.version() + 1;
+        let strategy = &self.inner.strategy;
+        let snap = match prev.apply(strategy, members, version, &options) {
+            Some(snap) => snap,
+            None => {
+                self.end_finished_ramps(members, &mut options);
+                Snapshot::build(strategy, members, version, &options)
+            }
+        };
         health::log_panic_change(&prev, &snap);
         drop(prev);
         let version = snap.version();

@@ -673,7 +673,7 @@ impl<St: Strategy> UdpProxy<St> {
             return None;
         };
         let candidate = snap.eligible()[i].clone();
-        let upstream = match snap.services()[i].socket_addr() {
+        let upstream = match snap.service(i).and_then(|t| t.socket_addr()) {
             Some(addr) => connect_upstream(addr),
             None => Err(io::Error::new(
                 io::ErrorKind::AddrNotAvailable,

@@ -2,10 +2,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::{
-    LeastConnections, Maglev, MaglevTable, PeakEwma, PickContext, PowerOfTwoChoices, Random,
+    Delta, LeastConnections, Maglev, MaglevTable, PeakEwma, PickContext, PowerOfTwoChoices, Random,
     RandomState, Ring, RingState, RoundRobin, Schedule, Strategy,
 };
-use crate::endpoint::Candidate;
+use crate::endpoint::Candidates;
 
 /// One of the built-in strategies, chosen at run time.
 ///
@@ -69,7 +69,7 @@ pub enum AnyState {
 impl Strategy for AnyStrategy {
     type State = AnyState;
 
-    fn prepare(&self, c: &[Candidate]) -> AnyState {
+    fn prepare(&self, c: &Candidates) -> AnyState {
         match self {
             AnyStrategy::RoundRobin(s) => AnyState::RoundRobin(s.prepare(c)),
             AnyStrategy::Random(s) => AnyState::Random(s.prepare(c)),
@@ -81,8 +81,24 @@ impl Strategy for AnyStrategy {
         }
     }
 
+    fn update(&self, previous: &AnyState, delta: &Delta<'_>) -> AnyState {
+        match (self, previous) {
+            (AnyStrategy::RoundRobin(s), AnyState::RoundRobin(p)) => {
+                AnyState::RoundRobin(s.update(p, delta))
+            }
+            (AnyStrategy::Random(s), AnyState::Random(p)) => AnyState::Random(s.update(p, delta)),
+            (AnyStrategy::PowerOfTwoChoices(s), AnyState::Random(p)) => {
+                AnyState::Random(s.update(p, delta))
+            }
+            (AnyStrategy::PeakEwma(s), AnyState::Random(p)) => AnyState::Random(s.update(p, delta)),
+            (AnyStrategy::Maglev(s), AnyState::Maglev(p)) => AnyState::Maglev(s.update(p, delta)),
+            (AnyStrategy::Ring(s), AnyState::Ring(p)) => AnyState::Ring(s.update(p, delta)),
+            _ => self.prepare(delta.after()),
+        }
+    }
+
     #[inline]
-    fn pick(&self, state: &AnyState, c: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(&self, state: &AnyState, c: &Candidates, ctx: &PickContext<'_>) -> Option<usize> {
         match (self, state) {
             (AnyStrategy::RoundRobin(s), AnyState::RoundRobin(st)) => s.pick(st, c, ctx),
             (AnyStrategy::Random(s), AnyState::Random(st)) => s.pick(st, c, ctx),

@@ -2,7 +2,7 @@ use std::cmp::Ordering;
 
 use super::{fast_rand, PickContext, Strategy};
 use crate::endpoint::state::{clock_ns, now};
-use crate::endpoint::Candidate;
+use crate::endpoint::{Candidate, Candidates};
 
 /// Least connections, weighted: the endpoint with the fewest requests in flight per unit of
 /// weight (HAProxy's `leastconn`, Envoy's least request), ties broken at random in proportion
@@ -97,9 +97,9 @@ impl Now {
 impl Strategy for LeastConnections {
     type State = ();
 
-    fn prepare(&self, _: &[Candidate]) {}
+    fn prepare(&self, _: &Candidates) {}
 
-    fn pick(&self, _: &(), candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(&self, _: &(), candidates: &Candidates, ctx: &PickContext<'_>) -> Option<usize> {
         let mut best: Option<usize> = None;
         // The weights of the endpoints tied with `best` so far, its own included.
         let mut tied_weight = 0u64;

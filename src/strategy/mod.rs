@@ -51,7 +51,7 @@ pub use random::{Random, RandomState};
 pub use ring::{Ring, RingState};
 pub use round_robin::{RoundRobin, Schedule};
 
-use crate::endpoint::{Candidate, EndpointId};
+use crate::endpoint::{Candidate, Candidates, EndpointId};
 
 /// Picks one endpoint among the eligible candidates of a snapshot.
 ///
@@ -62,19 +62,133 @@ pub trait Strategy: Send + Sync + 'static {
     type State: Send + Sync + 'static;
 
     /// Builds the per-snapshot state from the eligible candidates (never empty).
-    fn prepare(&self, candidates: &[Candidate]) -> Self::State;
+    fn prepare(&self, candidates: &Candidates) -> Self::State;
+
+    /// Builds the state of a snapshot that differs from the one before it by a few candidates
+    /// (see [`Delta`]), from that snapshot's state `previous`. The pool calls it instead of
+    /// [`prepare`](Strategy::prepare) when endpoints join, leave or change weight without the
+    /// tier or the panic state changing, so a strategy can update its state in time
+    /// proportional to the change rather than to the pool. The result must be what
+    /// `prepare(delta.after())` would pick with (a hash strategy must map every key exactly
+    /// as a fresh build does). The default calls `prepare`.
+    fn update(&self, previous: &Self::State, delta: &Delta<'_>) -> Self::State {
+        let _ = previous;
+        self.prepare(delta.after())
+    }
 
     /// Picks the index of one candidate in `candidates` (never empty; the same slice `state`
     /// was prepared from), or `None` when the context allows none of them.
     fn pick(
         &self,
         state: &Self::State,
-        candidates: &[Candidate],
+        candidates: &Candidates,
         ctx: &PickContext<'_>,
     ) -> Option<usize>;
 
     /// A short name for logs and metrics, such as `"round_robin"`.
     fn name(&self) -> &'static str;
+}
+
+/// How a snapshot's candidates differ from those of the snapshot before it, for
+/// [`Strategy::update`].
+///
+/// Candidates keep their index from one snapshot to the next, except that a new one takes the
+/// next index and one that leaves gives its index to the last candidate (a swap remove). A
+/// candidate whose weight, address or service changed stays at its index but counts as
+/// replaced: it is among [`added`](Delta::added) and not [`carried`](Delta::carried).
+#[derive(Debug)]
+pub struct Delta<'a> {
+    before: &'a Candidates,
+    after: &'a Candidates,
+    edits: &'a [Edit],
+}
+
+/// One step from the candidates before to those after, in the order applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Edit {
+    /// A candidate appended.
+    Push,
+    /// The candidate at this index replaced.
+    Set(usize),
+    /// The candidate at this index removed, the last one moved into its place.
+    SwapRemove(usize),
+}
+
+impl<'a> Delta<'a> {
+    pub(crate) fn new(before: &'a Candidates, after: &'a Candidates, edits: &'a [Edit]) -> Self {
+        Delta {
+            before,
+            after,
+            edits,
+        }
+    }
+
+    /// The steps from [`before`](Delta::before) to [`after`](Delta::after), in order.
+    pub(crate) fn edits(&self) -> &'a [Edit] {
+        self.edits
+    }
+
+    /// The candidates of the snapshot before.
+    pub fn before(&self) -> &'a Candidates {
+        self.before
+    }
+
+    /// The candidates of the new snapshot.
+    pub fn after(&self) -> &'a Candidates {
+        self.after
+    }
+
+    /// The indices in [`after`](Delta::after) of the candidates that are new or replaced, in
+    /// ascending order. Costs time in the number of changes, not in the pool's size.
+    pub fn added(&self) -> Vec<usize> {
+        let mut len = self.before.len();
+        let mut added: Vec<usize> = Vec::new();
+        for edit in self.edits {
+            match *edit {
+                Edit::Push => {
+                    added.push(len);
+                    len += 1;
+                }
+                Edit::Set(i) => {
+                    if !added.contains(&i) {
+                        added.push(i);
+                    }
+                }
+                Edit::SwapRemove(i) => {
+                    len -= 1;
+                    added.retain(|&a| a != i);
+                    if let Some(a) = added.iter_mut().find(|a| **a == len) {
+                        *a = i;
+                    }
+                }
+            }
+        }
+        added.sort_unstable();
+        added
+    }
+
+    /// For each index of [`before`](Delta::before), the index of the same, unchanged candidate
+    /// in [`after`](Delta::after), or `None` when it left or was replaced. Costs time in the
+    /// size of the pool.
+    pub fn carried(&self) -> Vec<Option<usize>> {
+        let mut origin: Vec<Option<u32>> = (0..self.before.len() as u32).map(Some).collect();
+        for edit in self.edits {
+            match *edit {
+                Edit::Push => origin.push(None),
+                Edit::Set(i) => origin[i] = None,
+                Edit::SwapRemove(i) => {
+                    origin.swap_remove(i);
+                }
+            }
+        }
+        let mut carried = vec![None; self.before.len()];
+        for (at, from) in origin.into_iter().enumerate() {
+            if let Some(from) = from {
+                carried[from as usize] = Some(at);
+            }
+        }
+        carried
+    }
 }
 
 /// What the request tells the strategy: an optional hash key, endpoints to avoid (those a
@@ -157,7 +271,7 @@ impl<'a> PickContext<'a> {
 ///
 /// Strategies fall back to this when their own choice is avoided.
 pub fn next_allowed(
-    candidates: &[Candidate],
+    candidates: &Candidates,
     ctx: &PickContext<'_>,
     start: usize,
 ) -> Option<usize> {

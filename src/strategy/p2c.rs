@@ -1,9 +1,9 @@
 use std::cmp::Ordering;
 
 use super::least_connections::{cmp_load, Now};
-use super::{fast_rand, next_allowed, PickContext, Random, RandomState, Strategy};
+use super::{fast_rand, next_allowed, Delta, PickContext, Random, RandomState, Strategy};
 use crate::endpoint::state::{clock_ns, now};
-use crate::endpoint::Candidate;
+use crate::endpoint::{Candidate, Candidates};
 
 /// Two distinct random indices below `n` (`2 <= n < 2^32`), from one 64-bit draw: each half
 /// is scaled to its range by a multiply and shift (Lemire's method without the rejection step;
@@ -31,7 +31,7 @@ fn two_random(n: usize) -> (usize, usize) {
 #[inline]
 fn pick_two(
     state: &RandomState,
-    candidates: &[Candidate],
+    candidates: &Candidates,
     ctx: &PickContext<'_>,
     mut cost: impl FnMut(&Candidate, &Candidate) -> Ordering,
 ) -> Option<usize> {
@@ -94,15 +94,19 @@ impl PowerOfTwoChoices {
 impl Strategy for PowerOfTwoChoices {
     type State = RandomState;
 
-    fn prepare(&self, candidates: &[Candidate]) -> RandomState {
+    fn prepare(&self, candidates: &Candidates) -> RandomState {
         Random::new().prepare(candidates)
+    }
+
+    fn update(&self, previous: &RandomState, delta: &Delta<'_>) -> RandomState {
+        Random::new().update(previous, delta)
     }
 
     #[inline]
     fn pick(
         &self,
         state: &RandomState,
-        candidates: &[Candidate],
+        candidates: &Candidates,
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let mut now = Now::default();
@@ -143,15 +147,19 @@ impl PeakEwma {
 impl Strategy for PeakEwma {
     type State = RandomState;
 
-    fn prepare(&self, candidates: &[Candidate]) -> RandomState {
+    fn prepare(&self, candidates: &Candidates) -> RandomState {
         Random::new().prepare(candidates)
+    }
+
+    fn update(&self, previous: &RandomState, delta: &Delta<'_>) -> RandomState {
+        Random::new().update(previous, delta)
     }
 
     #[inline]
     fn pick(
         &self,
         state: &RandomState,
-        candidates: &[Candidate],
+        candidates: &Candidates,
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let now = clock_ns(now());

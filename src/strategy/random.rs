@@ -1,5 +1,5 @@
-use super::{fast_rand, next_allowed, PickContext, Strategy};
-use crate::endpoint::Candidate;
+use super::{fast_rand, next_allowed, Delta, PickContext, Strategy};
+use crate::endpoint::{Candidate, Candidates};
 
 /// Random picking, weighted by endpoint weight.
 ///
@@ -24,6 +24,8 @@ impl Random {
 #[derive(Debug)]
 pub struct RandomState {
     cumulative: Vec<u64>,
+    /// The weight of every candidate when all are equal (`cumulative` is then empty).
+    uniform: Option<u32>,
 }
 
 impl RandomState {
@@ -51,9 +53,10 @@ impl RandomState {
 impl Strategy for Random {
     type State = RandomState;
 
-    fn prepare(&self, candidates: &[Candidate]) -> RandomState {
+    fn prepare(&self, candidates: &Candidates) -> RandomState {
         let first = candidates.first().map(Candidate::weight);
-        let cumulative = if candidates.iter().all(|c| Some(c.weight()) == first) {
+        let uniform = first.filter(|&w| candidates.iter().all(|c| c.weight() == w));
+        let cumulative = if uniform.is_some() {
             Vec::new()
         } else {
             candidates
@@ -64,14 +67,30 @@ impl Strategy for Random {
                 })
                 .collect()
         };
-        RandomState { cumulative }
+        RandomState {
+            cumulative,
+            uniform,
+        }
+    }
+
+    /// With equal weights before and after, there is nothing to compute; otherwise the
+    /// cumulative weights are summed again (O(n), a few microseconds for 10 000 endpoints).
+    fn update(&self, previous: &RandomState, delta: &Delta<'_>) -> RandomState {
+        let after = delta.after();
+        match previous.uniform {
+            Some(w) if delta.added().into_iter().all(|i| after[i].weight() == w) => RandomState {
+                cumulative: Vec::new(),
+                uniform: Some(w),
+            },
+            _ => self.prepare(after),
+        }
     }
 
     #[inline]
     fn pick(
         &self,
         s: &RandomState,
-        candidates: &[Candidate],
+        candidates: &Candidates,
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let idx = s.sample(candidates.len());

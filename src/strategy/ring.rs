@@ -1,6 +1,6 @@
 use super::least_connections::{cmp_load, Now};
-use super::{fast_rand, PickContext, Strategy};
-use crate::endpoint::Candidate;
+use super::{fast_rand, Delta, PickContext, Strategy};
+use crate::endpoint::{Candidate, Candidates};
 use crate::hash::mix64;
 
 /// A consistent hash ring with bounded load (Mirrokni et al., "Consistent Hashing with Bounded
@@ -67,6 +67,17 @@ pub struct RingState {
     buckets: Vec<u32>,
     /// How far a position is shifted to get its bucket (64 minus the bucket bits).
     shift: u32,
+    /// What each endpoint's number of points was computed from.
+    sizing: Sizing,
+}
+
+/// The highest weight, and the factor points per endpoint were scaled by to fit
+/// [`Ring::MAX_POINTS`]: while both stay the same, an endpoint's points do not depend on the
+/// others.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Sizing {
+    max_weight: u32,
+    scale: f64,
 }
 
 /// At most this many bits of a position pick its bucket (65 536 buckets).
@@ -104,41 +115,53 @@ impl RingState {
     }
 }
 
-impl Strategy for Ring {
-    type State = RingState;
-
-    fn prepare(&self, candidates: &[Candidate]) -> RingState {
-        let max_w = candidates
+impl Ring {
+    /// The highest weight and the scale that keeps the ring within [`Ring::MAX_POINTS`].
+    fn sizing(&self, candidates: &Candidates) -> Sizing {
+        let max_weight = candidates
             .iter()
             .map(|c| c.weight().max(1))
             .max()
             .unwrap_or(1);
         let want: u64 = candidates
             .iter()
-            .map(|c| {
-                (u64::from(self.replicas) * u64::from(c.weight().max(1)) / u64::from(max_w)).max(1)
-            })
+            .map(|c| self.per_endpoint(c.weight(), max_weight))
             .sum();
-        let scale = (Self::MAX_POINTS as f64 / want as f64).min(1.0);
-        let mut points = Vec::with_capacity(want.min(Self::MAX_POINTS as u64) as usize);
-        for (i, c) in candidates.iter().enumerate() {
-            let per = u64::from(self.replicas) * u64::from(c.weight().max(1)) / u64::from(max_w);
-            let per = ((per as f64 * scale) as u64).max(1);
-            for k in 0..per {
-                let at = mix64(c.id_hash() ^ mix64(k.wrapping_add(1)));
-                points.push((at, i as u32));
-            }
+        Sizing {
+            max_weight,
+            scale: (Self::MAX_POINTS as f64 / want as f64).min(1.0),
         }
-        // Ties on a position are settled by id, so independent builds agree.
-        points.sort_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| {
-                candidates[a.1 as usize]
-                    .id()
-                    .cmp(candidates[b.1 as usize].id())
-            })
-        });
-        let positions: Vec<u64> = points.iter().map(|p| p.0).collect();
-        let owners: Vec<u32> = points.iter().map(|p| p.1).collect();
+    }
+
+    /// The points of an endpoint of `weight` before scaling (at least one).
+    fn per_endpoint(&self, weight: u32, max_weight: u32) -> u64 {
+        (u64::from(self.replicas) * u64::from(weight.max(1)) / u64::from(max_weight)).max(1)
+    }
+
+    /// Appends the points of candidate `c`, at index `i`.
+    fn points_of(&self, c: &Candidate, i: usize, sizing: Sizing, points: &mut Vec<(u64, u32)>) {
+        let per = u64::from(self.replicas) * u64::from(c.weight().max(1))
+            / u64::from(sizing.max_weight);
+        let per = ((per as f64 * sizing.scale) as u64).max(1);
+        for k in 0..per {
+            points.push((mix64(c.id_hash() ^ mix64(k.wrapping_add(1))), i as u32));
+        }
+    }
+}
+
+/// Sorts points by position; ties on a position are settled by id, so independent builds agree.
+fn sort_points(points: &mut [(u64, u32)], candidates: &Candidates) {
+    points.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0).then_with(|| {
+            candidates[a.1 as usize]
+                .id()
+                .cmp(candidates[b.1 as usize].id())
+        })
+    });
+}
+
+impl RingState {
+    fn new(positions: Vec<u64>, owners: Vec<u32>, sizing: Sizing) -> Self {
         // About one bucket per point: a bucket holds a point or two on average.
         let bits = (usize::BITS - positions.len().leading_zeros()).clamp(1, MAX_BUCKET_BITS);
         let shift = 64 - bits;
@@ -156,13 +179,71 @@ impl Strategy for Ring {
             owners,
             buckets,
             shift,
+            sizing,
         }
+    }
+}
+
+impl Strategy for Ring {
+    type State = RingState;
+
+    fn prepare(&self, candidates: &Candidates) -> RingState {
+        let sizing = self.sizing(candidates);
+        let mut points = Vec::new();
+        for (i, c) in candidates.iter().enumerate() {
+            self.points_of(c, i, sizing, &mut points);
+        }
+        sort_points(&mut points, candidates);
+        let (positions, owners) = points.into_iter().unzip();
+        RingState::new(positions, owners, sizing)
+    }
+
+    /// While the highest weight and the scale stay the same, the ring of the snapshot before
+    /// loses the points of the endpoints that left or changed and gains those of the new ones,
+    /// merged in order: O(points), no sort of the whole ring.
+    fn update(&self, previous: &RingState, delta: &Delta<'_>) -> RingState {
+        let after = delta.after();
+        let sizing = self.sizing(after);
+        if sizing != previous.sizing {
+            return self.prepare(after);
+        }
+        let mut fresh = Vec::new();
+        for i in delta.added() {
+            self.points_of(&after[i], i, sizing, &mut fresh);
+        }
+        sort_points(&mut fresh, after);
+        let carried = delta.carried();
+        let capacity = previous.len() + fresh.len();
+        let (mut positions, mut owners) = (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
+        let mut fresh = fresh.into_iter().peekable();
+        for (&at, &owner) in previous.positions.iter().zip(&previous.owners) {
+            let Some(owner) = carried[owner as usize] else {
+                continue;
+            };
+            while let Some(&(f_at, f_owner)) = fresh.peek() {
+                let first = f_at < at
+                    || (f_at == at && after[f_owner as usize].id() < after[owner].id());
+                if !first {
+                    break;
+                }
+                positions.push(f_at);
+                owners.push(f_owner);
+                fresh.next();
+            }
+            positions.push(at);
+            owners.push(owner as u32);
+        }
+        for (at, owner) in fresh {
+            positions.push(at);
+            owners.push(owner);
+        }
+        RingState::new(positions, owners, sizing)
     }
 
     fn pick(
         &self,
         s: &RingState,
-        candidates: &[Candidate],
+        candidates: &Candidates,
         ctx: &PickContext<'_>,
     ) -> Option<usize> {
         let key = ctx.hash().unwrap_or_else(fast_rand::u64);

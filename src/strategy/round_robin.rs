@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{fast_rand, next_allowed, PickContext, Strategy};
-use crate::endpoint::Candidate;
+use super::{fast_rand, next_allowed, Delta, PickContext, Strategy};
+use crate::endpoint::{Candidate, Candidates};
 
 /// Smooth weighted round robin.
 ///
@@ -33,6 +33,8 @@ impl RoundRobin {
 pub struct Schedule {
     /// Candidate indices of one cycle; empty when all weights are equal.
     order: Vec<u32>,
+    /// The weight of every candidate when all are equal (`order` is then empty).
+    uniform: Option<u32>,
     cursor: AtomicUsize,
 }
 
@@ -51,7 +53,7 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// Reduces weights by their gcd and, if their sum is still above `max`, scales them down.
-fn reduced_weights(candidates: &[Candidate], max: usize) -> Vec<u64> {
+fn reduced_weights(candidates: &Candidates, max: usize) -> Vec<u64> {
     let mut w: Vec<u64> = candidates
         .iter()
         .map(|c| u64::from(c.weight().max(1)))
@@ -137,9 +139,10 @@ fn edf_order(w: &[u64]) -> Vec<u32> {
 impl Strategy for RoundRobin {
     type State = Schedule;
 
-    fn prepare(&self, candidates: &[Candidate]) -> Schedule {
+    fn prepare(&self, candidates: &Candidates) -> Schedule {
         let first = candidates.first().map(Candidate::weight);
-        let order = if candidates.iter().all(|c| Some(c.weight()) == first) {
+        let uniform = first.filter(|&w| candidates.iter().all(|c| c.weight() == w));
+        let order = if uniform.is_some() {
             Vec::new()
         } else {
             let w = reduced_weights(candidates, Self::MAX_SCHEDULE);
@@ -158,13 +161,29 @@ impl Strategy for RoundRobin {
         };
         Schedule {
             order,
+            uniform,
             // Balancers started together should not all begin with the same endpoint.
             cursor: AtomicUsize::new(fast_rand::below(len.max(1))),
         }
     }
 
+    /// With equal weights before and after, the schedule stays "each candidate in turn": the
+    /// cursor goes on where it was, in time proportional to the change. Otherwise the order
+    /// of a cycle is computed again.
+    fn update(&self, previous: &Schedule, delta: &Delta<'_>) -> Schedule {
+        let after = delta.after();
+        match previous.uniform {
+            Some(w) if delta.added().into_iter().all(|i| after[i].weight() == w) => Schedule {
+                order: Vec::new(),
+                uniform: Some(w),
+                cursor: AtomicUsize::new(previous.cursor.load(Ordering::Relaxed)),
+            },
+            _ => self.prepare(after),
+        }
+    }
+
     #[inline]
-    fn pick(&self, s: &Schedule, candidates: &[Candidate], ctx: &PickContext<'_>) -> Option<usize> {
+    fn pick(&self, s: &Schedule, candidates: &Candidates, ctx: &PickContext<'_>) -> Option<usize> {
         let n = s.cursor.fetch_add(1, Ordering::Relaxed);
         let idx = if s.order.is_empty() {
             n % candidates.len()
