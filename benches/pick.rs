@@ -12,7 +12,8 @@
 //! - `pick_hashed/<strategy>/<endpoints>`: the same with `PickHints` carrying a new hash key
 //!   each time (consistent-hashing strategies);
 //! - `update/<strategy>/10000`: inserting one endpoint into a pool of 10 000 and removing it
-//!   again (two snapshot publishes, with the strategy's `prepare` each time);
+//!   again (two snapshot publishes); `update/<strategy>_reweight/10000`: changing the weight of
+//!   one endpoint and back (two publishes);
 //! - `pick_under_writes/<writer>/10000`: `Pool::pick(None)` with power of two choices, alone
 //!   and while another thread publishes changes to the same pool non-stop;
 //! - `balancer_call/<service>/<endpoints>`: `Balancer::call` with a service whose future is
@@ -178,12 +179,23 @@ fn update_case<St: Strategy>(c: &mut Criterion, name: &str, strategy: St) {
     g.bench_function(BenchmarkId::new(name, LARGE), |b| {
         b.iter(|| insert_then_remove(&pool, &id))
     });
+    // Re-weighting one endpoint and back: two changes.
+    let weighted = EndpointId::new("10.0.19.136:8080");
+    g.bench_function(BenchmarkId::new(format!("{name}_reweight"), LARGE), |b| {
+        b.iter(|| {
+            pool.set_weight(&weighted, 2);
+            pool.set_weight(&weighted, 1);
+        })
+    });
     g.finish();
 }
 
 fn updates(c: &mut Criterion) {
     update_case(c, "round_robin", RoundRobin::new());
+    update_case(c, "random", Random::new());
+    update_case(c, "least_connections", LeastConnections::new());
     update_case(c, "p2c", PowerOfTwoChoices::new());
+    update_case(c, "peak_ewma", PeakEwma::new());
     update_case(c, "maglev", Maglev::new());
     update_case(c, "ring", Ring::new());
 }
