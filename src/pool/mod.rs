@@ -616,7 +616,10 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
     /// Picks an endpoint for a request with `hints` (or none), without sending anything: the
     /// returned [`Candidate`] and a clone of its service. This is what a
     /// [`Balancer`](crate::Balancer) does for each request; use it to balance something that is
-    /// not a tower `Service` (such as raw TCP connections). Endpoints at the in-flight limit
+    /// not a tower `Service` (such as raw TCP connections). It is the one way to pick outside
+    /// a balancer: hash keys, preferred endpoints and endpoints to avoid go in `hints`
+    /// ([`PickHints::set_hash`], [`PickHints::prefer`], [`PickHints::avoid`]), as the request
+    /// layers put them in a request's extensions. Endpoints at the in-flight limit
     /// are skipped, but nothing is reserved: the count goes up when the caller starts an
     /// [`InFlight`](crate::balance::InFlight) handle.
     pub fn pick(&self, hints: Option<&PickHints>) -> Option<(Candidate, S)>
@@ -632,8 +635,11 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
         Some((snap.eligible()[i].clone(), snap.services[i].clone()))
     }
 
-    /// Picks with a bare [`PickContext`] (no preferred endpoint); returns the candidate index in
-    /// `snapshot`. For benchmarks and custom balancers that hold a snapshot themselves.
+    /// Picks with a bare [`PickContext`] in a snapshot already held; returns the candidate
+    /// index. Not part of the API (users pick with [`Pool::pick`], or through a
+    /// [`Balancer`](crate::Balancer)): the strategy alone, for benchmarks and tests that
+    /// compare picks key by key.
+    #[doc(hidden)]
     #[inline]
     pub fn pick_in(
         &self,
