@@ -171,3 +171,22 @@ fn weighted_maglev_shares_follow_weights() {
         );
     }
 }
+
+/// In a large pool (where the table has more than the minimum size) an endpoint leaving moves
+/// only about its share of keys: the table size does not change with each endpoint.
+#[test]
+fn maglev_in_a_large_pool_moves_about_one_nth_of_keys() {
+    let n = 5_000;
+    let names = names(n);
+    let pool = Pool::new(Maglev::new(), |_: &Endpoint| ());
+    pool.extend(names.iter().map(|s| Endpoint::new(s.as_str())));
+    assert!(Maglev::new().len_for(n) > Maglev::MIN_TABLE);
+    assert_eq!(Maglev::new().len_for(n), Maglev::new().len_for(n - 1));
+    let before = owners(&pool);
+    let gone = EndpointId::new(names[n / 3].as_str());
+    assert!(pool.remove(&gone));
+    let after = owners(&pool);
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / KEYS as f64;
+    println!("maglev n = {n}: {:.3} % of keys moved", moved * 100.0);
+    assert!(moved <= 1.0 / n as f64 + 0.01, "{moved:.4} of keys moved");
+}
