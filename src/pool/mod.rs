@@ -1,10 +1,12 @@
 //! The endpoint pool: the live set of endpoints, published as lock-free snapshots.
 //!
 //! A [`Pool`] holds each endpoint's description, live state and service. Every change (insert,
-//! remove, re-weight, a health mark) builds a new immutable [`Snapshot`] of the eligible
-//! endpoints, with the strategy's prepared state, and swaps it in atomically. Requests read the
-//! current snapshot without a lock ([`arc_swap`]), so a change never stalls a pick: picks go on
-//! over the old snapshot until the new one is in place.
+//! remove, re-weight, a health mark), or batch of changes ([`Pool::update`]), builds a new
+//! immutable [`Snapshot`] of the eligible endpoints, with the strategy's prepared state, and
+//! swaps it in atomically. Requests read the current snapshot without a lock ([`arc_swap`]), so
+//! a change never stalls a pick: picks go on over the old snapshot until the new one is in
+//! place. A new snapshot shares what did not change with the one before it, so a change costs
+//! time in proportion to what changed, not to the size of the pool (see [`Snapshot`]).
 //!
 //! A removed endpoint leaves the next snapshot at once and gets no new requests; requests
 //! already in flight hold its service and state and finish normally (draining), and the service

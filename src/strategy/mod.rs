@@ -3,7 +3,10 @@
 //! A [`Strategy`] works in two steps. When the pool publishes a new snapshot (endpoints added,
 //! removed, re-weighted, or a health change), [`Strategy::prepare`] builds whatever the strategy
 //! needs from the eligible [`Candidate`]s: a smooth weighted round-robin schedule, a Maglev
-//! lookup table, a hash ring. On every request, [`Strategy::pick`] reads that prepared state and
+//! lookup table, a hash ring. When only a few endpoints changed, the pool calls
+//! [`Strategy::update`] instead, with the previous state and a [`Delta`], so that a strategy can
+//! follow the change without rebuilding (the ring merges the new points in, round robin and
+//! random with equal weights keep their state). On every request, [`Strategy::pick`] reads that prepared state and
 //! the candidates' live counters and returns one index. Picking takes `&self` and `&State`: it
 //! never locks, and no built-in strategy allocates: `tests/alloc_free.rs` checks that
 //! [`Pool::pick`](crate::Pool::pick) (with or without a hash key) and `Balancer::call` make no
