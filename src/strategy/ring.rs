@@ -149,6 +149,11 @@ impl Ring {
     }
 }
 
+/// About one bucket per point (a bucket holds a point or two on average), at most 2^16.
+fn bucket_bits(points: usize) -> u32 {
+    (usize::BITS - points.leading_zeros()).clamp(1, MAX_BUCKET_BITS)
+}
+
 /// Sorts points by position; ties on a position are settled by id, so independent builds agree.
 fn sort_points(points: &mut [(u64, u32)], candidates: &Candidates) {
     points.sort_unstable_by(|a, b| {
@@ -161,9 +166,50 @@ fn sort_points(points: &mut [(u64, u32)], candidates: &Candidates) {
 }
 
 impl RingState {
+    /// The index of the point at `at` owned by candidate `owner`.
+    fn find(&self, at: u64, owner: u32) -> Option<usize> {
+        let mut k = self.first_at(at);
+        while k < self.len() && self.positions[k] == at {
+            if self.owners[k] == owner {
+                return Some(k);
+            }
+            k += 1;
+        }
+        None
+    }
+
+    /// The bucket index of a ring made from this one by dropping the points at `drops` (sorted
+    /// indices) and adding `fresh` (sorted by position), when it keeps the bucket count.
+    fn shifted_buckets(
+        &self,
+        positions: &[u64],
+        drops: &[usize],
+        fresh: &[(u64, u32)],
+    ) -> Option<Vec<u32>> {
+        if bucket_bits(positions.len()) != 64 - self.shift {
+            return None;
+        }
+        let (mut d, mut f) = (0usize, 0usize);
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(b, &old)| {
+                let from = (b as u64) << self.shift;
+                while d < drops.len() && drops[d] < old as usize {
+                    d += 1;
+                }
+                while f < fresh.len() && fresh[f].0 < from {
+                    f += 1;
+                }
+                (old as usize - d + f) as u32
+            })
+            .collect();
+        Some(buckets)
+    }
+
     fn new(positions: Vec<u64>, owners: Vec<u32>, sizing: Sizing) -> Self {
-        // About one bucket per point: a bucket holds a point or two on average.
-        let bits = (usize::BITS - positions.len().leading_zeros()).clamp(1, MAX_BUCKET_BITS);
+        let bits = bucket_bits(positions.len());
         let shift = 64 - bits;
         let mut buckets = Vec::with_capacity(1 << bits);
         let mut at = 0usize;
@@ -200,44 +246,95 @@ impl Strategy for Ring {
 
     /// While the highest weight and the scale stay the same, the ring of the snapshot before
     /// loses the points of the endpoints that left or changed and gains those of the new ones,
-    /// merged in order: O(points), no sort of the whole ring.
+    /// each found by binary search, and the points between are copied in runs: no sort of the
+    /// whole ring, no per-point work beyond a copy.
     fn update(&self, previous: &RingState, delta: &Delta<'_>) -> RingState {
-        let after = delta.after();
+        let (before, after) = (delta.before(), delta.after());
         let sizing = self.sizing(after);
         if sizing != previous.sizing {
             return self.prepare(after);
         }
+        // The points of the endpoints that left or changed (to drop) and of those that moved
+        // to another index (to rename), found again from their ids.
+        let mut drops: Vec<usize> = Vec::new();
+        let mut renames: Vec<(usize, u32)> = Vec::new();
+        let mut scratch = Vec::new();
+        for (j, to) in delta.carried().into_iter().enumerate() {
+            if to == Some(j) {
+                continue;
+            }
+            scratch.clear();
+            self.points_of(&before[j], j, sizing, &mut scratch);
+            for &(at, _) in &scratch {
+                let Some(k) = previous.find(at, j as u32) else {
+                    // Not where it should be: build from scratch rather than guess.
+                    return self.prepare(after);
+                };
+                match to {
+                    None => drops.push(k),
+                    Some(t) => renames.push((k, t as u32)),
+                }
+            }
+        }
+        drops.sort_unstable();
+        drops.dedup();
         let mut fresh = Vec::new();
         for i in delta.added() {
             self.points_of(&after[i], i, sizing, &mut fresh);
         }
         sort_points(&mut fresh, after);
-        let carried = delta.carried();
-        let capacity = previous.len() + fresh.len();
-        let (mut positions, mut owners) = (Vec::with_capacity(capacity), Vec::with_capacity(capacity));
-        let mut fresh = fresh.into_iter().peekable();
-        for (&at, &owner) in previous.positions.iter().zip(&previous.owners) {
-            let Some(owner) = carried[owner as usize] else {
-                continue;
-            };
-            while let Some(&(f_at, f_owner)) = fresh.peek() {
-                let first = f_at < at
-                    || (f_at == at && after[f_owner as usize].id() < after[owner].id());
-                if !first {
-                    break;
+        // Where each new point goes among the old ones.
+        let inserts: Vec<usize> = fresh
+            .iter()
+            .map(|&(at, owner)| {
+                let mut k = previous.first_at(at);
+                while k < previous.len()
+                    && previous.positions[k] == at
+                    && before[previous.owners[k] as usize].id() < after[owner as usize].id()
+                {
+                    k += 1;
                 }
-                positions.push(f_at);
-                owners.push(f_owner);
-                fresh.next();
+                k
+            })
+            .collect();
+        let len = previous.len() - drops.len() + fresh.len();
+        let (mut positions, mut owners) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        let (mut from, mut d, mut f) = (0usize, 0usize, 0usize);
+        loop {
+            let next_drop = drops.get(d).copied().unwrap_or(usize::MAX);
+            let next_insert = inserts.get(f).copied().unwrap_or(usize::MAX);
+            let cut = next_drop.min(next_insert).min(previous.len());
+            positions.extend_from_slice(&previous.positions[from..cut]);
+            owners.extend_from_slice(&previous.owners[from..cut]);
+            from = cut;
+            if next_insert <= next_drop && next_insert != usize::MAX {
+                positions.push(fresh[f].0);
+                owners.push(fresh[f].1);
+                f += 1;
+            } else if next_drop != usize::MAX {
+                from = next_drop + 1;
+                d += 1;
+            } else {
+                break;
             }
-            positions.push(at);
-            owners.push(owner as u32);
         }
-        for (at, owner) in fresh {
-            positions.push(at);
-            owners.push(owner);
+        // An old index k is now k + (new points before it) - (dropped points before it).
+        let moved = |k: usize| {
+            k + inserts.partition_point(|&i| i <= k) - drops.partition_point(|&i| i < k)
+        };
+        for (k, to) in renames {
+            owners[moved(k)] = to;
         }
-        RingState::new(positions, owners, sizing)
+        match previous.shifted_buckets(&positions, &drops, &fresh) {
+            Some(buckets) => RingState {
+                positions,
+                owners,
+                buckets,
+                shift: previous.shift,
+                sizing,
+            },
+            None => RingState::new(positions, owners, sizing),
+        }
     }
 
     fn pick(
@@ -293,6 +390,38 @@ impl Strategy for Ring {
 mod tests {
     use super::*;
     use crate::pool::Pool;
+    use crate::strategy::Edit;
+
+    /// An updated ring has exactly the points, owners and bucket index of one built afresh.
+    #[test]
+    fn an_updated_ring_is_the_ring_built_afresh() {
+        let pool = Pool::new(Ring::new(), |_: &crate::Endpoint| ());
+        pool.extend((0..700).map(|i| crate::Endpoint::new(format!("ep-{i}"))));
+        let others = Pool::new(Ring::new(), |_: &crate::Endpoint| ());
+        others.extend((0..5).map(|i| crate::Endpoint::new(format!("new-{i}"))));
+        let before = pool.snapshot().eligible().clone();
+        let ring = Ring::new();
+        let mut state = ring.prepare(&before);
+        let mut current = before;
+        for step in 0..5 {
+            let mut next = current.clone();
+            let mut edits = Vec::new();
+            next.0.swap_remove(step * 97);
+            edits.push(Edit::SwapRemove(step * 97));
+            next.0.push(others.snapshot().eligible()[step].clone());
+            edits.push(Edit::Push);
+            if step % 2 == 1 {
+                next.0.swap_remove(next.len() - 1);
+                edits.push(Edit::SwapRemove(next.len()));
+            }
+            state = ring.update(&state, &Delta::new(&current, &next, &edits));
+            let fresh = ring.prepare(&next);
+            assert_eq!(state.positions, fresh.positions, "step {step}");
+            assert_eq!(state.owners, fresh.owners, "step {step}");
+            assert_eq!(state.buckets, fresh.buckets, "step {step}");
+            current = next;
+        }
+    }
 
     #[test]
     fn the_bucket_index_finds_what_a_full_search_finds() {
