@@ -68,7 +68,9 @@ fn apply(pool: &TestPool, op: &Op) {
                 };
             }
         }),
-        Op::ReplaceAll(ids) => pool.update(|c| c.replace_all(ids.iter().map(|i| Endpoint::new(name(*i))))),
+        Op::ReplaceAll(ids) => {
+            pool.update(|c| c.replace_all(ids.iter().map(|i| Endpoint::new(name(*i)))))
+        }
     }
 }
 
@@ -121,7 +123,11 @@ fn check(strategy: &str, ops: &[Op], threshold: u8) {
             .iter()
             .map(|c| (c.id().clone(), c.weight()))
             .collect();
-        assert_eq!(got.len(), snap.eligible().len(), "an endpoint is eligible twice");
+        assert_eq!(
+            got.len(),
+            snap.eligible().len(),
+            "an endpoint is eligible twice"
+        );
         assert_eq!(got, want, "{strategy}, step {step} ({op:?})");
         if !want.is_empty() {
             assert_eq!(snap.is_panic(), panic, "{strategy}, step {step}");
@@ -136,10 +142,14 @@ fn check(strategy: &str, ops: &[Op], threshold: u8) {
                 want.iter()
                     .map(|(id, w)| Endpoint::new(id.clone()).with_weight(*w)),
             );
-            assert_eq!(owners(&pool), owners(&fresh), "{strategy}, step {step} ({op:?})");
+            assert_eq!(
+                owners(&pool),
+                owners(&fresh),
+                "{strategy}, step {step} ({op:?})"
+            );
             // And so does the strategy's own state prepared from scratch on these candidates.
-            if let Some(state) = (!snap.eligible().is_empty())
-                .then(|| pool.strategy().prepare(snap.eligible()))
+            if let Some(state) =
+                (!snap.eligible().is_empty()).then(|| pool.strategy().prepare(snap.eligible()))
             {
                 for k in 0..500u64 {
                     let ctx = PickContext::new().with_hash(mix64(k));
@@ -187,11 +197,7 @@ fn a_large_pool_changed_one_at_a_time_agrees_with_a_fresh_one() {
             pool.set_weight(&EndpointId::new(format!("ep-{}", i * 11 + 1)), 2);
         }
         let fresh: TestPool = Pool::new(parse(), |_: &Endpoint| ());
-        fresh.extend(
-            pool.endpoints()
-                .into_iter()
-                .map(|(e, _)| e),
-        );
+        fresh.extend(pool.endpoints().into_iter().map(|(e, _)| e));
         let ids = |p: &TestPool| {
             let mut v: Vec<(EndpointId, u32)> = p
                 .snapshot()

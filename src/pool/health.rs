@@ -254,10 +254,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
 
     /// When endpoints inserted now should start their ramp: now, if slow start runs and the
     /// pool already has endpoints.
-    pub(super) fn ramp_for_new_members(
-        &self,
-        members: &Table<S>,
-    ) -> Option<u64> {
+    pub(super) fn ramp_for_new_members(&self, members: &Table<S>) -> Option<u64> {
         (!members.is_empty() && self.inner.health.slow_start().is_some()).then(|| clock_ns(now()))
     }
 

@@ -303,7 +303,8 @@ impl<S, T> Snapshot<S, T> {
             let status = status_of(m);
             let eligible =
                 Some(status.tier) == tier && status.in_rotation && (panic || status.healthy);
-            let candidate = Candidate::new(m.endpoint.clone(), m.state.clone(), m.endpoint.weight());
+            let candidate =
+                Candidate::new(m.endpoint.clone(), m.state.clone(), m.endpoint.weight());
             let service = m.service.clone();
             let slot = match (m.published.slot, eligible) {
                 (Some(i), true) => {
@@ -342,10 +343,9 @@ impl<S, T> Snapshot<S, T> {
         }
         let state = match &self.state {
             _ if eligible.is_empty() => None,
-            Some(previous) => Some(strategy.update(
-                previous,
-                &Delta::new(&self.eligible, &eligible, &edits),
-            )),
+            Some(previous) => {
+                Some(strategy.update(previous, &Delta::new(&self.eligible, &eligible, &edits)))
+            }
             None => Some(strategy.prepare(&eligible)),
         };
         Some(Snapshot {

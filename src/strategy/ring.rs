@@ -140,8 +140,8 @@ impl Ring {
 
     /// Appends the points of candidate `c`, at index `i`.
     fn points_of(&self, c: &Candidate, i: usize, sizing: Sizing, points: &mut Vec<(u64, u32)>) {
-        let per = u64::from(self.replicas) * u64::from(c.weight().max(1))
-            / u64::from(sizing.max_weight);
+        let per =
+            u64::from(self.replicas) * u64::from(c.weight().max(1)) / u64::from(sizing.max_weight);
         let per = ((per as f64 * sizing.scale) as u64).max(1);
         for k in 0..per {
             points.push((mix64(c.id_hash() ^ mix64(k.wrapping_add(1))), i as u32));
@@ -319,9 +319,8 @@ impl Strategy for Ring {
             }
         }
         // An old index k is now k + (new points before it) - (dropped points before it).
-        let moved = |k: usize| {
-            k + inserts.partition_point(|&i| i <= k) - drops.partition_point(|&i| i < k)
-        };
+        let moved =
+            |k: usize| k + inserts.partition_point(|&i| i <= k) - drops.partition_point(|&i| i < k);
         for (k, to) in renames {
             owners[moved(k)] = to;
         }
@@ -337,12 +336,7 @@ impl Strategy for Ring {
         }
     }
 
-    fn pick(
-        &self,
-        s: &RingState,
-        candidates: &Candidates,
-        ctx: &PickContext<'_>,
-    ) -> Option<usize> {
+    fn pick(&self, s: &RingState, candidates: &Candidates, ctx: &PickContext<'_>) -> Option<usize> {
         let key = ctx.hash().unwrap_or_else(fast_rand::u64);
         let len = s.len();
         let start = s.first_at(key);
