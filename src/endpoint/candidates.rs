@@ -245,8 +245,8 @@ mod tests {
         let mut plain: Vec<u32> = (0..200).collect();
         let mut chunked = Chunked::from_vec(plain.clone());
         let before = chunked.clone();
-        let mut x = 1000;
         for step in 0..600usize {
+            let x = 1000 + step as u32;
             match step % 5 {
                 0 | 1 => {
                     plain.push(x);
@@ -263,7 +263,6 @@ mod tests {
                     chunked.swap_remove(i);
                 }
             }
-            x += 1;
             assert_eq!(chunked.len(), plain.len());
             assert!(chunked.iter().copied().eq(plain.iter().copied()));
             assert_eq!(chunked.iter().len(), plain.len());
