@@ -135,7 +135,7 @@ impl<T: fmt::Debug> fmt::Debug for Chunked<T> {
     }
 }
 
-/// An iterator over a [`Chunked`] vector (or [`Candidates`]), in order.
+/// An iterator over [`Candidates`] (or the crate's other chunked vectors), in index order.
 #[derive(Clone, Debug)]
 pub struct Iter<'a, T> {
     chunks: std::slice::Iter<'a, Arc<[T]>>,
