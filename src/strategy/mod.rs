@@ -131,6 +131,16 @@ impl<'a> Delta<'a> {
         self.edits
     }
 
+    /// The common weight of all candidates after, when `uniform` was that of all candidates
+    /// before and every new or replaced one has it too (time in the number of changes).
+    pub(crate) fn still_uniform(&self, uniform: Option<u32>) -> Option<u32> {
+        uniform.filter(|&w| {
+            self.added()
+                .into_iter()
+                .all(|i| self.after[i].weight() == w)
+        })
+    }
+
     /// The candidates of the snapshot before.
     pub fn before(&self) -> &'a Candidates {
         self.before

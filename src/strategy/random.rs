@@ -76,13 +76,12 @@ impl Strategy for Random {
     /// With equal weights before and after, there is nothing to compute; otherwise the
     /// cumulative weights are summed again (O(n), a few microseconds for 10 000 endpoints).
     fn update(&self, previous: &RandomState, delta: &Delta<'_>) -> RandomState {
-        let after = delta.after();
-        match previous.uniform {
-            Some(w) if delta.added().into_iter().all(|i| after[i].weight() == w) => RandomState {
+        match delta.still_uniform(previous.uniform) {
+            Some(w) => RandomState {
                 cumulative: Vec::new(),
                 uniform: Some(w),
             },
-            _ => self.prepare(after),
+            None => self.prepare(delta.after()),
         }
     }
 

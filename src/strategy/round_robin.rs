@@ -171,14 +171,13 @@ impl Strategy for RoundRobin {
     /// cursor goes on where it was, in time proportional to the change. Otherwise the order
     /// of a cycle is computed again.
     fn update(&self, previous: &Schedule, delta: &Delta<'_>) -> Schedule {
-        let after = delta.after();
-        match previous.uniform {
-            Some(w) if delta.added().into_iter().all(|i| after[i].weight() == w) => Schedule {
+        match delta.still_uniform(previous.uniform) {
+            Some(w) => Schedule {
                 order: Vec::new(),
                 uniform: Some(w),
                 cursor: AtomicUsize::new(previous.cursor.load(Ordering::Relaxed)),
             },
-            _ => self.prepare(after),
+            None => self.prepare(delta.after()),
         }
     }
 
