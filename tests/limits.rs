@@ -325,14 +325,11 @@ async fn a_burst_of_reset_http2_streams_stays_within_the_backend_connection_cap(
         burst.peak_open
     );
     assert!(burst.hits > 0, "no stream reached a backend: {burst:?}");
-    for b in &backends {
-        assert!(
-            Backend::load(&b.peak_busy) <= CONNS as u64,
-            "{} answered {} requests at once",
-            b.name,
-            Backend::load(&b.peak_busy)
-        );
-    }
+    // Not asserted: the requests a backend's handlers hold at once. A reset stream's backend
+    // request is given up and its connection closed, which frees its slot; the backend's
+    // hyper server may go on holding that request's handler (it does not read a connection
+    // while its handler runs) while the next connection arrives. The cap is on connections,
+    // checked above from the backend's kernel (established sockets), as HAProxy's `maxconn`.
 
     // Nothing was held against the backends: cancelled, not failed, and none ejected.
     for (ep, state) in pool.endpoints() {
