@@ -29,6 +29,14 @@
 //!
 //! A broken file on SIGHUP (try `echo junk > $(dirname $CA)/api.pem`, then HUP) is logged,
 //! and the certificates loaded before keep serving; SIGUSR1 writes good files again.
+//!
+//! With flags it serves your own certificate (to every client) in front of your own backends,
+//! as `benches/e2e/tls_handshake.sh` runs it beside nginx and HAProxy; SIGHUP reloads it:
+//!
+//! ```text
+//! cargo run --release --example tls_termination -- --listen 127.0.0.1:9443 \
+//!     --cert chain.pem --key key.pem --backends 127.0.0.1:9001,127.0.0.1:9002 --threads 2
+//! ```
 
 mod demo;
 
@@ -55,7 +63,58 @@ use tokio_rustls::TlsConnector;
 use tower::ServiceBuilder;
 use tracing_subscriber::EnvFilter;
 
+// As in the README's proxy (`examples/reverse_proxy.rs`): mimalloc serves a proxy's small,
+// short-lived allocations faster than the system allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const LISTEN: &str = "127.0.0.1:8443";
+
+/// What the flags set; without any, the example makes its own CA, certificates and backends.
+#[derive(Default)]
+struct Args {
+    /// `--listen ADDR` (default 127.0.0.1:8443).
+    listen: Option<String>,
+    /// `--cert PEM --key PEM`: serve this chain and key to every client, not the example's.
+    cert: Option<(PathBuf, PathBuf)>,
+    /// `--backends ADDR,ADDR,...`: these backends, not the demo ones.
+    backends: Vec<SocketAddr>,
+    /// `--threads N`: N worker threads, one event loop each (`Server::workers`); default: the
+    /// runtime's threads.
+    threads: Option<usize>,
+}
+
+fn parse_args() -> Result<Args, BoxError> {
+    let mut args = Args::default();
+    let (mut cert, mut key) = (None, None);
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        match (flag.as_str(), argv.next()) {
+            ("--listen", Some(v)) => args.listen = Some(v),
+            ("--cert", Some(v)) => cert = Some(PathBuf::from(v)),
+            ("--key", Some(v)) => key = Some(PathBuf::from(v)),
+            ("--threads", Some(v)) => args.threads = Some(v.parse()?),
+            ("--backends", Some(v)) => {
+                for addr in v.split(',').filter(|a| !a.is_empty()) {
+                    args.backends.push(addr.parse()?);
+                }
+            }
+            _ => {
+                eprintln!(
+                    "usage: tls_termination [--listen ADDR] [--cert CHAIN.pem --key KEY.pem] \
+                     [--backends ADDR,ADDR,...] [--threads N]"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    args.cert = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => return Err("--cert and --key go together".into()),
+    };
+    Ok(args)
+}
 
 /// The certificates served: file stem and names (the first one is also the name asked for).
 const SITES: [(&str, &str); 3] = [
@@ -69,84 +128,104 @@ async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+    let args = parse_args()?;
 
-    // A CA and the sites' certificates, written as PEM files like the ones a CA would give you.
-    let dir = std::env::temp_dir().join(format!("lbkit-tls-example-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let ca = Ca::new()?;
-    std::fs::write(dir.join("ca.pem"), &ca.pem)?;
-    ca.write_sites(&dir)?;
-
-    let pem = |stem: &str| {
-        (
-            dir.join(format!("{stem}.pem")),
-            dir.join(format!("{stem}.key")),
-        )
+    // Either the certificate given by flags, served to every client, or the example's own: a
+    // CA and the sites' certificates, written as PEM files like the ones a CA would give you.
+    let (certs, example) = match &args.cert {
+        Some((cert, key)) => (CertStore::builder().default_cert(cert, key).build()?, None),
+        None => {
+            let dir =
+                std::env::temp_dir().join(format!("lbkit-tls-example-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let ca = Ca::new()?;
+            std::fs::write(dir.join("ca.pem"), &ca.pem)?;
+            ca.write_sites(&dir)?;
+            let pem = |stem: &str| {
+                (
+                    dir.join(format!("{stem}.pem")),
+                    dir.join(format!("{stem}.key")),
+                )
+            };
+            let (api, api_key) = pem("api");
+            let (apps, apps_key) = pem("apps");
+            let (default, default_key) = pem("default");
+            let certs = CertStore::builder()
+                .cert(&api, &api_key)
+                .cert(&apps, &apps_key)
+                .default_cert(&default, &default_key)
+                .build()?;
+            (certs, Some((ca, dir)))
+        }
     };
-    let (api, api_key) = pem("api");
-    let (apps, apps_key) = pem("apps");
-    let (default, default_key) = pem("default");
-    let certs = CertStore::builder()
-        .cert(&api, &api_key)
-        .cert(&apps, &apps_key)
-        .default_cert(&default, &default_key)
-        .build()?;
     let config = TlsConfig::new(certs.clone()).build()?;
 
-    let mut endpoints = Vec::new();
-    for n in 1..=3 {
-        endpoints.push(Endpoint::from(demo::backend(format!("backend-{n}")).await?));
+    let mut endpoints: Vec<Endpoint> = args.backends.iter().copied().map(Endpoint::from).collect();
+    if endpoints.is_empty() {
+        for n in 1..=3 {
+            endpoints.push(Endpoint::from(demo::backend(format!("backend-{n}")).await?));
+        }
     }
     let proxy = ServiceBuilder::new()
         .layer(ErrorResponseLayer::new())
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
         .service(Forward::<RequestBody>::new().proto("https"));
 
-    let listener = demo::listen(LISTEN).await;
+    let listener = demo::listen(args.listen.as_deref().unwrap_or(LISTEN)).await;
     let addr = listener.local_addr()?;
-    let serving = tokio::spawn(Server::new(proxy).tls(config).serve_with_shutdown(
-        listener,
-        demo::ctrl_c(),
-        Duration::from_secs(10),
-    ));
+    let mut server = Server::new(proxy).tls(config);
+    if let Some(n) = args.threads {
+        // One event loop per worker thread, as the README's proxy serves with `--threads`.
+        server = server.workers(n);
+    }
+    let serving =
+        tokio::spawn(server.serve_with_shutdown(listener, demo::ctrl_c(), Duration::from_secs(10)));
 
     // Ask ourselves once per name, trusting the CA: which certificate answers.
-    for name in ["api.example.test", "x.apps.example.test", "localhost"] {
-        println!("{name:<20} -> {}", ask(addr, &ca.pem, name).await?);
+    if let Some((ca, _)) = &example {
+        for name in ["api.example.test", "x.apps.example.test", "localhost"] {
+            println!("{name:<20} -> {}", ask(addr, &ca.pem, name).await?);
+        }
     }
 
-    // SIGHUP reloads the files; SIGUSR1 renews them on disk first (as certbot would).
+    // SIGHUP reloads the files; SIGUSR1 renews the example's files on disk first (as certbot
+    // would).
     let mut hup = signal(SignalKind::hangup())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
-    let reloader = tokio::spawn({
-        let dir = dir.clone();
-        async move {
-            loop {
-                tokio::select! {
-                    Some(()) = hup.recv() => match certs.reload() {
-                        // `reload` logs its outcome, and keeps the old certificates on error.
-                        Ok(()) => println!("SIGHUP: certificates reloaded ({:?})", certs.names()),
-                        Err(e) => println!("SIGHUP: reload failed, old certificates kept: {e}"),
-                    },
-                    Some(()) = usr1.recv() => match ca.write_sites(&dir) {
+    let dir = example.as_ref().map(|(_, dir)| dir.clone());
+    let reloader = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hup.recv() => match certs.reload() {
+                    // `reload` logs its outcome, and keeps the old certificates on error.
+                    Ok(()) => println!("SIGHUP: certificates reloaded ({:?})", certs.names()),
+                    Err(e) => println!("SIGHUP: reload failed, old certificates kept: {e}"),
+                },
+                Some(()) = usr1.recv() => match &example {
+                    Some((ca, dir)) => match ca.write_sites(dir) {
                         Ok(()) => println!("SIGUSR1: renewed the files (SIGHUP loads them)"),
                         Err(e) => println!("SIGUSR1: could not write certificates: {e}"),
                     },
-                    else => break,
-                }
+                    None => println!("SIGUSR1: the certificate is yours to renew"),
+                },
+                else => break,
             }
         }
     });
 
     println!(
-        "\nHTTPS proxy on https://{addr}, pid {}; CA: {}",
-        std::process::id(),
-        dir.join("ca.pem").display()
+        "\nHTTPS proxy on https://{addr}, pid {}",
+        std::process::id()
     );
-    println!("SIGUSR1 renews the certificate files, SIGHUP reloads them, Ctrl-C stops.");
+    if let Some(dir) = &dir {
+        println!("CA: {}", dir.join("ca.pem").display());
+        println!("SIGUSR1 renews the certificate files, SIGHUP reloads them, Ctrl-C stops.");
+    }
     serving.await?;
     reloader.abort();
-    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(dir) = &dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     println!("bye");
     Ok(())
 }
