@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# HTTP/2 throughput on loopback (issue 18): h2load, 16 connections x 16 streams, h2c (prior
+# knowledge) to lbkit's README proxy, HAProxy 2.6 (`bind ... proto h2`) and nginx
+# (`listen ... http2`), each in front of the same three HTTP/1.1 nginx backends as compare.sh,
+# measured side by side.
+#
+#   bash benches/e2e/h2.sh                    # 3 interleaved rounds of 10 s per proxy
+#   DURATION=2 ROUNDS=1 bash benches/e2e/h2.sh
+#   WORKERS=1 bash benches/e2e/h2.sh          # one worker thread/process per proxy (default 2)
+#   LBKIT_BIN=/path/to/reverse_proxy bash benches/e2e/h2.sh   # that build, not rebuilt
+#   PORT=19300 bash benches/e2e/h2.sh         # backends on PORT+1..3, proxies on PORT+100..102
+#
+# Requests/s is h2load's; CPU time per request is utime + stime of the proxy's processes (all
+# threads; nginx's master and workers) from /proc over each h2load run, divided by the
+# requests h2load saw succeed. Each proxy runs WORKERS worker threads (lbkit `--threads`,
+# HAProxy `nbthread`) or processes (nginx), round robin, keep-alive to the backends. Prints
+# medians over the rounds and each proxy's ratio to HAProxy (issue 18's target: lbkit
+# >= 1.1x HAProxy's requests/s). Everything listens on 127.0.0.1; everything started is
+# stopped on exit.
+set -euo pipefail
+
+DURATION="${DURATION:-10}"
+ROUNDS="${ROUNDS:-3}"
+WORKERS="${WORKERS:-2}"
+CONNS="${CONNS:-16}"
+STREAMS="${STREAMS:-16}"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+# shellcheck source=benches/e2e/common.sh
+. "$ROOT/benches/e2e/common.sh"
+e2e_init h2
+e2e_need h2load:nghttp2-client nginx:nginx haproxy:haproxy curl:curl
+
+P="${PORT:-19300}"
+B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
+LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
+declare -A PID
+e2e_backends
+
+# --- nginx: h2c on its listener (`http2` without `ssl`: prior knowledge, as h2load speaks).
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<CONF
+worker_processes $WORKERS;
+error_log $WORK/nginx/error.log crit;
+pid $WORK/nginx/nginx.pid;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  http2_max_concurrent_streams 128;
+  upstream backends {
+    server $B1; server $B2; server $B3;
+    keepalive 128;
+  }
+  server {
+    listen $NGX http2;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_buffering on;
+    }
+  }
+}
+CONF
+nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+PIDS+=($!); PID[nginx]=$!
+
+# --- HAProxy: h2c on the bind line, HTTP/1.1 to the servers.
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread $WORKERS
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind $HAP proto h2
+  default_backend be
+backend be
+  balance roundrobin
+  server b1 $B1
+  server b2 $B2
+  server b3 $B3
+CONF
+haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
+PIDS+=($!); PID[haproxy]=$!
+
+# --- lbkit: the README's proxy (HTTP/1.1 and h2c on one listener), HTTP/1.1 upstream.
+if [ -z "${LBKIT_BIN:-}" ]; then
+  echo "building examples/reverse_proxy (release)..." >&2
+  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
+  LBKIT_BIN="$ROOT/target/release/examples/reverse_proxy"
+fi
+RUST_LOG=error "$LBKIT_BIN" \
+  --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
+  >/dev/null 2>&1 &
+PIDS+=($!); PID[lbkit]=$!
+
+for a in $B1 $B2 $B3; do e2e_wait_up "http://$a/"; done
+for a in $LBKIT $NGX $HAP; do e2e_wait_up "http://$a/" --http2-prior-knowledge; done
+
+declare -A ADDR=([lbkit]=$LBKIT [haproxy]=$HAP [nginx]=$NGX)
+ORDER=(lbkit haproxy nginx)
+H2LOAD=(h2load -c"$CONNS" -m"$STREAMS")
+
+# One h2load run against proxy $1; prints "rps mean_ms succeeded failed cpu_us_per_request".
+measure() {
+  local out t0 t1 pid="${PID[$1]}"
+  t0="$(e2e_ticks "$pid")"
+  out="$("${H2LOAD[@]}" -D "$DURATION" "http://${ADDR[$1]}/" 2>&1)" || true
+  t1="$(e2e_ticks "$pid")"
+  local rps ok failed mean
+  rps="$(awk '/^finished in/ {print $4}' <<<"$out")"
+  # Succeeded: answered 2xx; failed: h2load's failed, errored and timed out, and 4xx/5xx.
+  ok="$(awk '/^status codes:/ {print $3}' <<<"$out")"
+  failed="$(awk '/^requests:/ {n += $10 + $12 + $14} /^status codes:/ {n += $7 + $9}
+                 END {print n + 0}' <<<"$out")"
+  mean="$(awk '/^time for request:/ {print $6}' <<<"$out")"
+  if [ -z "$rps" ] || [ -z "$ok" ]; then
+    echo "h2load against $1 failed:" >&2
+    echo "$out" >&2
+    exit 1
+  fi
+  echo "${rps:-0} $(to_ms "$mean") ${ok:-0} ${failed:-0} $(e2e_cpu_us "$((t1 - t0))" "$ok")"
+}
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else print v }'
+}
+
+echo "warming up..." >&2
+for t in "${ORDER[@]}"; do "${H2LOAD[@]}" -D 2 "http://${ADDR[$t]}/" >/dev/null 2>&1 || true; done
+
+for r in $(seq 1 "$ROUNDS"); do
+  for t in "${ORDER[@]}"; do
+    res="$(measure "$t")"
+    echo "$t $res" >> "$WORK/results"
+    echo "round $r  $t: $res   (rps mean-ms succeeded failed cpu-us/req)" >&2
+  done
+done
+
+echo
+echo "Machine: $(nproc) cores, $(uname -sr); h2load -c$CONNS -m$STREAMS -D $DURATION (h2c, one"
+echo "client thread), $ROUNDS rounds interleaved, medians. Proxies: $WORKERS worker threads/processes"
+echo "each, round robin over 3 HTTP/1.1 nginx backends, keep-alive."
+echo
+echo "| proxy | requests/s | mean ms/request | failed | rps vs HAProxy | CPU µs/request | CPU vs HAProxy |"
+echo "|---|---|---|---|---|---|---|"
+HAP_RPS="$(e2e_col "$WORK/results" haproxy 2)"; HAP_CPU="$(e2e_col "$WORK/results" haproxy 6)"
+for t in "${ORDER[@]}"; do
+  rps="$(e2e_col "$WORK/results" "$t" 2)"; mean="$(e2e_col "$WORK/results" "$t" 3)"
+  failed="$(awk -v t="$t" '$1==t {n += $5} END {print n+0}' "$WORK/results")"
+  cpu="$(e2e_col "$WORK/results" "$t" 6)"
+  printf "| %s | %.0f | %s | %s | %s | %s | %s |\n" "$t" "$rps" "$mean" "$failed" \
+    "$(e2e_ratio "$rps" "$HAP_RPS")" "$cpu" "$(e2e_ratio "$cpu" "$HAP_CPU")"
+done
+RATIO="$(e2e_ratio "$(e2e_col "$WORK/results" lbkit 2)" "$HAP_RPS")"
+if awk -v r="$RATIO" 'BEGIN {exit !(r >= 1.1)}'; then
+  echo; echo "issue 18 target (lbkit >= 1.1x HAProxy requests/s): met (${RATIO}x)"
+else
+  echo; echo "issue 18 target (lbkit >= 1.1x HAProxy requests/s): missed (${RATIO}x)"
+fi
