@@ -30,8 +30,9 @@ e2e_need() {
 }
 
 # Three identical HTTP/1.1 backends served by one nginx (a small static body, keep-alive), as in
-# compare.sh, on $B1 $B2 $B3 (set by the caller).
+# compare.sh, on $B1 $B2 $B3 (set by the caller); `e2e_backends http2` serves h2c instead.
 e2e_backends() {
+  local proto="${1:-}"
   mkdir -p "$WORK/backends"
   cat > "$WORK/backends/nginx.conf" <<CONF
 worker_processes 1;
@@ -42,9 +43,9 @@ events { worker_connections 4096; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen $B1; location / { return 200 "hello from backend\n"; } }
-  server { listen $B2; location / { return 200 "hello from backend\n"; } }
-  server { listen $B3; location / { return 200 "hello from backend\n"; } }
+  server { listen $B1 $proto; location / { return 200 "hello from backend\n"; } }
+  server { listen $B2 $proto; location / { return 200 "hello from backend\n"; } }
+  server { listen $B3 $proto; location / { return 200 "hello from backend\n"; } }
 }
 CONF
   "$(command -v nginx || echo /usr/sbin/nginx)" -c "$WORK/backends/nginx.conf" -p "$WORK/backends" &

@@ -9,6 +9,8 @@
 #   WORKERS=1 bash benches/e2e/h2.sh          # one worker thread/process per proxy (default 2)
 #   LBKIT_BIN=/path/to/reverse_proxy bash benches/e2e/h2.sh   # that build, not rebuilt
 #   PORT=19300 bash benches/e2e/h2.sh         # backends on PORT+1..3, proxies on PORT+100..102
+#   UPSTREAM=h2 bash benches/e2e/h2.sh        # h2 -> h2: h2c backends, lbkit `--upstream h2`,
+#                                             # HAProxy `proto h2` servers (nginx cannot: skipped)
 #
 # Requests/s is h2load's; CPU time per request is utime + stime of the proxy's processes (all
 # threads; nginx's master and workers) from /proc over each h2load run, divided by the
@@ -24,6 +26,12 @@ ROUNDS="${ROUNDS:-3}"
 WORKERS="${WORKERS:-2}"
 CONNS="${CONNS:-16}"
 STREAMS="${STREAMS:-16}"
+UPSTREAM="${UPSTREAM:-http1}"
+case "$UPSTREAM" in
+  http1) BACKEND_PROTO=""; SERVER_PROTO="" ;;
+  h2) BACKEND_PROTO=http2; SERVER_PROTO=" proto h2" ;;
+  *) echo "UPSTREAM is http1 or h2" >&2; exit 2 ;;
+esac
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 # shellcheck source=benches/e2e/common.sh
 . "$ROOT/benches/e2e/common.sh"
@@ -34,7 +42,7 @@ P="${PORT:-19300}"
 B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
 LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
 declare -A PID
-e2e_backends
+e2e_backends $BACKEND_PROTO
 
 # --- nginx: h2c on its listener (`http2` without `ssl`: prior knowledge, as h2load speaks).
 mkdir -p "$WORK/nginx"
@@ -66,8 +74,10 @@ http {
   }
 }
 CONF
-nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
-PIDS+=($!); PID[nginx]=$!
+if [ "$UPSTREAM" = http1 ]; then
+  nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
+  PIDS+=($!); PID[nginx]=$!
+fi
 
 # --- HAProxy: h2c on the bind line, HTTP/1.1 to the servers.
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -87,9 +97,9 @@ frontend fe
   default_backend be
 backend be
   balance roundrobin
-  server b1 $B1
-  server b2 $B2
-  server b3 $B3
+  server b1 $B1$SERVER_PROTO
+  server b2 $B2$SERVER_PROTO
+  server b3 $B3$SERVER_PROTO
 CONF
 haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
 PIDS+=($!); PID[haproxy]=$!
@@ -102,14 +112,17 @@ if [ -z "${LBKIT_BIN:-}" ]; then
 fi
 RUST_LOG=error "$LBKIT_BIN" \
   --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
-  >/dev/null 2>&1 &
+  --upstream "$UPSTREAM" >/dev/null 2>&1 &
 PIDS+=($!); PID[lbkit]=$!
 
-for a in $B1 $B2 $B3; do e2e_wait_up "http://$a/"; done
-for a in $LBKIT $NGX $HAP; do e2e_wait_up "http://$a/" --http2-prior-knowledge; done
-
 declare -A ADDR=([lbkit]=$LBKIT [haproxy]=$HAP [nginx]=$NGX)
-ORDER=(lbkit haproxy nginx)
+ORDER=(lbkit haproxy)
+[ "$UPSTREAM" = http1 ] && ORDER+=(nginx)
+for a in $B1 $B2 $B3; do
+  if [ "$UPSTREAM" = h2 ]; then e2e_wait_up "http://$a/" --http2-prior-knowledge
+  else e2e_wait_up "http://$a/"; fi
+done
+for t in "${ORDER[@]}"; do e2e_wait_up "http://${ADDR[$t]}/" --http2-prior-knowledge; done
 H2LOAD=(h2load -c"$CONNS" -m"$STREAMS")
 
 # One h2load run against proxy $1; prints "rps mean_ms succeeded failed cpu_us_per_request".
@@ -154,7 +167,7 @@ done
 echo
 echo "Machine: $(nproc) cores, $(uname -sr); h2load -c$CONNS -m$STREAMS -D $DURATION (h2c, one"
 echo "client thread), $ROUNDS rounds interleaved, medians. Proxies: $WORKERS worker threads/processes"
-echo "each, round robin over 3 HTTP/1.1 nginx backends, keep-alive."
+echo "each, round robin over 3 nginx backends speaking $UPSTREAM, keep-alive."
 echo
 echo "| proxy | requests/s | mean ms/request | failed | rps vs HAProxy | CPU µs/request | CPU vs HAProxy |"
 echo "|---|---|---|---|---|---|---|"
