@@ -8,7 +8,7 @@
 #   DURATION=2 ROUNDS=1 bash benches/e2e/h2.sh
 #   WORKERS=1 bash benches/e2e/h2.sh          # one worker thread/process per proxy (default 2)
 #   LBKIT_BIN=/path/to/reverse_proxy bash benches/e2e/h2.sh   # that build, not rebuilt
-#   PORT=19300 bash benches/e2e/h2.sh         # backends on PORT+1..3, proxies on PORT+100..102
+#   PORT=27300 bash benches/e2e/h2.sh         # backends on PORT+1..3, proxies on PORT+100..102
 #   UPSTREAM=h2 bash benches/e2e/h2.sh        # h2 -> h2: h2c backends, lbkit `--upstream h2`,
 #                                             # HAProxy `proto h2` servers (nginx cannot: skipped)
 #
@@ -38,7 +38,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 e2e_init h2
 e2e_need h2load:nghttp2-client nginx:nginx haproxy:haproxy curl:curl
 
-P="${PORT:-19300}"
+P="${PORT:-27300}"
 B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
 LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
 declare -A PID

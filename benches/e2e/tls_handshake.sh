@@ -11,7 +11,7 @@
 #   WORKERS=1 bash benches/e2e/tls_handshake.sh    # worker threads/processes per proxy (2)
 #   CLIENTS=8 bash benches/e2e/tls_handshake.sh    # parallel handshaking clients (default 8)
 #   TLS_BIN=/path/to/tls_termination bash benches/e2e/tls_handshake.sh   # not rebuilt
-#   PORT=19500 bash benches/e2e/tls_handshake.sh   # backends PORT+1..3, proxies PORT+100..102
+#   PORT=27500 bash benches/e2e/tls_handshake.sh   # backends PORT+1..3, proxies PORT+100..102
 #
 # Handshakes: CLIENTS `openssl s_time` processes at once, each looping connect, handshake,
 # `GET / HTTP/1.0`, read the answer, close: `-new` for full handshakes, `-reuse` for resumed
@@ -35,7 +35,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 e2e_init tls
 e2e_need h2load:nghttp2-client nginx:nginx haproxy:haproxy curl:curl openssl:openssl
 
-P="${PORT:-19500}"
+P="${PORT:-27500}"
 B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
 LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
 declare -A PID
