@@ -162,7 +162,8 @@ keepalive() {
   t0="$(e2e_ticks "$pid")"
   out="$(h2load --h1 -c"$CONNS" -D "$DURATION" "https://${ADDR[$t]}/" 2>&1)" || true
   t1="$(e2e_ticks "$pid")"
-  rps="$(awk '/^finished in/ {print $4}' <<<"$out")"
+  rps="$(awk '/^finished in/ {t = $3 + 0} /^status codes:/ {ok = $3}
+              END {if (t > 0) printf "%.1f", ok / t}' <<<"$out")"
   ok="$(awk '/^status codes:/ {print $3}' <<<"$out")"
   failed="$(awk '/^requests:/ {n += $10 + $12 + $14} /^status codes:/ {n += $7 + $9}
                  END {print n + 0}' <<<"$out")"
