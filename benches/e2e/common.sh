@@ -1,6 +1,7 @@
-# Shared setup of the end-to-end benchmarks (sourced by h2.sh and tls_handshake.sh; the same
-# backends and CPU accounting as compare.sh): a scratch directory and a trap that stops every
-# process started, three identical nginx backends on 127.0.0.1, CPU ticks from /proc, medians.
+# Shared setup of the end-to-end benchmarks (sourced by compare.sh, h2.sh and
+# tls_handshake.sh): a scratch directory and a trap that stops every process started, three
+# identical nginx backends on 127.0.0.1, nginx and HAProxy as proxies over them, CPU ticks
+# from /proc, medians.
 #
 # The sourcing script sets `set -euo pipefail`, then calls `e2e_init NAME`, and starts its
 # processes in the background adding each pid to PIDS.
@@ -50,6 +51,106 @@ http {
 CONF
   "$(command -v nginx || echo /usr/sbin/nginx)" -c "$WORK/backends/nginx.conf" -p "$WORK/backends" &
   PIDS+=($!)
+}
+
+# nginx as the proxy over the backends, WORKERS worker processes, started in the background
+# with its pid in E2E_PID: `e2e_nginx_proxy DIR "LISTEN PARAMS" ["MORE SERVER DIRECTIVES"]`
+# (round robin, keep-alive to the backends, the usual forwarding headers).
+e2e_nginx_proxy() {
+  mkdir -p "$WORK/$1"
+  cat > "$WORK/$1/nginx.conf" <<CONF
+worker_processes $WORKERS;
+error_log $WORK/$1/error.log crit;
+pid $WORK/$1/nginx.pid;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backends {
+    server $B1; server $B2; server $B3;
+    keepalive 128;
+  }
+  server {
+    listen $2;
+    ${3:-}
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_buffering on;
+    }
+  }
+}
+CONF
+  "$(command -v nginx || echo /usr/sbin/nginx)" -c "$WORK/$1/nginx.conf" -p "$WORK/$1" &
+  E2E_PID=$!
+  PIDS+=("$E2E_PID")
+}
+
+# HAProxy over the backends, WORKERS threads, round robin, keep-alive (`http-reuse always`),
+# started in the background with its pid in E2E_PID:
+# `e2e_haproxy "BIND ADDR AND OPTIONS" ["SERVER OPTIONS"] ["GLOBAL LINE"]`.
+e2e_haproxy() {
+  cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread $WORKERS
+  maxconn 8192
+  ${3:-}
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  option forwardfor
+  http-reuse always
+frontend fe
+  bind $1
+  default_backend be
+backend be
+  balance roundrobin
+  server b1 $B1 ${2:-}
+  server b2 $B2 ${2:-}
+  server b3 $B3 ${2:-}
+CONF
+  "$(command -v haproxy || echo /usr/sbin/haproxy)" -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
+  E2E_PID=$!
+  PIDS+=("$E2E_PID")
+}
+
+# The path of example NAME's release binary: GIVEN when set (not rebuilt), else built here:
+# `BIN="$(e2e_example NAME "${GIVEN:-}")"`.
+e2e_example() {
+  if [ -n "$2" ]; then echo "$2"; return; fi
+  echo "building examples/$1 (release)..." >&2
+  (cd "$ROOT" && cargo build -q --release --example "$1")
+  echo "$ROOT/target/release/examples/$1"
+}
+
+# ROUNDS rounds, each running the caller's `measure TARGET` once per target of ORDER in turn
+# (reps interleaved), appending "TARGET RESULT" to $WORK/results: `e2e_rounds "LEGEND"`.
+e2e_rounds() {
+  local r t res
+  for r in $(seq 1 "$ROUNDS"); do
+    for t in "${ORDER[@]}"; do
+      res="$(measure "$t")"
+      echo "$t $res" >> "$WORK/results"
+      echo "round $r  $t: $res   ($1)" >&2
+    done
+  done
+}
+
+# A duration as wrk or h2load print it (`512us`, `1.2ms`, `2s`) in milliseconds.
+e2e_ms() {
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else print v }'
 }
 
 # Waits (10 s at most) until `curl ARGS... URL` gets an answer: `e2e_wait_up URL [curl args]`.

@@ -23,24 +23,10 @@ ROUNDS="${ROUNDS:-3}"
 CONNS="${CONNS:-64}"
 WORKERS="${WORKERS:-1}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-WORK="$(mktemp -d /tmp/lbkit-e2e.XXXXXX)"
-PIDS=()
-
-cleanup() {
-  for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need haproxy; then
-  echo "installing wrk, nginx, haproxy from Debian..." >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx haproxy >/dev/null
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
+# shellcheck source=benches/e2e/common.sh
+. "$ROOT/benches/e2e/common.sh"
+e2e_init e2e
+e2e_need wrk:wrk nginx:nginx haproxy:haproxy curl:curl
 
 # PORT=N moves every port (N+1..N+3 backends, N+100..N+103 proxies), so that two runs can
 # share a machine.
@@ -51,86 +37,18 @@ BASE=127.0.0.1:$((P + 103))
 declare -A PID
 
 # --- backends: one nginx, three identical servers answering a small static body.
-mkdir -p "$WORK/backends" "$WORK/proxy"
-cat > "$WORK/backends/nginx.conf" <<CONF
-worker_processes 1;
-error_log $WORK/backends/error.log crit;
-pid $WORK/backends/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen $B1; location / { return 200 "hello from backend\n"; } }
-  server { listen $B2; location / { return 200 "hello from backend\n"; } }
-  server { listen $B3; location / { return 200 "hello from backend\n"; } }
-}
-CONF
-"$NGINX" -c "$WORK/backends/nginx.conf" -p "$WORK/backends" &
-PIDS+=($!)
+e2e_backends
 
 # --- nginx as the proxy.
-cat > "$WORK/proxy/nginx.conf" <<CONF
-worker_processes $WORKERS;
-error_log $WORK/proxy/error.log crit;
-pid $WORK/proxy/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backends {
-    server $B1; server $B2; server $B3;
-    keepalive 128;
-  }
-  server {
-    listen $NGX;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_buffering on;
-    }
-  }
-}
-CONF
-"$NGINX" -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" &
-PIDS+=($!); PID[nginx]=$!
+e2e_nginx_proxy proxy "$NGX"
+PID[nginx]=$E2E_PID
 
 # --- HAProxy.
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread $WORKERS
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind $HAP
-  default_backend be
-backend be
-  balance roundrobin
-  server b1 $B1
-  server b2 $B2
-  server b3 $B3
-CONF
-"$HAPROXY" -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
-PIDS+=($!); PID[haproxy]=$!
+e2e_haproxy "$HAP"
+PID[haproxy]=$E2E_PID
 
 # --- lbkit: the README's example in release mode, over the same backends.
-if [ -z "${LBKIT_BIN:-}" ]; then
-  echo "building examples/reverse_proxy (release)..." >&2
-  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
-  LBKIT_BIN="$ROOT/target/release/examples/reverse_proxy"
-fi
+LBKIT_BIN="$(e2e_example reverse_proxy "${LBKIT_BIN:-}")"
 RUST_LOG=error "$LBKIT_BIN" \
   --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
   >/dev/null 2>&1 &
@@ -142,33 +60,14 @@ if [ -n "${BASELINE:-}" ]; then
   PIDS+=($!); PID[lbkit_base]=$!
 fi
 
-wait_up() {
-  for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://$1/" && return 0
-    sleep 0.1
-  done
-  echo "$1 did not come up" >&2
-  exit 1
-}
-for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do wait_up "$a"; done
-
-# CPU ticks (utime + stime, all threads) of a process and its children (nginx's workers).
-ticks() {
-  local pid="$1" total=0 p
-  for p in "$pid" $(pgrep -P "$pid" || true); do
-    [ -r "/proc/$p/stat" ] || continue
-    total=$((total + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
-  done
-  echo "$total"
-}
-HZ="$(getconf CLK_TCK)"
+for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do e2e_wait_up "http://$a/"; done
 
 # One wrk run against target $1; prints "rps p50_ms p99_ms errors cpu_us_per_request".
 measure() {
   local out t0 t1 pid="${PID[$1]:-}"
-  [ -n "$pid" ] && t0="$(ticks "$pid")"
+  [ -n "$pid" ] && t0="$(e2e_ticks "$pid")"
   out="$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://${NAME[$1]}/" 2>&1)"
-  [ -n "$pid" ] && t1="$(ticks "$pid")"
+  [ -n "$pid" ] && t1="$(e2e_ticks "$pid")"
   local rps p50 p99 errs reqs cpu=0
   rps="$(awk '/Requests\/sec/ {print $2}' <<<"$out")"
   p50="$(awk '$1=="50%" {print $2}' <<<"$out")"
@@ -178,14 +77,7 @@ measure() {
   if [ -n "$pid" ] && [ "${reqs:-0}" -gt 0 ]; then
     cpu="$(awk -v d="$((t1 - t0))" -v hz="$HZ" -v n="$reqs" 'BEGIN {printf "%.1f", d / hz * 1e6 / n}')"
   fi
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errs $cpu"
-}
-to_ms() {
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else print v }'
+  echo "$rps $(e2e_ms "$p50") $(e2e_ms "$p99") $errs $cpu"
 }
 
 declare -A NAME=([direct]=$B1 [lbkit]=$LBKIT [nginx]=$NGX [haproxy]=$HAP [lbkit_base]=$BASE)
@@ -194,16 +86,9 @@ ORDER=(direct lbkit nginx haproxy)
 echo "warming up..." >&2
 for t in "${ORDER[@]}"; do wrk -t1 -c"$CONNS" -d2s "http://${NAME[$t]}/" >/dev/null 2>&1; done
 
-for r in $(seq 1 "$ROUNDS"); do
-  for t in "${ORDER[@]}"; do
-    res="$(measure "$t")"
-    echo "$t $res" >> "$WORK/results"
-    echo "round $r  $t: $res   (rps p50ms p99ms error-lines cpu-us/req)" >&2
-  done
-done
+e2e_rounds "rps p50ms p99ms error-lines cpu-us/req"
 
-median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
-col() { awk -v t="$1" -v c="$2" '$1==t {print $c}' "$WORK/results" | median; }
+col() { e2e_col "$WORK/results" "$1" "$2"; }
 
 echo
 echo "Machine: $(nproc) cores, $(uname -sr); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds interleaved, medians."

@@ -29,7 +29,7 @@ STREAMS="${STREAMS:-16}"
 UPSTREAM="${UPSTREAM:-http1}"
 case "$UPSTREAM" in
   http1) BACKEND_PROTO=""; SERVER_PROTO="" ;;
-  h2) BACKEND_PROTO=http2; SERVER_PROTO=" proto h2" ;;
+  h2) BACKEND_PROTO=http2; SERVER_PROTO="proto h2" ;;
   *) echo "UPSTREAM is http1 or h2" >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -45,71 +45,17 @@ declare -A PID
 e2e_backends $BACKEND_PROTO
 
 # --- nginx: h2c on its listener (`http2` without `ssl`: prior knowledge, as h2load speaks).
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes $WORKERS;
-error_log $WORK/nginx/error.log crit;
-pid $WORK/nginx/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  http2_max_concurrent_streams 128;
-  upstream backends {
-    server $B1; server $B2; server $B3;
-    keepalive 128;
-  }
-  server {
-    listen $NGX http2;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_buffering on;
-    }
-  }
-}
-CONF
 if [ "$UPSTREAM" = http1 ]; then
-  nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
-  PIDS+=($!); PID[nginx]=$!
+  e2e_nginx_proxy nginx "$NGX http2" "http2_max_concurrent_streams 128;"
+  PID[nginx]=$E2E_PID
 fi
 
-# --- HAProxy: h2c on the bind line, HTTP/1.1 to the servers.
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread $WORKERS
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind $HAP proto h2
-  default_backend be
-backend be
-  balance roundrobin
-  server b1 $B1$SERVER_PROTO
-  server b2 $B2$SERVER_PROTO
-  server b3 $B3$SERVER_PROTO
-CONF
-haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
-PIDS+=($!); PID[haproxy]=$!
+# --- HAProxy: h2c on the bind line, HTTP/1.1 (or h2c) to the servers.
+e2e_haproxy "$HAP proto h2" "$SERVER_PROTO"
+PID[haproxy]=$E2E_PID
 
 # --- lbkit: the README's proxy (HTTP/1.1 and h2c on one listener), HTTP/1.1 upstream.
-if [ -z "${LBKIT_BIN:-}" ]; then
-  echo "building examples/reverse_proxy (release)..." >&2
-  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
-  LBKIT_BIN="$ROOT/target/release/examples/reverse_proxy"
-fi
+LBKIT_BIN="$(e2e_example reverse_proxy "${LBKIT_BIN:-}")"
 RUST_LOG=error "$LBKIT_BIN" \
   --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
   --upstream "$UPSTREAM" >/dev/null 2>&1 &
@@ -146,26 +92,13 @@ measure() {
     echo "$out" >&2
     exit 1
   fi
-  echo "${rps:-0} $(to_ms "$mean") ${ok:-0} ${failed:-0} $(e2e_cpu_us "$((t1 - t0))" "$ok")"
-}
-to_ms() {
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else print v }'
+  echo "${rps:-0} $(e2e_ms "$mean") ${ok:-0} ${failed:-0} $(e2e_cpu_us "$((t1 - t0))" "$ok")"
 }
 
 echo "warming up..." >&2
 for t in "${ORDER[@]}"; do "${H2LOAD[@]}" -D 2 "http://${ADDR[$t]}/" >/dev/null 2>&1 || true; done
 
-for r in $(seq 1 "$ROUNDS"); do
-  for t in "${ORDER[@]}"; do
-    res="$(measure "$t")"
-    echo "$t $res" >> "$WORK/results"
-    echo "round $r  $t: $res   (rps mean-ms succeeded failed cpu-us/req)" >&2
-  done
-done
+e2e_rounds "rps mean-ms succeeded failed cpu-us/req"
 
 echo
 echo "Machine: $(nproc) cores, $(uname -sr); h2load -c$CONNS -m$STREAMS -D $DURATION (h2c, one"

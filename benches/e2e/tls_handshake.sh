@@ -49,73 +49,20 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
 cat "$WORK/tls/cert.pem" "$WORK/tls/key.pem" > "$WORK/tls/haproxy.pem"
 
 # --- nginx terminating TLS.
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes $WORKERS;
-error_log $WORK/nginx/error.log crit;
-pid $WORK/nginx/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backends {
-    server $B1; server $B2; server $B3;
-    keepalive 128;
-  }
-  server {
-    listen $NGX ssl http2;
-    ssl_certificate $WORK/tls/cert.pem;
+e2e_nginx_proxy nginx "$NGX ssl http2" "ssl_certificate $WORK/tls/cert.pem;
     ssl_certificate_key $WORK/tls/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache shared:SSL:10m;
-    ssl_session_tickets on;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-    }
-  }
-}
-CONF
-nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
-PIDS+=($!); PID[nginx]=$!
+    ssl_session_tickets on;"
+PID[nginx]=$E2E_PID
 
 # --- HAProxy terminating TLS (its session cache and tickets are on by default).
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread $WORKERS
-  maxconn 8192
-  ssl-default-bind-options ssl-min-ver TLSv1.2
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind $HAP ssl crt $WORK/tls/haproxy.pem alpn h2,http/1.1
-  default_backend be
-backend be
-  balance roundrobin
-  server b1 $B1
-  server b2 $B2
-  server b3 $B3
-CONF
-haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
-PIDS+=($!); PID[haproxy]=$!
+e2e_haproxy "$HAP ssl crt $WORK/tls/haproxy.pem alpn h2,http/1.1" "" \
+  "ssl-default-bind-options ssl-min-ver TLSv1.2"
+PID[haproxy]=$E2E_PID
 
 # --- lbkit: examples/tls_termination with this certificate, over the same backends.
-if [ -z "${TLS_BIN:-}" ]; then
-  echo "building examples/tls_termination (release)..." >&2
-  (cd "$ROOT" && cargo build -q --release --example tls_termination)
-  TLS_BIN="$ROOT/target/release/examples/tls_termination"
-fi
+TLS_BIN="$(e2e_example tls_termination "${TLS_BIN:-}")"
 RUST_LOG=error "$TLS_BIN" --listen "$LBKIT" --cert "$WORK/tls/cert.pem" \
   --key "$WORK/tls/key.pem" --backends "$B1,$B2,$B3" --threads "$WORKERS" >/dev/null 2>&1 &
 PIDS+=($!); PID[lbkit]=$!
@@ -186,16 +133,16 @@ for t in "${ORDER[@]}"; do
   h2load --h1 -c"$CONNS" -D 1 "https://${ADDR[$t]}/" >/dev/null 2>&1 || true
 done
 
-for r in $(seq 1 "$ROUNDS"); do
-  for t in "${ORDER[@]}"; do
-    full="$(handshakes "$t" new)"
-    resumed="$(handshakes "$t" reuse)"
-    ka="$(keepalive "$t")"
-    # target full/s full_cpu full_resumed% resumed/s resumed_cpu resumed% ka_rps ka_cpu ka_failed
-    echo "$t $full $resumed $ka" >> "$WORK/results"
-    echo "round $r  $t: full $full | resumed $resumed | keep-alive $ka" >&2
-  done
-done
+# The three measures of proxy $1, one after the other: the full handshakes' "rate cpu resumed%",
+# the resumed ones', keep-alive's "rps cpu failed".
+measure() {
+  local full resumed ka
+  full="$(handshakes "$1" new)" || exit 1
+  resumed="$(handshakes "$1" reuse)" || exit 1
+  ka="$(keepalive "$1")" || exit 1
+  echo "$full $resumed $ka"
+}
+e2e_rounds "full: hs/s cpu-us resumed% | resumed: hs/s cpu-us resumed% | keep-alive: rps cpu-us failed"
 
 R="$WORK/results"
 echo
