@@ -7,6 +7,7 @@
 #   WORKERS=2 bash benches/e2e/compare.sh   # two worker threads/processes per proxy
 #   BASELINE=/path/to/old/reverse_proxy bash benches/e2e/compare.sh   # also an older build
 #   LBKIT_BIN=/path/to/reverse_proxy bash benches/e2e/compare.sh       # this build, not rebuilt
+#   PORT=20000 bash benches/e2e/compare.sh  # other ports, so that two runs can share a machine
 #
 # Besides requests/s and latency it reports each proxy's CPU time per request: utime + stime
 # of the proxy's processes (all threads; nginx's master and workers) from /proc over each wrk
@@ -21,141 +22,23 @@ set -euo pipefail
 DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-3}"
 CONNS="${CONNS:-64}"
-WORKERS="${WORKERS:-1}"
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-WORK="$(mktemp -d /tmp/lbkit-e2e.XXXXXX)"
-PIDS=()
+# The backends, nginx, HAProxy and lbkit as configured in proxies.sh (shared with
+# idle_memory.sh).
+# shellcheck source=benches/e2e/proxies.sh
+source "$(dirname "$0")/proxies.sh"
+start_backends
+start_nginx
+start_haproxy
+build_lbkit
+start_lbkit lbkit "$LBKIT_BIN" "$LBKIT"
+if [ -n "${BASELINE:-}" ]; then start_lbkit lbkit_base "$BASELINE" "$BASE"; fi
 
-cleanup() {
-  for pid in "${PIDS[@]:-}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need wrk || ! need nginx || ! need haproxy; then
-  echo "installing wrk, nginx, haproxy from Debian..." >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx haproxy >/dev/null
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
-
-# PORT=N moves every port (N+1..N+3 backends, N+100..N+103 proxies), so that two runs can
-# share a machine.
-P="${PORT:-19000}"
-B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
-LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
-BASE=127.0.0.1:$((P + 103))
-declare -A PID
-
-# --- backends: one nginx, three identical servers answering a small static body.
-mkdir -p "$WORK/backends" "$WORK/proxy"
-cat > "$WORK/backends/nginx.conf" <<CONF
-worker_processes 1;
-error_log $WORK/backends/error.log crit;
-pid $WORK/backends/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen $B1; location / { return 200 "hello from backend\n"; } }
-  server { listen $B2; location / { return 200 "hello from backend\n"; } }
-  server { listen $B3; location / { return 200 "hello from backend\n"; } }
-}
-CONF
-"$NGINX" -c "$WORK/backends/nginx.conf" -p "$WORK/backends" &
-PIDS+=($!)
-
-# --- nginx as the proxy.
-cat > "$WORK/proxy/nginx.conf" <<CONF
-worker_processes $WORKERS;
-error_log $WORK/proxy/error.log crit;
-pid $WORK/proxy/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backends {
-    server $B1; server $B2; server $B3;
-    keepalive 128;
-  }
-  server {
-    listen $NGX;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_buffering on;
-    }
-  }
-}
-CONF
-"$NGINX" -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" &
-PIDS+=($!); PID[nginx]=$!
-
-# --- HAProxy.
-cat > "$WORK/haproxy.cfg" <<CONF
-global
-  nbthread $WORKERS
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  option forwardfor
-  http-reuse always
-frontend fe
-  bind $HAP
-  default_backend be
-backend be
-  balance roundrobin
-  server b1 $B1
-  server b2 $B2
-  server b3 $B3
-CONF
-"$HAPROXY" -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
-PIDS+=($!); PID[haproxy]=$!
-
-# --- lbkit: the README's example in release mode, over the same backends.
-if [ -z "${LBKIT_BIN:-}" ]; then
-  echo "building examples/reverse_proxy (release)..." >&2
-  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
-  LBKIT_BIN="$ROOT/target/release/examples/reverse_proxy"
-fi
-RUST_LOG=error "$LBKIT_BIN" \
-  --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
-  >/dev/null 2>&1 &
-PIDS+=($!); PID[lbkit]=$!
-if [ -n "${BASELINE:-}" ]; then
-  RUST_LOG=error "$BASELINE" \
-    --listen "$BASE" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
-    >/dev/null 2>&1 &
-  PIDS+=($!); PID[lbkit_base]=$!
-fi
-
-wait_up() {
-  for _ in $(seq 1 100); do
-    curl -s -o /dev/null "http://$1/" && return 0
-    sleep 0.1
-  done
-  echo "$1 did not come up" >&2
-  exit 1
-}
 for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do wait_up "$a"; done
 
 # CPU ticks (utime + stime, all threads) of a process and its children (nginx's workers).
 ticks() {
-  local pid="$1" total=0 p
-  for p in "$pid" $(pgrep -P "$pid" || true); do
+  local total=0 p
+  for p in $(proc_tree "$1"); do
     [ -r "/proc/$p/stat" ] || continue
     total=$((total + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
   done
