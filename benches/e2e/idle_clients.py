@@ -10,7 +10,9 @@ Used by benches/e2e/idle_memory.sh. Prints one line when all connections are idl
 answer or a connection closed by the server). Then waits; a second line reports how many of
 the connections the server closed while they idled: `closed_while_idle=K`.
 
-    python3 idle_clients.py 127.0.0.1:8080 10000 [concurrency]
+    python3 idle_clients.py 127.0.0.1:8080 10000 [concurrency] [hold|close]
+
+With `close` (a warm-up) it closes the connections right after the ready line.
 """
 
 import asyncio
@@ -70,6 +72,7 @@ async def open_one(host, port, sem, conns, failures):
 async def main():
     addr, n = sys.argv[1], int(sys.argv[2])
     concurrency = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+    hold = (sys.argv[4] if len(sys.argv) > 4 else "hold") == "hold"
     host, port = addr.rsplit(":", 1)
     port = int(port)
     sem = asyncio.Semaphore(concurrency)
@@ -85,6 +88,10 @@ async def main():
     if failures:
         print(f"first failure: {failures[0]}", file=sys.stderr, flush=True)
 
+    if not hold:
+        for _, w in conns:
+            w.close()
+        return
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

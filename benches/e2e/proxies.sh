@@ -5,7 +5,8 @@
 #
 # Before sourcing, a script may set WORKERS (worker processes/threads per proxy, default 1),
 # NGINX_CONNS (nginx's worker_connections, both sides of a proxied connection count, default
-# 4096) and HAPROXY_MAXCONN (default 8192).
+# 4096), HAPROXY_MAXCONN (default 8192) and PORT_BASE (backends on PORT_BASE+1..3, lbkit,
+# nginx, HAProxy and a baseline lbkit on PORT_BASE+100..103; default 19000).
 
 WORKERS="${WORKERS:-1}"
 NGINX_CONNS="${NGINX_CONNS:-4096}"
@@ -31,8 +32,10 @@ fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
-B1=127.0.0.1:19001; B2=127.0.0.1:19002; B3=127.0.0.1:19003
-LBKIT=127.0.0.1:19100; NGX=127.0.0.1:19101; HAP=127.0.0.1:19102; BASE=127.0.0.1:19103
+P="${PORT_BASE:-19000}"
+B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
+LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
+BASE=127.0.0.1:$((P + 103))
 BACKENDS="$B1,$B2,$B3"
 mkdir -p "$WORK/backends" "$WORK/proxy"
 
@@ -90,11 +93,14 @@ CONF
 }
 
 # HAProxy on $HAP: round robin, keep-alive both sides, connections to the backends reused.
+# `no strict-limits`: it runs (with a warning) when the file-descriptor limit is below the
+# 2 × maxconn it reserves, as for 10 000 idle clients under a hard limit of 20 000.
 start_haproxy() {
   cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread $WORKERS
   maxconn $HAPROXY_MAXCONN
+  no strict-limits
 defaults
   mode http
   timeout connect 5s
