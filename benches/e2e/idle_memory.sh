@@ -22,7 +22,7 @@ N="${N:-10000}"
 ROUNDS="${ROUNDS:-3}"
 WARMUP="${WARMUP:-200}"
 CONCURRENCY="${CONCURRENCY:-200}"
-SETTLE="${SETTLE:-2}"
+SETTLE="${SETTLE:-3}"
 # Both sides of each proxied connection count against nginx's worker_connections; HAProxy
 # sizes its file-descriptor needs from maxconn.
 NGINX_CONNS="${NGINX_CONNS:-$((N + 2048))}"

@@ -56,6 +56,8 @@ mod conn;
 pub(crate) use conn::TunnelScope;
 #[cfg(feature = "http-proxy")]
 mod http;
+#[cfg(feature = "http-proxy")]
+mod idle;
 #[cfg(feature = "proxy-protocol")]
 mod proxy_protocol;
 #[cfg(feature = "tls")]
