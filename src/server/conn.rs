@@ -98,6 +98,9 @@ impl BodyEnd {
     }
 }
 
+/// The service's response body, or the empty body of a `408` answered for it.
+type OrTimeout<B> = Either<B, Empty<<B as http_body::Body>::Data>>;
+
 /// Counts a request as in flight on its connection until dropped.
 #[derive(Debug)]
 struct InFlight(Arc<Activity>);
@@ -270,7 +273,7 @@ where
         mut fut: Pin<&mut Option<F>>,
         body: &mut Option<(Arc<BodyWatch>, bool)>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<Either<B, Empty<B::Data>>>, E>> {
+    ) -> Poll<Result<Response<OrTimeout<B>>, E>> {
         if let Some((watch, h1)) = body.as_ref() {
             if watch.poll_expired(cx) {
                 // Whatever the service was doing for the request (sending it to a backend)

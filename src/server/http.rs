@@ -23,8 +23,9 @@ use crate::error::BoxError;
 /// A hardened HTTP/1.1 and HTTP/2 server for a tower service: see the [module docs](super) for
 /// what it protects against and its defaults.
 ///
-/// Each accepted connection is served with hyper-util's `auto` builder (HTTP/2 by prior
-/// knowledge or ALPN, HTTP/1.1 with upgrades otherwise, so WebSockets pass through
+/// Each accepted connection speaks HTTP/2 by prior knowledge or ALPN (served with hyper-util's
+/// `auto` builder), or HTTP/1.1 with upgrades otherwise (plain ones with hyper's `http1`
+/// builder, parked without buffers while idle), so WebSockets pass through
 /// [`Forward`](crate::proxy::Forward)); each request carries the peer's
 /// [`ClientAddr`](crate::forwarded::ClientAddr). With [`tls`](Server::tls) (feature `tls`) it
 /// terminates TLS first and serves what ALPN chose.
@@ -341,9 +342,7 @@ struct Shared {
     /// The request body read timeout, if any.
     body_timeout: Option<Duration>,
     /// Plain HTTP/1.1 connections (sniffed by `idle::sniff`), parked while idle.
-    http1: http1::Builder,
-    /// How many of those are open.
-    open_http1: AtomicUsize,
+    http1: idle::Http1,
     /// Sniffs the protocol (HTTP/2 preface or HTTP/1.1).
     auto: auto::Builder<TokioExecutor>,
     /// For TLS connections whose ALPN chose one protocol.
@@ -395,8 +394,10 @@ where
                 idle: s.idle_timeout,
                 idle_h1: s.idle_timeout.min(s.header_read_timeout),
             },
-            http1,
-            open_http1: AtomicUsize::new(0),
+            http1: idle::Http1 {
+                builder: http1,
+                open: AtomicUsize::new(0),
+            },
             #[cfg(feature = "tls")]
             h1: auto.clone().http1_only(),
             #[cfg(feature = "tls")]
@@ -502,7 +503,7 @@ where
         let activity = Arc::new(Activity::default());
         let peer = conn.peer;
         let service = conn_service(service, &shared, conn, &activity);
-        let _open = OpenConn::new(&shared.open_http1);
+        let _open = OpenConn::new(&shared.http1.open);
         let result = idle::serve_http1(
             &shared.http1,
             stream,
@@ -511,7 +512,6 @@ where
             shared.rules,
             accepted,
             &mut drain,
-            &shared.open_http1,
         )
         .await;
         if let Err(e) = result {

@@ -66,19 +66,26 @@ pub(super) async fn sniff(stream: &TcpStream) -> io::Result<Sniffed> {
     })
 }
 
-/// Serves an HTTP/1.1 connection with `builder` until it ends, parking it while idle (see the
+/// How a server serves its plain HTTP/1.1 connections.
+pub(super) struct Http1 {
+    /// hyper's settings for them.
+    pub(super) builder: http1::Builder,
+    /// How many are open.
+    pub(super) open: AtomicUsize,
+}
+
+/// Serves an HTTP/1.1 connection with `http1.builder` until it ends, parking it while idle (see the
 /// [module docs](self)); the rules of [`drive`] apply while hyper's connection exists, and a
-/// parked connection closes after `rules.idle_h1` or when the server drains. `open` counts the
-/// server's open HTTP/1.1 connections (this one included).
+/// parked connection closes after `rules.idle_h1` or when the server drains. The caller counts
+/// the connection in `http1.open`.
 pub(super) async fn serve_http1<S, B>(
-    builder: &http1::Builder,
+    http1: &Http1,
     mut stream: TcpStream,
     mut service: S,
     activity: &Arc<Activity>,
     rules: IdleRules,
     accepted: Instant,
     drain: &mut Option<Drain>,
-    open: &AtomicUsize,
 ) -> Result<(), hyper::Error>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Unpin + Send + 'static,
@@ -96,14 +103,14 @@ where
             seen: activity.io.clone(),
         });
         // Boxed: the connection's task stays small while it is parked.
-        let mut conn = Box::new(builder.serve_connection(io, service).with_upgrades());
+        let mut conn = Box::new(http1.builder.serve_connection(io, service).with_upgrades());
         let driven = drive(
             Pin::new(&mut *conn),
             activity,
             rules,
             accepted,
             drain,
-            Some(open),
+            Some(&http1.open),
             |c| c.graceful_shutdown(),
         )
         .await;
