@@ -85,8 +85,6 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
-col() { awk -v t="$1" -v c="$2" '$1==t {print $c}' "$WORK/results" | median; }
 
 echo
 echo "Machine: $(nproc) cores, $(uname -sr); wrk -t1 -c$CONNS -d${DURATION}s, $ROUNDS rounds interleaved, medians."

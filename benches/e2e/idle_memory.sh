@@ -118,8 +118,6 @@ for r in $(seq 1 "$ROUNDS"); do
   stop_all
 done
 
-median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
-col() { awk -v t="$1" -v c="$2" '$1==t {print $c}' "$WORK/results" | median; }
 
 echo
 echo "Machine: $(nproc) cores, $(uname -sr); N=$N idle keep-alive connections (one GET each), $ROUNDS rounds, medians."

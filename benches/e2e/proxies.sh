@@ -153,3 +153,8 @@ proc_tree() {
   echo "$1"
   pgrep -P "$1" || true
 }
+
+# The median of the numbers on stdin, one a line.
+median() { sort -n | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+# The median of column $2 over the lines of $WORK/results that start with target $1.
+col() { awk -v t="$1" -v c="$2" '$1==t {print $c}' "$WORK/results" | median; }
