@@ -28,7 +28,7 @@ SETTLE="${SETTLE:-3}"
 NGINX_CONNS="${NGINX_CONNS:-$((N + 2048))}"
 HAPROXY_MAXCONN="${HAPROXY_MAXCONN:-$((N + 1024))}"
 # Other ports than compare.sh's, so that both can run at once.
-PORT_BASE="${PORT_BASE:-19200}"
+PORT="${PORT:-19200}"
 # The client holds N sockets, each proxy N plus its backend connections.
 ulimit -n "$(ulimit -Hn)"
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((N + 1100)) ]; then
@@ -40,7 +40,6 @@ fi
 source "$(dirname "$0")/proxies.sh"
 CLIENT="$(dirname "$0")/idle_clients.py"
 build_lbkit
-LBKIT_BIN="$ROOT/target/release/examples/reverse_proxy"
 
 declare -A NAME=([lbkit]=$LBKIT [nginx]=$NGX [haproxy]=$HAP [lbkit_base]=$BASE)
 TARGETS=(lbkit nginx haproxy)

@@ -5,8 +5,9 @@
 #
 # Before sourcing, a script may set WORKERS (worker processes/threads per proxy, default 1),
 # NGINX_CONNS (nginx's worker_connections, both sides of a proxied connection count, default
-# 4096), HAPROXY_MAXCONN (default 8192) and PORT_BASE (backends on PORT_BASE+1..3, lbkit,
-# nginx, HAProxy and a baseline lbkit on PORT_BASE+100..103; default 19000).
+# 4096), HAPROXY_MAXCONN (default 8192), PORT (backends on PORT+1..3, lbkit, nginx, HAProxy
+# and a baseline lbkit on PORT+100..103; default 19000, so that two runs can share a machine)
+# and LBKIT_BIN (a reverse_proxy build to run; default: build the example in release mode).
 
 WORKERS="${WORKERS:-1}"
 NGINX_CONNS="${NGINX_CONNS:-4096}"
@@ -32,7 +33,7 @@ fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
-P="${PORT_BASE:-19000}"
+P="${PORT:-19000}"
 B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
 LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
 BASE=127.0.0.1:$((P + 103))
