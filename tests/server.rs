@@ -397,3 +397,139 @@ async fn workers_serve_on_their_own_threads_and_stop_when_dropped() {
     })
     .await;
 }
+
+/// A service answering `got N bytes` once it has read the whole request body.
+fn echo_len() -> Svc {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(|req: Request<RequestBody>| async {
+        let body = req.into_body().collect().await.expect("body").to_bytes();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!(
+            "got {} bytes",
+            body.len()
+        )))))
+    }))
+}
+
+/// Reads one response with a `content-length` from `stream`; its status line and body.
+async fn read_response(stream: &mut TcpStream, buffered: &mut Vec<u8>) -> (String, String) {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffered[..end]).into_owned();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().unwrap())
+                })
+                .expect("content-length");
+            if buffered.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buffered[end + 4..end + 4 + len]).into_owned();
+                buffered.drain(..end + 4 + len);
+                return (head.lines().next().unwrap().to_owned(), body);
+            }
+        }
+        let n = stream.read(&mut buf).await.expect("read");
+        assert!(n > 0, "the server closed the connection");
+        buffered.extend_from_slice(&buf[..n]);
+    }
+}
+
+// An idle HTTP/1.1 connection is taken apart after 1 to 2 s without requests (its buffers
+// freed) and built again when the client sends more: the pauses below let that happen before
+// each step (should the machine be too slow for it, the steps still have to pass).
+#[tokio::test]
+async fn a_keep_alive_connection_serves_requests_after_idling() {
+    let (addr, task) = serve(Server::new(echo_len())).await;
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut buffered = Vec::new();
+    let pause = Duration::from_millis(2500);
+
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, body) = within("a first response", read_response(&mut conn, &mut buffered)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "got 0 bytes");
+
+    // A request with a body, after idling.
+    tokio::time::sleep(pause).await;
+    conn.write_all(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 11\r\n\r\nhello world")
+        .await
+        .unwrap();
+    let (status, body) = within(
+        "a POST after idling",
+        read_response(&mut conn, &mut buffered),
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "got 11 bytes");
+
+    // Two pipelined requests in one write, after idling.
+    tokio::time::sleep(pause).await;
+    conn.write_all(
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabcGET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (_, first) = within(
+        "the first pipelined response",
+        read_response(&mut conn, &mut buffered),
+    )
+    .await;
+    let (_, second) = within(
+        "the second pipelined response",
+        read_response(&mut conn, &mut buffered),
+    )
+    .await;
+    assert_eq!(
+        (first.as_str(), second.as_str()),
+        ("got 3 bytes", "got 0 bytes")
+    );
+
+    // A head that comes in two parts around a pause, and a body that comes later still.
+    tokio::time::sleep(pause).await;
+    conn.write_all(b"POST / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(pause).await;
+    conn.write_all(b"content-length: 5\r\n\r\n").await.unwrap();
+    tokio::time::sleep(pause).await;
+    conn.write_all(b"12345").await.unwrap();
+    let (status, body) = within("a slow request", read_response(&mut conn, &mut buffered)).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "got 5 bytes");
+    assert!(buffered.is_empty(), "nothing more was sent");
+    task.abort();
+}
+
+// A connection idling (taken apart, see above) when the server shuts down is closed at once,
+// and the server's future ends.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_on_shutdown() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(Notify::new());
+    let signal = stop.clone();
+    let server = tokio::spawn(Server::new(echo_len()).serve_with_shutdown(
+        listener,
+        async move { signal.notified().await },
+        HANG * 2,
+    ));
+    let mut conn = TcpStream::connect(addr).await.unwrap();
+    let mut buffered = Vec::new();
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = within("a response", read_response(&mut conn, &mut buffered)).await;
+    assert_eq!(body, "got 0 bytes");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.notify_one();
+    assert!(within(
+        "the server to close the idle connection",
+        read_to_close(&mut conn)
+    )
+    .await
+    .is_empty());
+    within("the server to stop", server).await.unwrap();
+}

@@ -9,6 +9,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures::task::AtomicWaker;
+use futures::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -166,10 +167,10 @@ pub(crate) async fn accept_loop_sharing<F, Fut>(
                     backoff = MIN_BACKOFF;
                     let permit = slot.take();
                     let conn = handle(stream, peer, signal.subscribe());
-                    conns.spawn(async move {
-                        conn.await;
-                        drop(permit);
-                    });
+                    // `map`, not an `async` block awaiting `conn`: that would hold the
+                    // connection's future twice (captured, and being awaited), doubling the
+                    // memory of every connection's task.
+                    conns.spawn(conn.map(move |()| drop(permit)));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, pause = ?backoff, "accept failed; pausing");

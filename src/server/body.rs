@@ -16,6 +16,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use super::conn::BodyEnd;
+
 /// A request body as lbkit's [`Server`](super::Server) gives it to the service: the client's
 /// body (hyper's `Incoming`), which fails with [`BodyError::is_timeout`] when the client sends
 /// no data for the server's [`body_read_timeout`](super::Server::body_read_timeout) while it
@@ -33,21 +35,25 @@ pub struct RequestBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// Tells the server's request future that the body timed out.
     watch: Option<Arc<BodyWatch>>,
+    /// Tells the connection when the body was read to its end.
+    end: Option<BodyEnd>,
 }
 
 impl RequestBody {
     /// Wraps `inner` with a per-frame read timeout (none if `timeout` is `None`); `watch` is
-    /// told when it expires.
+    /// told when it expires, `end` when the body was read to its end.
     pub(super) fn new(
         inner: Incoming,
         timeout: Option<Duration>,
         watch: Option<Arc<BodyWatch>>,
+        end: Option<BodyEnd>,
     ) -> Self {
         RequestBody {
             inner,
             timeout,
             timer: None,
             watch,
+            end,
         }
     }
 
@@ -78,6 +84,16 @@ impl Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.timer = None;
+                let ended = match &frame {
+                    None => true,
+                    Some(Ok(_)) => this.inner.is_end_stream(),
+                    Some(Err(_)) => false,
+                };
+                if ended {
+                    if let Some(end) = this.end.take() {
+                        end.done();
+                    }
+                }
                 return Poll::Ready(frame.map(|f| f.map_err(BodyError::client)));
             }
             Poll::Pending => {}

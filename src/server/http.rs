@@ -1,26 +1,31 @@
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tower_service::Service;
 
 use super::accept::{accept_loop_sharing, connection_slots, Drain};
 use super::body::RequestBody;
-use super::conn::{drive, Activity, ConnService, IdleRules};
+use super::conn::{drive, started, Activity, ConnService, Driven, IdleRules};
+use super::idle::{self, Sniffed};
 use super::workers;
 use crate::error::BoxError;
 
 /// A hardened HTTP/1.1 and HTTP/2 server for a tower service: see the [module docs](super) for
 /// what it protects against and its defaults.
 ///
-/// Each accepted connection is served with hyper-util's `auto` builder (HTTP/2 by prior
-/// knowledge or ALPN, HTTP/1.1 with upgrades otherwise, so WebSockets pass through
+/// Each accepted connection speaks HTTP/2 by prior knowledge or ALPN (served with hyper-util's
+/// `auto` builder), or HTTP/1.1 with upgrades otherwise (plain ones with hyper's `http1`
+/// builder, parked without buffers while idle), so WebSockets pass through
 /// [`Forward`](crate::proxy::Forward)); each request carries the peer's
 /// [`ClientAddr`](crate::forwarded::ClientAddr). With [`tls`](Server::tls) (feature `tls`) it
 /// terminates TLS first and serves what ALPN chose.
@@ -336,6 +341,8 @@ struct Shared {
     rules: IdleRules,
     /// The request body read timeout, if any.
     body_timeout: Option<Duration>,
+    /// Plain HTTP/1.1 connections (sniffed by `idle::sniff`), parked while idle.
+    http1: idle::Http1,
     /// Sniffs the protocol (HTTP/2 preface or HTTP/1.1).
     auto: auto::Builder<TokioExecutor>,
     /// For TLS connections whose ALPN chose one protocol.
@@ -368,6 +375,12 @@ where
             .header_read_timeout(None::<Duration>)
             .max_buf_size(s.max_header_bytes)
             .keep_alive(true);
+        // The same settings for the HTTP/1.1 connections served without `auto`.
+        let mut http1 = http1::Builder::new();
+        http1
+            .header_read_timeout(None::<Duration>)
+            .max_buf_size(s.max_header_bytes)
+            .keep_alive(true);
         auto.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(s.h2_max_concurrent_streams)
@@ -380,6 +393,10 @@ where
                 first_request: s.header_read_timeout,
                 idle: s.idle_timeout,
                 idle_h1: s.idle_timeout.min(s.header_read_timeout),
+            },
+            http1: idle::Http1 {
+                builder: http1,
+                open: AtomicUsize::new(0),
             },
             #[cfg(feature = "tls")]
             h1: auto.clone().http1_only(),
@@ -404,7 +421,9 @@ where
         let (stream, peer) = {
             let mut stream = stream;
             let peer = match &self.shared.proxy_protocol {
-                Some(pp) => match pp.accept(&mut stream, peer).await {
+                // Boxed, as everything that is not the plain path: the connection's task is
+                // as large as its largest state, and an idle connection should cost little.
+                Some(pp) => match Box::pin(pp.accept(&mut stream, peer)).await {
                     Ok(client) => client,
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "connection refused");
@@ -416,6 +435,21 @@ where
             (stream, peer)
         };
         #[cfg(feature = "tls")]
+        if self.shared.tls.is_some() {
+            return Box::pin(self.tls(stream, peer, drain)).await;
+        }
+        let conn = ConnInfo {
+            peer,
+            tls: false,
+            #[cfg(feature = "tls")]
+            peer_cert: None,
+        };
+        self.plain(stream, conn, drain).await
+    }
+
+    /// A TLS connection: the handshake, then HTTP as ALPN chose.
+    #[cfg(feature = "tls")]
+    async fn tls(self, stream: TcpStream, peer: SocketAddr, drain: Option<Drain>) {
         if let Some(tls) = &self.shared.tls {
             let accept = tls.acceptor.accept(stream);
             let stream = match tokio::time::timeout(tls.handshake_timeout, accept).await {
@@ -440,19 +474,60 @@ where
                 tls: true,
                 peer_cert: super::tls::peer_certificate(session),
             };
-            return self.http(proto, stream, conn, drain).await;
+            self.http(proto, stream, conn, drain, Instant::now()).await;
         }
-        let conn = ConnInfo {
-            peer,
-            tls: false,
-            #[cfg(feature = "tls")]
-            peer_cert: None,
-        };
-        self.http(Proto::Auto, stream, conn, drain).await
     }
 
-    async fn http<I>(self, proto: Proto, io: I, conn: ConnInfo, drain: Option<Drain>)
-    where
+    /// A plain TCP connection: HTTP/1.1 parked while idle (see [`idle`]), anything else
+    /// (HTTP/2 by prior knowledge) through hyper-util's `auto`.
+    async fn plain(self, stream: TcpStream, conn: ConnInfo, mut drain: Option<Drain>) {
+        let accepted = Instant::now();
+        let sniffed = tokio::select! {
+            biased;
+            () = started(&mut drain) => return,
+            () = tokio::time::sleep_until(accepted + self.shared.rules.first_request) => {
+                tracing::debug!("no request in time: closing the connection");
+                return;
+            }
+            sniffed = idle::sniff(&stream) => sniffed,
+        };
+        match sniffed {
+            Ok(Sniffed::Http1) => {}
+            Ok(Sniffed::Other) => {
+                let http = self.http(Proto::Auto, stream, conn, drain, accepted);
+                return Box::pin(http).await;
+            }
+            Ok(Sniffed::Closed) | Err(_) => return,
+        }
+        let ConnParts { service, shared } = self;
+        let activity = Arc::new(Activity::default());
+        let peer = conn.peer;
+        let service = conn_service(service, &shared, conn, &activity);
+        let _open = OpenConn::new(&shared.http1.open);
+        let result = idle::serve_http1(
+            &shared.http1,
+            stream,
+            service,
+            &activity,
+            shared.rules,
+            accepted,
+            &mut drain,
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(%peer, error = %e, "client connection ended with an error");
+        }
+        activity.tunnels_closed().await;
+    }
+
+    async fn http<I>(
+        self,
+        proto: Proto,
+        io: I,
+        conn: ConnInfo,
+        mut drain: Option<Drain>,
+        accepted: Instant,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let ConnParts { service, shared } = self;
@@ -465,26 +540,59 @@ where
         };
         let activity = Arc::new(Activity::default());
         let peer = conn.peer;
-        let service = ConnService {
-            inner: service,
-            peer,
-            tls: conn.tls,
-            body_timeout: shared.body_timeout,
-            #[cfg(feature = "tls")]
-            peer_cert: conn.peer_cert,
-            activity: activity.clone(),
-        };
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        let conn = std::pin::pin!(conn);
-        let result = drive(conn, &activity, shared.rules, drain, |c| {
-            c.graceful_shutdown()
-        })
+        let service = conn_service(service, &shared, conn, &activity);
+        // Boxed: the connection's task (spawned per connection) stays the same small size
+        // whichever way the connection is served.
+        let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+        let result = drive(
+            conn.as_mut(),
+            &activity,
+            shared.rules,
+            accepted,
+            &mut drain,
+            None,
+            |c| c.graceful_shutdown(),
+        )
         .await;
-        if let Err(e) = result {
+        if let Driven::Done(Err(e)) = result {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
         // An upgraded connection lives on in its tunnel: it still counts as this connection
         // (under the connection limit, waited for on shutdown) until the tunnel closes.
         activity.tunnels_closed().await;
+    }
+}
+
+/// Counts a connection as open until dropped (its future ends or is dropped).
+struct OpenConn<'a>(&'a AtomicUsize);
+
+impl<'a> OpenConn<'a> {
+    fn new(open: &'a AtomicUsize) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenConn(open)
+    }
+}
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The service hyper calls for each request of one connection.
+fn conn_service<S>(
+    service: S,
+    shared: &Shared,
+    conn: ConnInfo,
+    activity: &Arc<Activity>,
+) -> ConnService<S> {
+    ConnService {
+        inner: service,
+        peer: conn.peer,
+        tls: conn.tls,
+        body_timeout: shared.body_timeout,
+        #[cfg(feature = "tls")]
+        peer_cert: conn.peer_cert,
+        activity: activity.clone(),
     }
 }
