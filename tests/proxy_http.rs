@@ -1028,6 +1028,10 @@ async fn http2_to_an_h2_only_backend() {
             assert_eq!(s.version, Version::HTTP_2);
             assert!(!s.headers.contains_key("x-drop-me"));
             assert_eq!(s.headers["x-forwarded-for"], "127.0.0.1");
+            // The client's host is the request's `:authority`, with no `Host` beside it
+            // (RFC 9113 §8.3.1; nginx refuses the pair with 400); one connection carries all.
+            assert_eq!(s.uri, "http://shop.example/echo");
+            assert!(!s.headers.contains_key("host"), "{:?}", s.headers);
         }
     })
     .await;

@@ -89,30 +89,6 @@ impl ForwardError {
         Self::other(e.into())
     }
 
-    pub(crate) fn from_client(e: hyper_util::client::legacy::Error) -> Self {
-        // hyper says "canceled" only for a request it hands back unsent: the connection closed,
-        // or was not ready, before the request was written (hyper-util retries those itself on
-        // a reused connection, and returns the rest, from a new one).
-        let canceled = e
-            .source()
-            .and_then(|s| s.downcast_ref::<hyper::Error>())
-            .is_some_and(hyper::Error::is_canceled);
-        let kind = if e.is_connect() {
-            Kind::Connect
-        } else if canceled {
-            Kind::Unsent
-        } else {
-            Kind::Other
-        };
-        let source: BoxError = match kind {
-            Kind::Connect | Kind::Unsent => Box::new(NotSent::new(e)),
-            _ => Box::new(e),
-        };
-        ForwardError {
-            kind,
-            source: Some(source),
-        }
-    }
 
     /// The backend could not be connected to (refused, unreachable, connect timeout).
     pub fn is_connect(&self) -> bool {

@@ -9,15 +9,13 @@ use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{self, Client};
-use hyper_util::rt::TokioExecutor;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::connect::LimitedConnector;
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
 use super::http1_pool::{Http1Pool, Returner};
+use super::http2_pool::Http2Pool;
 use super::tunnel::{ClientUpgrade, DEFAULT_IDLE_TIMEOUT};
 use super::ForwardError;
 use crate::balance::Target;
@@ -49,8 +47,6 @@ struct Config {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default of [`Forward::max_connections_per_endpoint`].
 const MAX_CONNECTIONS: usize = 1024;
-
-type Connector = LimitedConnector<HttpConnector>;
 
 /// The client for `config`: its connector settings, HTTP/2 or HTTP/1.1.
 /// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
@@ -139,11 +135,11 @@ impl std::str::FromStr for UpstreamProtocol {
 }
 
 /// The two connection pools of a [`Forward`]: HTTP/1.1 ([`Http1Pool`]) and HTTP/2 (h2c,
-/// hyper-util's client, which multiplexes requests on one connection per backend). The
-/// request's protocol picks the pool. Each pool connects only when first used.
+/// [`Http2Pool`]: requests multiplexed on one connection per backend). The request's protocol
+/// picks the pool. Each pool connects only when first used.
 struct Clients<B> {
     http1: Http1Pool<B>,
-    http2: Client<Connector, B>,
+    http2: Http2Pool<B>,
 }
 
 impl<B> Clients<B>
@@ -158,17 +154,9 @@ where
         connector.set_nodelay(true);
         connector.enforce_http(true);
         connector.set_connect_timeout(config.connect_timeout);
-        let http2 = legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .http2_only(true)
-            .set_host(false)
-            .build(LimitedConnector::new(
-                connector.clone(),
-                config.max_connections,
-            ));
         Clients {
-            http1: Http1Pool::new(connector, config.max_connections, IDLE_TIMEOUT),
-            http2,
+            http1: Http1Pool::new(connector.clone(), config.max_connections, IDLE_TIMEOUT),
+            http2: Http2Pool::new(connector),
         }
     }
 }
@@ -256,9 +244,9 @@ where
     /// the balancer's pool
     /// ([`PoolBuilder::max_requests_per_endpoint`](crate::pool::PoolBuilder::max_requests_per_endpoint))
     /// at or below it, so that requests beyond it queue there and get a 503 when the queue is
-    /// full, rather than waiting here. HTTP/1.1 and HTTP/2 connections are capped each on
-    /// their own (HTTP/2 through a [`LimitedConnector`]). A WebSocket tunnel holds its
-    /// connection until it closes. Starts a new connection pool.
+    /// full, rather than waiting here. This caps HTTP/1.1 connections; over HTTP/2 the
+    /// requests to a backend share one connection. A WebSocket tunnel holds its connection
+    /// until it closes. Starts a new connection pool.
     pub fn max_connections_per_endpoint(self, max: usize) -> Self {
         let mut config = (*self.config).clone();
         config.max_connections = max.max(1);
@@ -425,18 +413,24 @@ where
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let inner = if http2 {
-            // hyper-util's client takes the absolute URI (its authority picks the pool) and
-            // sends `:scheme`, `:authority` and `:path` from it.
+            // HTTP/2 names the host in `:authority`, taken from the URI, and sends no `Host`
+            // (RFC 9113 §8.3.1): the host the client asked for (or, without
+            // `preserve_host`, the endpoint), while the pool picks the connection by endpoint.
+            let host = req
+                .headers_mut()
+                .remove(http::header::HOST)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| authority.clone());
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
-            parts.authority = Some(authority.clone());
+            parts.authority = Some(host);
             parts.path_and_query = Some(path);
             match Uri::from_parts(parts) {
                 Ok(uri) => *req.uri_mut() = uri,
                 Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
             }
             *req.version_mut() = Version::HTTP_2;
-            Sending::Http2(self.clients.http2.request(req))
+            Sending::Http2(Box::pin(self.clients.http2.send(authority.clone(), req)))
         } else {
             // HTTP/1.1 to an origin server: the origin form, path and query (RFC 9112 §3.2.1).
             *req.uri_mut() = Uri::from(path);
@@ -458,8 +452,11 @@ where
 /// A request on its way: over HTTP/1.1 in lbkit's pool, over HTTP/2 in hyper-util's client.
 enum Sending<B> {
     Http1(Http1Sending<B>),
-    Http2(legacy::ResponseFuture),
+    Http2(Http2Sending),
 }
+
+/// The future of a request sent in the HTTP/2 pool.
+type Http2Sending = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ForwardError>> + Send>>;
 
 /// The future of a request sent in the HTTP/1.1 pool.
 type Http1Sending<B> =
@@ -510,10 +507,7 @@ impl<B> Future for ForwardFuture<B> {
         };
         let polled = match inner {
             Sending::Http1(fut) => fut.as_mut().poll(cx),
-            Sending::Http2(fut) => Pin::new(fut)
-                .poll(cx)
-                .map_ok(|res| (res, Returner::none()))
-                .map_err(ForwardError::from_client),
+            Sending::Http2(fut) => fut.as_mut().poll(cx).map_ok(|res| (res, Returner::none())),
         };
         let res = match polled {
             Poll::Ready(res) => res,

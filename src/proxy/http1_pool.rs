@@ -381,7 +381,7 @@ impl<B> std::fmt::Debug for Returner<B> {
 /// the standard SipHash makes cost several hundred instructions per request. The keys are the
 /// balancer's own endpoints, not a client's input, so a hash-flooding defence buys nothing.
 #[derive(Clone, Copy)]
-struct Fnv(u64);
+pub(super) struct Fnv(u64);
 
 impl Default for Fnv {
     fn default() -> Self {

@@ -51,6 +51,8 @@ mod grpc;
 #[cfg(feature = "http-proxy")]
 mod http1_pool;
 #[cfg(feature = "http-proxy")]
+mod http2_pool;
+#[cfg(feature = "http-proxy")]
 mod tunnel;
 
 #[cfg(feature = "http-proxy")]
