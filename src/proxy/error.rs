@@ -89,7 +89,6 @@ impl ForwardError {
         Self::other(e.into())
     }
 
-
     /// The backend could not be connected to (refused, unreachable, connect timeout).
     pub fn is_connect(&self) -> bool {
         self.kind == Kind::Connect
