@@ -1,4 +1,5 @@
-# The setup the end-to-end benchmarks share (sourced by compare.sh and idle_memory.sh): three
+# The setup of the idle-memory benchmark (sourced by idle_memory.sh; compare.sh, h2.sh and
+# tls_handshake.sh source common.sh, which the two should become one of): three
 # nginx backends, nginx and HAProxy as proxies configured as nginx and HAProxy users would, and
 # lbkit's reverse_proxy example over the same backends. Everything listens on 127.0.0.1 only;
 # everything started here is stopped when the sourcing script exits.
