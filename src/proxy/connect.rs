@@ -22,8 +22,9 @@ use crate::error::BoxError;
 /// of backend connections. Wrapped in this connector, the client opens no more than `max` per
 /// backend (as HAProxy's `maxconn` per server and Envoy's per-host `max_connections`): a
 /// request that needs another connection waits for an idle one or for a slot, and a request
-/// given up on while it waits leaves the queue without connecting. [`Forward`](super::Forward)
-/// builds its client with it (see
+/// given up on while it waits leaves the queue without connecting. For a hyper-util client of
+/// your own (a client-side balancer); [`Forward`](super::Forward) caps its connections in its
+/// own pool (see
 /// [`max_connections_per_endpoint`](super::Forward::max_connections_per_endpoint)).
 ///
 /// The semaphores live in a map taken under a lock once per new connection, never per

@@ -48,7 +48,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default of [`Forward::max_connections_per_endpoint`].
 const MAX_CONNECTIONS: usize = 1024;
 
-/// The client for `config`: its connector settings, HTTP/2 or HTTP/1.1.
 /// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
 /// extension (which a [`BalancerLayer`](crate::BalancerLayer) sets) over pooled keep-alive
 /// connections.
@@ -148,7 +147,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Both pools for `config`, each with its cap of connections per backend.
+    /// Both pools for `config` (the HTTP/1.1 one with its cap of connections per backend).
     fn new(config: &Config) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

@@ -85,6 +85,13 @@ struct Idle<B> {
     home: u32,
 }
 
+impl<B> Idle<B> {
+    /// Whether it can take a request: open, and idle for less than `timeout`.
+    fn usable(&self, now: Instant, timeout: Duration) -> bool {
+        !self.tx.is_closed() && now.duration_since(self.since) < timeout
+    }
+}
+
 /// How many of the most recently idle connections a checkout looks through for one whose task
 /// runs on its own thread.
 const AFFINITY_SCAN: usize = 8;
@@ -153,12 +160,12 @@ impl<B> Inner<B> {
             .find(|&i| host.idle[i].home == me)
         {
             let idle = host.idle.remove(i);
-            if !idle.tx.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
+            if idle.usable(now, self.idle_timeout) {
                 return Checkout::Idle(idle.tx, idle.home);
             }
         }
         while let Some(idle) = host.idle.pop() {
-            if !idle.tx.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
+            if idle.usable(now, self.idle_timeout) {
                 return Checkout::Idle(idle.tx, idle.home);
             }
         }
@@ -232,9 +239,7 @@ impl<B> Inner<B> {
     /// used keeps no connection open.
     fn sweep(&self, hosts: &mut Hosts<B>, now: Instant) {
         for host in hosts.map.values_mut() {
-            host.idle.retain(|idle| {
-                !idle.tx.is_closed() && now.duration_since(idle.since) < self.idle_timeout
-            });
+            host.idle.retain(|idle| idle.usable(now, self.idle_timeout));
         }
     }
 }
