@@ -17,46 +17,14 @@ set -euo pipefail
 N="${N:-20000}"
 TOP="${TOP:-25}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-WORK="$(mktemp -d /tmp/lbkit-callgrind.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]:-}"; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need valgrind || ! need h2load || ! need nginx; then
-  echo "installing valgrind, nghttp2-client (h2load) and nginx from Debian..." >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind nghttp2-client nginx >/dev/null
-fi
-NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-
-if [ -z "${BIN:-}" ]; then
-  echo "building examples/reverse_proxy (release)..." >&2
-  (cd "$ROOT" && cargo build -q --release --example reverse_proxy)
-  BIN="$ROOT/target/release/examples/reverse_proxy"
-fi
+# shellcheck source=benches/e2e/common.sh
+. "$ROOT/benches/e2e/common.sh"
+e2e_init callgrind
+e2e_need valgrind:valgrind h2load:nghttp2-client nginx:nginx curl:curl
+BIN="$(e2e_example reverse_proxy "${BIN:-}")"
 
 B1=127.0.0.1:19201; B2=127.0.0.1:19202; B3=127.0.0.1:19203; PROXY=127.0.0.1:19200
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 1;
-error_log $WORK/error.log crit;
-pid $WORK/nginx.pid;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen $B1; location / { return 200 "hello from backend\n"; } }
-  server { listen $B2; location / { return 200 "hello from backend\n"; } }
-  server { listen $B3; location / { return 200 "hello from backend\n"; } }
-}
-CONF
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" &
-PIDS+=($!)
+e2e_backends
 
 RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" "$BIN" \
   --listen "$PROXY" --backends "$B1,$B2,$B3" --threads 1 --strategy round_robin \
