@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use lbkit::pool::Snapshot;
-use lbkit::strategy::{AnyState, AnyStrategy, PickContext};
+use lbkit::strategy::{AnyStrategy, PickContext, Strategy as LbStrategy};
 use lbkit::{Endpoint, EndpointId, Pool};
 use proptest::prelude::*;
 
@@ -28,7 +28,7 @@ fn pool(strategy: AnyStrategy, weights: &[u32]) -> TestPool {
     pool
 }
 
-fn snapshot(pool: &TestPool) -> Arc<Snapshot<(), AnyState>> {
+fn snapshot(pool: &TestPool) -> Arc<Snapshot<(), <AnyStrategy as LbStrategy>::State>> {
     pool.snapshot()
 }
 

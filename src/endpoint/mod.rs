@@ -9,8 +9,8 @@ mod candidates;
 mod histogram;
 pub(crate) mod state;
 
+pub use candidates::Candidates;
 pub(crate) use candidates::Chunked;
-pub use candidates::{Candidates, Iter as CandidatesIter};
 pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary};
 pub use state::{CheckOutcome, EndpointState, Health};
 

@@ -118,29 +118,6 @@ impl CheckError {
     pub fn kind(&self) -> CheckErrorKind {
         self.kind
     }
-
-    /// Whether the connection could not be made.
-    pub fn is_refused(&self) -> bool {
-        self.kind == CheckErrorKind::Refused
-    }
-
-    /// Whether the check timed out.
-    pub fn is_timeout(&self) -> bool {
-        self.kind == CheckErrorKind::Timeout
-    }
-
-    /// The unexpected HTTP status, if that is what failed.
-    pub fn http_status(&self) -> Option<u16> {
-        match self.kind {
-            CheckErrorKind::Status(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    /// Whether an HTTP response body lacked the expected text.
-    pub fn is_body_mismatch(&self) -> bool {
-        self.kind == CheckErrorKind::BodyMismatch
-    }
 }
 
 impl fmt::Debug for CheckError {
@@ -200,7 +177,7 @@ mod tests {
             CheckErrorKind::Status(503)
         );
         let io: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(CheckError::from_error(io).is_refused());
+        assert_eq!(CheckError::from_error(io).kind(), CheckErrorKind::Refused);
         let other = CheckError::from_error("nope".into());
         assert_eq!(other.kind(), CheckErrorKind::Failed);
         assert_eq!(other.to_string(), "check failed: nope");

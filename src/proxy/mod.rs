@@ -33,6 +33,9 @@
 //! # let _ = proxy; Ok(()) }
 //! ```
 
+// Hop-by-hop removal and upgrade detection: what `Forward` does to every request and response.
+// Public only so the fuzz crate (fuzz/) can reach it; not part of the API.
+#[doc(hidden)]
 pub mod headers;
 mod tcp;
 mod udp;
@@ -40,8 +43,6 @@ mod udp;
 pub use tcp::TcpProxy;
 pub use udp::{UdpProxy, UdpStats};
 
-#[cfg(feature = "http-proxy")]
-mod connect;
 #[cfg(feature = "http-proxy")]
 mod error;
 #[cfg(feature = "http-proxy")]
@@ -55,9 +56,6 @@ mod http2_pool;
 #[cfg(feature = "http-proxy")]
 mod tunnel;
 
-#[cfg(feature = "http-proxy")]
-#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
-pub use connect::{LimitedConnection, LimitedConnector};
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use error::{

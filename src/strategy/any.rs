@@ -1,9 +1,13 @@
 use std::fmt;
 use std::str::FromStr;
 
+use super::maglev::MaglevTable;
+use super::random::RandomState;
+use super::ring::RingState;
+use super::round_robin::Schedule;
 use super::{
-    Delta, LeastConnections, Maglev, MaglevTable, PeakEwma, PickContext, PowerOfTwoChoices, Random,
-    RandomState, Ring, RingState, RoundRobin, Schedule, Strategy,
+    Delta, LeastConnections, Maglev, PeakEwma, PickContext, PowerOfTwoChoices, Random, Ring,
+    RoundRobin, Strategy,
 };
 use crate::endpoint::Candidates;
 

@@ -46,13 +46,13 @@ mod random;
 mod ring;
 mod round_robin;
 
-pub use any::{AnyState, AnyStrategy, UnknownStrategy};
+pub use any::{AnyStrategy, UnknownStrategy};
 pub use least_connections::LeastConnections;
-pub use maglev::{Maglev, MaglevTable};
+pub use maglev::Maglev;
 pub use p2c::{PeakEwma, PowerOfTwoChoices};
-pub use random::{Random, RandomState};
-pub use ring::{Ring, RingState};
-pub use round_robin::{RoundRobin, Schedule};
+pub use random::Random;
+pub use ring::Ring;
+pub use round_robin::RoundRobin;
 
 use crate::endpoint::{Candidate, Candidates, EndpointId};
 

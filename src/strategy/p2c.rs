@@ -1,7 +1,8 @@
 use std::cmp::Ordering;
 
 use super::least_connections::{cmp_load, Now};
-use super::{fast_rand, next_allowed, Delta, PickContext, Random, RandomState, Strategy};
+use super::random::RandomState;
+use super::{fast_rand, next_allowed, Delta, PickContext, Random, Strategy};
 use crate::endpoint::state::{clock_ns, now};
 use crate::endpoint::{Candidate, Candidates};
 

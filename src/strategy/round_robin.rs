@@ -10,7 +10,7 @@ use crate::endpoint::{Candidate, Candidates};
 /// rather than sent in a burst: weights 5:1:1 give `a a b a c a a`, the order nginx's smooth
 /// weighted round robin gives. With equal weights it is plain round robin.
 ///
-/// The order is computed once per snapshot into a [`Schedule`]; a pick is one atomic increment
+/// The order is computed once per snapshot into a schedule; a pick is one atomic increment
 /// and one table read, with no lock and no allocation.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RoundRobin {
