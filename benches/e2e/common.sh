@@ -144,6 +144,20 @@ e2e_lbkit_proxy() {
   PIDS+=("$E2E_PID")
 }
 
+# LBKIT_BIN on $LBKIT and, when BASELINE names an older build, that one on $BASE (pids in
+# PID[lbkit] and PID[lbkit_base]; the caller declares `PID` with `declare -A`), then waits
+# until the backends and the three proxies answer: `e2e_lbkit_proxies_up`.
+e2e_lbkit_proxies_up() {
+  e2e_lbkit_proxy "$LBKIT_BIN" "$LBKIT"
+  PID[lbkit]=$E2E_PID
+  if [ -n "${BASELINE:-}" ]; then
+    e2e_lbkit_proxy "$BASELINE" "$BASE"
+    PID[lbkit_base]=$E2E_PID
+  fi
+  local a
+  for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do e2e_wait_up "http://$a/"; done
+}
+
 # The path of example NAME's release binary: GIVEN when set (not rebuilt), else built here:
 # `BIN="$(e2e_example NAME "${GIVEN:-}")"`.
 e2e_example() {

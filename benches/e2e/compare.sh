@@ -44,14 +44,7 @@ PID[haproxy]=$E2E_PID
 
 # --- lbkit: the README's example in release mode, over the same backends.
 LBKIT_BIN="$(e2e_example reverse_proxy "${LBKIT_BIN:-}")"
-e2e_lbkit_proxy "$LBKIT_BIN" "$LBKIT"
-PID[lbkit]=$E2E_PID
-if [ -n "${BASELINE:-}" ]; then
-  e2e_lbkit_proxy "$BASELINE" "$BASE"
-  PID[lbkit_base]=$E2E_PID
-fi
-
-for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do e2e_wait_up "http://$a/"; done
+e2e_lbkit_proxies_up
 
 # One wrk run against target $1; prints "rps p50_ms p99_ms errors cpu_us_per_request".
 measure() {

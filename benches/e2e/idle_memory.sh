@@ -102,13 +102,7 @@ start_all() {
   # the 2 × maxconn it reserves, as for 10 000 idle clients under a hard limit of 20 000.
   e2e_haproxy "$HAP" "" "no strict-limits"
   PID[haproxy]=$E2E_PID
-  e2e_lbkit_proxy "$LBKIT_BIN" "$LBKIT"
-  PID[lbkit]=$E2E_PID
-  if [ -n "${BASELINE:-}" ]; then
-    e2e_lbkit_proxy "$BASELINE" "$BASE"
-    PID[lbkit_base]=$E2E_PID
-  fi
-  for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do e2e_wait_up "http://$a/"; done
+  e2e_lbkit_proxies_up
 }
 
 stop_all() {
