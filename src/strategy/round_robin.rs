@@ -11,7 +11,15 @@ use crate::endpoint::{Candidate, Candidates};
 /// weighted round robin gives. With equal weights it is plain round robin.
 ///
 /// The order is computed once per snapshot into a [`Schedule`]; a pick is one atomic increment
-/// and one table read, with no lock and no allocation.
+/// and one table read (plus, in large pools with few distinct weights, a binary search over a
+/// few runs), with no lock and no allocation.
+///
+/// Large pools (where the exact smooth order would cost too much to compute) get an
+/// earliest-deadline-first order instead: endpoint `i`'s `k`-th pick of a cycle is due at
+/// `(2k + 1) / (2 w_i)`. When the pool has few distinct weights, that order is kept as runs
+/// ("every endpoint of weight `w` once, in index order") rather than listed pick by pick, so
+/// re-weighting one endpoint of 10 000 costs one pass over the weights (microseconds), not a
+/// cycle of 10 000 or more picks computed again.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RoundRobin {
     _priv: (),
@@ -31,17 +39,50 @@ impl RoundRobin {
 /// The per-snapshot state of [`RoundRobin`]: the order of one cycle and a cursor.
 #[derive(Debug)]
 pub struct Schedule {
-    /// Candidate indices of one cycle; empty when all weights are equal.
+    /// Candidate indices of one cycle; empty when all weights are equal or the cycle is kept
+    /// in `runs`.
     order: Vec<u32>,
-    /// The weight of every candidate when all are equal (`order` is then empty).
+    /// The cycle as runs of `members`, when it is not listed in `order`.
+    runs: Vec<Run>,
+    /// The candidate indices of each weight, the lightest weight's first, each in index order.
+    members: Vec<u32>,
+    /// The weight of every candidate when all are equal (`order` and `runs` are then empty).
     uniform: Option<u32>,
     cursor: AtomicUsize,
 }
 
+/// A stretch of a cycle: every candidate of one weight, once each, in index order.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// The position in the cycle just past this run.
+    end: u64,
+    /// Where the run's candidates start in `members`.
+    first: u32,
+    /// How many candidates the run has.
+    len: u32,
+}
+
 impl Schedule {
-    /// The candidate indices of one cycle (empty means "each candidate once, in order").
+    /// The candidate indices of one cycle when it is listed pick by pick; empty when all
+    /// weights are equal ("each candidate once, in order") or when a large pool's cycle is
+    /// kept as runs of the candidates of each weight.
     pub fn order(&self) -> &[u32] {
         &self.order
+    }
+
+    /// The candidate at position `n` of the cycle (any `n`: it wraps).
+    #[inline]
+    fn at(&self, n: usize, candidates: usize) -> usize {
+        if let Some(last) = self.runs.last() {
+            let p = n as u64 % last.end;
+            let run = &self.runs[self.runs.partition_point(|r| r.end <= p)];
+            let offset = p - (run.end - u64::from(run.len));
+            self.members[run.first as usize + offset as usize] as usize
+        } else if self.order.is_empty() {
+            n % candidates
+        } else {
+            self.order[n % self.order.len()] as usize
+        }
     }
 }
 
@@ -136,31 +177,103 @@ fn edf_order(w: &[u64]) -> Vec<u32> {
     order
 }
 
+/// The most distinct weights, and the most runs, a cycle kept as runs has: a pick's binary
+/// search over the runs stays within a few steps.
+const MAX_GROUPS: usize = 32;
+const MAX_RUNS: usize = 1024;
+
+/// A large pool's earliest-deadline-first cycle as runs: candidates of (reduced) weight `w`
+/// make up the `w` runs due at `(2k + 1) / (2w)`, `k < w`; runs due at the same time go
+/// heaviest first. `None` when the pool has too many distinct weights or runs. One pass over
+/// the weights to group them, one to place the candidates.
+fn grouped(weights: &[u64]) -> Option<(Vec<Run>, Vec<u32>)> {
+    // (weight, candidates), sorted by weight.
+    let mut groups: Vec<(u64, u32)> = Vec::new();
+    for &w in weights {
+        if let Some((_, count)) = groups.iter_mut().find(|(gw, _)| *gw == w) {
+            *count += 1;
+        } else if groups.len() < MAX_GROUPS {
+            groups.push((w, 1));
+        } else {
+            return None;
+        }
+    }
+    groups.sort_unstable();
+    if groups.iter().map(|&(w, _)| w).sum::<u64>() > MAX_RUNS as u64 {
+        return None;
+    }
+    let mut start = Vec::with_capacity(groups.len());
+    let mut at = 0u32;
+    for &(_, count) in &groups {
+        start.push(at);
+        at += count;
+    }
+    let mut members = vec![0u32; weights.len()];
+    let mut next = start.clone();
+    for (i, &w) in weights.iter().enumerate() {
+        let group = groups
+            .binary_search_by(|&(gw, _)| gw.cmp(&w))
+            .expect("every weight has its group");
+        members[next[group] as usize] = i as u32;
+        next[group] += 1;
+    }
+    // (k, group): due at (2k + 1) / (2 w_group).
+    let mut due: Vec<(u64, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(group, &(w, _))| (0..w).map(move |k| (k, group)))
+        .collect();
+    let time = |&(k, group): &(u64, usize)| (2 * k + 1, 2 * groups[group].0);
+    due.sort_unstable_by(|a, b| {
+        let ((an, ad), (bn, bd)) = (time(a), time(b));
+        (u128::from(an) * u128::from(bd))
+            .cmp(&(u128::from(bn) * u128::from(ad)))
+            .then(b.1.cmp(&a.1))
+    });
+    let mut end = 0u64;
+    let runs = due
+        .into_iter()
+        .map(|(_, group)| {
+            let len = groups[group].1;
+            end += u64::from(len);
+            Run {
+                end,
+                first: start[group],
+                len,
+            }
+        })
+        .collect();
+    Some((runs, members))
+}
+
 impl Strategy for RoundRobin {
     type State = Schedule;
 
     fn prepare(&self, candidates: &Candidates) -> Schedule {
         let first = candidates.first().map(Candidate::weight);
         let uniform = first.filter(|&w| candidates.iter().all(|c| c.weight() == w));
-        let order = if uniform.is_some() {
-            Vec::new()
-        } else {
+        let (mut order, mut runs, mut members) = (Vec::new(), Vec::new(), Vec::new());
+        if uniform.is_none() {
             let w = reduced_weights(candidates, Self::MAX_SCHEDULE);
             let total: u64 = w.iter().sum();
             // The exact smooth order costs n steps per pick; keep it while that stays small.
             if (w.len() as u64).saturating_mul(total) <= 1 << 24 {
-                smooth_order(&w)
+                order = smooth_order(&w);
+            } else if let Some((r, m)) = grouped(&w) {
+                (runs, members) = (r, m);
             } else {
-                edf_order(&w)
+                order = edf_order(&w);
             }
-        };
-        let len = if order.is_empty() {
-            candidates.len()
-        } else {
-            order.len()
+        }
+        let len = match (runs.last(), order.len()) {
+            (Some(last), _) => usize::try_from(last.end).unwrap_or(usize::MAX),
+            (None, 0) => candidates.len(),
+            (None, len) => len,
         };
         Schedule {
             order,
+            runs,
+            members,
             uniform,
             // Balancers started together should not all begin with the same endpoint.
             cursor: AtomicUsize::new(fast_rand::below(len.max(1))),
@@ -169,11 +282,14 @@ impl Strategy for RoundRobin {
 
     /// With equal weights before and after, the schedule stays "each candidate in turn": the
     /// cursor goes on where it was, in time proportional to the change. Otherwise the order
-    /// of a cycle is computed again.
+    /// of a cycle is computed again (for a large pool with few distinct weights, its runs:
+    /// one pass over the weights).
     fn update(&self, previous: &Schedule, delta: &Delta<'_>) -> Schedule {
         match delta.still_uniform(previous.uniform) {
             Some(w) => Schedule {
                 order: Vec::new(),
+                runs: Vec::new(),
+                members: Vec::new(),
                 uniform: Some(w),
                 cursor: AtomicUsize::new(previous.cursor.load(Ordering::Relaxed)),
             },
@@ -183,12 +299,7 @@ impl Strategy for RoundRobin {
 
     #[inline]
     fn pick(&self, s: &Schedule, candidates: &Candidates, ctx: &PickContext<'_>) -> Option<usize> {
-        let n = s.cursor.fetch_add(1, Ordering::Relaxed);
-        let idx = if s.order.is_empty() {
-            n % candidates.len()
-        } else {
-            s.order[n % s.order.len()] as usize
-        };
+        let idx = s.at(s.cursor.fetch_add(1, Ordering::Relaxed), candidates.len());
         if ctx.allows(&candidates[idx]) {
             Some(idx)
         } else {
@@ -208,6 +319,57 @@ mod tests {
     #[test]
     fn smooth_5_1_1_matches_nginx() {
         assert_eq!(smooth_order(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    /// Kept as runs, the cycle is the earliest-deadline-first order (here without ties across
+    /// weights, which runs settle heaviest first).
+    #[test]
+    fn runs_give_the_edf_order() {
+        let w = [1, 2, 1, 1, 2, 4, 1, 4];
+        let (runs, members) = grouped(&w).expect("few weights");
+        let s = Schedule {
+            order: Vec::new(),
+            runs,
+            members,
+            uniform: None,
+            cursor: AtomicUsize::new(0),
+        };
+        let cycle: Vec<u32> = (0..16).map(|n| s.at(n, w.len()) as u32).collect();
+        assert_eq!(cycle, edf_order(&w));
+        // It wraps.
+        assert_eq!(s.at(16 + 3, w.len()), s.at(3, w.len()));
+        // Too many distinct weights: listed instead.
+        let many: Vec<u64> = (1..=MAX_GROUPS as u64 + 1).collect();
+        assert!(grouped(&many).is_none());
+    }
+
+    /// A large pool with one endpoint re-weighted keeps its cycle as runs, and a cycle gives
+    /// each endpoint its weight in picks, whether prepared or updated.
+    #[test]
+    fn a_large_reweighted_pool_keeps_exact_proportions() {
+        use crate::pool::Pool;
+        use crate::strategy::Edit;
+        let pool = Pool::new(RoundRobin::new(), |_: &crate::Endpoint| ());
+        pool.extend((0..5000).map(|i| crate::Endpoint::new(format!("ep-{i}"))));
+        let before = pool.snapshot().eligible().clone();
+        let rr = RoundRobin::new();
+        let uniform = rr.prepare(&before);
+        let mut after = before.clone();
+        let old = &before[7];
+        after.0.set(
+            7,
+            Candidate::new(old.endpoint.clone(), old.state.clone(), 3),
+        );
+        let updated = rr.update(&uniform, &Delta::new(&before, &after, &[Edit::Set(7)]));
+        for s in [updated, rr.prepare(&after)] {
+            assert!(s.order().is_empty() && !s.runs.is_empty());
+            let mut counts = vec![0u32; after.len()];
+            for n in 0..5002 {
+                counts[s.at(n, after.len())] += 1;
+            }
+            assert_eq!(counts[7], 3);
+            assert!(counts.iter().enumerate().all(|(i, &c)| i == 7 || c == 1));
+        }
     }
 
     #[test]
