@@ -72,7 +72,8 @@
 //! Other flags: `--backends 127.0.0.1:9001,127.0.0.1:9002` balances over backends of your
 //! own instead of the demo ones (the end-to-end benchmark, `benches/e2e/compare.sh`, uses it),
 //! `--threads N` serves on N worker threads, each with its own event loop (`Server::workers`,
-//! nginx's layout; default: one per core),
+//! nginx's layout; default: one per core) and, on Linux, its own `SO_REUSEPORT` listener on
+//! the address (`server::bind_reuse_port`),
 //! `--trust-proxy CIDR,...` believes the forwarding headers (`X-Forwarded-For`, ...) of proxies
 //! in front, and `--proxy-protocol CIDR,...` takes the client's address from the PROXY protocol
 //! header (v1 or v2) of the L4 balancers in front (AWS NLB, HAProxy in TCP mode), refusing
@@ -279,7 +280,8 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let backend_count = endpoints.len();
     let strategy_name = lbkit::strategy::Strategy::name(&args.strategy);
 
-    let listener = match TcpListener::bind(args.listen).await {
+    // SO_REUSEPORT (Linux): each worker thread gets a listener of its own on the address.
+    let listener = match lbkit::server::bind_reuse_port(args.listen).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!(

@@ -18,7 +18,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::forwarded::ClientAddr;
-use lbkit::server::{RequestBody, Server};
+use lbkit::server::{bind_reuse_port, RequestBody, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -54,6 +54,22 @@ async fn serve(server: Server<Svc>) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     (addr, tokio::spawn(server.serve(listener)))
+}
+
+/// A listener on 127.0.0.1 bound by the test (`Shared`: the workers share it) or with
+/// `bind_reuse_port` (`Own`: on Linux each worker gets a listener of its own).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Listen {
+    Shared,
+    Own,
+}
+
+async fn listen(how: Listen) -> TcpListener {
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    match how {
+        Listen::Shared => TcpListener::bind(any).await.expect("bind"),
+        Listen::Own => bind_reuse_port(any).await.expect("bind"),
+    }
 }
 
 /// Reads until the server closes the connection (EOF or reset); returns what was read.
@@ -239,21 +255,31 @@ async fn a_silent_h2_client_after_alpn_is_closed() {
 
 #[tokio::test]
 async fn past_the_connection_limit_clients_wait_in_the_backlog() {
-    connection_limit(1).await;
+    connection_limit(1, Listen::Shared).await;
 }
 
 /// The limit covers all the workers together.
 #[tokio::test]
 async fn with_workers_the_connection_limit_is_shared() {
-    connection_limit(2).await;
+    connection_limit(2, Listen::Shared).await;
 }
 
-async fn connection_limit(workers: usize) {
+/// The same when each worker has a listener of its own: a worker whose listener has nothing
+/// to accept holds no slot, so the clients the kernel gives to the other one are served up to
+/// the limit.
+#[tokio::test]
+async fn with_workers_on_their_own_listeners_the_connection_limit_is_shared() {
+    connection_limit(2, Listen::Own).await;
+}
+
+async fn connection_limit(workers: usize, how: Listen) {
     let count = Arc::new(AtomicU64::new(0));
     let server = Server::new(echo_peer(count.clone()))
         .max_connections(2)
         .workers(workers);
-    let (addr, task) = serve(server).await;
+    let listener = listen(how).await;
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(server.serve(listener));
 
     // Two connections take both slots and stay open.
     let mut open = Vec::new();
@@ -291,15 +317,21 @@ async fn connection_limit(workers: usize) {
 
 #[tokio::test]
 async fn shutdown_lets_the_request_in_flight_finish_then_returns() {
-    shutdown_with_a_request_in_flight(1).await;
+    shutdown_with_a_request_in_flight(1, Listen::Shared).await;
 }
 
 #[tokio::test]
 async fn with_workers_shutdown_lets_the_request_in_flight_finish_then_returns() {
-    shutdown_with_a_request_in_flight(2).await;
+    shutdown_with_a_request_in_flight(2, Listen::Shared).await;
 }
 
-async fn shutdown_with_a_request_in_flight(workers: usize) {
+/// Every worker's own listener is closed: new connections are refused.
+#[tokio::test]
+async fn with_workers_on_their_own_listeners_shutdown_closes_them_all() {
+    shutdown_with_a_request_in_flight(3, Listen::Own).await;
+}
+
+async fn shutdown_with_a_request_in_flight(workers: usize, how: Listen) {
     let release = Arc::new(Notify::new());
     let arrived = Arc::new(Notify::new());
     let (r, a) = (release.clone(), arrived.clone());
@@ -313,7 +345,7 @@ async fn shutdown_with_a_request_in_flight(workers: usize) {
             }
         },
     ));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = listen(how).await;
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(Notify::new());
     let s = stop.clone();
@@ -537,4 +569,40 @@ async fn an_idle_keep_alive_connection_is_closed_on_shutdown() {
     .await
     .is_empty());
     within("the server to stop", server).await.unwrap();
+}
+
+/// On Linux, a listener bound with `bind_reuse_port` gives each worker a socket of its own on
+/// its address (the kernel lists one listening socket per worker) and every connection is
+/// served, whichever socket the kernel gives it to; a listener bound without it is shared by
+/// the workers (one socket).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn with_bind_reuse_port_each_worker_listens_on_a_socket_of_its_own() {
+    for (how, sockets) in [(Listen::Own, 3), (Listen::Shared, 1)] {
+        let listener = listen(how).await;
+        let addr = listener.local_addr().unwrap();
+        let count = Arc::new(AtomicU64::new(0));
+        let server = Server::new(echo_peer(count.clone())).workers(3);
+        let task = tokio::spawn(server.serve(listener));
+        for _ in 0..30 {
+            let got = within("a request", get(addr)).await;
+            assert!(got.starts_with("peer=127.0.0.1:"), "{got}");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 30);
+        assert_eq!(listening_sockets(addr.port()), sockets, "{how:?}");
+        task.abort();
+    }
+}
+
+/// The sockets listening on 127.0.0.1:`port`, from the kernel's table.
+#[cfg(target_os = "linux")]
+fn listening_sockets(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 3 && f[1] == local && f[3] == "0A")
+        .count()
 }

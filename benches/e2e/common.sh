@@ -1,10 +1,12 @@
-# Shared setup of the end-to-end benchmarks (sourced by compare.sh, h2.sh and
-# tls_handshake.sh): a scratch directory and a trap that stops every process started, three
-# identical nginx backends on 127.0.0.1, nginx and HAProxy as proxies over them, CPU ticks
-# from /proc, medians.
+# Shared setup of the end-to-end benchmarks (sourced by compare.sh, h2.sh, tls_handshake.sh,
+# idle_memory.sh and callgrind.sh): a scratch directory and a trap that stops every process
+# started, three identical nginx backends on 127.0.0.1, nginx, HAProxy and lbkit's
+# reverse_proxy as proxies over them, CPU ticks from /proc, medians.
 #
 # The sourcing script sets `set -euo pipefail`, then calls `e2e_init NAME`, and starts its
-# processes in the background adding each pid to PIDS.
+# processes in the background adding each pid to PIDS. It may set WORKERS (worker
+# processes/threads per proxy), NGINX_CONNS (nginx's worker_connections, both sides of a
+# proxied connection count; default 4096) and HAPROXY_MAXCONN (default 8192).
 
 # A scratch directory ($WORK) and the trap that stops what the script started, then removes it.
 e2e_init() {
@@ -16,6 +18,16 @@ e2e_cleanup() {
   for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
+}
+
+# The addresses, from port P (`e2e_ports P`; PORT=N in the environment moves them, so that
+# two runs can share a machine): backends B1 B2 B3 on P+1..P+3, proxies LBKIT NGX HAP and a
+# baseline lbkit BASE on P+100..P+103.
+e2e_ports() {
+  local p="$1"
+  B1=127.0.0.1:$((p + 1)); B2=127.0.0.1:$((p + 2)); B3=127.0.0.1:$((p + 3))
+  LBKIT=127.0.0.1:$((p + 100)); NGX=127.0.0.1:$((p + 101)); HAP=127.0.0.1:$((p + 102))
+  BASE=127.0.0.1:$((p + 103))
 }
 
 # Installs from Debian the packages whose command is missing: `e2e_need cmd:package ...`.
@@ -63,7 +75,7 @@ worker_processes $WORKERS;
 error_log $WORK/$1/error.log crit;
 pid $WORK/$1/nginx.pid;
 daemon off;
-events { worker_connections 4096; }
+events { worker_connections ${NGINX_CONNS:-4096}; }
 http {
   access_log off;
   keepalive_requests 1000000;
@@ -98,7 +110,7 @@ e2e_haproxy() {
   cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread $WORKERS
-  maxconn 8192
+  maxconn ${HAPROXY_MAXCONN:-8192}
   ${3:-}
 defaults
   mode http
@@ -120,6 +132,30 @@ CONF
   "$(command -v haproxy || echo /usr/sbin/haproxy)" -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
   E2E_PID=$!
   PIDS+=("$E2E_PID")
+}
+
+# lbkit's reverse_proxy (the README's proxy) over the backends, WORKERS threads, round robin,
+# started in the background with its pid in E2E_PID: `e2e_lbkit_proxy BINARY ADDR`.
+e2e_lbkit_proxy() {
+  RUST_LOG=error "$1" \
+    --listen "$2" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
+    >/dev/null 2>&1 &
+  E2E_PID=$!
+  PIDS+=("$E2E_PID")
+}
+
+# LBKIT_BIN on $LBKIT and, when BASELINE names an older build, that one on $BASE (pids in
+# PID[lbkit] and PID[lbkit_base]; the caller declares `PID` with `declare -A`), then waits
+# until the backends and the three proxies answer: `e2e_lbkit_proxies_up`.
+e2e_lbkit_proxies_up() {
+  e2e_lbkit_proxy "$LBKIT_BIN" "$LBKIT"
+  PID[lbkit]=$E2E_PID
+  if [ -n "${BASELINE:-}" ]; then
+    e2e_lbkit_proxy "$BASELINE" "$BASE"
+    PID[lbkit_base]=$E2E_PID
+  fi
+  local a
+  for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do e2e_wait_up "http://$a/"; done
 }
 
 # The path of example NAME's release binary: GIVEN when set (not rebuilt), else built here:
@@ -164,10 +200,16 @@ e2e_wait_up() {
   exit 1
 }
 
+# The pids of a process and its children (nginx's workers), one a line.
+e2e_tree() {
+  echo "$1"
+  pgrep -P "$1" || true
+}
+
 # CPU ticks (utime + stime, all threads) of a process and its children (nginx's workers).
 e2e_ticks() {
-  local pid="$1" total=0 p
-  for p in "$pid" $(pgrep -P "$pid" || true); do
+  local total=0 p
+  for p in $(e2e_tree "$1"); do
     [ -r "/proc/$p/stat" ] || continue
     total=$((total + $(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
   done

@@ -28,12 +28,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 e2e_init e2e
 e2e_need wrk:wrk nginx:nginx haproxy:haproxy curl:curl
 
-# PORT=N moves every port (N+1..N+3 backends, N+100..N+103 proxies), so that two runs can
-# share a machine.
-P="${PORT:-19000}"
-B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
-LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
-BASE=127.0.0.1:$((P + 103))
+e2e_ports "${PORT:-19000}"
 declare -A PID
 
 # --- backends: one nginx, three identical servers answering a small static body.
@@ -49,18 +44,7 @@ PID[haproxy]=$E2E_PID
 
 # --- lbkit: the README's example in release mode, over the same backends.
 LBKIT_BIN="$(e2e_example reverse_proxy "${LBKIT_BIN:-}")"
-RUST_LOG=error "$LBKIT_BIN" \
-  --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
-  >/dev/null 2>&1 &
-PIDS+=($!); PID[lbkit]=$!
-if [ -n "${BASELINE:-}" ]; then
-  RUST_LOG=error "$BASELINE" \
-    --listen "$BASE" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
-    >/dev/null 2>&1 &
-  PIDS+=($!); PID[lbkit_base]=$!
-fi
-
-for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do e2e_wait_up "http://$a/"; done
+e2e_lbkit_proxies_up
 
 # One wrk run against target $1; prints "rps p50_ms p99_ms errors cpu_us_per_request".
 measure() {

@@ -38,9 +38,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 e2e_init h2
 e2e_need h2load:nghttp2-client nginx:nginx haproxy:haproxy curl:curl
 
-P="${PORT:-27300}"
-B1=127.0.0.1:$((P + 1)); B2=127.0.0.1:$((P + 2)); B3=127.0.0.1:$((P + 3))
-LBKIT=127.0.0.1:$((P + 100)); NGX=127.0.0.1:$((P + 101)); HAP=127.0.0.1:$((P + 102))
+e2e_ports "${PORT:-27300}"
 declare -A PID
 e2e_backends $BACKEND_PROTO
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory per idle keep-alive client connection: lbkit's reverse_proxy example, nginx and
-# HAProxy (configured as in proxies.sh, shared with compare.sh) each get N client connections
+# HAProxy (configured as in compare.sh: the setup is common.sh's) each get N client connections
 # that make one GET through the proxy and then stay open and idle; the growth of the proxy's
 # resident memory (VmRSS of all its processes, from /proc) divided by N is what one idle
 # connection costs. Also counts the connections the proxy holds to the backends meanwhile.
@@ -36,11 +36,17 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((N + 1100)) ]; then
   exit 1
 fi
 
-# shellcheck source=benches/e2e/proxies.sh
-source "$(dirname "$0")/proxies.sh"
-CLIENT="$(dirname "$0")/idle_clients.py"
-build_lbkit
+WORKERS="${WORKERS:-1}"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+# shellcheck source=benches/e2e/common.sh
+. "$ROOT/benches/e2e/common.sh"
+e2e_init idle
+e2e_need nginx:nginx haproxy:haproxy curl:curl python3:python3 ss:iproute2
+CLIENT="$ROOT/benches/e2e/idle_clients.py"
+LBKIT_BIN="$(e2e_example reverse_proxy "${LBKIT_BIN:-}")"
 
+e2e_ports "$PORT"
+declare -A PID
 declare -A NAME=([lbkit]=$LBKIT [nginx]=$NGX [haproxy]=$HAP [lbkit_base]=$BASE)
 TARGETS=(lbkit nginx haproxy)
 if [ -n "${BASELINE:-}" ]; then TARGETS+=(lbkit_base); fi
@@ -48,7 +54,7 @@ if [ -n "${BASELINE:-}" ]; then TARGETS+=(lbkit_base); fi
 # Resident memory (KiB) of a process and its children.
 rss_kib() {
   local total=0 p
-  for p in $(proc_tree "$1"); do
+  for p in $(e2e_tree "$1"); do
     [ -r "/proc/$p/status" ] || continue
     total=$((total + $(awk '/^VmRSS:/ {print $2}' "/proc/$p/status")))
   done
@@ -58,7 +64,7 @@ rss_kib() {
 # Established connections from the proxy (any of its processes) to the backends.
 backend_conns() {
   local pids
-  pids="$(proc_tree "$1" | paste -sd'|')"
+  pids="$(e2e_tree "$1" | paste -sd'|')"
   ss -Htnp state established "( dport = :${B1##*:} or dport = :${B2##*:} or dport = :${B3##*:} )" \
     | grep -cE "pid=($pids)," || true
 }
@@ -89,12 +95,14 @@ $open $failed $conns ${closed#closed_while_idle=} $secs"
 
 start_all() {
   PIDS=()
-  start_backends
-  start_nginx
-  start_haproxy
-  start_lbkit lbkit "$LBKIT_BIN" "$LBKIT"
-  if [ -n "${BASELINE:-}" ]; then start_lbkit lbkit_base "$BASELINE" "$BASE"; fi
-  for a in $B1 $B2 $B3 $LBKIT $NGX $HAP ${BASELINE:+$BASE}; do wait_up "$a"; done
+  e2e_backends
+  e2e_nginx_proxy proxy "$NGX"
+  PID[nginx]=$E2E_PID
+  # `no strict-limits`: HAProxy runs (with a warning) when the file-descriptor limit is below
+  # the 2 × maxconn it reserves, as for 10 000 idle clients under a hard limit of 20 000.
+  e2e_haproxy "$HAP" "" "no strict-limits"
+  PID[haproxy]=$E2E_PID
+  e2e_lbkit_proxies_up
 }
 
 stop_all() {
@@ -117,13 +125,13 @@ for r in $(seq 1 "$ROUNDS"); do
   stop_all
 done
 
-
 echo
 echo "Machine: $(nproc) cores, $(uname -sr); N=$N idle keep-alive connections (one GET each), $ROUNDS rounds, medians."
 echo "Proxies: $WORKERS worker thread/process each, round robin over 3 nginx backends, keep-alive."
 echo
 echo "| target | RSS before, MiB | RSS with N idle, MiB | KiB per idle connection | vs nginx | connections to backends | failed / closed while idle |"
 echo "|---|---|---|---|---|---|---|"
+col() { e2e_col "$WORK/results" "$1" "$2"; }
 NG="$(col nginx 4)"
 for t in "${TARGETS[@]}"; do
   printf "| %s | %.1f | %.1f | %s | %.1f× | %s | %s / %s |\n" "$t" \

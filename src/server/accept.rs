@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::task::AtomicWaker;
 use futures::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// The first pause after a failed accept; it doubles on each failure in a row, up to
@@ -84,6 +84,75 @@ impl Drain {
     }
 }
 
+/// Where an accept loop takes its connections from.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "http-proxy"), allow(dead_code))]
+pub(crate) enum Listener {
+    /// A listener the loop may share with others (the file descriptor duplicated into each
+    /// worker): the loop takes a connection slot, then waits for a connection with it.
+    Shared(TcpListener),
+    /// A listener of this loop alone (one worker's `SO_REUSEPORT` socket, to which the kernel
+    /// hands its share of the new connections): the loop accepts a connection, then waits
+    /// for a slot for it. Loops sharing a limit then never hold a slot for a listener with
+    /// nothing to accept while a connection waits on another's; at the limit each holds at
+    /// most one accepted connection, unserved until a slot frees, as in the backlog.
+    Own(TcpListener),
+}
+
+impl Listener {
+    /// The next connection and the slot it takes from `slots`. Waits for a slot while none
+    /// is free (new connections wait in the backlog meanwhile), saying so once per wait in
+    /// `at_limit_logged`. Cancel-safe: dropped before it returns, it loses no connection (one
+    /// accepted from an own listener waits in `waiting` for the next call).
+    async fn next(
+        &self,
+        slots: &Arc<Semaphore>,
+        waiting: &mut Option<(TcpStream, SocketAddr)>,
+        at_limit_logged: &mut bool,
+    ) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        match self {
+            Listener::Shared(listener) => {
+                let permit = slot(slots, at_limit_logged).await?;
+                let (stream, peer) = listener.accept().await?;
+                Ok((stream, peer, permit))
+            }
+            Listener::Own(listener) => {
+                if waiting.is_none() {
+                    *waiting = Some(listener.accept().await?);
+                }
+                let permit = slot(slots, at_limit_logged).await?;
+                let (stream, peer) = waiting
+                    .take()
+                    .ok_or_else(|| std::io::Error::other("no connection waiting"))?;
+                Ok((stream, peer, permit))
+            }
+        }
+    }
+}
+
+/// A connection slot from `slots`, waiting for one while none is free (and saying so once
+/// per wait, in `at_limit_logged`).
+async fn slot(
+    slots: &Arc<Semaphore>,
+    at_limit_logged: &mut bool,
+) -> std::io::Result<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        *at_limit_logged = false;
+        return Ok(permit);
+    }
+    if !*at_limit_logged {
+        tracing::warn!("connection limit reached: new connections wait in the listen backlog");
+        *at_limit_logged = true;
+    }
+    // The slots are never closed; were they, the loop would pause and retry like on any
+    // failed accept.
+    slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| std::io::Error::other("connection slots closed"))
+}
+
 /// Accepts connections from `listener` and spawns `handle(stream, peer, drain)` for each, with
 /// at most `max_connections` open at once.
 ///
@@ -107,7 +176,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     accept_loop_sharing(
-        listener,
+        Listener::Shared(listener),
         connection_slots(max_connections),
         handle,
         shutdown,
@@ -124,9 +193,10 @@ pub(crate) fn connection_slots(max_connections: usize) -> Arc<Semaphore> {
 }
 
 /// [`accept_loop`] with its connection limit shared: several loops (one per worker thread)
-/// taking their connections' slots from one `slots`.
+/// taking their connections' slots from one `slots`, each from its own listener or from one
+/// they share.
 pub(crate) async fn accept_loop_sharing<F, Fut>(
-    listener: TcpListener,
+    listener: Listener,
     slots: Arc<Semaphore>,
     mut handle: F,
     shutdown: impl Future<Output = ()>,
@@ -138,34 +208,18 @@ pub(crate) async fn accept_loop_sharing<F, Fut>(
     let signal = Arc::new(DrainSignal::default());
     let mut conns = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut slot = None;
     let mut backoff = MIN_BACKOFF;
     let mut at_limit_logged = false;
+    let mut waiting = None;
     loop {
-        if slot.is_none() {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    slot = Some(permit);
-                    at_limit_logged = false;
-                }
-                Err(_) if !at_limit_logged => {
-                    tracing::warn!(
-                        "connection limit reached: new connections wait in the listen backlog"
-                    );
-                    at_limit_logged = true;
-                }
-                Err(_) => {}
-            }
-        }
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             // Reap finished connections (each gives its slot back when its task ends).
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept(), if slot.is_some() => match accepted {
-                Ok((stream, peer)) => {
+            accepted = listener.next(&slots, &mut waiting, &mut at_limit_logged) => match accepted {
+                Ok((stream, peer, permit)) => {
                     backoff = MIN_BACKOFF;
-                    let permit = slot.take();
                     let conn = handle(stream, peer, signal.subscribe());
                     // `map`, not an `async` block awaiting `conn`: that would hold the
                     // connection's future twice (captured, and being awaited), doubling the

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::accept::{accept_loop_sharing, connection_slots, Drain};
+use super::accept::{accept_loop_sharing, connection_slots, Drain, Listener};
 use super::body::RequestBody;
 use super::conn::{drive, started, Activity, ConnService, Driven, IdleRules};
 use super::idle::{self, Sniffed};
@@ -141,9 +141,13 @@ impl<S> Server<S> {
         self
     }
 
-    /// Serves on `n` threads of its own, each running a single-threaded tokio runtime and
-    /// accepting from the same listener (default 1: no thread of its own, the connections are
-    /// served on the runtime that runs [`serve`](Self::serve)). This is nginx's and HAProxy's
+    /// Serves on `n` threads of its own, each running a single-threaded tokio runtime
+    /// (default 1: no thread of its own, the connections are served on the runtime that runs
+    /// [`serve`](Self::serve)). When the listener was bound with
+    /// [`bind_reuse_port`](super::bind_reuse_port) (`SO_REUSEPORT`, Linux), each worker gets a
+    /// listener of its own on that address and the kernel spreads new connections among them;
+    /// otherwise (a listener bound without it, or another platform) they all accept from the
+    /// given one. This is nginx's and HAProxy's
     /// layout, one event loop per core: a connection, its requests and whatever they set off
     /// (timers, tunnels, backend connections [`Forward`](crate::proxy::Forward) opens for
     /// them) stay on the thread that accepted it, with no work stealing and no wake-up of
@@ -266,7 +270,8 @@ where
         if self.settings.workers > 1 {
             return workers::serve(self, listener, slots, shutdown, grace).await;
         }
-        self.serve_sharing(listener, slots, shutdown, grace).await
+        self.serve_sharing(Listener::Shared(listener), slots, shutdown, grace)
+            .await
     }
 
     /// How many worker threads [`workers`](Self::workers) asked for.
@@ -277,7 +282,7 @@ where
     /// The accept loop of one worker, its connections counted in `slots`.
     pub(super) async fn serve_sharing(
         self,
-        listener: TcpListener,
+        listener: Listener,
         slots: Arc<tokio::sync::Semaphore>,
         shutdown: impl Future<Output = ()>,
         grace: Duration,

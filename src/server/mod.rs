@@ -63,6 +63,8 @@ pub(crate) use conn::TunnelScope;
 mod http;
 #[cfg(feature = "http-proxy")]
 mod idle;
+#[cfg(feature = "http-proxy")]
+mod listen;
 #[cfg(feature = "proxy-protocol")]
 mod proxy_protocol;
 #[cfg(feature = "tls")]
@@ -77,6 +79,11 @@ pub use body::{BodyError, RequestBody};
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use http::Server;
+#[cfg(feature = "http-proxy")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
+pub use listen::bind_reuse_port;
+#[cfg(feature = "http-proxy")]
+pub(crate) use listen::reuse_port_socket;
 #[cfg(feature = "proxy-protocol")]
 pub(crate) use proxy_protocol::write_v2;
 #[cfg(feature = "proxy-protocol")]

@@ -1,5 +1,6 @@
-//! [`Server::workers`]: one single-threaded runtime per worker thread, all accepting from one
-//! listener, started and stopped together.
+//! [`Server::workers`]: one single-threaded runtime per worker thread, each accepting from a
+//! listener of its own (`SO_REUSEPORT`, on Linux, when the given listener has it) or all from
+//! the one given, started and stopped together.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 use tower_service::Service;
 
+use super::accept::Listener;
 use super::body::RequestBody;
 use super::Server;
 use crate::error::BoxError;
@@ -39,6 +41,72 @@ impl Drop for StopGuard {
     }
 }
 
+/// A worker's listener, on its way to the worker's runtime.
+struct WorkerListener {
+    listener: std::net::TcpListener,
+    /// Whether it is the worker's own (in an `SO_REUSEPORT` group), not shared by all.
+    own: bool,
+}
+
+impl WorkerListener {
+    /// Worker `i`'s listener: its own from `own` (the first worker's is `shared`), or a
+    /// duplicate of `shared` when the workers share it.
+    fn new(
+        shared: &std::net::TcpListener,
+        own: Option<&mut std::vec::IntoIter<std::net::TcpListener>>,
+        i: usize,
+    ) -> std::io::Result<Self> {
+        let is_own = own.is_some();
+        let listener = match own {
+            Some(own) if i > 0 => own
+                .next()
+                .ok_or_else(|| std::io::Error::other("no listener of its own left"))?,
+            _ => shared.try_clone()?,
+        };
+        Ok(WorkerListener {
+            listener,
+            own: is_own,
+        })
+    }
+
+    /// The listener, registered with the worker's runtime (the current one).
+    fn register(self) -> std::io::Result<Listener> {
+        let listener = TcpListener::from_std(self.listener)?;
+        Ok(if self.own {
+            Listener::Own(listener)
+        } else {
+            Listener::Shared(listener)
+        })
+    }
+}
+
+/// The listeners of workers 1 to `n - 1`: new sockets bound to `listener`'s address in its
+/// `SO_REUSEPORT` group, among which (and `listener`, the first worker's) the kernel spreads
+/// new connections by a hash of their addresses, as it does for nginx's `listen ...
+/// reuseport`. `None` when that cannot be done (not on Linux, or `listener` was bound without
+/// `SO_REUSEPORT`, see [`bind_reuse_port`](super::bind_reuse_port)): the workers then all
+/// accept from `listener`.
+fn own_listeners(
+    listener: &TcpListener,
+    n: usize,
+) -> Option<std::vec::IntoIter<std::net::TcpListener>> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    let addr = listener.local_addr().ok()?;
+    let mut own = Vec::with_capacity(n);
+    for _ in 1..n {
+        match super::reuse_port_socket(addr).and_then(TcpListener::into_std) {
+            Ok(l) => own.push(l),
+            Err(e) => {
+                tracing::debug!(error = %e, %addr, "the workers share one listener");
+                return None;
+            }
+        }
+    }
+    Some(own.into_iter())
+}
+
 /// Serves `server` on its [`workers`](Server::workers) threads until `shutdown`, then drains
 /// them all within `grace` and returns once every worker has ended.
 pub(super) async fn serve<S, B>(
@@ -56,6 +124,7 @@ pub(super) async fn serve<S, B>(
     B::Error: Into<BoxError>,
 {
     let n = server.worker_count();
+    let mut own = own_listeners(&listener, n);
     let listener = match listener.into_std() {
         Ok(l) => l,
         Err(e) => {
@@ -67,10 +136,10 @@ pub(super) async fn serve<S, B>(
     let guard = StopGuard(stop);
     let mut ended = Vec::with_capacity(n);
     for i in 0..n {
-        let listener = match listener.try_clone() {
+        let listener = match WorkerListener::new(&listener, own.as_mut(), i) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, worker = i, "cannot share the listener with a worker");
+                tracing::error!(error = %e, worker = i, "cannot give a worker a listener");
                 continue;
             }
         };
@@ -92,7 +161,7 @@ pub(super) async fn serve<S, B>(
                     }
                 };
                 runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
+                    let listener = match listener.register() {
                         Ok(l) => l,
                         Err(e) => {
                             tracing::error!(error = %e, worker = i, "worker cannot listen");

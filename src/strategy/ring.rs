@@ -6,12 +6,18 @@ use crate::hash::mix64;
 /// A consistent hash ring with bounded load (Mirrokni et al., "Consistent Hashing with Bounded
 /// Loads", 2016).
 ///
-/// Each endpoint owns `replicas × weight / max weight` points on a 64-bit ring (at least one).
+/// Each endpoint owns `replicas × weight / lowest weight` points on a 64-bit ring, halved as
+/// often as needed to keep the ring within [`Ring::MAX_POINTS`] (at least one).
 /// A request's hash key (see [`PickContext::with_hash`]) goes to the first point clockwise whose
 /// endpoint is not overloaded, where overloaded means more than `load_factor` times the mean
 /// in-flight load (counting this request). So keys stay put while load is even, and a hot key
 /// spills over to its next endpoint on the ring rather than swamping one server. A pick is a
 /// binary search (O(log n)) plus a short walk; requests without a key get a random point.
+///
+/// An endpoint's points depend on the others only through the lowest weight and the halving,
+/// so adding, removing or re-weighting one endpoint (raising the top weight too) moves only
+/// that endpoint's points and the snapshot's ring is updated in time proportional to them.
+/// Lowering a weight below the lowest one, or a change that crosses a halving, rebuilds it.
 #[derive(Clone, Copy, Debug)]
 pub struct Ring {
     replicas: u32,
@@ -36,7 +42,7 @@ impl Ring {
         }
     }
 
-    /// Sets the points per endpoint of the highest weight (at least 1).
+    /// Sets the points per endpoint of the lowest weight (at least 1), before halving.
     pub fn replicas(mut self, replicas: u32) -> Self {
         self.replicas = replicas.max(1);
         self
@@ -71,13 +77,13 @@ pub struct RingState {
     sizing: Sizing,
 }
 
-/// The highest weight, and the factor points per endpoint were scaled by to fit
+/// The lowest weight, and how many times points per endpoint were halved to fit
 /// [`Ring::MAX_POINTS`]: while both stay the same, an endpoint's points do not depend on the
 /// others.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Sizing {
-    max_weight: u32,
-    scale: f64,
+    min_weight: u32,
+    halvings: u32,
 }
 
 /// At most this many bits of a position pick its bucket (65 536 buckets).
@@ -116,33 +122,38 @@ impl RingState {
 }
 
 impl Ring {
-    /// The highest weight and the scale that keeps the ring within [`Ring::MAX_POINTS`].
+    /// The lowest weight, and the halvings that keep the ring within [`Ring::MAX_POINTS`].
+    /// Halving (rather than scaling to fit exactly) keeps the sizing, and so every other
+    /// endpoint's points, the same when one endpoint joins, leaves or changes weight, except
+    /// when the pool crosses a doubling.
     fn sizing(&self, candidates: &Candidates) -> Sizing {
-        let max_weight = candidates
+        let min_weight = candidates
             .iter()
             .map(|c| c.weight().max(1))
-            .max()
+            .min()
             .unwrap_or(1);
         let want: u64 = candidates
             .iter()
-            .map(|c| self.per_endpoint(c.weight(), max_weight))
-            .sum();
+            .map(|c| self.per_endpoint(c.weight(), min_weight))
+            .fold(0, u64::saturating_add);
+        let mut halvings = 0;
+        while want >> halvings > Self::MAX_POINTS as u64 {
+            halvings += 1;
+        }
         Sizing {
-            max_weight,
-            scale: (Self::MAX_POINTS as f64 / want as f64).min(1.0),
+            min_weight,
+            halvings,
         }
     }
 
-    /// The points of an endpoint of `weight` before scaling (at least one).
-    fn per_endpoint(&self, weight: u32, max_weight: u32) -> u64 {
-        (u64::from(self.replicas) * u64::from(weight.max(1)) / u64::from(max_weight)).max(1)
+    /// The points of an endpoint of `weight` before halving (`replicas` at the lowest weight).
+    fn per_endpoint(&self, weight: u32, min_weight: u32) -> u64 {
+        u64::from(self.replicas) * u64::from(weight.max(1)) / u64::from(min_weight)
     }
 
     /// Appends the points of candidate `c`, at index `i`.
     fn points_of(&self, c: &Candidate, i: usize, sizing: Sizing, points: &mut Vec<(u64, u32)>) {
-        let per =
-            u64::from(self.replicas) * u64::from(c.weight().max(1)) / u64::from(sizing.max_weight);
-        let per = ((per as f64 * sizing.scale) as u64).max(1);
+        let per = (self.per_endpoint(c.weight(), sizing.min_weight) >> sizing.halvings).max(1);
         for k in 0..per {
             points.push((mix64(c.id_hash() ^ mix64(k.wrapping_add(1))), i as u32));
         }
@@ -244,7 +255,7 @@ impl Strategy for Ring {
         RingState::new(positions, owners, sizing)
     }
 
-    /// While the highest weight and the scale stay the same, the ring of the snapshot before
+    /// While the lowest weight and the halvings stay the same, the ring of the snapshot before
     /// loses the points of the endpoints that left or changed and gains those of the new ones,
     /// each found by binary search, and the points between are copied in runs: no sort of the
     /// whole ring, no per-point work beyond a copy.
@@ -413,6 +424,39 @@ mod tests {
             assert_eq!(state.positions, fresh.positions, "step {step}");
             assert_eq!(state.owners, fresh.owners, "step {step}");
             assert_eq!(state.buckets, fresh.buckets, "step {step}");
+            current = next;
+        }
+    }
+
+    /// Re-weighting (above the lowest weight, raising the top weight too, and lowering one
+    /// below the lowest) gives the ring built afresh, and every endpoint's point count follows
+    /// its weight.
+    #[test]
+    fn a_reweighted_ring_is_the_ring_built_afresh() {
+        let pool = Pool::new(Ring::new(), |_: &crate::Endpoint| ());
+        pool.extend((0..300).map(|i| crate::Endpoint::new(format!("ep-{i}")).with_weight(2)));
+        let ring = Ring::new();
+        let mut current = pool.snapshot().eligible().clone();
+        let mut state = ring.prepare(&current);
+        for (step, (at, weight)) in [(17, 5), (17, 9), (40, 3), (17, 2), (99, 1), (99, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut next = current.clone();
+            let old = &current[at];
+            next.0.set(
+                at,
+                Candidate::new(old.endpoint.clone(), old.state.clone(), weight),
+            );
+            let edits = [Edit::Set(at)];
+            state = ring.update(&state, &Delta::new(&current, &next, &edits));
+            let fresh = ring.prepare(&next);
+            assert_eq!(state.positions, fresh.positions, "step {step}");
+            assert_eq!(state.owners, fresh.owners, "step {step}");
+            assert_eq!(state.buckets, fresh.buckets, "step {step}");
+            let lowest = next.iter().map(Candidate::weight).min().unwrap();
+            let points = state.owners.iter().filter(|&&o| o as usize == at).count();
+            assert_eq!(points as u32, 100 * weight / lowest, "step {step}");
             current = next;
         }
     }
