@@ -200,6 +200,22 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
             assert!(e["latency_ms"]["p50"].is_number(), "{e}");
         }
 
+        // The pool's statistics serialise (feature `serde`) with durations in human form.
+        let stats = serde_json::to_value(proxy.pool("web").unwrap().stats()).unwrap();
+        assert_eq!(stats["strategy"], "round_robin");
+        let ep = &stats["endpoints"][0];
+        assert_eq!(
+            (&ep["id"], &ep["health"], &ep["weight"]),
+            (&"a".into(), &"healthy".into(), &1.into())
+        );
+        assert!(ep["requests"].as_u64().unwrap() >= 1, "{ep}");
+        let p50 = ep["latency"]["p50"].as_str().expect("a duration");
+        assert!(
+            humantime_serde::re::humantime::parse_duration(p50).is_ok(),
+            "{p50}"
+        );
+        assert!(ep.get("histogram").is_none(), "{ep}");
+
         // POST drain takes `b` out of rotation at once; undrain brings it back.
         let (status, answer) = admin_post(
             admin,

@@ -148,4 +148,22 @@ mod tests {
         let d: StrDeserializer<'_, Error> = "".into_deserializer();
         assert!(Endpoint::deserialize(d).is_err());
     }
+
+    #[test]
+    fn an_endpoint_round_trips_as_a_table() {
+        let e = Endpoint::new("api-1")
+            .with_addr("10.0.0.7:8080".parse().unwrap())
+            .with_weight(3)
+            .with_tier(Tier::BACKUP);
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":"api-1","addr":"10.0.0.7:8080","weight":3,"tier":1}"#
+        );
+        assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), e);
+        let named = Endpoint::new("spare");
+        let json = serde_json::to_string(&named).unwrap();
+        assert_eq!(json, r#"{"id":"spare","weight":1,"tier":0}"#);
+        assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), named);
+    }
 }
