@@ -469,6 +469,11 @@ fn retry_percent<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
 mod tests {
     use super::*;
 
+    /// The error of reading `text` as a `T`, as text.
+    fn error_of<T: serde::de::DeserializeOwned + fmt::Debug>(text: &str) -> String {
+        toml::from_str::<T>(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn defaults_are_the_builders() {
         let c: CheckConfig = toml::from_str("").unwrap();
@@ -494,11 +499,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_errors_naming_the_field() {
-        let err = |text: &str| {
-            toml::from_str::<OutlierConfig>(text)
-                .unwrap_err()
-                .to_string()
-        };
+        let err = error_of::<OutlierConfig>;
         let e = err("max_ejection_percent = 150");
         assert!(
             e.contains("max_ejection_percent") && e.contains("not a percentage"),
@@ -513,20 +514,14 @@ mod tests {
         assert!(e.contains("interval"), "{e}");
         let e = err("consecutive_failure = 3");
         assert!(e.contains("unknown field `consecutive_failure`"), "{e}");
-        let e = toml::from_str::<RetryBudgetConfig>("ttl = \"2m\"")
-            .unwrap_err()
-            .to_string();
+        let e = error_of::<RetryBudgetConfig>("ttl = \"2m\"");
         assert!(
             e.contains("ttl") && e.contains("from 1 to 60 seconds"),
             "{e}"
         );
-        let e = toml::from_str::<CheckConfig>("kind = \"icmp\"")
-            .unwrap_err()
-            .to_string();
+        let e = error_of::<CheckConfig>("kind = \"icmp\"");
         assert!(e.contains("kind") && e.contains("icmp"), "{e}");
-        let e = toml::from_str::<CheckConfig>("rise = 0")
-            .unwrap_err()
-            .to_string();
+        let e = error_of::<CheckConfig>("rise = 0");
         assert!(e.contains("rise") && e.contains("at least 1"), "{e}");
     }
 
@@ -560,26 +555,18 @@ mod tests {
         assert_eq!(f.endpoints[1].weight(), 3);
         assert_eq!(f.endpoints[1].tier(), crate::Tier::BACKUP);
         assert_eq!(f.endpoints[2].socket_addr(), None);
-        let e = toml::from_str::<F>("strategy = \"fastest\"\nendpoints = []")
-            .unwrap_err()
-            .to_string();
+        let e = error_of::<F>("strategy = \"fastest\"\nendpoints = []");
         assert!(
             e.contains("strategy") && e.contains("expected one of"),
             "{e}"
         );
-        let e = toml::from_str::<F>(
+        let e = error_of::<F>(
             "strategy = \"p2c\"\nendpoints = [{ addr = \"127.0.0.1:2\", weight = 20000 }]",
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(e.contains("weight 20000 is too large"), "{e}");
-        let e = toml::from_str::<F>("strategy = \"p2c\"\nendpoints = [{ weight = 2 }]")
-            .unwrap_err()
-            .to_string();
+        let e = error_of::<F>("strategy = \"p2c\"\nendpoints = [{ weight = 2 }]");
         assert!(e.contains("needs an addr or an id"), "{e}");
-        let e = toml::from_str::<F>("strategy = \"p2c\"\nendpoints = [{ adr = \"x\" }]")
-            .unwrap_err()
-            .to_string();
+        let e = error_of::<F>("strategy = \"p2c\"\nendpoints = [{ adr = \"x\" }]");
         assert!(e.contains("unknown field `adr`"), "{e}");
     }
 }

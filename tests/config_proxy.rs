@@ -16,12 +16,12 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{start_server, wait_until, within, TestServer};
+use common::{start_server, wait_until, within, TempDir, TestServer};
 use config_proxy::{Config, ConfigError, ConfigProxy};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -30,31 +30,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 const HANG: Duration = Duration::from_secs(60);
-
-/// A directory of its own under the system's temporary one, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("lbkit-config-proxy-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn write(&self, file: &str, text: &str) -> PathBuf {
-        let path = self.0.join(file);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A file with one plain listener and an admin port (both on ports the OS picks) and one pool
 /// `web` over `servers`, with a TCP check.
@@ -135,12 +110,13 @@ async fn admin_json(admin: SocketAddr) -> serde_json::Value {
     serde_json::from_str(&body).expect("JSON")
 }
 
-/// `POST /status/ACTION` with a JSON object.
+/// `POST /status/ACTION` with `{"pool": "web", "endpoint": ENDPOINT}`: the status and JSON.
 async fn admin_post(
     admin: SocketAddr,
     action: &str,
-    body: serde_json::Value,
+    endpoint: &str,
 ) -> (StatusCode, serde_json::Value) {
+    let body = serde_json::json!({"pool": "web", "endpoint": endpoint});
     let mut c = connect(admin).await;
     let req = Request::post(format!("/status/{action}"))
         .header("host", "127.0.0.1")
@@ -177,7 +153,7 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
             start_server("b").await,
             start_server("c").await,
         );
-        let dir = TempDir::new("reload");
+        let dir = TempDir::new();
         let path = dir.write("proxy.toml", &file(&[&a, &b]));
         let proxy = Arc::new(ConfigProxy::start(&path).await.expect("valid file"));
         let _hup = proxy.reload_on_sighup().expect("SIGHUP handler");
@@ -217,31 +193,16 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
         assert!(ep.get("histogram").is_none(), "{ep}");
 
         // POST drain takes `b` out of rotation at once; undrain brings it back.
-        let (status, answer) = admin_post(
-            admin,
-            "drain",
-            serde_json::json!({"pool": "web", "endpoint": "b"}),
-        )
-        .await;
+        let (status, answer) = admin_post(admin, "drain", "b").await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(answer["weight"], 0);
         for _ in 0..6 {
             assert_eq!(who(&mut client).await, "a");
         }
-        let (status, answer) = admin_post(
-            admin,
-            "undrain",
-            serde_json::json!({"pool": "web", "endpoint": "b"}),
-        )
-        .await;
+        let (status, answer) = admin_post(admin, "undrain", "b").await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(answer["weight"], 1);
-        let (status, answer) = admin_post(
-            admin,
-            "weight",
-            serde_json::json!({"pool": "web", "endpoint": "x"}),
-        )
-        .await;
+        let (status, answer) = admin_post(admin, "weight", "x").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(
             answer["error"].as_str().unwrap().contains("weight"),
@@ -251,24 +212,14 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
 
         // A request to `b` held in flight: drain `a` so that it goes to `b`, then undrain.
         b.hold(1);
-        admin_post(
-            admin,
-            "drain",
-            serde_json::json!({"pool": "web", "endpoint": "a"}),
-        )
-        .await;
+        admin_post(admin, "drain", "a").await;
+        let hits = b.hits();
         let held = tokio::spawn(async move {
             let mut other = connect(listen).await;
             send(&mut other, get("/")).await
         });
-        let hits = b.hits();
         wait_until(HANG, "the held request reaches b", || b.hits() > hits).await;
-        admin_post(
-            admin,
-            "undrain",
-            serde_json::json!({"pool": "web", "endpoint": "a"}),
-        )
-        .await;
+        admin_post(admin, "undrain", "a").await;
 
         // The file now lists `a` and `c`: SIGHUP applies it through the pool's live handle.
         dir.write("proxy.toml", &file(&[&a, &c]));
@@ -276,7 +227,7 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
         let pool = proxy.pool("web").unwrap().clone();
         wait_until(HANG, "the reload adds c and removes b", || {
             let stats = pool.stats();
-            stats.endpoint("c").is_some() && stats.endpoint("b").is_none()
+            stats.endpoint("c").is_some() && stats.endpoint("b").is_none() && proxy.reloads() == 1
         })
         .await;
         assert_eq!(admin_ids(admin).await, ["a", "c"]);
@@ -333,7 +284,7 @@ fn sighup() {
 
 #[tokio::test]
 async fn bad_files_are_refused_naming_the_key() {
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new();
     let a = start_server("a").await;
     let good = file(&[&a]);
     let cases = [
@@ -391,7 +342,7 @@ async fn a_tls_listener_terminates_tls_with_the_files_named() {
         use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
         let a = start_server("a").await;
-        let dir = TempDir::new("tls");
+        let dir = TempDir::new();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
         dir.write("site.pem", &ck.cert.pem());
         dir.write("site.key", &ck.signing_key.serialize_pem());
