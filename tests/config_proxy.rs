@@ -154,7 +154,7 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
             start_server("c").await,
         );
         let dir = TempDir::new();
-        let path = dir.write("proxy.toml", &file(&[&a, &b]));
+        let path = dir.write("proxy.toml", file(&[&a, &b]));
         let proxy = Arc::new(ConfigProxy::start(&path).await.expect("valid file"));
         let _hup = proxy.reload_on_sighup().expect("SIGHUP handler");
         let listen = proxy.listen_addrs()[0];
@@ -222,7 +222,7 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
         admin_post(admin, "undrain", "a").await;
 
         // The file now lists `a` and `c`: SIGHUP applies it through the pool's live handle.
-        dir.write("proxy.toml", &file(&[&a, &c]));
+        dir.write("proxy.toml", file(&[&a, &c]));
         sighup();
         let pool = proxy.pool("web").unwrap().clone();
         wait_until(HANG, "the reload adds c and removes b", || {
@@ -241,7 +241,7 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
         answered_by_all(&mut client, &["a", "c"]).await;
 
         // An invalid file is refused with the key at fault; the pool stays as it was.
-        dir.write("proxy.toml", &file(&[&a]).replace("round_robin", "fastest"));
+        dir.write("proxy.toml", file(&[&a]).replace("round_robin", "fastest"));
         let err = proxy.reload().unwrap_err();
         assert!(matches!(err, ConfigError::Parse(..)), "{err}");
         let msg = err.to_string();
@@ -344,8 +344,8 @@ async fn a_tls_listener_terminates_tls_with_the_files_named() {
         let a = start_server("a").await;
         let dir = TempDir::new();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("rcgen");
-        dir.write("site.pem", &ck.cert.pem());
-        dir.write("site.key", &ck.signing_key.serialize_pem());
+        dir.write("site.pem", ck.cert.pem());
+        dir.write("site.key", ck.signing_key.serialize_pem());
         let text = file(&[&a]).replace(
             "[[listeners]]\nlisten = \"127.0.0.1:0\"\n",
             "[[listeners]]\nlisten = \"127.0.0.1:0\"\ntls = { cert = \"site.pem\", key = \"site.key\" }\n",
