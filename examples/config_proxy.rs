@@ -54,10 +54,11 @@
 //! through the pool's live handle (`Pool::update`): new endpoints get traffic from the next
 //! request, removed ones get no new requests and their requests in flight finish, changed
 //! weights apply at once (undoing a drain or re-weight made through the admin API, as a reload
-//! of HAProxy undoes its runtime API). Client connections, idle or busy, are not touched. A
-//! change to the listeners, the admin port, the routes, the set of pools, a pool's strategy,
-//! check, outlier detection or limits, or the retry budget is not applied: the log says which
-//! parts need a restart.
+//! of HAProxy undoes its runtime API), and so do a pool's `max_requests_per_endpoint` and
+//! `panic_threshold`. Client connections, idle or busy, are not touched. A change to the
+//! listeners, the admin port, the routes, the set of pools, a pool's strategy, check, outlier
+//! detection or queue (`queue_size`, `queue_timeout`), or the retry budget is not applied: the
+//! log says which parts need a restart.
 //!
 //! The stack per pool and listener, outermost first: `Server` (HTTP/1.1 and h2c, or TLS with
 //! ALPN) → `Routes` → `ErrorResponseLayer` (502/503/504) → `FailoverLayer` (idempotent
@@ -172,12 +173,15 @@ fn round_robin() -> AnyStrategy {
 }
 
 impl PoolConfig {
-    /// What of the pool a reload cannot change (everything but the endpoints).
+    /// Whether what a reload cannot change differs: the strategy, check, outlier detection
+    /// and the queue's limits (the endpoints, the limit per endpoint and the panic threshold
+    /// apply at once).
     fn settings_differ(&self, other: &PoolConfig) -> bool {
         self.strategy.name() != other.strategy.name()
             || self.check != other.check
             || self.outlier != other.outlier
-            || self.limits != other.limits
+            || self.limits.queue_size != other.limits.queue_size
+            || self.limits.queue_timeout != other.limits.queue_timeout
     }
 }
 
@@ -315,12 +319,16 @@ pub struct ConfigProxy {
     admin_addr: Option<SocketAddr>,
     /// Reloads attempted so far, applied or refused.
     reloads: AtomicU64,
-    tasks: Vec<JoinHandle<()>>,
+    _servers: Servers,
 }
 
-impl Drop for ConfigProxy {
+/// The servers' tasks, stopped when dropped (also when `start` fails half-way).
+#[derive(Default)]
+struct Servers(Vec<JoinHandle<()>>);
+
+impl Drop for Servers {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in &self.0 {
             t.abort();
         }
     }
@@ -383,7 +391,7 @@ impl ConfigProxy {
             }
         };
 
-        let mut tasks = Vec::new();
+        let mut tasks = Servers::default();
         let mut certs = Vec::new();
         let mut listen_addrs = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -405,7 +413,7 @@ impl ConfigProxy {
                 }
                 None => tokio::spawn(server.serve(listener)),
             };
-            tasks.push(task);
+            tasks.0.push(task);
             tracing::info!(listen = %listen_addrs[i], tls = l.tls.is_some(), "listening");
         }
 
@@ -419,7 +427,8 @@ impl ConfigProxy {
                 for (name, pool) in &pools {
                     page = page.pool(name, pool);
                 }
-                tasks.push(tokio::spawn(Server::new(page).serve(listener)));
+                let admin = tokio::spawn(Server::new(page).serve(listener));
+                tasks.0.push(admin);
                 tracing::info!(%addr, "admin API: GET /status.json, POST /status/{{drain,undrain,weight}}");
                 Some(addr)
             }
@@ -434,7 +443,7 @@ impl ConfigProxy {
             listen_addrs,
             admin_addr,
             reloads: AtomicU64::new(0),
-            tasks,
+            _servers: tasks,
         })
     }
 
@@ -495,8 +504,16 @@ impl ConfigProxy {
             };
             if pc.settings_differ(old) {
                 restart(&format!(
-                    "pools.{name} (strategy, check, outlier or limits)"
+                    "pools.{name} (strategy, check, outlier or queue limits)"
                 ));
+            }
+            if pc.limits.max_requests_per_endpoint != old.limits.max_requests_per_endpoint {
+                pool.set_max_requests_per_endpoint(pc.limits.max_requests_per_endpoint);
+                old.limits.max_requests_per_endpoint = pc.limits.max_requests_per_endpoint;
+            }
+            if pc.limits.panic_threshold != old.limits.panic_threshold {
+                pool.set_panic_threshold(pc.limits.panic_threshold);
+                old.limits.panic_threshold = pc.limits.panic_threshold;
             }
             let before: std::collections::HashSet<_> =
                 old.endpoints.iter().map(|e| e.id().clone()).collect();

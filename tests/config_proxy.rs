@@ -263,13 +263,22 @@ async fn a_file_runs_the_proxy_and_sighup_reloads_it_without_dropping_connection
         answered_by_all(&mut client, &["a", "c"]).await;
         assert_eq!(admin_ids(admin).await, ["a", "c"]);
 
-        // A change that needs a restart is reported, and the endpoints still apply.
-        let moved = file(&[&a, &b]).replace("round_robin", "least_connections");
+        // A change that needs a restart is reported, and the endpoints and the limit per
+        // endpoint still apply.
+        let web = proxy.pool("web").unwrap();
+        assert_eq!(web.max_requests_per_endpoint(), 0);
+        let moved = file(&[&a, &b])
+            .replace("round_robin", "least_connections")
+            .replace(
+                "outlier = {",
+                "limits = { max_requests_per_endpoint = 64 }\noutlier = {",
+            );
         dir.write("proxy.toml", &moved);
         let report = proxy.reload().expect("valid file");
         assert_eq!((report.added, report.removed), (1, 1));
         assert_eq!(report.restart_needed.len(), 1, "{report:?}");
         assert!(report.restart_needed[0].contains("pools.web"), "{report:?}");
+        assert_eq!(web.max_requests_per_endpoint(), 64);
         answered_by_all(&mut client, &["a", "b"]).await;
     })
     .await;
