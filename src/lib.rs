@@ -77,6 +77,9 @@ pub mod balance;
 pub mod cache;
 #[cfg(feature = "sim")]
 mod clock;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod config;
 pub mod discover;
 pub mod endpoint;
 mod error;

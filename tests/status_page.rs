@@ -410,11 +410,23 @@ async fn admin_forms_drain_undrain_and_reweight_and_refuse_bad_input() {
         assert_eq!(res.status, 400, "{path} {form}: {}", res.body);
         assert!(res.body.contains(why), "{path} {form}: {}", res.body);
     }
+    // A JSON object missing its fields: a 400 answered as JSON.
     let res = exchange(
         page,
         format!(
             "POST /status/drain HTTP/1.1\r\nhost: {page}\r\nconnection: close\r\n\
              content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+        ),
+    )
+    .await;
+    assert_eq!(res.status, 400, "{}", res.body);
+    let answer: serde_json::Value = serde_json::from_str(&res.body).expect("a JSON error");
+    assert_eq!(answer["error"], "drain: missing field \"pool\"");
+    let res = exchange(
+        page,
+        format!(
+            "POST /status/drain HTTP/1.1\r\nhost: {page}\r\nconnection: close\r\n\
+             content-type: text/plain\r\ncontent-length: 2\r\n\r\nhi"
         ),
     )
     .await;

@@ -235,22 +235,32 @@ impl HistogramSnapshot {
 /// Latency quantiles, mean and maximum, as plain numbers: what the pool's statistics
 /// ([`HistogramSnapshot::summary`], bucketed) and the simulator's reports (exact, over every
 /// recorded latency) say about a set of requests. All zero when nothing was counted.
+///
+/// With the `serde` feature it serialises as a table of durations in human form
+/// (`"1ms 250us"`, humantime's format).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct LatencySummary {
     /// Latencies counted.
     pub count: u64,
     /// The mean.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub mean: Duration,
     /// The median.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub p50: Duration,
     /// The 90th percentile.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub p90: Duration,
     /// The 99th percentile.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub p99: Duration,
     /// The 99.9th percentile.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub p999: Duration,
     /// The largest.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub max: Duration,
 }
 

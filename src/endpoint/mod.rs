@@ -6,6 +6,8 @@
 //! them on the request path takes no lock.
 
 mod candidates;
+#[cfg(feature = "serde")]
+mod config;
 mod histogram;
 pub(crate) mod state;
 

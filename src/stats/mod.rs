@@ -44,7 +44,12 @@ use crate::pool::Pool;
 use crate::strategy::Strategy;
 
 /// The statistics of a whole pool at one moment, as plain data. See [`Pool::stats`].
+///
+/// With the `serde` feature it serialises (for logs, files and tools) with every field of
+/// [`EndpointStats`] but the raw histogram; durations are in human form (`"1ms 250us"`), the
+/// health is `"healthy"`, `"down"` or `"ejected"`.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct PoolStats {
     /// The strategy's name (see [`Strategy::name`]).
@@ -90,6 +95,7 @@ impl PoolStats {
 /// Counters count from when the endpoint joined the pool; an endpoint removed and added again
 /// starts from zero.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct EndpointStats {
     /// The endpoint's id.
@@ -110,21 +116,25 @@ pub struct EndpointStats {
     pub consecutive_failures: u32,
     /// The peak-EWMA latency estimate (what [`PeakEwma`](crate::strategy::PeakEwma) uses,
     /// before its idle decay); the pool's default RTT until the first response.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub latency_ewma: Duration,
     /// Quantiles of the latencies of all its finished requests, read from
     /// [`histogram`](EndpointStats::histogram).
     pub latency: LatencySummary,
     /// The latency histogram's counts, to subtract from a later one for an interval's
     /// latencies (see [`HistogramSnapshot::since`]).
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub histogram: HistogramSnapshot,
     /// Its health.
     pub health: Health,
     /// How long ago its health last changed; `None` if it never changed since it joined.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub health_changed: Option<Duration>,
     /// The latest active health check of it (see [`EndpointState::last_check`]); `None`
     /// before the first one, or when no checker watches the pool.
     ///
     /// [`EndpointState::last_check`]: crate::endpoint::EndpointState::last_check
+    #[cfg_attr(feature = "serde", serde(serialize_with = "last_check"))]
     pub last_check: Option<CheckOutcome>,
     /// Its configured weight.
     pub weight: u32,
@@ -138,6 +148,24 @@ pub struct EndpointStats {
     pub tier: Tier,
     /// Whether it may get requests now (in the current snapshot's eligible set).
     pub eligible: bool,
+}
+
+/// A check's outcome as `{"passed", "error", "took", "ago"}` (its `Instant` as how long ago).
+#[cfg(feature = "serde")]
+fn last_check<S: serde::Serializer>(c: &Option<CheckOutcome>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let Some(c) = c else {
+        return s.serialize_none();
+    };
+    let mut t = s.serialize_struct("CheckOutcome", 4)?;
+    t.serialize_field("passed", &c.passed())?;
+    t.serialize_field("error", &c.error)?;
+    t.serialize_field("took", &humantime_serde::Serde::from(c.took))?;
+    t.serialize_field(
+        "ago",
+        &humantime_serde::Serde::from(now().saturating_duration_since(c.at)),
+    )?;
+    t.end()
 }
 
 impl<S: Clone, St: Strategy> Pool<S, St> {

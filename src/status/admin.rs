@@ -1,16 +1,26 @@
-//! The admin actions of the status page: drain, undrain and weight, posted as HTML forms.
+//! The admin actions of the status page: drain, undrain and weight, posted as HTML forms
+//! (answered with a redirect to the page) or as JSON objects (answered with JSON).
 
 use bytes::Bytes;
 use http::header;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
-use super::{see_other, text, StatusPage};
+use super::{respond, see_other, text, StatusPage};
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::error::BoxError;
 
-/// The largest form body read: three short fields.
+/// The largest form or JSON body read: three short fields.
 const MAX_FORM_BYTES: usize = 16 * 1024;
+
+/// How an action was posted, and so how it is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Encoding {
+    /// `application/x-www-form-urlencoded`: `303` back to the page, errors as text.
+    Form,
+    /// `application/json`: `200` with the endpoint's new weight, errors as `{"error": ..}`.
+    Json,
+}
 
 /// An admin action, from the last segment of its path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +129,37 @@ fn parse_weight(value: Option<&str>) -> Result<u32, String> {
     }
 }
 
-/// Reads the form, applies the action, and answers `303` back to the page, or `400`/`413`/
-/// `415` with the reason.
+/// The fields of a JSON action: `{"pool": "..", "endpoint": "..", "weight": N}`.
+fn parse_json(body: &[u8]) -> Result<Form, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = value.as_object().ok_or("send a JSON object")?;
+    let string = |name: &str| -> Result<Option<String>, String> {
+        match obj.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            // A weight may be a number; its text is checked as a form's would be.
+            Some(serde_json::Value::Number(n)) if name == "weight" => Ok(Some(n.to_string())),
+            Some(other) => Err(format!("field {name:?} is not a string: {other}")),
+        }
+    };
+    Ok(Form {
+        pool: string("pool")?.ok_or("missing field \"pool\"")?,
+        endpoint: string("endpoint")?.ok_or("missing field \"endpoint\"")?,
+        weight: string("weight")?,
+    })
+}
+
+/// A JSON answer.
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut body = value.to_string();
+    body.push('\n');
+    respond(status, "application/json", body)
+}
+
+/// Reads the form or JSON object, applies the action, and answers: `303` back to the page
+/// for a form, `200` with `{"pool", "endpoint", "action", "weight"}` for JSON; `400`/`413`/
+/// `415` with the reason (as `{"error": ..}` for JSON).
 pub(super) async fn run<B>(
     page: &StatusPage,
     action: Action,
@@ -130,51 +169,77 @@ where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let form_type = req
+    let media = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            v.trim()
-                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
-        });
-    if !form_type {
-        return text(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "send the form as application/x-www-form-urlencoded",
-        );
-    }
+        .map(str::trim);
+    let encoding = match media {
+        Some(m) if m.eq_ignore_ascii_case("application/x-www-form-urlencoded") => Encoding::Form,
+        Some(m) if m.eq_ignore_ascii_case("application/json") => Encoding::Json,
+        _ => {
+            return text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the form as application/x-www-form-urlencoded, or a JSON object as \
+                 application/json",
+            )
+        }
+    };
+    let failed = |status: StatusCode, why: String| match encoding {
+        Encoding::Form => text(status, why),
+        Encoding::Json => json(status, &serde_json::json!({ "error": why })),
+    };
     let body = match Limited::new(req.into_body(), MAX_FORM_BYTES)
         .collect()
         .await
     {
         Ok(body) => body.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return text(
+            return failed(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("form too large (at most {MAX_FORM_BYTES} bytes)"),
+                format!("body too large (at most {MAX_FORM_BYTES} bytes)"),
             )
         }
         Err(e) => {
-            return text(
+            return failed(
                 StatusCode::BAD_REQUEST,
-                format!("cannot read the form: {e}"),
+                format!("cannot read the body: {e}"),
             )
         }
     };
-    match apply(page, action, &body) {
-        Ok(note) => see_other(&page.inner.path, note),
-        Err(why) => text(
+    let form = match encoding {
+        Encoding::Form => parse_form(&body),
+        Encoding::Json => parse_json(&body),
+    };
+    match form.and_then(|form| apply(page, action, &form)) {
+        Ok(done) if encoding == Encoding::Form => see_other(&page.inner.path, done.note),
+        Ok(done) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "pool": done.pool,
+                "endpoint": done.endpoint.as_str(),
+                "action": action.as_str(),
+                "weight": done.weight,
+            }),
+        ),
+        Err(why) => failed(
             StatusCode::BAD_REQUEST,
             format!("{}: {why}", action.as_str()),
         ),
     }
 }
 
-/// Applies `action` with the form in `body`; the note to answer with, or why not.
-fn apply(page: &StatusPage, action: Action, body: &[u8]) -> Result<String, String> {
-    let form = parse_form(body)?;
+/// What an applied action did.
+struct Done {
+    pool: String,
+    endpoint: EndpointId,
+    weight: u32,
+    note: String,
+}
+
+/// Applies `action` with the fields of `form`; what it did, or why not.
+fn apply(page: &StatusPage, action: Action, form: &Form) -> Result<Done, String> {
     let weight = match action {
         Action::Weight => Some(parse_weight(form.weight.as_deref())?),
         _ => None,
@@ -230,7 +295,12 @@ fn apply(page: &StatusPage, action: Action, body: &[u8]) -> Result<String, Strin
         ));
     }
     tracing::info!(pool = %form.pool, endpoint = %id, action = action.as_str(), weight = new, "status page admin action");
-    Ok(note)
+    Ok(Done {
+        pool: form.pool.clone(),
+        endpoint: id,
+        weight: new,
+        note,
+    })
 }
 
 #[cfg(test)]
@@ -259,6 +329,23 @@ mod tests {
             .unwrap_err()
             .contains("too large"));
         assert!(parse_weight(None).unwrap_err().contains("missing"));
+    }
+
+    #[test]
+    fn json_actions_are_checked() {
+        let f = parse_json(br#"{"pool": "api", "endpoint": "a:1", "weight": 3}"#).unwrap();
+        assert_eq!((f.pool.as_str(), f.endpoint.as_str()), ("api", "a:1"));
+        assert_eq!(parse_weight(f.weight.as_deref()), Ok(3));
+        let f = parse_json(br#"{"pool": "api", "endpoint": "a:1", "weight": -2}"#).unwrap();
+        assert!(parse_weight(f.weight.as_deref()).is_err());
+        assert!(parse_json(br#"{"pool": "api"}"#)
+            .unwrap_err()
+            .contains("endpoint"));
+        assert!(parse_json(br#"{"pool": 1, "endpoint": "e"}"#)
+            .unwrap_err()
+            .contains("not a string"));
+        assert!(parse_json(b"[1]").unwrap_err().contains("object"));
+        assert!(parse_json(b"{").unwrap_err().contains("not JSON"));
     }
 
     #[test]

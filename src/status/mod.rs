@@ -16,11 +16,16 @@
 //! | `GET /` | a redirect to the page |
 //!
 //! Admin actions are off unless [`StatusPage::admin`] turns them on; then the page shows their
-//! forms. A change answers `303 See Other` back to the page (so a reload does not post
-//! again); bad input (an unknown pool or endpoint, a weight that is not a number or is too
-//! large, a missing field, a body that is not `application/x-www-form-urlencoded`) gets a
-//! `400` (`415` for the content type) with a one-line reason, and changes nothing. Only
-//! `POST` changes state; other methods on an action get `405`.
+//! forms. A change posted as a form answers `303 See Other` back to the page (so a reload
+//! does not post again); bad input (an unknown pool or endpoint, a weight that is not a
+//! number or is too large, a missing field) gets a `400` with a one-line reason, and changes
+//! nothing. Only `POST` changes state; other methods on an action get `405`.
+//!
+//! Tools post the same fields as a JSON object instead (`content-type: application/json`,
+//! `{"pool": "backends", "endpoint": "127.0.0.1:3001", "weight": 3}`, the weight a number or
+//! a string) and get JSON back: `200` with `{"pool", "endpoint", "action", "weight"}` (the
+//! weight now in force), or the status with `{"error": "..."}`. Any other content type gets
+//! `415`.
 //!
 //! Drain is weight 0, as HAProxy's `set server ... state drain` and nginx's `drain`
 //! parameter: the endpoint stays in the pool and keeps its statistics and health checks, but

@@ -187,3 +187,22 @@ from_strategy!(
     Maglev,
     Ring
 );
+
+/// A strategy in a configuration file is its name (one of [`AnyStrategy::NAMES`], or an alias
+/// that [`FromStr`] accepts), with that strategy's default settings (feature `serde`).
+#[cfg(feature = "serde")]
+impl serde::Serialize for AnyStrategy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// Reads a strategy's name; an unknown name is an error that lists the known ones
+/// (feature `serde`).
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for AnyStrategy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
