@@ -24,7 +24,8 @@
 //!    |           (they speak to the balancer only through PickHints)           src/hints.rs
 //!  balance       Balancer / BalancerLayer: pick, count in flight, classify      src/balance/
 //!    |
-//!  pool          Pool: the live endpoint table, lock-free snapshots, health     src/pool/
+//!  pool          Pool: the live endpoint table, lock-free snapshots, health,    src/pool/
+//!    |           zone-aware routing
 //!  strategy      round robin, random, least connections, P2C, peak EWMA,        src/strategy/
 //!    |           Maglev, bounded-load ring
 //!  endpoint      Endpoint, its atomic state and latency histogram               src/endpoint/
@@ -36,7 +37,7 @@
 //!
 //! Beside the request path, background tasks use only the pool's public handle: active health
 //! checks, outlier detection and slow start ([`health`]), discovery ([`discover`]: static
-//! lists, `tower::discover` adapters, DNS), and metrics export (`metrics`, feature `metrics`);
+//! lists, `tower::discover` adapters, DNS, Kubernetes EndpointSlices), and metrics export (`metrics`, feature `metrics`);
 //! [`stats`] reads the pool as plain data, `status` (feature `status-page`) serves it to
 //! operators as an HTML page and JSON with drain and weight controls, and `sim` (feature
 //! `sim`) runs the same stack on a simulated fleet and clock (`sim::plot`, feature `sim-plot`,

@@ -20,6 +20,7 @@ use std::pin::pin;
 use std::task::{Context, Poll};
 
 use lbkit::hash::mix64;
+use lbkit::pool::ZoneAware;
 use lbkit::strategy::{
     AnyStrategy, LeastConnections, Maglev, PeakEwma, PickContext, PowerOfTwoChoices, Random, Ring,
     RoundRobin, Strategy,
@@ -177,6 +178,24 @@ fn round_robin_weighted_pick_does_not_allocate() {
         "the weighted pool has endpoints"
     );
     assert_eq!(pick_allocations(&pool), 0);
+}
+
+/// With zone-aware routing, local (the local zone holds its share) and spilling (it does
+/// not) alike: the routing table is built with the snapshot, not per pick.
+#[test]
+fn zone_aware_picks_do_not_allocate() {
+    let pool = Pool::builder(PowerOfTwoChoices::new())
+        .zone_aware(ZoneAware::new("z0"))
+        .build(|_: &Endpoint| Noop);
+    pool.extend((0..30).map(|i| Endpoint::new(format!("e{i}")).with_zone(format!("z{}", i % 3))));
+    assert_eq!(pool.snapshot().local_zone_share(), Some(1.0));
+    assert_eq!(pick_allocations(&pool), 0);
+    for i in (0..15).step_by(3) {
+        pool.set_down(&format!("e{i}").as_str().into(), true);
+    }
+    assert!(pool.snapshot().local_zone_share().is_some_and(|s| s < 1.0));
+    assert_eq!(pick_allocations(&pool), 0);
+    assert_eq!(hashed_pick_allocations(&pool), 0);
 }
 
 #[test]

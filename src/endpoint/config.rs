@@ -3,7 +3,8 @@
 //! An [`Endpoint`] is written either as a string (`"10.0.0.7:8080"`: id and address; any
 //! other text: a name without an address, as [`Endpoint::from`] reads it) or as a table with
 //! `addr`, `id` (default: the address), `weight` (default 1, at most [`Endpoint::MAX_WEIGHT`])
-//! and `tier` (default 0). It is serialised as the table.
+//! `tier` (default 0) and `zone` (default none; see [`Endpoint::with_zone`]). It is
+//! serialised as the table.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -51,7 +52,7 @@ impl Serialize for Health {
 
 impl Serialize for Endpoint {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut t = s.serialize_struct("Endpoint", 4)?;
+        let mut t = s.serialize_struct("Endpoint", 5)?;
         t.serialize_field("id", &self.id)?;
         match self.addr {
             Some(addr) => t.serialize_field("addr", &addr)?,
@@ -59,6 +60,10 @@ impl Serialize for Endpoint {
         }
         t.serialize_field("weight", &self.weight)?;
         t.serialize_field("tier", &self.tier)?;
+        match &self.zone {
+            Some(zone) => t.serialize_field("zone", &**zone)?,
+            None => t.skip_field("zone")?,
+        }
         t.end()
     }
 }
@@ -73,6 +78,7 @@ struct Table {
     weight: u32,
     #[serde(default)]
     tier: Tier,
+    zone: Option<String>,
 }
 
 fn one() -> u32 {
@@ -100,7 +106,7 @@ impl<'de> Deserialize<'de> for Endpoint {
             type Value = Endpoint;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an address such as \"10.0.0.7:8080\" or a table with addr, id, weight and tier")
+                f.write_str("an address such as \"10.0.0.7:8080\" or a table with addr, id, weight, tier and zone")
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Endpoint, E> {
@@ -123,6 +129,9 @@ impl<'de> Deserialize<'de> for Endpoint {
                     }
                 };
                 let mut e = Endpoint::new(id).with_weight(t.weight).with_tier(t.tier);
+                if let Some(zone) = t.zone {
+                    e = e.with_zone(zone);
+                }
                 e.addr = t.addr;
                 Ok(e)
             }
@@ -154,11 +163,12 @@ mod tests {
         let e = Endpoint::new("api-1")
             .with_addr("10.0.0.7:8080".parse().unwrap())
             .with_weight(3)
-            .with_tier(Tier::BACKUP);
+            .with_tier(Tier::BACKUP)
+            .with_zone("eu-west-1a");
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(
             json,
-            r#"{"id":"api-1","addr":"10.0.0.7:8080","weight":3,"tier":1}"#
+            r#"{"id":"api-1","addr":"10.0.0.7:8080","weight":3,"tier":1,"zone":"eu-west-1a"}"#
         );
         assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), e);
         let named = Endpoint::new("spare");

@@ -1,7 +1,8 @@
 //! Endpoints: what the balancer spreads requests over.
 //!
 //! An [`Endpoint`] describes one backend: its identity ([`EndpointId`]), an optional socket
-//! address, a weight and a [`Tier`]. The pool keeps live state beside it (in-flight requests,
+//! address, a weight, a [`Tier`] and optionally the zone it runs in (for
+//! [zone-aware routing](crate::pool::ZoneAware)). The pool keeps live state beside it (in-flight requests,
 //! latency, health) in an [`EndpointState`] whose counters are atomics, so reading and updating
 //! them on the request path takes no lock.
 
@@ -103,16 +104,18 @@ impl Tier {
     pub const BACKUP: Tier = Tier(1);
 }
 
-/// A description of one backend: id, optional address, weight and tier.
+/// A description of one backend: id, optional address, weight, tier and zone.
 ///
 /// ```
 /// use lbkit::endpoint::{Endpoint, Tier};
 ///
 /// let a = Endpoint::from("127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()).with_weight(5);
-/// let b = Endpoint::new("spare").with_tier(Tier::BACKUP);
+/// let b = Endpoint::new("spare").with_tier(Tier::BACKUP).with_zone("eu-west-1a");
 /// assert_eq!(a.id().as_str(), "127.0.0.1:8080");
 /// assert_eq!(a.weight(), 5);
 /// assert_eq!(b.tier(), Tier::BACKUP);
+/// assert_eq!(b.zone(), Some("eu-west-1a"));
+/// assert_eq!(a.zone(), None);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -120,6 +123,7 @@ pub struct Endpoint {
     addr: Option<SocketAddr>,
     weight: u32,
     tier: Tier,
+    pub(crate) zone: Option<Arc<str>>,
 }
 
 impl Endpoint {
@@ -133,6 +137,7 @@ impl Endpoint {
             addr: None,
             weight: 1,
             tier: Tier::PRIMARY,
+            zone: None,
         }
     }
 
@@ -155,6 +160,14 @@ impl Endpoint {
         self
     }
 
+    /// Sets the zone (availability zone, rack, data centre) the endpoint runs in, as
+    /// [zone-aware routing](crate::pool::ZoneAware) groups endpoints; an empty name clears it.
+    pub fn with_zone(mut self, zone: impl Into<Arc<str>>) -> Self {
+        let zone = zone.into();
+        self.zone = (!zone.is_empty()).then_some(zone);
+        self
+    }
+
     /// The endpoint's id.
     pub fn id(&self) -> &EndpointId {
         &self.id
@@ -173,6 +186,11 @@ impl Endpoint {
     /// The endpoint's tier.
     pub fn tier(&self) -> Tier {
         self.tier
+    }
+
+    /// The zone the endpoint runs in, if known.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
     }
 }
 

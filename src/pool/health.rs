@@ -264,6 +264,7 @@ impl<S: Clone, St: Strategy> Pool<S, St> {
             panic_threshold: self.inner.health.panic_threshold.load(Ordering::Relaxed),
             slow_start: self.inner.health.slow_start(),
             now_ns: clock_ns(now()),
+            zones: self.inner.zones.clone(),
         }
     }
 

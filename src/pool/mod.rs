@@ -19,11 +19,13 @@ pub(crate) mod queue;
 pub(crate) mod ramp;
 mod snapshot;
 mod task;
+mod zones;
 
 pub(crate) use check_error::CheckError;
 pub(crate) use event::{HealthChange, HealthEvent};
 pub use snapshot::Snapshot;
 pub use task::PoolTask;
+pub use zones::ZoneAware;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,9 +53,19 @@ pub struct PoolBuilder<St> {
     queue_timeout: Duration,
     failure_penalty: f64,
     retry_after_cap: Duration,
+    zones: Option<Arc<ZoneAware>>,
 }
 
 impl<St: Strategy> PoolBuilder<St> {
+    /// Turns on zone-aware routing (default off): requests stay in the balancer's own zone
+    /// while it holds its share of the healthy endpoints, and spill over the other zones in
+    /// proportion to their spare capacity otherwise. Endpoints name their zone with
+    /// [`Endpoint::with_zone`]. See [`ZoneAware`].
+    pub fn zone_aware(mut self, zones: ZoneAware) -> Self {
+        self.zones = Some(Arc::new(zones));
+        self
+    }
+
     /// Sets the latency a new endpoint is assumed to have until it answers (default 30 ms).
     pub fn default_rtt(mut self, rtt: Duration) -> Self {
         self.default_rtt = rtt;
@@ -182,6 +194,7 @@ impl<St: Strategy> PoolBuilder<St> {
             health: health::HealthHooks::new(self.panic_threshold),
             queue_size: self.queue_size,
             queue_timeout: self.queue_timeout,
+            zones: self.zones,
         };
         inner
             .shared
@@ -267,6 +280,8 @@ struct Inner<S, St: Strategy> {
     /// How many requests may wait for an endpoint under its limit, and how long.
     queue_size: u64,
     queue_timeout: Duration,
+    /// Zone-aware routing, if on.
+    zones: Option<Arc<ZoneAware>>,
 }
 
 /// A handle that does not keep the pool alive: background tasks (discovery followers, health
@@ -444,6 +459,7 @@ impl<St: Strategy> Pool<(), St> {
             queue_timeout: Duration::from_secs(5),
             failure_penalty: crate::endpoint::state::DEFAULT_FAILURE_PENALTY,
             retry_after_cap: crate::endpoint::state::DEFAULT_RETRY_AFTER_CAP,
+            zones: None,
         }
     }
 }

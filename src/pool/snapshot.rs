@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::ramp::{ramped_weight, SlowStart};
+use super::zones::{ZoneAware, ZonePlan};
 use super::{Member, Status, Table};
 use crate::endpoint::{Candidate, Candidates, Chunked, EndpointId, Tier};
 use crate::hints::PickHints;
@@ -23,7 +24,9 @@ use crate::strategy::{Delta, Edit, PickContext, Strategy};
 /// strategy updates its state from the previous one ([`Strategy::update`]), so a change of a
 /// few endpoints costs time in proportion to the change, not to the pool. A snapshot is built
 /// from scratch when the tier in use or the panic state changes, while an endpoint ramps up
-/// under slow start, and for a batch that changes more than a thirty-second of the pool.
+/// under slow start, for a batch that changes more than a thirty-second of the pool, and
+/// always with [zone-aware routing](super::ZoneAware) (which routes each pick to a zone
+/// first, then lets the strategy pick among that zone's endpoints).
 pub struct Snapshot<S, T> {
     total: usize,
     eligible: Candidates,
@@ -34,11 +37,13 @@ pub struct Snapshot<S, T> {
     panic: bool,
     /// Whether an endpoint of the snapshot was ramping up (its weights are then scaled).
     ramping: bool,
+    /// The zone routing table, while zone-aware routing applies.
+    zones: Option<ZonePlan<T>>,
     version: u64,
 }
 
 /// Pool-wide settings that shape a snapshot.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct BuildOptions {
     /// Below this percentage of healthy endpoints in the tier in use, all of them are eligible.
     pub(super) panic_threshold: u8,
@@ -46,6 +51,8 @@ pub(super) struct BuildOptions {
     pub(super) slow_start: Option<SlowStart>,
     /// Now, in the clock of [`clock_ns`](crate::endpoint::state::clock_ns).
     pub(super) now_ns: u64,
+    /// Zone-aware routing, if on.
+    pub(super) zones: Option<Arc<ZoneAware>>,
 }
 
 /// The eligible index of each endpoint id, in shards of about 64 ids each, so that a change
@@ -114,6 +121,7 @@ impl<S, T> fmt::Debug for Snapshot<S, T> {
             )
             .field("tier", &self.tier)
             .field("panic", &self.panic)
+            .field("zones", &self.zone_shares())
             .finish()
     }
 }
@@ -167,6 +175,7 @@ impl<S, T> Snapshot<S, T> {
             tier: None,
             panic: false,
             ramping: false,
+            zones: None,
             version: 0,
         }
     }
@@ -223,6 +232,18 @@ impl<S, T> Snapshot<S, T> {
         let eligible = Candidates(Chunked::from_vec(eligible));
         let index = Positions::build(&eligible);
         let state = (!eligible.is_empty()).then(|| strategy.prepare(&eligible));
+        let zones = match &options.zones {
+            Some(config) if !panic => {
+                let tier_zones = table.map.values().filter_map(|m| {
+                    let st = m.published.status?;
+                    (Some(st.tier) == tier && st.in_rotation)
+                        .then(|| m.endpoint.zone.clone())
+                        .flatten()
+                });
+                ZonePlan::build(strategy, config, &eligible, tier_zones)
+            }
+            _ => None,
+        };
         Snapshot {
             total: table.map.len(),
             eligible,
@@ -232,6 +253,7 @@ impl<S, T> Snapshot<S, T> {
             tier,
             panic,
             ramping,
+            zones,
             version,
         }
     }
@@ -250,7 +272,7 @@ impl<S, T> Snapshot<S, T> {
         St: Strategy<State = T>,
         S: Clone,
     {
-        if table.rebuild || self.ramping || self.version == 0 {
+        if table.rebuild || self.ramping || self.version == 0 || options.zones.is_some() {
             return None;
         }
         table.dirty.sort_unstable();
@@ -357,6 +379,7 @@ impl<S, T> Snapshot<S, T> {
             tier,
             panic,
             ramping: false,
+            zones: None,
             version,
         })
     }
@@ -395,6 +418,21 @@ impl<S, T> Snapshot<S, T> {
     /// them are eligible (see the [type docs](Snapshot)).
     pub fn is_panic(&self) -> bool {
         self.panic
+    }
+
+    /// The share of picks routed to the local zone while
+    /// [zone-aware routing](super::ZoneAware) applies to this snapshot (1.0: all of them
+    /// stay local), or `None` while routing is zone-unaware (off, in panic, or too few
+    /// endpoints).
+    pub fn local_zone_share(&self) -> Option<f64> {
+        self.zones.as_ref().map(ZonePlan::local_share)
+    }
+
+    /// Each zone that gets picks under [zone-aware routing](super::ZoneAware), with its
+    /// share of them (`None` for endpoints with no zone); `None` while routing is
+    /// zone-unaware.
+    pub fn zone_shares(&self) -> Option<Vec<(Option<Arc<str>>, f64)>> {
+        self.zones.as_ref().map(ZonePlan::shares)
     }
 
     /// Counts up by one with each published snapshot.
@@ -449,10 +487,26 @@ impl<S, T> Snapshot<S, T> {
                 }
             }
         }
-        match self.pick_ctx(strategy, &ctx) {
-            None if ctx.checks_backoff() => self.pick_ctx(strategy, &ctx.backing_off_at(0)),
+        match self.pick_routed(strategy, &ctx) {
+            None if ctx.checks_backoff() => self.pick_routed(strategy, &ctx.backing_off_at(0)),
             picked => picked,
         }
+    }
+
+    /// Picks in the zone the request is routed to (with zone-aware routing), and over all
+    /// eligible endpoints when that finds none allowed or routing is zone-unaware.
+    #[inline]
+    fn pick_routed<St: Strategy<State = T>>(
+        &self,
+        strategy: &St,
+        ctx: &PickContext<'_>,
+    ) -> Option<usize> {
+        if let Some(zones) = &self.zones {
+            if let Some(i) = zones.pick(strategy, ctx) {
+                return Some(i);
+            }
+        }
+        self.pick_ctx(strategy, ctx)
     }
 }
 

@@ -99,6 +99,13 @@ impl SimEndpoint {
         self
     }
 
+    /// Sets the zone it runs in (see [`ZoneAware`](crate::pool::ZoneAware)); the report
+    /// then sums the shares of each zone ([`Report::zone_share`](super::Report::zone_share)).
+    pub fn zone(mut self, zone: &str) -> Self {
+        self.endpoint = self.endpoint.with_zone(zone);
+        self
+    }
+
     /// Serves at most `n` requests at once; the others wait in line (first come, first
     /// served), and the wait counts in their latency. Without a limit (the default), every
     /// request takes its sampled latency however many there are.

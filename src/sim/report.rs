@@ -9,6 +9,8 @@ use crate::endpoint::{EndpointId, LatencySummary};
 pub struct EndpointReport {
     /// The endpoint.
     pub id: EndpointId,
+    /// The zone it runs in, if it has one.
+    pub zone: Option<std::sync::Arc<str>>,
     /// Requests it got (retries included).
     pub requests: u64,
     /// Its share of all requests the endpoints got, from 0.0 to 1.0.
@@ -75,6 +77,55 @@ impl Report {
     /// The report of one endpoint.
     pub fn endpoint(&self, id: &str) -> Option<&EndpointReport> {
         self.endpoints.iter().find(|e| e.id == id)
+    }
+
+    /// The share of the requests the endpoints of `zone` got, from 0.0 to 1.0.
+    pub fn zone_share(&self, zone: &str) -> f64 {
+        self.endpoints
+            .iter()
+            .filter(|e| e.zone.as_deref() == Some(zone))
+            .map(|e| e.share)
+            .sum()
+    }
+
+    /// The share of the requests that arrived at endpoints during `window` (from the start of
+    /// the run, in whole [timeline](Report::timeline) steps: those that start in it) that
+    /// went to the endpoints of `zone`; 0.0 when none arrived then.
+    pub fn zone_share_during(&self, zone: &str, window: std::ops::Range<Duration>) -> f64 {
+        let step = self.timeline_step.as_nanos().max(1);
+        let in_window =
+            |i: usize| window.contains(&Duration::from_nanos((i as u128 * step) as u64));
+        let (mut in_zone, mut all) = (0, 0);
+        for e in &self.endpoints {
+            let n: u64 = e
+                .timeline
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| in_window(i))
+                .map(|(_, n)| n)
+                .sum();
+            all += n;
+            if e.zone.as_deref() == Some(zone) {
+                in_zone += n;
+            }
+        }
+        ratio(in_zone, all)
+    }
+
+    /// Each zone of the endpoints, in order of first appearance, with its share of the
+    /// requests; empty when no endpoint has a zone.
+    pub fn zone_shares(&self) -> Vec<(&str, f64)> {
+        let mut zones: Vec<(&str, f64)> = Vec::new();
+        for e in &self.endpoints {
+            let Some(zone) = e.zone.as_deref() else {
+                continue;
+            };
+            match zones.iter_mut().find(|(z, _)| *z == zone) {
+                Some((_, share)) => *share += e.share,
+                None => zones.push((zone, e.share)),
+            }
+        }
+        zones
     }
 
     /// The share of the client's requests that failed, from 0.0 to 1.0.
@@ -166,6 +217,14 @@ impl fmt::Display for Report {
             )?;
         }
         row(f, "client", self.requests, &"-", self.errors, &self.latency)?;
+        let zones = self.zone_shares();
+        if !zones.is_empty() {
+            write!(f, "share per zone:")?;
+            for (zone, share) in zones {
+                write!(f, " {zone} {}", Pct(share))?;
+            }
+            writeln!(f)?;
+        }
         if self.endpoints.iter().any(|e| e.throttled > 0) {
             write!(f, "refused with 429 (not errors of the endpoint):")?;
             for e in self.endpoints.iter().filter(|e| e.throttled > 0) {

@@ -301,6 +301,7 @@ impl Scenario {
             .zip(seen)
             .map(|(s, mut seen)| EndpointReport {
                 id: s.spec().id().clone(),
+                zone: s.spec().endpoint().zone.clone(),
                 requests: seen.requests,
                 share: if total == 0 {
                     0.0

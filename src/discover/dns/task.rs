@@ -1,8 +1,6 @@
 //! The background task: poll, apply a good answer to the pool as one snapshot, keep the last
 //! good set on trouble, sleep for the TTL, stop once the pool is gone.
 
-use std::error::Error as StdError;
-use std::fmt;
 use std::pin::pin;
 use std::time::Duration;
 
@@ -10,7 +8,7 @@ use futures::future::{self, Either};
 use hickory_resolver::TokioResolver;
 use tokio::sync::watch;
 
-use super::{DnsDiscovery, DnsError};
+use super::DnsDiscovery;
 use crate::endpoint::Endpoint;
 use crate::pool::WeakPool;
 use crate::strategy::Strategy;
@@ -55,7 +53,7 @@ impl DnsDiscovery {
                 Err(_) if pool.upgrade().is_none() => return,
                 Err(e) => {
                     tracing::warn!(
-                        error = %ErrorChain(&e),
+                        error = %crate::discover::ErrorChain(&e),
                         kept = last.as_ref().map_or(0, Vec::len),
                         retry_in = ?self.retry_interval,
                         "DNS discovery keeps the last good endpoint set"
@@ -76,21 +74,6 @@ async fn sleep_while_alive(versions: &mut watch::Receiver<u64>, wait: Duration) 
     // `changed` fails once the pool (the sender) is gone; new versions just loop.
     let closed = pin!(async { while versions.changed().await.is_ok() {} });
     matches!(future::select(sleep, closed).await, Either::Left(_))
-}
-
-/// An error and its sources on one line, for logs.
-struct ErrorChain<'a>(&'a DnsError);
-
-impl fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
