@@ -101,7 +101,7 @@ impl Tier {
     pub const BACKUP: Tier = Tier(1);
 }
 
-/// A description of one backend: id, optional address, weight and tier.
+/// A description of one backend: id, optional address, optional host name, weight and tier.
 ///
 /// ```
 /// use lbkit::endpoint::{Endpoint, Tier};
@@ -116,6 +116,7 @@ impl Tier {
 pub struct Endpoint {
     id: EndpointId,
     addr: Option<SocketAddr>,
+    host: Option<Arc<str>>,
     weight: u32,
     tier: Tier,
 }
@@ -129,6 +130,7 @@ impl Endpoint {
         Endpoint {
             id: id.into(),
             addr: None,
+            host: None,
             weight: 1,
             tier: Tier::PRIMARY,
         }
@@ -137,6 +139,15 @@ impl Endpoint {
     /// Sets the socket address the endpoint's service connects to.
     pub fn with_addr(mut self, addr: SocketAddr) -> Self {
         self.addr = Some(addr);
+        self
+    }
+
+    /// Sets the host name the backend is known by (`"api.internal.example"`): the name a TLS
+    /// connection to it asks for (SNI) and checks its certificate against (see
+    /// [`Forward::tls`](crate::proxy::Forward::tls)). The address, not the name, is what is
+    /// connected to. DNS discovery sets it to the name it looked up.
+    pub fn with_host(mut self, host: impl Into<Arc<str>>) -> Self {
+        self.host = Some(host.into());
         self
     }
 
@@ -161,6 +172,16 @@ impl Endpoint {
     /// The endpoint's socket address, if it has one.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         self.addr
+    }
+
+    /// The endpoint's host name, if it has one (see [`with_host`](Endpoint::with_host)).
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    /// The host name, shared.
+    pub(crate) fn host_name(&self) -> Option<&Arc<str>> {
+        self.host.as_ref()
     }
 
     /// The endpoint's configured weight.

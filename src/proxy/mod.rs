@@ -53,7 +53,11 @@ mod http1_pool;
 #[cfg(feature = "http-proxy")]
 mod http2_pool;
 #[cfg(feature = "http-proxy")]
+mod transport;
+#[cfg(feature = "http-proxy")]
 mod tunnel;
+#[cfg(feature = "tls")]
+mod upstream_tls;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
@@ -66,3 +70,6 @@ pub use error::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardBody, ForwardFuture, UpstreamProtocol};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use upstream_tls::{UpstreamTls, UpstreamTlsBuilder};
