@@ -3,6 +3,10 @@
 //! (HTTP/1.1 and HTTP/2 by ALPN), and `Forward::tls` reaches them trusting that CA. Also the
 //! defaults of Forward's timeouts and its idle-connection settings.
 
+#[path = "../examples/reverse_proxy.rs"]
+#[allow(dead_code)]
+mod reverse_proxy;
+
 mod common;
 
 use std::convert::Infallible;
@@ -530,6 +534,47 @@ async fn idle_connections_are_capped_per_endpoint() {
         while be.open_connections() > 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    })
+    .await;
+}
+
+/// The README's proxy (`examples/reverse_proxy.rs`) with `--backend-ca` and `--backend-name`:
+/// a client speaking plain HTTP to it reaches an HTTPS backend.
+#[tokio::test]
+async fn the_readme_proxy_reaches_https_backends() {
+    within(async {
+        let ca = Ca::new("lbkit test CA");
+        let backend = tls_backend(&ca.issue(&["backend.test"]), &[b"h2", b"http/1.1"], None).await;
+        let args = reverse_proxy::Args {
+            backend_tls: Some(
+                UpstreamTls::builder()
+                    .ca_pem(ca.pem.clone())
+                    .server_name("backend.test")
+                    .build()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_pool, serving) = reverse_proxy::proxy(
+            vec![Endpoint::from(backend.addr)],
+            &args,
+            listener,
+            std::future::pending(),
+        );
+        let _serving = tokio::spawn(serving);
+        let client = common::http_client();
+        let res = client
+            .get(format!("http://{addr}/through").parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            &body[..],
+            b"HTTP/1.1 alpn=http/1.1 sni=backend.test client-cert=false /through -"
+        );
     })
     .await;
 }

@@ -179,7 +179,8 @@ impl Endpoint {
         self.host.as_deref()
     }
 
-    /// The host name, shared.
+    /// The host name, shared (for [`Forward`](crate::proxy::Forward)'s TLS).
+    #[cfg_attr(not(feature = "http-proxy"), allow(dead_code))]
     pub(crate) fn host_name(&self) -> Option<&Arc<str>> {
         self.host.as_ref()
     }
