@@ -1,7 +1,8 @@
 //! TLS from the proxy to the backends over real sockets on 127.0.0.1: a test CA made with
 //! rcgen signs the backends' certificates, the backends are hyper servers behind tokio-rustls
-//! (HTTP/1.1 and HTTP/2 by ALPN), and `Forward::tls` reaches them trusting that CA. Also the
-//! defaults of Forward's timeouts and its idle-connection settings.
+//! (HTTP/1.1 and HTTP/2 by ALPN), and `Forward::tls` reaches them trusting that CA. Also
+//! backends on Unix sockets through `Forward::connect_with`, the defaults of Forward's
+//! timeouts and its idle-connection settings.
 
 #[path = "../examples/reverse_proxy.rs"]
 #[allow(dead_code)]
@@ -568,6 +569,69 @@ async fn the_readme_proxy_reaches_https_backends() {
             &body[..],
             b"HTTP/1.1 alpn=http/1.1 sni=backend.test client-cert=false /through -"
         );
+    })
+    .await;
+}
+
+/// Backends on Unix sockets, reached through a connector of the test's own: endpoints named
+/// `app-1` and `app-2`, each socket's path looked up by the endpoint's id.
+#[cfg(unix)]
+#[tokio::test]
+async fn unix_socket_backends_through_connect_with() {
+    within(async {
+        let dir = std::env::temp_dir().join(format!("lbkit-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut servers = Vec::new();
+        for name in ["app-1", "app-2"] {
+            let path = dir.join(format!("{name}.sock"));
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            servers.push(tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let service = hyper::service::service_fn(move |_req| async move {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))))
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service),
+                    );
+                }
+            }));
+        }
+        let sockets = dir.clone();
+        let forward = Forward::<Empty<Bytes>>::new().connect_with(move |target| {
+            tokio::net::UnixStream::connect(
+                sockets.join(format!("{}.sock", target.endpoint().id())),
+            )
+        });
+        // One balancer for all four requests: round robin takes turns.
+        let svc = ServiceBuilder::new()
+            .layer(BalancerLayer::new(
+                [Endpoint::new("app-1"), Endpoint::new("app-2")],
+                RoundRobin::new(),
+            ))
+            .service(forward.clone());
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            let req = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            answers.push(String::from_utf8_lossy(&body).into_owned());
+        }
+        answers.sort();
+        assert_eq!(answers, ["app-1", "app-1", "app-2", "app-2"]);
+
+        // A socket that is not there: a connect error, not sent.
+        let e = get(vec![Endpoint::new("app-3")], forward, "/", Version::HTTP_11)
+            .await
+            .unwrap_err();
+        let f = forward_error(&*e);
+        assert!(f.is_connect() && f.is_not_sent(), "{}", chain(&*e));
+        for server in servers {
+            server.abort();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .await;
 }

@@ -179,12 +179,6 @@ impl Endpoint {
         self.host.as_deref()
     }
 
-    /// The host name, shared (for [`Forward`](crate::proxy::Forward)'s TLS).
-    #[cfg_attr(not(feature = "http-proxy"), allow(dead_code))]
-    pub(crate) fn host_name(&self) -> Option<&Arc<str>> {
-        self.host.as_ref()
-    }
-
     /// The endpoint's configured weight.
     pub fn weight(&self) -> u32 {
         self.weight

@@ -15,7 +15,7 @@ use tower_service::Service;
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
 use super::http1_pool::{Http1Pool, Returner};
 use super::http2_pool::Http2Pool;
-use super::transport::Connector;
+use super::transport::{Connector, CustomConnect};
 use super::tunnel::{ClientUpgrade, DEFAULT_IDLE_TIMEOUT};
 use super::ForwardError;
 use crate::balance::Target;
@@ -46,6 +46,8 @@ struct Config {
     /// TLS to the backends.
     #[cfg(feature = "tls")]
     tls: Option<super::UpstreamTls>,
+    /// A connector of the user's, instead of TCP and TLS.
+    custom: Option<CustomConnect>,
     /// How long an upgraded connection may pass no byte before it is closed.
     tunnel_idle_timeout: Duration,
 }
@@ -154,8 +156,8 @@ struct Clients<B> {
     http2: Http2Pool<B>,
     /// `https` over TLS (HTTP/2's `:scheme`), else `http`.
     scheme: Scheme,
-    /// Whether the pools need the endpoint's host name (for TLS).
-    tls: bool,
+    /// Whether the pools need the request's target to connect (TLS, a custom connector).
+    needs_target: bool,
 }
 
 impl<B> Clients<B>
@@ -175,7 +177,12 @@ where
             http1 = http1.with_tls(tls.connect(b"http/1.1"));
             http2 = http2.with_tls(tls.connect(b"h2"));
         }
+        if let Some(custom) = &config.custom {
+            http1 = http1.with_custom(custom.clone());
+            http2 = http2.with_custom(custom.clone());
+        }
         let scheme = http2.scheme();
+        let needs_target = http2.needs_target();
         Clients {
             http1: Http1Pool::new(
                 http1,
@@ -184,7 +191,7 @@ where
                 config.idle_timeout,
             ),
             http2: Http2Pool::new(http2),
-            tls: scheme == Scheme::HTTPS,
+            needs_target,
             scheme,
         }
     }
@@ -257,6 +264,7 @@ where
             idle_timeout: IDLE_TIMEOUT,
             #[cfg(feature = "tls")]
             tls: None,
+            custom: None,
             tunnel_idle_timeout: DEFAULT_IDLE_TIMEOUT,
         })
     }
@@ -327,6 +335,40 @@ where
     pub fn tls(self, tls: super::UpstreamTls) -> Self {
         let mut config = (*self.config).clone();
         config.tls = Some(tls);
+        Self::from_config(config)
+    }
+
+    /// Opens connections to the backends with `connect` instead of TCP (and
+    /// [`tls`](Self::tls)): any tokio byte stream, such as a Unix socket, a TLS library of
+    /// your own, or a tunnel. It is called with the request's [`Target`] (the endpoint: its
+    /// id, address and host name) whenever a pool needs a new connection, bounded by the
+    /// [`connect_timeout`](Self::connect_timeout); its error fails the request with
+    /// [`ForwardError::is_connect`]. The pools key connections by the endpoint's authority
+    /// (its address, or its id when that is `host` or `host:port`), so each endpoint needs
+    /// one: a Unix-socket backend is an endpoint named, say, `app-1`, whose path the closure
+    /// looks up. HTTP/2's `:scheme` is `http`. Starts a new connection pool.
+    ///
+    /// ```no_run
+    /// # #[cfg(unix)] {
+    /// use lbkit::proxy::Forward;
+    /// use lbkit::{strategy::RoundRobin, BalancerLayer};
+    ///
+    /// // Endpoints `app-1` and `app-2` listen on /run/app-1.sock and /run/app-2.sock.
+    /// let forward = Forward::<lbkit::server::RequestBody>::new().connect_with(|target| {
+    ///     let path = format!("/run/{}.sock", target.endpoint().id());
+    ///     tokio::net::UnixStream::connect(path)
+    /// });
+    /// let balancer = BalancerLayer::new(["app-1", "app-2"], RoundRobin::new());
+    /// # let _ = (forward, balancer); }
+    /// ```
+    pub fn connect_with<F, Fut, S>(self, connect: F) -> Self
+    where
+        F: Fn(&Target) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<S>> + Send + 'static,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut config = (*self.config).clone();
+        config.custom = Some(CustomConnect::new(connect));
         Self::from_config(config)
     }
 }
@@ -448,14 +490,12 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> ForwardFuture<B> {
         let cfg = &*self.config;
-        let Some((authority, host_name)) = req.extensions().get::<Target>().and_then(|t| {
+        let Some((authority, target)) = req.extensions().get::<Target>().and_then(|t| {
             let authority = t.authority()?.clone();
-            // Only TLS needs the host name: no reference count to touch otherwise.
-            let host_name = match self.clients.tls {
-                true => t.endpoint().host_name().cloned(),
-                false => None,
-            };
-            Some((authority, host_name))
+            // Only TLS (the host name) and a custom connector need the target: no reference
+            // count to touch otherwise.
+            let target = self.clients.needs_target.then(|| t.clone());
+            Some((authority, target))
         }) else {
             return ForwardFuture::failed(ForwardError::no_target());
         };
@@ -520,13 +560,13 @@ where
                 Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
             }
             *req.version_mut() = Version::HTTP_2;
-            let sent = self.clients.http2.send(authority.clone(), host_name, req);
+            let sent = self.clients.http2.send(authority.clone(), target, req);
             Sending::Http2(Box::pin(sent))
         } else {
             // HTTP/1.1 to an origin server: the origin form, path and query (RFC 9112 §3.2.1).
             *req.uri_mut() = Uri::from(path);
             *req.version_mut() = Version::HTTP_11;
-            let sent = self.clients.http1.send(authority.clone(), host_name, req);
+            let sent = self.clients.http1.send(authority.clone(), target, req);
             Sending::Http1(Box::pin(sent))
         };
 

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::transport::Connector;
 use super::ForwardError;
+use crate::balance::Target;
 use crate::error::BoxError;
 
 /// How many reused connections a request tries that turn out closed (a backend that closed
@@ -281,13 +282,13 @@ where
         }
     }
 
-    /// Sends `req` to `authority` on a pooled connection (or a new one, TLS asking for `host`
-    /// when on), and gives back the response with what puts the connection back when its
+    /// Sends `req` to `authority` on a pooled connection (or a new one, for which the
+    /// connector may need the `target`), and gives back the response with what puts the connection back when its
     /// body ends.
     pub(crate) fn send(
         &self,
         authority: Authority,
-        host: Option<Arc<str>>,
+        target: Option<Target>,
         mut req: Request<B>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Returner<B>), ForwardError>> + Send + 'static
     {
@@ -298,14 +299,14 @@ where
                 let (mut tx, home, fresh) = match pool.inner.checkout(&authority) {
                     Checkout::Idle(tx, home) => (tx, home, false),
                     Checkout::Connect(slot) => (
-                        pool.connect(slot, host.as_deref()).await?,
+                        pool.connect(slot, target.as_ref()).await?,
                         thread_tag(),
                         true,
                     ),
                     Checkout::Wait(rx) => match rx.await {
                         Ok(Handoff::Conn(tx, home)) => (tx, home, false),
                         Ok(Handoff::Slot(slot)) => (
-                            pool.connect(slot, host.as_deref()).await?,
+                            pool.connect(slot, target.as_ref()).await?,
                             thread_tag(),
                             true,
                         ),
@@ -347,9 +348,13 @@ where
     async fn connect(
         &self,
         mut slot: Slot<B>,
-        host: Option<&str>,
+        target: Option<&Target>,
     ) -> Result<SendRequest<B>, ForwardError> {
-        let io = self.inner.connector.connect(&slot.authority, host).await?;
+        let io = self
+            .inner
+            .connector
+            .connect(&slot.authority, target)
+            .await?;
         let (tx, conn) = http1::Builder::new()
             .handshake::<_, B>(io)
             .await

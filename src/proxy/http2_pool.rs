@@ -25,6 +25,7 @@ use hyper_util::rt::TokioExecutor;
 use super::http1_pool::Fnv;
 use super::transport::Connector;
 use super::ForwardError;
+use crate::balance::Target;
 use crate::error::BoxError;
 
 /// A connection being opened, awaited by every request that needs it meanwhile.
@@ -69,19 +70,19 @@ where
         }
     }
 
-    /// Sends `req` (its URI absolute, naming what the client asked for) to `backend` (TLS
-    /// asking for `host`, when on).
+    /// Sends `req` (its URI absolute, naming what the client asked for) to `backend` (the
+    /// connector may need its `target`).
     pub(crate) fn send(
         &self,
         backend: Authority,
-        host: Option<Arc<str>>,
+        target: Option<Target>,
         mut req: Request<B>,
     ) -> impl Future<Output = Result<Response<Incoming>, ForwardError>> + Send + 'static {
         let pool = self.clone();
         async move {
             let mut retried = false;
             loop {
-                let (mut tx, fresh) = pool.sender(&backend, &host).await?;
+                let (mut tx, fresh) = pool.sender(&backend, &target).await?;
                 if tx.ready().await.is_err() {
                     pool.forget(&backend, &tx);
                     if fresh || retried {
@@ -112,7 +113,7 @@ where
     async fn sender(
         &self,
         backend: &Authority,
-        host: &Option<Arc<str>>,
+        target: &Option<Target>,
     ) -> Result<(SendRequest<B>, bool), ForwardError> {
         let connecting = {
             let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -120,7 +121,10 @@ where
                 Some(Conn::Open(tx)) if !tx.is_closed() => return Ok((tx.clone(), false)),
                 Some(Conn::Connecting(c)) => c.clone(),
                 _ => {
-                    let c = self.connect(backend.clone(), host.clone()).boxed().shared();
+                    let c = self
+                        .connect(backend.clone(), target.clone())
+                        .boxed()
+                        .shared();
                     conns.insert(backend.clone(), Conn::Connecting(c.clone()));
                     c
                 }
@@ -157,13 +161,13 @@ where
     fn connect(
         &self,
         backend: Authority,
-        host: Option<Arc<str>>,
+        target: Option<Target>,
     ) -> impl Future<Output = Result<SendRequest<B>, Arc<ForwardError>>> + Send + 'static {
         let connector = self.inner.connector.clone();
         let inner = Arc::downgrade(&self.inner);
         async move {
             let io = connector
-                .connect(&backend, host.as_deref())
+                .connect(&backend, target.as_ref())
                 .await
                 .map_err(Arc::new)?;
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
