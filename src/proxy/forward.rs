@@ -170,7 +170,6 @@ where
     /// over TLS when it is set (each pool offering its protocol by ALPN).
     fn new(config: &Config) -> Self {
         let tcp = Connector::tcp(config.connect_timeout);
-        #[allow(unused_mut)]
         let (mut http1, mut http2) = (tcp.clone(), tcp);
         #[cfg(feature = "tls")]
         if let Some(tls) = &config.tls {
@@ -241,7 +240,7 @@ where
     /// | [`timeout`](Self::timeout) (response head) | 60 s | `proxy_read_timeout` 60 s / `timeout server` |
     /// | [`max_connections_per_endpoint`](Self::max_connections_per_endpoint) | 1024 | — / `maxconn` per server |
     /// | [`max_idle_per_endpoint`](Self::max_idle_per_endpoint) | 128 | `keepalive` (per upstream) / — |
-    /// | [`idle_timeout`](Self::idle_timeout) | 90 s | `keepalive_timeout` 60 s / `timeout server` |
+    /// | [`idle_timeout`](Self::idle_timeout) | 90 s | `keepalive_timeout` 60 s / `pool-purge-delay` 5 s |
     ///
     /// Why these: a backend that accepts no connection within 5 s is down or overloaded, and
     /// the request is better tried elsewhere (it was not sent) than held for a minute; a

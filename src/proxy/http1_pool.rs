@@ -283,8 +283,8 @@ where
     }
 
     /// Sends `req` to `authority` on a pooled connection (or a new one, for which the
-    /// connector may need the `target`), and gives back the response with what puts the connection back when its
-    /// body ends.
+    /// connector may need the `target`), and gives back the response with what puts the
+    /// connection back when its body ends.
     pub(crate) fn send(
         &self,
         authority: Authority,

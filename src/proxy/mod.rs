@@ -14,7 +14,8 @@
 //! [`UdpProxy`] UDP flows (datagrams per client address, each flow kept on one endpoint).
 //!
 //! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
-//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util). Serving the
+//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util); `UpstreamTls`
+//! (HTTPS to the backends, `Forward::tls`) needs `tls`. Serving the
 //! stack to clients (and TLS termination) is [`server`](crate::server)'s job.
 //!
 //! ```no_run
