@@ -15,9 +15,10 @@
 //! longer.
 //!
 //! The building blocks: `BalancerLayer` wraps one inner service and tells it, per call, which
-//! endpoint was picked (the `Target` request extension); the inner service here is a plain
-//! `tower::service_fn` that rewrites the URI to that host and sends with a pooled hyper-util
-//! client.
+//! endpoint was picked (the `Target` request extension); the inner service here is
+//! `TargetUri` around a pooled hyper-util client: it rewrites each call's URI to the picked
+//! host (keeping path and query) and sends. For HTTPS hosts, give the client a TLS connector
+//! (such as hyper-rustls's) and use `TargetUri::new(client).https()`.
 
 mod demo;
 
@@ -26,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{Request, Uri};
+use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use lbkit::balance::Target;
+use lbkit::balance::TargetUri;
 use lbkit::strategy::PowerOfTwoChoices;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tower::{ServiceBuilder, ServiceExt};
@@ -45,28 +46,12 @@ async fn main() -> Result<(), BoxError> {
         hosts.push(Endpoint::from(addr));
     }
 
-    // One pooled keep-alive client for all hosts.
+    // One pooled keep-alive client for all hosts; `TargetUri` points each call at the host
+    // the balancer picked.
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let send = tower::service_fn(move |mut req: Request<Empty<Bytes>>| {
-        let client = client.clone();
-        async move {
-            let host = req
-                .extensions()
-                .get::<Target>()
-                .and_then(|t| t.authority().cloned())
-                .ok_or("no target: the balancer sets it")?;
-            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            *req.uri_mut() = Uri::builder()
-                .scheme("http")
-                .authority(host)
-                .path_and_query(path)
-                .build()?;
-            Ok::<_, BoxError>(client.request(req).await?)
-        }
-    });
     let balanced = ServiceBuilder::new()
         .layer(BalancerLayer::new(hosts, PowerOfTwoChoices::new()))
-        .service(send);
+        .service(TargetUri::new(client));
 
     // 300 calls, at most 30 in flight.
     let started = Instant::now();

@@ -77,7 +77,10 @@
 //! `--trust-proxy CIDR,...` believes the forwarding headers (`X-Forwarded-For`, ...) of proxies
 //! in front, and `--proxy-protocol CIDR,...` takes the client's address from the PROXY protocol
 //! header (v1 or v2) of the L4 balancers in front (AWS NLB, HAProxy in TCP mode), refusing
-//! connections from any other peer.
+//! connections from any other peer, and `--backend-ca FILE` speaks TLS to the backends,
+//! trusting the CA certificates in FILE and checking each backend's certificate against its
+//! address, or against `--backend-name NAME` (the health check is then a TCP connect unless
+//! `--check` says otherwise).
 
 pub mod demo;
 
@@ -93,7 +96,7 @@ use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::forwarded::Cidr;
 use lbkit::health::{GrpcCheck, HealthCheck, HealthChecker, HttpCheck, OutlierDetection, TcpCheck};
 use lbkit::key::HashKeyLayer;
-use lbkit::proxy::{ErrorResponseLayer, Forward, UpstreamProtocol};
+use lbkit::proxy::{ErrorResponseLayer, Forward, UpstreamProtocol, UpstreamTls};
 use lbkit::server::{ProxyProtocol, RequestBody, Server};
 use lbkit::status::StatusPage;
 use lbkit::sticky::{StickyKey, StickyLayer};
@@ -142,6 +145,8 @@ pub struct Args {
     pub max_conns_per_backend: usize,
     /// Where to serve the status page (`--status ADDR`, a local admin port; `None`: off).
     pub status: Option<SocketAddr>,
+    /// TLS to the backends (`--backend-ca FILE`, `--backend-name NAME`); `None`: plain HTTP.
+    pub backend_tls: Option<UpstreamTls>,
 }
 
 impl Default for Args {
@@ -166,6 +171,7 @@ impl Default for Args {
             queue_timeout: Duration::from_secs(5),
             max_conns_per_backend: 256,
             status: None,
+            backend_tls: None,
         }
     }
 }
@@ -198,6 +204,7 @@ impl std::str::FromStr for Check {
 
 fn parse_args() -> Result<Args, BoxError> {
     let mut args = Args::default();
+    let (mut backend_ca, mut backend_name) = (None, None);
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
         if arg == "--sticky" || arg == "--compress" {
@@ -230,6 +237,8 @@ fn parse_args() -> Result<Args, BoxError> {
             }
             ("--max-conns-per-backend", Some(v)) => args.max_conns_per_backend = v.parse()?,
             ("--status", Some(v)) => args.status = Some(v.parse()?),
+            ("--backend-ca", Some(v)) => backend_ca = Some(v),
+            ("--backend-name", Some(v)) => backend_name = Some(v),
             ("--backends", Some(v)) => {
                 for addr in v.split(',').filter(|a| !a.is_empty()) {
                     args.backends.push(addr.parse()?);
@@ -243,11 +252,19 @@ fn parse_args() -> Result<Args, BoxError> {
                      [--upstream http1|h2|same] [--compress] [--trust-proxy CIDR,CIDR,...] \
                      [--proxy-protocol CIDR,CIDR,...] \
                      [--max-requests-per-backend N] [--queue N] [--queue-timeout-ms MS] \
-                     [--max-conns-per-backend N] [--cache MiB] [--status ADDR]"
+                     [--max-conns-per-backend N] [--cache MiB] [--status ADDR] \
+                     [--backend-ca FILE [--backend-name NAME]]"
                 );
                 std::process::exit(2);
             }
         }
+    }
+    if let Some(ca) = backend_ca {
+        let mut tls = UpstreamTls::builder().ca_file(ca);
+        if let Some(name) = backend_name {
+            tls = tls.server_name(name);
+        }
+        args.backend_tls = Some(tls.build()?);
     }
     Ok(args)
 }
@@ -344,8 +361,9 @@ pub fn proxy(
     // HTTP/2 to get a TCP check by default, as HAProxy's `proto h2` servers do, and an HTTP
     // check in HTTP/2.
     let http2 = args.upstream == UpstreamProtocol::Http2;
+    // The HTTP and gRPC checks speak no TLS: TLS backends get a TCP check by default.
     let check: Box<dyn HealthCheck> = match &args.check {
-        None if http2 => Box::new(TcpCheck::new()),
+        None if http2 || args.backend_tls.is_some() => Box::new(TcpCheck::new()),
         None => Box::new(HttpCheck::get("/")),
         Some(Check::Http(path)) if http2 => Box::new(HttpCheck::get(path).http2(true)),
         Some(Check::Http(path)) => Box::new(HttpCheck::get(path)),
@@ -355,7 +373,11 @@ pub fn proxy(
     HealthChecker::new(check)
         .interval(args.check_interval)
         .spawn(balancer.pool());
-    let forward = Forward::<ReplayBody<RequestBody>>::new()
+    let mut forward = Forward::<ReplayBody<RequestBody>>::new();
+    if let Some(tls) = &args.backend_tls {
+        forward = forward.tls(tls.clone());
+    }
+    let forward = forward
         .upstream(args.upstream)
         .max_connections_per_endpoint(args.max_conns_per_backend)
         .timeout(Duration::from_secs(10))

@@ -331,6 +331,9 @@ async fn pool_follows_a_and_aaaa_records() {
             .resolve_once()
             .await
             .unwrap();
+        // Each endpoint carries the name it was found under (without the final dot), for
+        // TLS to it.
+        assert!(once.iter().all(|e| e.host() == Some("backend.test")));
         let once: Vec<String> = once.iter().map(|e| e.id().to_string()).collect();
         assert_eq!(once, ["127.0.0.11:9000", "127.0.0.12:9000", "[::1]:9000"]);
         task.abort();
@@ -426,6 +429,12 @@ async fn srv_records_give_ports_weights_and_tiers() {
 
         let once = dns.resolve_once().await.unwrap();
         assert_eq!(described(&once), want);
+        // An SRV endpoint's host name is its record's target.
+        let hosts: Vec<_> = once.iter().map(|e| e.host()).collect();
+        assert_eq!(
+            hosts,
+            [Some("a.svc.test"), Some("b.svc.test"), Some("c.svc.test")]
+        );
 
         let pool = new_pool();
         let task = dns.clone().spawn(&pool).unwrap();

@@ -4,6 +4,8 @@
 //! certificates (mTLS) whose identity reaches the handler, session resumption and ALPN per
 //! listener. Every certificate is made with rcgen and issued by a test CA.
 
+mod common;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use lbkit::server::tls::PeerCertificate;
 use lbkit::server::tls::{CertStore, ClientAuth, TlsConfig};
 use lbkit::server::Server;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{CertificateParams, DnType, Issuer, KeyPair, SanType};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
@@ -60,15 +62,8 @@ struct Ca {
 
 impl Ca {
     fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Ca {
-            issuer: Issuer::new(params, key),
-            pem: cert.pem(),
-        }
+        let (issuer, pem) = common::test_ca(name);
+        Ca { issuer, pem }
     }
 
     /// A server certificate for `names` (ECDSA P-256, or RSA): (chain PEM with the CA after

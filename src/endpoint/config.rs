@@ -2,7 +2,8 @@
 //!
 //! An [`Endpoint`] is written either as a string (`"10.0.0.7:8080"`: id and address; any
 //! other text: a name without an address, as [`Endpoint::from`] reads it) or as a table with
-//! `addr`, `id` (default: the address), `weight` (default 1, at most [`Endpoint::MAX_WEIGHT`])
+//! `addr`, `id` (default: the address), `host` (the name TLS to the backend verifies and
+//! sends as SNI; default none), `weight` (default 1, at most [`Endpoint::MAX_WEIGHT`]),
 //! `tier` (default 0) and `zone` (default none; see [`Endpoint::with_zone`]). It is
 //! serialised as the table.
 
@@ -52,11 +53,15 @@ impl Serialize for Health {
 
 impl Serialize for Endpoint {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut t = s.serialize_struct("Endpoint", 5)?;
+        let mut t = s.serialize_struct("Endpoint", 6)?;
         t.serialize_field("id", &self.id)?;
         match self.addr {
             Some(addr) => t.serialize_field("addr", &addr)?,
             None => t.skip_field("addr")?,
+        }
+        match &self.host {
+            Some(host) => t.serialize_field("host", &**host)?,
+            None => t.skip_field("host")?,
         }
         t.serialize_field("weight", &self.weight)?;
         t.serialize_field("tier", &self.tier)?;
@@ -74,6 +79,7 @@ impl Serialize for Endpoint {
 struct Table {
     id: Option<String>,
     addr: Option<SocketAddr>,
+    host: Option<String>,
     #[serde(default = "one", deserialize_with = "weight")]
     weight: u32,
     #[serde(default)]
@@ -106,7 +112,7 @@ impl<'de> Deserialize<'de> for Endpoint {
             type Value = Endpoint;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an address such as \"10.0.0.7:8080\" or a table with addr, id, weight, tier and zone")
+                f.write_str("an address such as \"10.0.0.7:8080\" or a table with addr, id, host, weight, tier and zone")
             }
 
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Endpoint, E> {
@@ -129,6 +135,9 @@ impl<'de> Deserialize<'de> for Endpoint {
                     }
                 };
                 let mut e = Endpoint::new(id).with_weight(t.weight).with_tier(t.tier);
+                if let Some(host) = t.host.filter(|h| !h.is_empty()) {
+                    e = e.with_host(host);
+                }
                 if let Some(zone) = t.zone {
                     e = e.with_zone(zone);
                 }
@@ -162,13 +171,14 @@ mod tests {
     fn an_endpoint_round_trips_as_a_table() {
         let e = Endpoint::new("api-1")
             .with_addr("10.0.0.7:8080".parse().unwrap())
+            .with_host("api.internal")
             .with_weight(3)
             .with_tier(Tier::BACKUP)
             .with_zone("eu-west-1a");
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(
             json,
-            r#"{"id":"api-1","addr":"10.0.0.7:8080","weight":3,"tier":1,"zone":"eu-west-1a"}"#
+            r#"{"id":"api-1","addr":"10.0.0.7:8080","host":"api.internal","weight":3,"tier":1,"zone":"eu-west-1a"}"#
         );
         assert_eq!(serde_json::from_str::<Endpoint>(&json).unwrap(), e);
         let named = Endpoint::new("spare");

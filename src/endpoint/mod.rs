@@ -104,7 +104,8 @@ impl Tier {
     pub const BACKUP: Tier = Tier(1);
 }
 
-/// A description of one backend: id, optional address, weight, tier and zone.
+/// A description of one backend: id, optional address, optional host name, weight, tier and
+/// zone.
 ///
 /// ```
 /// use lbkit::endpoint::{Endpoint, Tier};
@@ -121,6 +122,7 @@ impl Tier {
 pub struct Endpoint {
     id: EndpointId,
     addr: Option<SocketAddr>,
+    host: Option<Arc<str>>,
     weight: u32,
     tier: Tier,
     pub(crate) zone: Option<Arc<str>>,
@@ -135,6 +137,7 @@ impl Endpoint {
         Endpoint {
             id: id.into(),
             addr: None,
+            host: None,
             weight: 1,
             tier: Tier::PRIMARY,
             zone: None,
@@ -144,6 +147,15 @@ impl Endpoint {
     /// Sets the socket address the endpoint's service connects to.
     pub fn with_addr(mut self, addr: SocketAddr) -> Self {
         self.addr = Some(addr);
+        self
+    }
+
+    /// Sets the host name the backend is known by (`"api.internal.example"`): the name a TLS
+    /// connection to it asks for (SNI) and checks its certificate against (see
+    /// [`Forward::tls`](crate::proxy::Forward::tls)). The address, not the name, is what is
+    /// connected to. DNS discovery sets it to the name it looked up.
+    pub fn with_host(mut self, host: impl Into<Arc<str>>) -> Self {
+        self.host = Some(host.into());
         self
     }
 
@@ -176,6 +188,11 @@ impl Endpoint {
     /// The endpoint's socket address, if it has one.
     pub fn socket_addr(&self) -> Option<SocketAddr> {
         self.addr
+    }
+
+    /// The endpoint's host name, if it has one (see [`with_host`](Endpoint::with_host)).
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
     }
 
     /// The endpoint's configured weight.

@@ -38,6 +38,8 @@ enum Kind {
     Connect,
     /// A connection was had, but closed (or not ready) before the request was written.
     Unsent,
+    /// The TLS handshake with the backend failed.
+    Tls,
     Timeout,
     Other,
 }
@@ -73,6 +75,43 @@ impl ForwardError {
         }
     }
 
+    /// The TLS handshake with the backend failed: the request never left.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    pub(crate) fn tls(e: BoxError) -> Self {
+        ForwardError {
+            kind: Kind::Tls,
+            source: Some(Box::new(NotSent::new(e))),
+        }
+    }
+
+    /// An error of the same kind, its source in words: for each of the requests that waited
+    /// on one shared connect.
+    pub(crate) fn same_kind(&self) -> Self {
+        let source = || -> BoxError {
+            let mut message = String::new();
+            let mut cur = self
+                .source
+                .as_deref()
+                .map(|e| e as &(dyn StdError + 'static));
+            while let Some(e) = cur {
+                if !message.is_empty() {
+                    message.push_str(": ");
+                }
+                message.push_str(&e.to_string());
+                cur = e.source();
+            }
+            message.into()
+        };
+        match self.kind {
+            Kind::NoTarget => Self::no_target(),
+            Kind::Timeout => Self::timeout(),
+            Kind::Connect => Self::connect(source()),
+            Kind::Unsent => Self::unsent(source()),
+            Kind::Tls => Self::tls(source()),
+            Kind::Other => Self::other(source()),
+        }
+    }
+
     /// The connection closed (or was not ready) before the request was written.
     pub(crate) fn unsent(e: BoxError) -> Self {
         ForwardError {
@@ -99,7 +138,18 @@ impl ForwardError {
     /// was written. Such a request is safe to send to another backend whatever its method; the
     /// source chain then holds a [`NotSent`] that tells the failover layer so.
     pub fn is_not_sent(&self) -> bool {
-        matches!(self.kind, Kind::Connect | Kind::Unsent)
+        matches!(self.kind, Kind::Connect | Kind::Unsent | Kind::Tls)
+    }
+
+    /// The TLS handshake with the backend failed (see
+    /// [`Forward::tls`](super::Forward::tls)): its certificate is not trusted (an unknown CA,
+    /// expired) or does not name the host asked for, it asked for a client certificate that
+    /// was not given or not accepted (TLS 1.2; under TLS 1.3 the backend refuses a client
+    /// certificate after the handshake, and the request fails as any other), or no HTTP
+    /// version was in common by ALPN. The source chain holds rustls's error. The request was
+    /// not sent ([`is_not_sent`](ForwardError::is_not_sent)).
+    pub fn is_tls(&self) -> bool {
+        self.kind == Kind::Tls
     }
 
     /// The backend did not answer in time.
@@ -129,6 +179,7 @@ impl fmt::Display for ForwardError {
             Kind::NoTarget => "request has no target endpoint",
             Kind::Connect => "could not connect to the backend",
             Kind::Unsent => "backend connection closed before the request was sent",
+            Kind::Tls => "TLS handshake with the backend failed",
             Kind::Timeout => "backend timed out",
             Kind::Other => "backend request failed",
         })

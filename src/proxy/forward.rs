@@ -8,7 +8,6 @@ use std::time::Duration;
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
@@ -16,6 +15,7 @@ use tower_service::Service;
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
 use super::http1_pool::{Http1Pool, Returner};
 use super::http2_pool::Http2Pool;
+use super::transport::{Connector, CustomConnect};
 use super::tunnel::{ClientUpgrade, DEFAULT_IDLE_TIMEOUT};
 use super::ForwardError;
 use crate::balance::Target;
@@ -35,18 +35,33 @@ struct Config {
     hide: Vec<http::HeaderName>,
     /// The protocols a client may upgrade to (lowercase).
     upgrades: Vec<&'static str>,
-    /// How long a TCP connect to a backend may take.
+    /// How long a TCP connect (and a TLS handshake) to a backend may take.
     connect_timeout: Option<Duration>,
     /// The most connections open to one backend.
     max_connections: usize,
+    /// The most idle HTTP/1.1 connections kept per backend.
+    max_idle: usize,
+    /// How long an idle HTTP/1.1 connection to a backend is kept.
+    idle_timeout: Duration,
+    /// TLS to the backends.
+    #[cfg(feature = "tls")]
+    tls: Option<super::UpstreamTls>,
+    /// A connector of the user's, instead of TCP and TLS.
+    custom: Option<CustomConnect>,
     /// How long an upgraded connection may pass no byte before it is closed.
     tunnel_idle_timeout: Duration,
 }
 
 /// The default of [`Forward::connect_timeout`].
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default of [`Forward::timeout`].
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The default of [`Forward::max_connections_per_endpoint`].
 const MAX_CONNECTIONS: usize = 1024;
+/// The default of [`Forward::max_idle_per_endpoint`].
+const MAX_IDLE: usize = 128;
+/// The default of [`Forward::idle_timeout`].
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// An HTTP reverse-proxy service: sends each request to the endpoint in its [`Target`]
 /// extension (which a [`BalancerLayer`](crate::BalancerLayer) sets) over pooled keep-alive
@@ -133,12 +148,16 @@ impl std::str::FromStr for UpstreamProtocol {
     }
 }
 
-/// The two connection pools of a [`Forward`]: HTTP/1.1 ([`Http1Pool`]) and HTTP/2 (h2c,
-/// [`Http2Pool`]: requests multiplexed on one connection per backend). The request's protocol
+/// The two connection pools of a [`Forward`]: HTTP/1.1 ([`Http1Pool`]) and HTTP/2
+/// ([`Http2Pool`]: requests multiplexed on one connection per backend). The request's protocol
 /// picks the pool. Each pool connects only when first used.
 struct Clients<B> {
     http1: Http1Pool<B>,
     http2: Http2Pool<B>,
+    /// `https` over TLS (HTTP/2's `:scheme`), else `http`.
+    scheme: Scheme,
+    /// Whether the pools need the request's target to connect (TLS, a custom connector).
+    needs_target: bool,
 }
 
 impl<B> Clients<B>
@@ -147,21 +166,35 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Both pools for `config` (the HTTP/1.1 one with its cap of connections per backend).
+    /// Both pools for `config` (the HTTP/1.1 one with its caps of connections per backend),
+    /// over TLS when it is set (each pool offering its protocol by ALPN).
     fn new(config: &Config) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        connector.set_connect_timeout(config.connect_timeout);
+        let tcp = Connector::tcp(config.connect_timeout);
+        let (mut http1, mut http2) = (tcp.clone(), tcp);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &config.tls {
+            http1 = http1.with_tls(tls.connect(b"http/1.1"));
+            http2 = http2.with_tls(tls.connect(b"h2"));
+        }
+        if let Some(custom) = &config.custom {
+            http1 = http1.with_custom(custom.clone());
+            http2 = http2.with_custom(custom.clone());
+        }
+        let scheme = http2.scheme();
+        let needs_target = http2.needs_target();
         Clients {
-            http1: Http1Pool::new(connector.clone(), config.max_connections, IDLE_TIMEOUT),
-            http2: Http2Pool::new(connector),
+            http1: Http1Pool::new(
+                http1,
+                config.max_connections,
+                config.max_idle,
+                config.idle_timeout,
+            ),
+            http2: Http2Pool::new(http2),
+            needs_target,
+            scheme,
         }
     }
 }
-
-/// How long an idle connection to a backend is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl<B> Clone for Forward<B> {
     fn clone(&self) -> Self {
@@ -197,22 +230,40 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// A forwarding service with new connection pools (idle connections kept 90 s) speaking
-    /// HTTP/1.1 to the backends ([`UpstreamProtocol::Http1`]: gRPC over HTTP/2),
-    /// `X-Forwarded-*` headers, no response timeout, a 5 s connect timeout and at most 1024
-    /// connections per backend.
+    /// A forwarding service with new connection pools speaking HTTP/1.1 without TLS to the
+    /// backends ([`UpstreamProtocol::Http1`]: gRPC over HTTP/2), `X-Forwarded-*` headers, and
+    /// these defaults:
+    ///
+    /// | setting | default | nginx / HAProxy |
+    /// |---|---|---|
+    /// | [`connect_timeout`](Self::connect_timeout) | 5 s | `proxy_connect_timeout` 60 s / `timeout connect` (5 s in the usual configuration) |
+    /// | [`timeout`](Self::timeout) (response head) | 60 s | `proxy_read_timeout` 60 s / `timeout server` |
+    /// | [`max_connections_per_endpoint`](Self::max_connections_per_endpoint) | 1024 | — / `maxconn` per server |
+    /// | [`max_idle_per_endpoint`](Self::max_idle_per_endpoint) | 128 | `keepalive` (per upstream) / — |
+    /// | [`idle_timeout`](Self::idle_timeout) | 90 s | `keepalive_timeout` 60 s / `pool-purge-delay` 5 s |
+    ///
+    /// Why these: a backend that accepts no connection within 5 s is down or overloaded, and
+    /// the request is better tried elsewhere (it was not sent) than held for a minute; a
+    /// backend that sends no response head within 60 s is stuck for most APIs, and a proxy
+    /// without a bound would hold the client, the connection and the in-flight count forever
+    /// (turn it off with [`no_timeout`](Self::no_timeout) for long polling).
     pub fn new() -> Self {
         Self::from_config(Config {
             forwarded: ForwardedHeaders::default(),
             trusted: Vec::new(),
             proto: "http",
-            timeout: None,
+            timeout: Some(RESPONSE_TIMEOUT),
             preserve_host: true,
             upstream: UpstreamProtocol::Http1,
             hide: Vec::new(),
             upgrades: vec!["websocket"],
             connect_timeout: Some(CONNECT_TIMEOUT),
             max_connections: MAX_CONNECTIONS,
+            max_idle: MAX_IDLE,
+            idle_timeout: IDLE_TIMEOUT,
+            #[cfg(feature = "tls")]
+            tls: None,
+            custom: None,
             tunnel_idle_timeout: DEFAULT_IDLE_TIMEOUT,
         })
     }
@@ -228,7 +279,8 @@ where
     /// Fails a request with [`ForwardError::is_connect`] when the TCP connection to the
     /// backend is not up within `timeout` (default 5 s, as HAProxy's usual `timeout connect`;
     /// `None`: only the operating system's own limit, which can be minutes for a host that
-    /// drops packets). Starts a new connection pool.
+    /// drops packets). With [`tls`](Self::tls), the TLS handshake gets as long again. Starts
+    /// a new connection pool.
     pub fn connect_timeout(self, timeout: Option<Duration>) -> Self {
         let mut config = (*self.config).clone();
         config.connect_timeout = timeout;
@@ -249,6 +301,73 @@ where
     pub fn max_connections_per_endpoint(self, max: usize) -> Self {
         let mut config = (*self.config).clone();
         config.max_connections = max.max(1);
+        Self::from_config(config)
+    }
+
+    /// Keeps at most `max` idle HTTP/1.1 connections to each backend (default 128, as nginx's
+    /// `keepalive`; 0 closes every connection after its response): a connection freed while
+    /// `max` are idle closes the least recently used one. Starts a new connection pool.
+    pub fn max_idle_per_endpoint(self, max: usize) -> Self {
+        let mut config = (*self.config).clone();
+        config.max_idle = max;
+        Self::from_config(config)
+    }
+
+    /// Closes an HTTP/1.1 connection to a backend that has been idle for `timeout` (default
+    /// 90 s, as hyper-util's client): keep it below the backends' own keep-alive timeout, so
+    /// that the proxy, not the backend, closes idle connections and no request meets a
+    /// connection closing under it. Idle connections are looked through as connections are
+    /// used and freed, so one may stay open longer while its backend gets no traffic. Starts
+    /// a new connection pool.
+    pub fn idle_timeout(self, timeout: Duration) -> Self {
+        let mut config = (*self.config).clone();
+        config.idle_timeout = timeout;
+        Self::from_config(config)
+    }
+
+    /// Speaks TLS to the backends (HTTPS upstreams): see [`UpstreamTls`](super::UpstreamTls)
+    /// for the certificate checks, the name asked for and how ALPN picks the HTTP version.
+    /// Requests go over HTTP/1.1 or HTTP/2 as [`upstream`](Self::upstream) says. Starts a new
+    /// connection pool.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(self, tls: super::UpstreamTls) -> Self {
+        let mut config = (*self.config).clone();
+        config.tls = Some(tls);
+        Self::from_config(config)
+    }
+
+    /// Opens connections to the backends with `connect` instead of TCP (and
+    /// [`tls`](Self::tls)): any tokio byte stream, such as a Unix socket, a TLS library of
+    /// your own, or a tunnel. It is called with the request's [`Target`] (the endpoint: its
+    /// id, address and host name) whenever a pool needs a new connection, bounded by the
+    /// [`connect_timeout`](Self::connect_timeout); its error fails the request with
+    /// [`ForwardError::is_connect`]. The pools key connections by the endpoint's authority
+    /// (its address, or its id when that is `host` or `host:port`), so each endpoint needs
+    /// one: a Unix-socket backend is an endpoint named, say, `app-1`, whose path the closure
+    /// looks up. HTTP/2's `:scheme` is `http`. Starts a new connection pool.
+    ///
+    /// ```no_run
+    /// # #[cfg(unix)] {
+    /// use lbkit::proxy::Forward;
+    /// use lbkit::{strategy::RoundRobin, BalancerLayer};
+    ///
+    /// // Endpoints `app-1` and `app-2` listen on /run/app-1.sock and /run/app-2.sock.
+    /// let forward = Forward::<lbkit::server::RequestBody>::new().connect_with(|target| {
+    ///     let path = format!("/run/{}.sock", target.endpoint().id());
+    ///     tokio::net::UnixStream::connect(path)
+    /// });
+    /// let balancer = BalancerLayer::new(["app-1", "app-2"], RoundRobin::new());
+    /// # let _ = (forward, balancer); }
+    /// ```
+    pub fn connect_with<F, Fut, S>(self, connect: F) -> Self
+    where
+        F: Fn(&Target) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<S>> + Send + 'static,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let mut config = (*self.config).clone();
+        config.custom = Some(CustomConnect::new(connect));
         Self::from_config(config)
     }
 }
@@ -323,10 +442,19 @@ impl<B> Forward<B> {
         self
     }
 
-    /// Fails a request with [`ForwardError::is_timeout`] when the backend has not sent its
-    /// response head within `timeout` (default: no limit).
+    /// Fails a request with [`ForwardError::is_timeout`] (a 504 from
+    /// [`ErrorResponseLayer`](super::ErrorResponseLayer)) when the backend has not sent its
+    /// response head within `timeout` of the request's start, connecting included (default
+    /// 60 s, as nginx's `proxy_read_timeout`). The body then streams with no limit here.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.config_mut().timeout = Some(timeout);
+        self
+    }
+
+    /// Waits for a response head as long as it takes (no [`timeout`](Self::timeout)): for
+    /// long polling, or when a layer in front bounds the request already.
+    pub fn no_timeout(mut self) -> Self {
+        self.config_mut().timeout = None;
         self
     }
 
@@ -361,11 +489,13 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> ForwardFuture<B> {
         let cfg = &*self.config;
-        let Some(authority) = req
-            .extensions()
-            .get::<Target>()
-            .and_then(|t| t.authority().cloned())
-        else {
+        let Some((authority, target)) = req.extensions().get::<Target>().and_then(|t| {
+            let authority = t.authority()?.clone();
+            // Only TLS (the host name) and a custom connector need the target: no reference
+            // count to touch otherwise.
+            let target = self.clients.needs_target.then(|| t.clone());
+            Some((authority, target))
+        }) else {
             return ForwardFuture::failed(ForwardError::no_target());
         };
         let upgrade = is_upgrade(req.headers()) && upgrade_allowed(req.headers(), &cfg.upgrades);
@@ -421,7 +551,7 @@ where
                 .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
                 .unwrap_or_else(|| authority.clone());
             let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(Scheme::HTTP);
+            parts.scheme = Some(self.clients.scheme.clone());
             parts.authority = Some(host);
             parts.path_and_query = Some(path);
             match Uri::from_parts(parts) {
@@ -429,12 +559,14 @@ where
                 Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
             }
             *req.version_mut() = Version::HTTP_2;
-            Sending::Http2(Box::pin(self.clients.http2.send(authority.clone(), req)))
+            let sent = self.clients.http2.send(authority.clone(), target, req);
+            Sending::Http2(Box::pin(sent))
         } else {
             // HTTP/1.1 to an origin server: the origin form, path and query (RFC 9112 §3.2.1).
             *req.uri_mut() = Uri::from(path);
             *req.version_mut() = Version::HTTP_11;
-            Sending::Http1(Box::pin(self.clients.http1.send(authority.clone(), req)))
+            let sent = self.clients.http1.send(authority.clone(), target, req);
+            Sending::Http1(Box::pin(sent))
         };
 
         ForwardFuture {

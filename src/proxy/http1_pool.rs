@@ -16,15 +16,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tower_service::Service;
 
+use super::transport::Connector;
 use super::ForwardError;
+use crate::balance::Target;
 use crate::error::BoxError;
 
 /// How many reused connections a request tries that turn out closed (a backend that closed
@@ -45,9 +45,11 @@ impl<B> Clone for Http1Pool<B> {
 }
 
 struct Inner<B> {
-    connector: HttpConnector,
+    connector: Connector,
     /// The most connections open to one backend at once.
     max: usize,
+    /// The most idle connections kept per backend.
+    max_idle: usize,
     /// How long a connection may stay idle in the pool.
     idle_timeout: Duration,
     hosts: Mutex<Hosts<B>>,
@@ -201,6 +203,14 @@ impl<B> Inner<B> {
                 Err(Handoff::Slot(_)) => unreachable!("a connection was sent"),
             }
         }
+        if host.idle.len() >= self.max_idle {
+            if self.max_idle == 0 {
+                // Dropped: hyper closes a connection whose sender is gone.
+                return;
+            }
+            // The least recently used goes.
+            host.idle.remove(0);
+        }
         host.idle.push(Idle {
             tx,
             since: now,
@@ -251,12 +261,18 @@ where
     B::Error: Into<BoxError>,
 {
     /// A pool connecting with `connector`, at most `max` connections per backend (at least
-    /// 1), idle ones closed after `idle_timeout`.
-    pub(crate) fn new(connector: HttpConnector, max: usize, idle_timeout: Duration) -> Self {
+    /// 1), at most `max_idle` of them idle, idle ones closed after `idle_timeout`.
+    pub(crate) fn new(
+        connector: Connector,
+        max: usize,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Self {
         Http1Pool {
             inner: Arc::new(Inner {
                 connector,
                 max: max.max(1),
+                max_idle,
                 idle_timeout,
                 hosts: Mutex::new(Hosts {
                     map: HashMap::default(),
@@ -266,11 +282,13 @@ where
         }
     }
 
-    /// Sends `req` to `authority` on a pooled connection (or a new one), and gives back the
-    /// response with what puts the connection back when its body ends.
+    /// Sends `req` to `authority` on a pooled connection (or a new one, for which the
+    /// connector may need the `target`), and gives back the response with what puts the
+    /// connection back when its body ends.
     pub(crate) fn send(
         &self,
         authority: Authority,
+        target: Option<Target>,
         mut req: Request<B>,
     ) -> impl Future<Output = Result<(Response<Incoming>, Returner<B>), ForwardError>> + Send + 'static
     {
@@ -280,10 +298,18 @@ where
             loop {
                 let (mut tx, home, fresh) = match pool.inner.checkout(&authority) {
                     Checkout::Idle(tx, home) => (tx, home, false),
-                    Checkout::Connect(slot) => (pool.connect(slot).await?, thread_tag(), true),
+                    Checkout::Connect(slot) => (
+                        pool.connect(slot, target.as_ref()).await?,
+                        thread_tag(),
+                        true,
+                    ),
                     Checkout::Wait(rx) => match rx.await {
                         Ok(Handoff::Conn(tx, home)) => (tx, home, false),
-                        Ok(Handoff::Slot(slot)) => (pool.connect(slot).await?, thread_tag(), true),
+                        Ok(Handoff::Slot(slot)) => (
+                            pool.connect(slot, target.as_ref()).await?,
+                            thread_tag(),
+                            true,
+                        ),
                         Err(_) => return Err(ForwardError::other("connection pool closed".into())),
                     },
                 };
@@ -319,18 +345,16 @@ where
 
     /// Opens a connection in `slot` (given back if this fails or is dropped) and starts its
     /// task, which frees the slot when the connection ends.
-    async fn connect(&self, mut slot: Slot<B>) -> Result<SendRequest<B>, ForwardError> {
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(slot.authority.clone())
-            .path_and_query("/")
-            .build()
-            .map_err(|e| ForwardError::other(e.into()))?;
-        let mut connector = self.inner.connector.clone();
-        let io = connector
-            .call(uri)
-            .await
-            .map_err(|e| ForwardError::connect(e.into()))?;
+    async fn connect(
+        &self,
+        mut slot: Slot<B>,
+        target: Option<&Target>,
+    ) -> Result<SendRequest<B>, ForwardError> {
+        let io = self
+            .inner
+            .connector
+            .connect(&slot.authority, target)
+            .await?;
         let (tx, conn) = http1::Builder::new()
             .handshake::<_, B>(io)
             .await

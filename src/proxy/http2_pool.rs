@@ -17,19 +17,20 @@ use std::sync::{Arc, Mutex};
 
 use futures::future::{FutureExt, Shared};
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tower_service::Service;
 
 use super::http1_pool::Fnv;
+use super::transport::Connector;
 use super::ForwardError;
+use crate::balance::Target;
 use crate::error::BoxError;
 
 /// A connection being opened, awaited by every request that needs it meanwhile.
-type Connecting<B> = Shared<Pin<Box<dyn Future<Output = Result<SendRequest<B>, Arc<str>>> + Send>>>;
+type Connecting<B> =
+    Shared<Pin<Box<dyn Future<Output = Result<SendRequest<B>, Arc<ForwardError>>> + Send>>>;
 
 enum Conn<B> {
     Open(SendRequest<B>),
@@ -50,7 +51,7 @@ impl<B> Clone for Http2Pool<B> {
 }
 
 struct Inner<B> {
-    connector: HttpConnector,
+    connector: Connector,
     conns: Mutex<HashMap<Authority, Conn<B>, BuildHasherDefault<Fnv>>>,
 }
 
@@ -60,7 +61,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    pub(crate) fn new(connector: HttpConnector) -> Self {
+    pub(crate) fn new(connector: Connector) -> Self {
         Http2Pool {
             inner: Arc::new(Inner {
                 connector,
@@ -69,17 +70,19 @@ where
         }
     }
 
-    /// Sends `req` (its URI absolute, naming what the client asked for) to `backend`.
+    /// Sends `req` (its URI absolute, naming what the client asked for) to `backend` (the
+    /// connector may need its `target`).
     pub(crate) fn send(
         &self,
         backend: Authority,
+        target: Option<Target>,
         mut req: Request<B>,
     ) -> impl Future<Output = Result<Response<Incoming>, ForwardError>> + Send + 'static {
         let pool = self.clone();
         async move {
             let mut retried = false;
             loop {
-                let (mut tx, fresh) = pool.sender(&backend).await?;
+                let (mut tx, fresh) = pool.sender(&backend, &target).await?;
                 if tx.ready().await.is_err() {
                     pool.forget(&backend, &tx);
                     if fresh || retried {
@@ -107,14 +110,21 @@ where
     }
 
     /// The backend's connection, opened if there is none (or it closed); whether it is new.
-    async fn sender(&self, backend: &Authority) -> Result<(SendRequest<B>, bool), ForwardError> {
+    async fn sender(
+        &self,
+        backend: &Authority,
+        target: &Option<Target>,
+    ) -> Result<(SendRequest<B>, bool), ForwardError> {
         let connecting = {
             let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
             match conns.get(backend) {
                 Some(Conn::Open(tx)) if !tx.is_closed() => return Ok((tx.clone(), false)),
                 Some(Conn::Connecting(c)) => c.clone(),
                 _ => {
-                    let c = self.connect(backend.clone()).boxed().shared();
+                    let c = self
+                        .connect(backend.clone(), target.clone())
+                        .boxed()
+                        .shared();
                     conns.insert(backend.clone(), Conn::Connecting(c.clone()));
                     c
                 }
@@ -133,7 +143,7 @@ where
                 if matches!(conns.get(backend), Some(Conn::Connecting(_))) {
                     conns.remove(backend);
                 }
-                Err(ForwardError::connect(e.to_string().into()))
+                Err(e.same_kind())
             }
         }
     }
@@ -151,24 +161,19 @@ where
     fn connect(
         &self,
         backend: Authority,
-    ) -> impl Future<Output = Result<SendRequest<B>, Arc<str>>> + Send + 'static {
-        let mut connector = self.inner.connector.clone();
+        target: Option<Target>,
+    ) -> impl Future<Output = Result<SendRequest<B>, Arc<ForwardError>>> + Send + 'static {
+        let connector = self.inner.connector.clone();
         let inner = Arc::downgrade(&self.inner);
         async move {
-            let uri = Uri::builder()
-                .scheme("http")
-                .authority(backend.clone())
-                .path_and_query("/")
-                .build()
-                .map_err(|e| Arc::<str>::from(e.to_string()))?;
             let io = connector
-                .call(uri)
+                .connect(&backend, target.as_ref())
                 .await
-                .map_err(|e| Arc::<str>::from(e.to_string()))?;
+                .map_err(Arc::new)?;
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .handshake::<_, B>(io)
                 .await
-                .map_err(|e| Arc::<str>::from(e.to_string()))?;
+                .map_err(|e| Arc::new(ForwardError::connect(e.into())))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, %backend, "backend HTTP/2 connection ended");

@@ -14,7 +14,8 @@
 //! [`UdpProxy`] UDP flows (datagrams per client address, each flow kept on one endpoint).
 //!
 //! [`headers`] holds the header rewriting on its own. [`Forward`], [`ErrorResponseLayer`] and
-//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util). Serving the
+//! [`ForwardError`] need the `http-proxy` cargo feature (hyper and hyper-util); `UpstreamTls`
+//! (HTTPS to the backends, `Forward::tls`) needs `tls`. Serving the
 //! stack to clients (and TLS termination) is [`server`](crate::server)'s job.
 //!
 //! ```no_run
@@ -54,7 +55,11 @@ mod http1_pool;
 #[cfg(feature = "http-proxy")]
 mod http2_pool;
 #[cfg(feature = "http-proxy")]
+mod transport;
+#[cfg(feature = "http-proxy")]
 mod tunnel;
+#[cfg(feature = "tls")]
+mod upstream_tls;
 
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
@@ -64,3 +69,6 @@ pub use error::{
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use forward::{Forward, ForwardBody, ForwardFuture, UpstreamProtocol};
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use upstream_tls::{UpstreamTls, UpstreamTlsBuilder};

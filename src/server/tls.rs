@@ -43,6 +43,7 @@ pub use config::{ClientAuth, TlsConfig};
 pub(crate) use peer::peer_certificate;
 pub use peer::{PeerCertificate, SubjectAltName};
 pub use store::{CertStore, CertStoreBuilder};
+pub(crate) use Kind as TlsErrorKind;
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -72,7 +73,7 @@ pub struct TlsError {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Io,
     BadPem,
     NoCertificate,
@@ -84,7 +85,7 @@ enum Kind {
 }
 
 impl TlsError {
-    fn new(kind: Kind, source: Option<BoxError>) -> Self {
+    pub(crate) fn new(kind: Kind, source: Option<BoxError>) -> Self {
         TlsError {
             kind,
             path: None,
@@ -92,7 +93,7 @@ impl TlsError {
         }
     }
 
-    fn at(mut self, path: &Path) -> Self {
+    pub(crate) fn at(mut self, path: &Path) -> Self {
         self.path = Some(path.to_owned());
         self
     }
@@ -222,7 +223,7 @@ pub fn server_config_from_pem_bytes(
     TlsConfig::new(certs).build()
 }
 
-fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(e, Kind::NoCertificate))?;
@@ -232,7 +233,7 @@ fn parse_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| pem_error(e, Kind::NoKey))
 }
 

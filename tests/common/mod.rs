@@ -1252,3 +1252,15 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A test certificate authority named `name` (rcgen, ECDSA P-256): what signs certificates
+/// with it, and its certificate as PEM.
+pub fn test_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (Issuer::new(params, key), cert.pem())
+}

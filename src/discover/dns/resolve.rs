@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future;
@@ -95,6 +96,9 @@ pub(super) struct Answer {
 struct EndpointSet {
     /// Address -> (tier rank, summed weight).
     by_addr: BTreeMap<SocketAddr, (u8, u32)>,
+    /// Address -> the host name it was found under (the name looked up, or the SRV target),
+    /// first found kept: the name a TLS connection to it asks for.
+    hosts: BTreeMap<SocketAddr, Arc<str>>,
 }
 
 impl EndpointSet {
@@ -107,16 +111,31 @@ impl EndpointSet {
         }
     }
 
-    fn into_endpoints(self) -> Vec<Endpoint> {
+    /// Like [`add`](Self::add), found under the host name `host`.
+    fn add_named(&mut self, addr: SocketAddr, tier: u8, weight: u32, host: &Arc<str>) {
+        self.add(addr, tier, weight);
+        self.hosts.entry(addr).or_insert_with(|| host.clone());
+    }
+
+    fn into_endpoints(mut self) -> Vec<Endpoint> {
         self.by_addr
             .into_iter()
             .map(|(addr, (tier, weight))| {
-                Endpoint::from(addr)
+                let endpoint = Endpoint::from(addr)
                     .with_weight(weight.clamp(1, Endpoint::MAX_WEIGHT))
-                    .with_tier(Tier(tier))
+                    .with_tier(Tier(tier));
+                match self.hosts.remove(&addr) {
+                    Some(host) => endpoint.with_host(host),
+                    None => endpoint,
+                }
             })
             .collect()
     }
+}
+
+/// A DNS name as a host name: without the final dot of a fully qualified name.
+fn host_name(name: &str) -> Arc<str> {
+    Arc::from(name.strip_suffix('.').unwrap_or(name))
 }
 
 /// The time left until `valid_until`.
@@ -137,9 +156,10 @@ async fn resolve_host(
     let ttl = ttl_until(lookup.valid_until());
     let mut set = EndpointSet::default();
     let mut skipped = 0usize;
+    let host = host_name(name);
     for ip in lookup.iter() {
         match filter.usable(ip) {
-            Some(ip) => set.add(SocketAddr::new(ip, port), 0, 1),
+            Some(ip) => set.add_named(SocketAddr::new(ip, port), 0, 1, &host),
             None => skipped += 1,
         }
     }
@@ -225,11 +245,13 @@ fn srv_set(records: &[&SRV], addrs: &HashMap<&Name, Vec<IpAddr>>) -> EndpointSet
     };
     let mut set = EndpointSet::default();
     for record in live {
+        let host = host_name(&record.target().to_utf8());
         for ip in &addrs[record.target()] {
-            set.add(
+            set.add_named(
                 SocketAddr::new(*ip, record.port()),
                 rank(record.priority()),
                 u32::from(record.weight()).max(1),
+                &host,
             );
         }
     }
