@@ -313,6 +313,29 @@ async fn http2_only_backends_work_with_upstream_h2_and_a_tcp_check() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_only_backend_works_with_the_default_upstream_protocol() {
+    // The default upstream protocol (HTTP/1.1) and the default check: the proxy's first request
+    // meets the backend's HTTP/2 answer on a new connection, and is sent again over HTTP/2.
+    let (backend, backend_task) = h2_only_backend("h2-only").await;
+    let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
+    let get = "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    for _ in 0..3 {
+        let answer = String::from_utf8_lossy(&raw_exchange(addr, get).await).to_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("x-version: http/2.0"), "{answer}");
+        assert!(answer.ends_with("h2-only"), "{answer}");
+    }
+    // A request with a body goes over HTTP/2 too, now that the backend is known.
+    let post = "POST /form HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\
+                connection: close\r\n\r\nhello";
+    let answer = String::from_utf8_lossy(&raw_exchange(addr, post).await).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("x-version: http/2.0"), "{answer}");
+    task.abort();
+    backend_task.abort();
+}
+
 #[tokio::test]
 async fn an_h2c_upgrade_is_not_tunnelled_to_the_backend() {
     let backend = reverse_proxy::demo::backend("backend-1")

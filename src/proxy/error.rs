@@ -15,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::grpc::{deadline_exceeded, grpc_error_response};
+use super::http1_pool::Head;
 
 use crate::error::{BoxError, Error};
 use crate::failover::{self, NotSent};
@@ -30,6 +31,8 @@ use crate::failover::{self, NotSent};
 pub struct ForwardError {
     kind: Kind,
     source: Option<BoxError>,
+    /// For [`Kind::Http2Only`]: the bodiless request, to send again over HTTP/2.
+    resend: Option<Box<Head>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +41,9 @@ enum Kind {
     Connect,
     /// A connection was had, but closed (or not ready) before the request was written.
     Unsent,
+    /// The backend answered an HTTP/1.1 request on a new connection in HTTP/2: it speaks only
+    /// HTTP/2 and did not process the request.
+    Http2Only,
     Timeout,
     Other,
 }
@@ -47,6 +53,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::NoTarget,
             source: None,
+            resend: None,
         }
     }
 
@@ -54,6 +61,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Timeout,
             source: None,
+            resend: None,
         }
     }
 
@@ -61,6 +69,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Other,
             source: Some(source),
+            resend: None,
         }
     }
 
@@ -70,6 +79,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Connect,
             source: Some(Box::new(NotSent::new(e))),
+            resend: None,
         }
     }
 
@@ -78,7 +88,26 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Unsent,
             source: Some(Box::new(NotSent::new(e))),
+            resend: None,
         }
+    }
+
+    /// The backend answered in HTTP/2 (see [`Kind::Http2Only`]); `head` to send the request
+    /// again, if it had no body.
+    pub(crate) fn http2_only(head: Option<Head>) -> Self {
+        ForwardError {
+            kind: Kind::Http2Only,
+            source: Some(Box::new(NotSent::new(BoxError::from(
+                "the backend answered HTTP/1.1 in HTTP/2",
+            )))),
+            resend: head.map(Box::new),
+        }
+    }
+
+    /// Whether the backend turned out to speak only HTTP/2; and the bodiless request, taken
+    /// out to be sent again.
+    pub(crate) fn take_http2_resend(&mut self) -> (bool, Option<Head>) {
+        (self.kind == Kind::Http2Only, self.resend.take().map(|h| *h))
     }
 
     /// A failure of hyper's client connection once the request was handed to it.
@@ -99,7 +128,7 @@ impl ForwardError {
     /// was written. Such a request is safe to send to another backend whatever its method; the
     /// source chain then holds a [`NotSent`] that tells the failover layer so.
     pub fn is_not_sent(&self) -> bool {
-        matches!(self.kind, Kind::Connect | Kind::Unsent)
+        matches!(self.kind, Kind::Connect | Kind::Unsent | Kind::Http2Only)
     }
 
     /// The backend did not answer in time.
@@ -129,6 +158,7 @@ impl fmt::Display for ForwardError {
             Kind::NoTarget => "request has no target endpoint",
             Kind::Connect => "could not connect to the backend",
             Kind::Unsent => "backend connection closed before the request was sent",
+            Kind::Http2Only => "the backend speaks only HTTP/2",
             Kind::Timeout => "backend timed out",
             Kind::Other => "backend request failed",
         })

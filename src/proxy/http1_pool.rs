@@ -296,6 +296,13 @@ where
                     stale += 1;
                     continue;
                 }
+                // On a new connection the backend may turn out to speak only HTTP/2: keep
+                // what it takes to send a bodiless request again over HTTP/2 then.
+                let head = (fresh && http_body::Body::is_end_stream(req.body())).then(|| Head {
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    headers: req.headers().clone(),
+                });
                 match tx.try_send_request(req).await {
                     Ok(res) => {
                         let returner = Returner {
@@ -310,6 +317,9 @@ where
                             req = unsent;
                         }
                         Some(_) => return Err(ForwardError::unsent(e.into_error().into())),
+                        None if fresh && answered_in_http2(e.error()) => {
+                            return Err(ForwardError::http2_only(head));
+                        }
                         None => return Err(ForwardError::from_hyper(e.into_error())),
                     },
                 }
@@ -346,6 +356,22 @@ where
         });
         Ok(tx)
     }
+}
+
+/// Whether a request on a new connection failed because the backend answered in HTTP/2: an
+/// HTTP/2-only server (a gRPC server, hyper's `http2` builder) answers an HTTP/1.1 request with
+/// its SETTINGS frame, which does not parse as an HTTP/1.1 status line ("invalid HTTP version
+/// parsed"), and never processes the request, which it reads as a bad connection preface.
+fn answered_in_http2(e: &hyper::Error) -> bool {
+    e.is_parse() && !e.is_parse_status() && e.to_string().contains("HTTP version")
+}
+
+/// What it takes to send a bodiless request again (over HTTP/2, see [`answered_in_http2`]).
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) method: http::Method,
+    pub(crate) uri: Uri,
+    pub(crate) headers: http::HeaderMap,
 }
 
 /// Puts a connection back into its pool once the response on it has ended; dropped before
