@@ -31,7 +31,7 @@ use crate::failover::{self, NotSent};
 pub struct ForwardError {
     kind: Kind,
     source: Option<BoxError>,
-    /// For [`Kind::Http2Only`]: the bodiless request, to send again over HTTP/2.
+    /// A bodiless request to send again over HTTP/2 (see [`Kind::Http2Only`]).
     resend: Option<Box<Head>>,
 }
 
@@ -104,8 +104,16 @@ impl ForwardError {
         }
     }
 
+    /// With `head` (a bodiless request that failed on a new HTTP/1.1 connection before it
+    /// was written), to be tried over HTTP/2: the backend may speak only HTTP/2.
+    pub(crate) fn resend_over_http2(mut self, head: Option<Head>) -> Self {
+        self.resend = head.map(Box::new);
+        self
+    }
+
     /// Whether the backend turned out to speak only HTTP/2; and the bodiless request, taken
-    /// out to be sent again.
+    /// out to be sent again over HTTP/2 (see [`http2_only`](Self::http2_only) and
+    /// [`resend_over_http2`](Self::resend_over_http2)).
     pub(crate) fn take_http2_resend(&mut self) -> (bool, Option<Head>) {
         (self.kind == Kind::Http2Only, self.resend.take().map(|h| *h))
     }

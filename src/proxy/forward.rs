@@ -204,7 +204,10 @@ where
     }
 
     /// Sends `req` over HTTP/1.1; if `backend` answers in HTTP/2, remembers that and sends the
-    /// request again over HTTP/2 when it has no body.
+    /// request again over HTTP/2 when it has no body. A new connection that ended before the
+    /// request was written (an HTTP/2-only backend's preface came first, or the backend
+    /// closed it) gets a bodiless request tried over HTTP/2 too: the backend is remembered as
+    /// HTTP/2-only if that answers, and the first failure is returned if not.
     async fn send_http1(
         self: Arc<Self>,
         backend: Authority,
@@ -215,11 +218,9 @@ where
             Err(e) => e,
         };
         let (http2_only, head) = e.take_http2_resend();
-        if !http2_only {
-            return Err(e);
+        if http2_only {
+            self.learned_http2_only(&backend);
         }
-        tracing::debug!(%backend, "the backend speaks only HTTP/2: HTTP/2 from now on");
-        self.http2_only.insert(&backend);
         let Some(Head {
             method,
             uri,
@@ -233,8 +234,21 @@ where
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
         let req = to_http2(req, &backend)?;
-        let res = self.http2.send(backend, req).await?;
-        Ok((res, Returner::none()))
+        match self.http2.send(backend.clone(), req).await {
+            Ok(res) => {
+                if !http2_only {
+                    self.learned_http2_only(&backend);
+                }
+                Ok((res, Returner::none()))
+            }
+            Err(h2) if http2_only => Err(h2),
+            Err(_) => Err(e),
+        }
+    }
+
+    fn learned_http2_only(&self, backend: &Authority) {
+        tracing::debug!(%backend, "the backend speaks only HTTP/2: HTTP/2 from now on");
+        self.http2_only.insert(backend);
     }
 }
 

@@ -287,15 +287,6 @@ where
                         Err(_) => return Err(ForwardError::other("connection pool closed".into())),
                     },
                 };
-                // A connection put back as its response body ended may still be finishing
-                // that response; one the backend closed while idle fails here, unsent.
-                if let Err(e) = tx.ready().await {
-                    if fresh || stale >= STALE_TRIES {
-                        return Err(ForwardError::unsent(e.into()));
-                    }
-                    stale += 1;
-                    continue;
-                }
                 // On a new connection the backend may turn out to speak only HTTP/2: keep
                 // what it takes to send a bodiless request again over HTTP/2 then.
                 let head = (fresh && http_body::Body::is_end_stream(req.body())).then(|| Head {
@@ -303,6 +294,20 @@ where
                     uri: req.uri().clone(),
                     headers: req.headers().clone(),
                 });
+                // A connection put back as its response body ended may still be finishing
+                // that response; one the backend closed while idle fails here, unsent. So
+                // does a new one to an HTTP/2-only backend whose preface (its SETTINGS frame,
+                // sent on accept) came first: hyper's connection ends on those bytes.
+                if let Err(e) = tx.ready().await {
+                    if fresh {
+                        return Err(ForwardError::unsent(e.into()).resend_over_http2(head));
+                    }
+                    if stale >= STALE_TRIES {
+                        return Err(ForwardError::unsent(e.into()));
+                    }
+                    stale += 1;
+                    continue;
+                }
                 match tx.try_send_request(req).await {
                     Ok(res) => {
                         let returner = Returner {
