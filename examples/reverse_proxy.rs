@@ -56,7 +56,8 @@
 //!   a 503 beyond it;
 //! - `Forward`: the request goes to the picked backend over pooled keep-alive connections, at
 //!   most `--max-conns-per-backend` per backend (default 256) with a 5 s connect timeout:
-//!   HTTP/1.1 by default (any backend speaks it), HTTP/2 (h2c) for every request with
+//!   HTTP/1.1 by default (any backend speaks it; one that answers in HTTP/2, an HTTP/2-only
+//!   server, gets HTTP/2 from then on), HTTP/2 (h2c) for every request with
 //!   `--upstream h2`, or the client's own protocol with `--upstream same` (for backends that
 //!   speak both); gRPC calls always go over HTTP/2. A gRPC call that fails in the proxy is
 //!   answered as gRPC (`grpc-status` 14 `UNAVAILABLE`, 4 `DEADLINE_EXCEEDED`), and its

@@ -313,6 +313,83 @@ async fn http2_only_backends_work_with_upstream_h2_and_a_tcp_check() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_only_backend_works_with_the_default_upstream_protocol() {
+    // The default upstream protocol (HTTP/1.1) and the default check: the proxy's first request
+    // meets the backend's HTTP/2 answer on a new connection, and is sent again over HTTP/2.
+    let (backend, backend_task) = h2_only_backend("h2-only").await;
+    let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
+    let get = "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    for _ in 0..3 {
+        let answer = String::from_utf8_lossy(&raw_exchange(addr, get).await).to_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("x-version: http/2.0"), "{answer}");
+        assert!(answer.ends_with("h2-only"), "{answer}");
+    }
+    // A request with a body goes over HTTP/2 too, now that the backend is known.
+    let post = "POST /form HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\
+                connection: close\r\n\r\nhello";
+    let answer = String::from_utf8_lossy(&raw_exchange(addr, post).await).to_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(answer.contains("x-version: http/2.0"), "{answer}");
+    task.abort();
+    backend_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_answering_an_http1_request_in_http2_gets_it_again_over_http2() {
+    // An HTTP/2-only server that sends its preface only once it has read something: the
+    // proxy's HTTP/1.1 request is written, and answered with an HTTP/2 SETTINGS frame.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let backend_task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 4];
+                if stream.peek(&mut first).await.is_err() {
+                    return;
+                }
+                if &first != b"PRI " {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                    // An empty SETTINGS frame, then GOAWAY (PROTOCOL_ERROR): the bad preface.
+                    let frames = [
+                        &[0, 0, 0, 4, 0, 0, 0, 0, 0][..],
+                        &[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1][..],
+                    ]
+                    .concat();
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &frames).await;
+                    return;
+                }
+                let svc =
+                    hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| {
+                        let res = http::Response::builder()
+                            .header("x-version", format!("{:?}", req.version()))
+                            .body(http_body_util::Full::new(bytes::Bytes::from(
+                                "late-preface",
+                            )))
+                            .expect("response");
+                        std::future::ready(Ok::<_, std::convert::Infallible>(res))
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+            });
+        }
+    });
+    let (addr, _pool, task) = start_proxy(vec![lbkit::Endpoint::from(backend)]).await;
+    let get = "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    for _ in 0..2 {
+        let answer = String::from_utf8_lossy(&raw_exchange(addr, get).await).to_lowercase();
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        assert!(answer.contains("x-version: http/2.0"), "{answer}");
+        assert!(answer.ends_with("late-preface"), "{answer}");
+    }
+    task.abort();
+    backend_task.abort();
+}
+
 #[tokio::test]
 async fn an_h2c_upgrade_is_not_tunnelled_to_the_backend() {
     let backend = reverse_proxy::demo::backend("backend-1")

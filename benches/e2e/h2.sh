@@ -8,6 +8,7 @@
 #   DURATION=2 ROUNDS=1 bash benches/e2e/h2.sh
 #   WORKERS=1 bash benches/e2e/h2.sh          # one worker thread/process per proxy (default 2)
 #   LBKIT_BIN=/path/to/reverse_proxy bash benches/e2e/h2.sh   # that build, not rebuilt
+#   BASELINE=/path/to/old/reverse_proxy bash benches/e2e/h2.sh   # also an older build
 #   PORT=27300 bash benches/e2e/h2.sh         # backends on PORT+1..3, proxies on PORT+100..102
 #   UPSTREAM=h2 bash benches/e2e/h2.sh        # h2 -> h2: h2c backends, lbkit `--upstream h2`,
 #                                             # HAProxy `proto h2` servers (nginx cannot: skipped)
@@ -58,10 +59,17 @@ RUST_LOG=error "$LBKIT_BIN" \
   --listen "$LBKIT" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
   --upstream "$UPSTREAM" >/dev/null 2>&1 &
 PIDS+=($!); PID[lbkit]=$!
+if [ -n "${BASELINE:-}" ]; then
+  RUST_LOG=error "$BASELINE" \
+    --listen "$BASE" --backends "$B1,$B2,$B3" --threads "$WORKERS" --strategy round_robin \
+    --upstream "$UPSTREAM" >/dev/null 2>&1 &
+  PIDS+=($!); PID[lbkit_base]=$!
+fi
 
-declare -A ADDR=([lbkit]=$LBKIT [haproxy]=$HAP [nginx]=$NGX)
+declare -A ADDR=([lbkit]=$LBKIT [haproxy]=$HAP [nginx]=$NGX [lbkit_base]=$BASE)
 ORDER=(lbkit haproxy)
 [ "$UPSTREAM" = http1 ] && ORDER+=(nginx)
+[ -n "${BASELINE:-}" ] && ORDER+=(lbkit_base)
 for a in $B1 $B2 $B3; do
   if [ "$UPSTREAM" = h2 ]; then e2e_wait_up "http://$a/" --http2-prior-knowledge
   else e2e_wait_up "http://$a/"; fi

@@ -15,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::grpc::{deadline_exceeded, grpc_error_response};
+use super::http1_pool::Head;
 
 use crate::error::{BoxError, Error};
 use crate::failover::{self, NotSent};
@@ -30,6 +31,8 @@ use crate::failover::{self, NotSent};
 pub struct ForwardError {
     kind: Kind,
     source: Option<BoxError>,
+    /// A bodiless request to send again over HTTP/2 (see [`Kind::Http2Only`]).
+    resend: Option<Box<Head>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +43,9 @@ enum Kind {
     Unsent,
     /// The TLS handshake with the backend failed.
     Tls,
+    /// The backend answered an HTTP/1.1 request on a new connection in HTTP/2: it speaks only
+    /// HTTP/2 and did not process the request.
+    Http2Only,
     Timeout,
     Other,
 }
@@ -49,6 +55,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::NoTarget,
             source: None,
+            resend: None,
         }
     }
 
@@ -56,6 +63,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Timeout,
             source: None,
+            resend: None,
         }
     }
 
@@ -63,6 +71,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Other,
             source: Some(source),
+            resend: None,
         }
     }
 
@@ -72,6 +81,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Connect,
             source: Some(Box::new(NotSent::new(e))),
+            resend: None,
         }
     }
 
@@ -81,6 +91,7 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Tls,
             source: Some(Box::new(NotSent::new(e))),
+            resend: None,
         }
     }
 
@@ -108,6 +119,7 @@ impl ForwardError {
             Kind::Connect => Self::connect(source()),
             Kind::Unsent => Self::unsent(source()),
             Kind::Tls => Self::tls(source()),
+            Kind::Http2Only => Self::http2_only(None),
             Kind::Other => Self::other(source()),
         }
     }
@@ -117,7 +129,34 @@ impl ForwardError {
         ForwardError {
             kind: Kind::Unsent,
             source: Some(Box::new(NotSent::new(e))),
+            resend: None,
         }
+    }
+
+    /// The backend answered in HTTP/2 (see [`Kind::Http2Only`]); `head` to send the request
+    /// again, if it had no body.
+    pub(crate) fn http2_only(head: Option<Head>) -> Self {
+        ForwardError {
+            kind: Kind::Http2Only,
+            source: Some(Box::new(NotSent::new(BoxError::from(
+                "the backend answered HTTP/1.1 in HTTP/2",
+            )))),
+            resend: head.map(Box::new),
+        }
+    }
+
+    /// With `head` (a bodiless request that failed on a new HTTP/1.1 connection before it
+    /// was written), to be tried over HTTP/2: the backend may speak only HTTP/2.
+    pub(crate) fn resend_over_http2(mut self, head: Option<Head>) -> Self {
+        self.resend = head.map(Box::new);
+        self
+    }
+
+    /// Whether the backend turned out to speak only HTTP/2; and the bodiless request, taken
+    /// out to be sent again over HTTP/2 (see [`http2_only`](Self::http2_only) and
+    /// [`resend_over_http2`](Self::resend_over_http2)).
+    pub(crate) fn take_http2_resend(&mut self) -> (bool, Option<Head>) {
+        (self.kind == Kind::Http2Only, self.resend.take().map(|h| *h))
     }
 
     /// A failure of hyper's client connection once the request was handed to it.
@@ -138,7 +177,10 @@ impl ForwardError {
     /// was written. Such a request is safe to send to another backend whatever its method; the
     /// source chain then holds a [`NotSent`] that tells the failover layer so.
     pub fn is_not_sent(&self) -> bool {
-        matches!(self.kind, Kind::Connect | Kind::Unsent | Kind::Tls)
+        matches!(
+            self.kind,
+            Kind::Connect | Kind::Unsent | Kind::Tls | Kind::Http2Only
+        )
     }
 
     /// The TLS handshake with the backend failed (see
@@ -180,6 +222,7 @@ impl fmt::Display for ForwardError {
             Kind::Connect => "could not connect to the backend",
             Kind::Unsent => "backend connection closed before the request was sent",
             Kind::Tls => "TLS handshake with the backend failed",
+            Kind::Http2Only => "the backend speaks only HTTP/2",
             Kind::Timeout => "backend timed out",
             Kind::Other => "backend request failed",
         })

@@ -1,10 +1,13 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use http::uri::Authority;
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
@@ -13,7 +16,7 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::headers::{hide_backend_authority, is_upgrade, remove_hop_by_hop};
-use super::http1_pool::{Http1Pool, Returner};
+use super::http1_pool::{Head, Http1Pool, Returner};
 use super::http2_pool::Http2Pool;
 use super::transport::{Connector, CustomConnect};
 use super::tunnel::{ClientUpgrade, DEFAULT_IDLE_TIMEOUT};
@@ -83,7 +86,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The protocol spoken to the backend is chosen per request (see [`UpstreamProtocol`]):
 /// HTTP/1.1 by default, HTTP/2 with [`http2`](Forward::http2), or the client's own with
 /// [`upstream`](Forward::upstream)`(UpstreamProtocol::SameAsClient)`; gRPC requests always go
-/// over HTTP/2, which gRPC requires.
+/// over HTTP/2, which gRPC requires. A backend that answers HTTP/1.1 in HTTP/2 (an
+/// HTTP/2-only server) is spoken to in HTTP/2 from then on; see [`UpstreamProtocol::Http1`].
 ///
 /// Errors are [`ForwardError`]s telling a refused connection, a timeout and other failures
 /// apart; [`ErrorResponseLayer`](super::ErrorResponseLayer) turns them into 502/503/504.
@@ -109,6 +113,13 @@ pub struct Forward<B> {
 pub enum UpstreamProtocol {
     /// HTTP/1.1 to every backend, gRPC excepted (the default: any HTTP server speaks it, so
     /// browsers' HTTP/2 requests reach HTTP/1.1-only backends too).
+    ///
+    /// A backend found to speak only HTTP/2 gets HTTP/2 (h2c) from then on, here and with
+    /// `SameAsClient`: such a server answers an HTTP/1.1 request on a new connection with an
+    /// HTTP/2 frame and never processes it. That request is sent again over HTTP/2 at once if
+    /// it had no body; one with a body fails as never sent
+    /// ([`ForwardError::is_not_sent`]), which the failover layer sends elsewhere whatever its
+    /// method.
     #[default]
     Http1,
     /// HTTP/2 (h2c) for every request: for backends that speak only HTTP/2, as most gRPC
@@ -153,11 +164,43 @@ impl std::str::FromStr for UpstreamProtocol {
 /// picks the pool. Each pool connects only when first used.
 struct Clients<B> {
     http1: Http1Pool<B>,
-    http2: Http2Pool<B>,
+    http2: Http2Pool<OrEmpty<B>>,
     /// `https` over TLS (HTTP/2's `:scheme`), else `http`.
     scheme: Scheme,
     /// Whether the pools need the request's target to connect (TLS, a custom connector).
     needs_target: bool,
+    /// The backends found to speak only HTTP/2.
+    http2_only: Http2Only,
+}
+
+/// The backends that answered HTTP/1.1 in HTTP/2, spoken to in HTTP/2 from then on: read on
+/// every request without a lock (nothing at all until one is found), written rarely.
+#[derive(Default)]
+struct Http2Only {
+    any: AtomicBool,
+    backends: ArcSwap<Vec<Authority>>,
+}
+
+impl Http2Only {
+    /// At most this many backends are remembered (a larger fleet of HTTP/2-only backends
+    /// should be given [`UpstreamProtocol::Http2`]).
+    const MAX: usize = 1024;
+
+    #[inline]
+    fn contains(&self, backend: &Authority) -> bool {
+        self.any.load(Ordering::Relaxed) && self.backends.load().contains(backend)
+    }
+
+    fn insert(&self, backend: &Authority) {
+        self.backends.rcu(|known| {
+            let mut known = Vec::clone(known);
+            if known.len() < Self::MAX && !known.contains(backend) {
+                known.push(backend.clone());
+            }
+            known
+        });
+        self.any.store(true, Ordering::Relaxed);
+    }
 }
 
 impl<B> Clients<B>
@@ -192,8 +235,128 @@ where
             http2: Http2Pool::new(http2),
             needs_target,
             scheme,
+            http2_only: Http2Only::default(),
         }
     }
+
+    /// Sends `req` over HTTP/1.1; if `backend` answers in HTTP/2, remembers that and sends the
+    /// request again over HTTP/2 when it has no body. A new connection that ended before the
+    /// request was written (an HTTP/2-only backend's preface came first, or the backend
+    /// closed it) gets a bodiless request tried over HTTP/2 too: the backend is remembered as
+    /// HTTP/2-only if that answers, and the first failure is returned if not.
+    async fn send_http1(
+        self: Arc<Self>,
+        backend: Authority,
+        target: Option<Target>,
+        req: Request<B>,
+    ) -> Result<(Response<Incoming>, Returner<B>), ForwardError> {
+        let mut e = match self.http1.send(backend.clone(), target.clone(), req).await {
+            Ok(sent) => return Ok(sent),
+            Err(e) => e,
+        };
+        let (http2_only, head) = e.take_http2_resend();
+        if http2_only {
+            self.learned_http2_only(&backend);
+        }
+        let Some(Head {
+            method,
+            uri,
+            headers,
+        }) = head
+        else {
+            return Err(e);
+        };
+        let mut req = Request::new(OrEmpty::Empty);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        let req = to_http2(req, &backend, &self.scheme)?;
+        match self.http2.send(backend.clone(), target, req).await {
+            Ok(res) => {
+                if !http2_only {
+                    self.learned_http2_only(&backend);
+                }
+                Ok((res, Returner::none()))
+            }
+            Err(h2) if http2_only => Err(h2),
+            Err(_) => Err(e),
+        }
+    }
+
+    fn learned_http2_only(&self, backend: &Authority) {
+        tracing::debug!(%backend, "the backend speaks only HTTP/2: HTTP/2 from now on");
+        self.http2_only.insert(backend);
+    }
+}
+
+/// A request body sent over HTTP/2: the request's own, or none for a request sent again
+/// (see [`Head`]).
+enum OrEmpty<B> {
+    Body(B),
+    Empty,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for OrEmpty<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        match self.get_mut() {
+            OrEmpty::Body(body) => Pin::new(body).poll_frame(cx),
+            OrEmpty::Empty => Poll::Ready(None),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OrEmpty::Body(body) => body.is_end_stream(),
+            OrEmpty::Empty => true,
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            OrEmpty::Body(body) => body.size_hint(),
+            OrEmpty::Empty => http_body::SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// Makes `req` (its headers ready for the backend, `Host` naming the host asked for) an
+/// HTTP/2 request: HTTP/2 names the host in `:authority`, taken from the URI, and sends no
+/// `Host` (RFC 9113 §8.3.1): the host the client asked for (or, without `preserve_host`, the
+/// endpoint `backend`), while the pool picks the connection by endpoint; `:scheme` is `scheme`.
+fn to_http2<B>(
+    mut req: Request<B>,
+    backend: &Authority,
+    scheme: &Scheme,
+) -> Result<Request<B>, ForwardError> {
+    let host = req
+        .headers_mut()
+        .remove(http::header::HOST)
+        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| backend.clone());
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(host);
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    match Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => return Err(ForwardError::other(e.into())),
+    }
+    *req.version_mut() = Version::HTTP_2;
+    Ok(req)
 }
 
 impl<B> Clone for Forward<B> {
@@ -500,7 +663,8 @@ where
         };
         let upgrade = is_upgrade(req.headers()) && upgrade_allowed(req.headers(), &cfg.upgrades);
         // Chosen before the headers are rewritten: from the client's version and content-type.
-        let http2 = cfg.upstream.is_http2(&req, upgrade);
+        let http2 = cfg.upstream.is_http2(&req, upgrade)
+            || (!upgrade && self.clients.http2_only.contains(&authority));
         let client_upgrade = upgrade.then(|| ClientUpgrade::take(&mut req));
         let client = req.extensions().get::<ClientAddr>().map(|c| c.0);
         // An HTTP/2 client names the host in `:authority` (the URI), not in `Host`: carry it
@@ -536,37 +700,24 @@ where
             }
         }
 
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let inner = if http2 {
-            // HTTP/2 names the host in `:authority`, taken from the URI, and sends no `Host`
-            // (RFC 9113 §8.3.1): the host the client asked for (or, without
-            // `preserve_host`, the endpoint), while the pool picks the connection by endpoint.
-            let host = req
-                .headers_mut()
-                .remove(http::header::HOST)
-                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-                .unwrap_or_else(|| authority.clone());
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(self.clients.scheme.clone());
-            parts.authority = Some(host);
-            parts.path_and_query = Some(path);
-            match Uri::from_parts(parts) {
-                Ok(uri) => *req.uri_mut() = uri,
-                Err(e) => return ForwardFuture::failed(ForwardError::other(e.into())),
-            }
-            *req.version_mut() = Version::HTTP_2;
+            let req = match to_http2(req.map(OrEmpty::Body), &authority, &self.clients.scheme) {
+                Ok(req) => req,
+                Err(e) => return ForwardFuture::failed(e),
+            };
             let sent = self.clients.http2.send(authority.clone(), target, req);
             Sending::Http2(Box::pin(sent))
         } else {
             // HTTP/1.1 to an origin server: the origin form, path and query (RFC 9112 §3.2.1).
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
             *req.uri_mut() = Uri::from(path);
             *req.version_mut() = Version::HTTP_11;
-            let sent = self.clients.http1.send(authority.clone(), target, req);
-            Sending::Http1(Box::pin(sent))
+            let clients = self.clients.clone();
+            Sending::Http1(Box::pin(clients.send_http1(authority.clone(), target, req)))
         };
 
         ForwardFuture {

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::uri::Authority;
-use http::{Request, Response};
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use tokio::sync::oneshot;
@@ -313,10 +313,22 @@ where
                         Err(_) => return Err(ForwardError::other("connection pool closed".into())),
                     },
                 };
+                // On a new connection the backend may turn out to speak only HTTP/2: keep
+                // what it takes to send a bodiless request again over HTTP/2 then.
+                let head = (fresh && http_body::Body::is_end_stream(req.body())).then(|| Head {
+                    method: req.method().clone(),
+                    uri: req.uri().clone(),
+                    headers: req.headers().clone(),
+                });
                 // A connection put back as its response body ended may still be finishing
-                // that response; one the backend closed while idle fails here, unsent.
+                // that response; one the backend closed while idle fails here, unsent. So
+                // does a new one to an HTTP/2-only backend whose preface (its SETTINGS frame,
+                // sent on accept) came first: hyper's connection ends on those bytes.
                 if let Err(e) = tx.ready().await {
-                    if fresh || stale >= STALE_TRIES {
+                    if fresh {
+                        return Err(ForwardError::unsent(e.into()).resend_over_http2(head));
+                    }
+                    if stale >= STALE_TRIES {
                         return Err(ForwardError::unsent(e.into()));
                     }
                     stale += 1;
@@ -336,6 +348,9 @@ where
                             req = unsent;
                         }
                         Some(_) => return Err(ForwardError::unsent(e.into_error().into())),
+                        None if fresh && answered_in_http2(e.error()) => {
+                            return Err(ForwardError::http2_only(head));
+                        }
                         None => return Err(ForwardError::from_hyper(e.into_error())),
                     },
                 }
@@ -370,6 +385,22 @@ where
         });
         Ok(tx)
     }
+}
+
+/// Whether a request on a new connection failed because the backend answered in HTTP/2: an
+/// HTTP/2-only server (a gRPC server, hyper's `http2` builder) answers an HTTP/1.1 request with
+/// its SETTINGS frame, which does not parse as an HTTP/1.1 status line ("invalid HTTP version
+/// parsed"), and never processes the request, which it reads as a bad connection preface.
+fn answered_in_http2(e: &hyper::Error) -> bool {
+    e.is_parse() && !e.is_parse_status() && e.to_string().contains("HTTP version")
+}
+
+/// What it takes to send a bodiless request again (over HTTP/2, see [`answered_in_http2`]).
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) method: http::Method,
+    pub(crate) uri: Uri,
+    pub(crate) headers: http::HeaderMap,
 }
 
 /// Puts a connection back into its pool once the response on it has ended; dropped before

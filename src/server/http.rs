@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use super::accept::{accept_loop_sharing, connection_slots, Drain, Listener};
 use super::body::RequestBody;
-use super::conn::{drive, started, Activity, ConnService, Driven, IdleRules};
+use super::conn::{drive, started, Activity, BoxedFutures, ConnService, Driven, IdleRules};
 use super::idle::{self, Sniffed};
 use super::workers;
 use crate::error::BoxError;
@@ -545,7 +545,7 @@ where
         };
         let activity = Arc::new(Activity::default());
         let peer = conn.peer;
-        let service = conn_service(service, &shared, conn, &activity);
+        let service = BoxedFutures(conn_service(service, &shared, conn, &activity));
         // Boxed: the connection's task (spawned per connection) stays the same small size
         // whichever way the connection is served.
         let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
