@@ -1,6 +1,7 @@
 //! The README's proxy, `examples/reverse_proxy.rs`, run as users run it (its own `proxy`
 //! function, compiled into this test), in front of real backends on 127.0.0.1: a backend
-//! killed under load costs no client a request, and traffic goes back to it once it returns.
+//! killed under load costs no client a request, and traffic goes back to it once it returns;
+//! HTTP/2-only and WebSocket-only backends work with the check that fits them.
 //!
 //! No assertion depends on how fast the machine is: the load is counted in requests, and the
 //! time limits only catch hangs.
@@ -492,4 +493,125 @@ async fn a_backend_answering_500_costs_no_client_a_500() {
         "the 500s counted against it: {bad_stats:?}"
     );
     task.abort();
+}
+
+/// A backend that speaks only WebSocket: a plain request (a health check's `GET /`) gets a
+/// 400; a WebSocket handshake is upgraded and every message echoed.
+async fn websocket_only_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let svc = hyper::service::service_fn(
+                |mut req: http::Request<hyper::body::Incoming>| async move {
+                    let builder = http::Response::builder();
+                    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+                        return builder.status(400).body(http_body_util::Full::new(
+                            bytes::Bytes::from("WebSocket only"),
+                        ));
+                    };
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on_upgrade.await else {
+                            return;
+                        };
+                        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                            hyper_util::rt::TokioIo::new(upgraded),
+                            Role::Server,
+                            None,
+                        )
+                        .await;
+                        while let Some(Ok(msg)) = ws.next().await {
+                            if msg.is_close() {
+                                break;
+                            }
+                            if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    builder
+                        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "websocket")
+                        .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+                        .body(http_body_util::Full::new(bytes::Bytes::new()))
+                },
+            );
+            conns.spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .with_upgrades(),
+            );
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_only_backend_works_with_a_tcp_check() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (backend, backend_task) = websocket_only_backend().await;
+    let args = reverse_proxy::Args {
+        check: Some(reverse_proxy::Check::Tcp),
+        check_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let endpoints = vec![lbkit::Endpoint::new("ws").with_addr(backend)];
+    let (pool, serving) = reverse_proxy::proxy(endpoints, &args, listener, std::future::pending());
+    let task = tokio::spawn(serving);
+
+    // Three rounds of the TCP check pass: the backend stays in rotation although its answer
+    // to a plain `GET /` (the default check) is a 400.
+    let mut seen = Vec::new();
+    common::wait_until(HANG, "three passed TCP checks", || {
+        let stats = pool.stats();
+        let endpoint = &stats.endpoints[0];
+        assert_eq!(
+            endpoint.health,
+            Health::Healthy,
+            "{:?}",
+            endpoint.last_check
+        );
+        if let Some(check) = &endpoint.last_check {
+            assert!(check.passed(), "{check:?}");
+            if !seen.contains(&check.at) {
+                seen.push(check.at);
+            }
+        }
+        seen.len() >= 3
+    })
+    .await;
+
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, res) = tokio::time::timeout(
+        HANG,
+        tokio_tungstenite::client_async(format!("ws://{addr}/echo"), stream),
+    )
+    .await
+    .expect("no handshake")
+    .expect("WebSocket handshake through the proxy");
+    assert_eq!(res.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..200 {
+        let msg = Message::text(format!("message {i}"));
+        ws.send(msg.clone()).await.expect("send");
+        let echo = tokio::time::timeout(HANG, ws.next())
+            .await
+            .expect("no echo")
+            .expect("stream ended")
+            .expect("echo");
+        assert_eq!(echo, msg);
+    }
+    ws.close(None).await.expect("close");
+    task.abort();
+    backend_task.abort();
 }
