@@ -290,6 +290,7 @@ impl EndpointState {
     }
 
     /// Requests now in flight to this endpoint.
+    #[inline]
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -596,6 +597,7 @@ impl EndpointState {
     }
 
     /// Counts one request as started.
+    #[inline]
     pub(crate) fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
