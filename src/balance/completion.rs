@@ -58,6 +58,7 @@ impl InFlight {
     }
 
     /// Takes over a request the pool already counted in flight at `candidate`.
+    #[inline]
     pub(crate) fn counted(candidate: Candidate) -> Self {
         InFlight {
             candidate,
@@ -67,6 +68,7 @@ impl InFlight {
     }
 
     /// The endpoint the request went to.
+    #[inline]
     pub fn candidate(&self) -> &Candidate {
         &self.candidate
     }
@@ -173,6 +175,7 @@ pub struct CompleteOnResponse;
 impl<V> TrackCompletion<InFlight, V> for CompleteOnResponse {
     type Output = V;
 
+    #[inline]
     fn track_completion(&self, _handle: InFlight, value: V) -> V {
         value
     }

@@ -257,6 +257,7 @@ impl Candidate {
     }
 
     /// The endpoint's id.
+    #[inline]
     pub fn id(&self) -> &EndpointId {
         self.endpoint.id()
     }
@@ -269,16 +270,19 @@ impl Candidate {
     /// The weight in force for this snapshot (at least 1). While an endpoint of the snapshot
     /// ramps up under [`SlowStart`](crate::health::SlowStart), all weights of the snapshot are
     /// scaled by ten, and a ramping endpoint's is reduced.
+    #[inline]
     pub fn weight(&self) -> u32 {
         self.weight
     }
 
     /// The endpoint's live state.
+    #[inline]
     pub fn state(&self) -> &Arc<EndpointState> {
         &self.state
     }
 
     /// Requests currently in flight to this endpoint.
+    #[inline]
     pub fn in_flight(&self) -> u64 {
         self.state.in_flight()
     }
