@@ -82,7 +82,7 @@ async fn main() -> Result<(), BoxError> {
     // summary.
     let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            Matcher::Full(lbkit::metrics::names::LATENCY.to_owned()),
+            Matcher::Full("lbkit_latency_seconds".to_owned()),
             &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
         )?
         .install_recorder()?;

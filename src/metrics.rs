@@ -74,37 +74,37 @@ use crate::pool::{Pool, PoolTask};
 use crate::strategy::Strategy;
 
 /// The exported metrics' names, as in the [module docs](self).
-pub mod names {
+mod names {
     /// Requests sent to an endpoint (counter).
-    pub const REQUESTS: &str = "lbkit_requests_total";
+    pub(crate) const REQUESTS: &str = "lbkit_requests_total";
     /// Failed requests of an endpoint (counter).
-    pub const ERRORS: &str = "lbkit_errors_total";
+    pub(crate) const ERRORS: &str = "lbkit_errors_total";
     /// Requests in flight to an endpoint (gauge).
-    pub const IN_FLIGHT: &str = "lbkit_in_flight";
+    pub(crate) const IN_FLIGHT: &str = "lbkit_in_flight";
     /// Latency of an endpoint's finished requests (histogram, seconds).
-    pub const LATENCY: &str = "lbkit_latency_seconds";
+    pub(crate) const LATENCY: &str = "lbkit_latency_seconds";
     /// An endpoint's peak-EWMA latency estimate (gauge, seconds).
-    pub const LATENCY_EWMA: &str = "lbkit_latency_ewma_seconds";
+    pub(crate) const LATENCY_EWMA: &str = "lbkit_latency_ewma_seconds";
     /// 1 if an endpoint is healthy, else 0 (gauge).
-    pub const HEALTHY: &str = "lbkit_endpoint_healthy";
+    pub(crate) const HEALTHY: &str = "lbkit_endpoint_healthy";
     /// 1 if an endpoint may get requests now, else 0 (gauge).
-    pub const ELIGIBLE: &str = "lbkit_endpoint_eligible";
+    pub(crate) const ELIGIBLE: &str = "lbkit_endpoint_eligible";
     /// An endpoint's failed requests in a row (gauge).
-    pub const CONSECUTIVE_FAILURES: &str = "lbkit_consecutive_failures";
+    pub(crate) const CONSECUTIVE_FAILURES: &str = "lbkit_consecutive_failures";
     /// An endpoint's configured weight (gauge).
-    pub const WEIGHT: &str = "lbkit_weight";
+    pub(crate) const WEIGHT: &str = "lbkit_weight";
     /// An endpoint's weight in force (gauge).
-    pub const EFFECTIVE_WEIGHT: &str = "lbkit_effective_weight";
+    pub(crate) const EFFECTIVE_WEIGHT: &str = "lbkit_effective_weight";
     /// Requests in flight over a pool (gauge).
-    pub const POOL_IN_FLIGHT: &str = "lbkit_pool_in_flight";
+    pub(crate) const POOL_IN_FLIGHT: &str = "lbkit_pool_in_flight";
     /// Endpoints in a pool (gauge).
-    pub const POOL_ENDPOINTS: &str = "lbkit_pool_endpoints";
+    pub(crate) const POOL_ENDPOINTS: &str = "lbkit_pool_endpoints";
     /// Endpoints of a pool that may get requests now (gauge).
-    pub const POOL_ELIGIBLE: &str = "lbkit_pool_eligible_endpoints";
+    pub(crate) const POOL_ELIGIBLE: &str = "lbkit_pool_eligible_endpoints";
     /// 1 while a pool is in panic (gauge).
-    pub const POOL_PANIC: &str = "lbkit_pool_panic";
+    pub(crate) const POOL_PANIC: &str = "lbkit_pool_panic";
     /// Always 1, labelled with the pool's strategy (gauge).
-    pub const POOL_INFO: &str = "lbkit_pool_info";
+    pub(crate) const POOL_INFO: &str = "lbkit_pool_info";
 }
 
 /// What was exported of one endpoint last time.

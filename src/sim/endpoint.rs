@@ -17,10 +17,10 @@ use crate::endpoint::{Endpoint, EndpointId, Tier};
 
 /// A request in the simulator: an HTTP request without a body, so that lbkit's HTTP layers
 /// (hash keys, failover) work on it.
-pub type SimRequest = http::Request<()>;
+pub(crate) type SimRequest = http::Request<()>;
 
 /// A simulated endpoint's response.
-pub type SimResponse = http::Response<()>;
+pub(crate) type SimResponse = http::Response<()>;
 
 /// A simulated endpoint: its latency distribution, and what happens to it over time
 /// (slowdowns, errors, outages in windows of simulated time since the start of a run).

@@ -49,8 +49,8 @@ mod report;
 mod scenario;
 mod workload;
 
-pub use endpoint::{SimEndpoint, SimError, SimRequest, SimResponse, SimService};
+pub use endpoint::{SimEndpoint, SimError, SimService};
 pub use latency::Latency;
 pub use report::{Comparison, EndpointReport, Report, TimelineStep};
-pub use scenario::{Scenario, SimCompletion, SimOutcome};
+pub use scenario::{Scenario, SimCompletion};
 pub use workload::Workload;

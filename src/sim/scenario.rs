@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::endpoint::{nanos, Ticket};
 use super::report::{Comparison, EndpointReport, Report, TimelineStep};
 use super::workload::Arrivals;
-use super::{Latency, SimEndpoint, SimRequest, SimService, Workload};
+use super::{Latency, SimEndpoint, SimService, Workload};
 use crate::balance::{InFlight, TrackCompletion};
 use crate::endpoint::state::clock_ns;
 use crate::endpoint::LatencySummary;
@@ -21,21 +21,12 @@ use crate::pool::Pool;
 use crate::strategy::{fast_rand, AnyStrategy, Strategy};
 use crate::Balancer;
 
-/// What the simulated client counts as a successful response.
-///
-/// Implemented for `http::Response`: any status but `429 Too Many Requests` and 5xx (a
-/// request a rate-limited endpoint refused, and not retried elsewhere, failed as far as the
-/// client is concerned). An error of the service is always a failure.
-pub trait SimOutcome {
-    /// Whether the client got what it asked for.
-    fn is_success(&self) -> bool;
-}
-
-impl<B> SimOutcome for http::Response<B> {
-    fn is_success(&self) -> bool {
-        let status = self.status();
-        !status.is_server_error() && status != http::StatusCode::TOO_MANY_REQUESTS
-    }
+/// What the simulated client counts as a successful response: any status but `429 Too Many
+/// Requests` and 5xx (a request a rate-limited endpoint refused, and not retried elsewhere,
+/// failed as far as the client is concerned). An error of the service is always a failure.
+fn is_success<B>(res: &http::Response<B>) -> bool {
+    let status = res.status();
+    !status.is_server_error() && status != http::StatusCode::TOO_MANY_REQUESTS
 }
 
 /// How a simulation's [`Balancer`] tracks a request (see [`TrackCompletion`]): like
@@ -158,12 +149,11 @@ impl Scenario {
     /// scenario's endpoints: wrap it in layers (failover, hash keys), or spawn health tasks on
     /// its pool (outlier detection, slow start) first. `stack` is called inside the
     /// simulation's runtime, so it may spawn tasks.
-    pub fn run_with<St, F, Svc>(&self, label: &str, strategy: St, stack: F) -> Report
+    pub fn run_with<St, F, Svc, B>(&self, label: &str, strategy: St, stack: F) -> Report
     where
         St: Strategy,
         F: FnOnce(Balancer<SimService, St, SimCompletion>) -> Svc + Send,
-        Svc: Service<SimRequest>,
-        Svc::Response: SimOutcome,
+        Svc: Service<http::Request<()>, Response = http::Response<B>>,
     {
         self.run_service(label, move |services| {
             let pool = Pool::builder(strategy).build_with_services();
@@ -180,6 +170,10 @@ impl Scenario {
     /// [`SimService`] each, in order: any tower balancer (such as `tower::balance::p2c`), or an
     /// lbkit pool with non-default settings. `make` is called inside the simulation's
     /// runtime, so it may spawn tasks.
+    ///
+    /// The client counts a response as a success unless its status is `429 Too Many Requests`
+    /// or 5xx (a request a rate-limited endpoint refused, and not retried elsewhere, failed as
+    /// far as the client is concerned); an error of the service is always a failure.
     ///
     /// Runs on a thread of its own (and so may be called from async code, which it blocks
     /// until the run ends).
@@ -211,11 +205,10 @@ impl Scenario {
     /// assert_eq!(report.requests, 1_000);
     /// assert_eq!(report.endpoints.iter().map(|e| e.requests).sum::<u64>(), 1_000);
     /// ```
-    pub fn run_service<F, Svc>(&self, label: &str, make: F) -> Report
+    pub fn run_service<F, Svc, B>(&self, label: &str, make: F) -> Report
     where
         F: FnOnce(Vec<SimService>) -> Svc + Send,
-        Svc: Service<SimRequest>,
-        Svc::Response: SimOutcome,
+        Svc: Service<http::Request<()>, Response = http::Response<B>>,
     {
         std::thread::scope(|scope| {
             let run = std::thread::Builder::new()
@@ -257,11 +250,10 @@ impl Scenario {
     }
 
     /// One run, on this thread.
-    fn run_here<F, Svc>(&self, label: &str, make: F) -> Report
+    fn run_here<F, Svc, B>(&self, label: &str, make: F) -> Report
     where
         F: FnOnce(Vec<SimService>) -> Svc,
-        Svc: Service<SimRequest>,
-        Svc::Response: SimOutcome,
+        Svc: Service<http::Request<()>, Response = http::Response<B>>,
     {
         // Start lbkit's clock before the runtime's, so simulated instants all count after it.
         clock_ns(std::time::Instant::now());
@@ -402,12 +394,11 @@ struct Run {
 }
 
 /// Waits for `fut` and tells how it went, timed from `sent`.
-async fn track<F, T, E>(start: Instant, sent: Instant, fut: F) -> Outcome
+async fn track<F, B, E>(start: Instant, sent: Instant, fut: F) -> Outcome
 where
-    F: Future<Output = Result<T, E>>,
-    T: SimOutcome,
+    F: Future<Output = Result<http::Response<B>, E>>,
 {
-    let ok = fut.await.is_ok_and(|res| res.is_success());
+    let ok = fut.await.is_ok_and(|res| is_success(&res));
     Outcome {
         sent_at: nanos(sent - start),
         latency: nanos(sent.elapsed()),
@@ -416,10 +407,9 @@ where
 }
 
 /// Sends the workload through `svc` and collects every request's outcome.
-async fn drive<Svc>(mut svc: Svc, workload: &Workload, mut rng: StdRng, start: Instant) -> Run
+async fn drive<Svc, B>(mut svc: Svc, workload: &Workload, mut rng: StdRng, start: Instant) -> Run
 where
-    Svc: Service<SimRequest>,
-    Svc::Response: SimOutcome,
+    Svc: Service<http::Request<()>, Response = http::Response<B>>,
 {
     let total = workload.requests;
     let mut outcomes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));

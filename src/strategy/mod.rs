@@ -283,7 +283,11 @@ impl<'a> PickContext<'a> {
 /// The first allowed candidate at or after `start`, wrapping around; `None` if none is allowed.
 ///
 /// Strategies fall back to this when their own choice is avoided.
-pub fn next_allowed(candidates: &Candidates, ctx: &PickContext<'_>, start: usize) -> Option<usize> {
+pub(crate) fn next_allowed(
+    candidates: &Candidates,
+    ctx: &PickContext<'_>,
+    start: usize,
+) -> Option<usize> {
     let n = candidates.len();
     (0..n)
         .map(|i| (start + i) % n)
