@@ -20,6 +20,7 @@ mod write;
 pub use chain::{Cidr, ClientIp, InvalidCidr};
 pub use layer::{ClientAddrLayer, WithClientAddr};
 pub use write::{append_forwarded, ForwardedHeaders};
+pub(crate) use write::{may_be_among, name_lengths};
 
 /// The parsers behind [`ClientIp`], public for the fuzz targets: plain functions over bytes
 /// that never panic and never allocate; anything malformed reads as "not an address".

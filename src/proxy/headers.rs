@@ -24,6 +24,21 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
 /// dropped) again at every use.
 static HOP_BY_HOP_NAMES: [HeaderName; 9] = HOP_BY_HOP;
 
+/// The lengths of the [`HOP_BY_HOP`] names as a bit set (bit `n` for a name of `n` bytes; all
+/// are shorter than 32): most names of a message (`host`, `accept`, `content-length`, ...)
+/// are ruled out by their length alone, without comparing them with each hop-by-hop name.
+const HOP_BY_HOP_LENGTHS: u32 = crate::forwarded::name_lengths(&[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+]);
+
 /// Whether the headers ask to switch protocols (`Connection: upgrade` with an `Upgrade`).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -72,6 +87,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // every name in the list, for every request and response.
     let mut present = 0u16;
     for name in headers.keys() {
+        if !crate::forwarded::may_be_among(HOP_BY_HOP_LENGTHS, name) {
+            continue;
+        }
         if let Some(i) = HOP_BY_HOP_NAMES.iter().position(|h| h == name) {
             present |= 1 << i;
         }
@@ -220,6 +238,17 @@ fn relative_if_backend(value: &str, backend: &http::uri::Authority) -> Option<He
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_length_filter_lets_every_hop_by_hop_name_through() {
+        assert!(HOP_BY_HOP
+            .iter()
+            .all(|n| crate::forwarded::may_be_among(HOP_BY_HOP_LENGTHS, n)));
+        assert!(!crate::forwarded::may_be_among(
+            HOP_BY_HOP_LENGTHS,
+            &header::HOST
+        ));
+    }
     use crate::forwarded::{append_forwarded, ForwardedHeaders};
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -56,7 +56,9 @@ struct Inner<B> {
 }
 
 struct Hosts<B> {
-    map: HashMap<Authority, Host<B>, BuildHasherDefault<Fnv>>,
+    /// Keyed by the authority's text: exact bytes, hashed and compared at once (`Authority`
+    /// itself hashes and compares a byte at a time, case-folded).
+    map: HashMap<Box<str>, Host<B>, BuildHasherDefault<Fnv>>,
     /// When idle connections were last looked through for expired ones.
     swept: Instant,
 }
@@ -150,9 +152,9 @@ impl<B> Inner<B> {
     fn checkout(self: &Arc<Self>, authority: &Authority) -> Checkout<B> {
         let mut hosts = self.hosts();
         let now = Instant::now();
-        let host = match hosts.map.get_mut(authority) {
+        let host = match hosts.map.get_mut(authority.as_str()) {
             Some(host) => host,
-            None => hosts.map.entry(authority.clone()).or_default(),
+            None => hosts.map.entry(authority.as_str().into()).or_default(),
         };
         // Prefer a connection served by this thread, among the most recently idle.
         let me = thread_tag();
@@ -192,7 +194,7 @@ impl<B> Inner<B> {
             hosts.swept = now;
             self.sweep(&mut hosts, now);
         }
-        let Some(host) = hosts.map.get_mut(authority) else {
+        let Some(host) = hosts.map.get_mut(authority.as_str()) else {
             return;
         };
         while let Some(waiter) = host.waiters.pop_front() {
@@ -221,7 +223,7 @@ impl<B> Inner<B> {
     /// A connection's task ended: its slot goes to a waiting request, or is free.
     fn closed(self: &Arc<Self>, authority: &Authority) {
         let mut hosts = self.hosts();
-        let Some(host) = hosts.map.get_mut(authority) else {
+        let Some(host) = hosts.map.get_mut(authority.as_str()) else {
             return;
         };
         let mut slot = Slot {
@@ -241,7 +243,7 @@ impl<B> Inner<B> {
         slot.armed = false;
         host.open = host.open.saturating_sub(1);
         if host.open == 0 && host.idle.is_empty() {
-            hosts.map.remove(authority);
+            hosts.map.remove(authority.as_str());
         }
     }
 
@@ -437,8 +439,8 @@ impl<B> std::fmt::Debug for Returner<B> {
     }
 }
 
-/// FNV-1a for the pool's map: `Authority` hashes itself a byte at a time (lowercased), which
-/// the standard SipHash makes cost several hundred instructions per request. The keys are the
+/// FNV-1a for the pools' maps (keyed by an authority's text): the standard SipHash would cost
+/// a few hundred instructions per request. The keys are the
 /// balancer's own endpoints, not a client's input, so a hash-flooding defence buys nothing.
 #[derive(Clone, Copy)]
 pub(super) struct Fnv(u64);

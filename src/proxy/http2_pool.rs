@@ -52,7 +52,8 @@ impl<B> Clone for Http2Pool<B> {
 
 struct Inner<B> {
     connector: Connector,
-    conns: Mutex<HashMap<Authority, Conn<B>, BuildHasherDefault<Fnv>>>,
+    /// Keyed by the authority's text (see `http1_pool`'s map).
+    conns: Mutex<HashMap<Box<str>, Conn<B>, BuildHasherDefault<Fnv>>>,
 }
 
 impl<B> Http2Pool<B>
@@ -117,7 +118,7 @@ where
     ) -> Result<(SendRequest<B>, bool), ForwardError> {
         let connecting = {
             let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-            match conns.get(backend) {
+            match conns.get(backend.as_str()) {
                 Some(Conn::Open(tx)) if !tx.is_closed() => return Ok((tx.clone(), false)),
                 Some(Conn::Connecting(c)) => c.clone(),
                 _ => {
@@ -125,7 +126,7 @@ where
                         .connect(backend.clone(), target.clone())
                         .boxed()
                         .shared();
-                    conns.insert(backend.clone(), Conn::Connecting(c.clone()));
+                    conns.insert(backend.as_str().into(), Conn::Connecting(c.clone()));
                     c
                 }
             }
@@ -134,14 +135,14 @@ where
         let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(tx) => {
-                if matches!(conns.get(backend), Some(Conn::Connecting(_))) {
-                    conns.insert(backend.clone(), Conn::Open(tx.clone()));
+                if matches!(conns.get(backend.as_str()), Some(Conn::Connecting(_))) {
+                    conns.insert(backend.as_str().into(), Conn::Open(tx.clone()));
                 }
                 Ok((tx, true))
             }
             Err(e) => {
-                if matches!(conns.get(backend), Some(Conn::Connecting(_))) {
-                    conns.remove(backend);
+                if matches!(conns.get(backend.as_str()), Some(Conn::Connecting(_))) {
+                    conns.remove(backend.as_str());
                 }
                 Err(e.same_kind())
             }
@@ -151,9 +152,9 @@ where
     /// Drops `tx`'s connection from the pool if it is still the backend's.
     fn forget(&self, backend: &Authority, tx: &SendRequest<B>) {
         let mut conns = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(Conn::Open(open)) = conns.get(backend) {
+        if let Some(Conn::Open(open)) = conns.get(backend.as_str()) {
             if open.is_closed() || tx.is_closed() {
-                conns.remove(backend);
+                conns.remove(backend.as_str());
             }
         }
     }
@@ -181,8 +182,9 @@ where
                 // Gone: the next request opens another.
                 if let Some(inner) = inner.upgrade() {
                     let mut conns = inner.conns.lock().unwrap_or_else(|e| e.into_inner());
-                    if matches!(conns.get(&backend), Some(Conn::Open(tx)) if tx.is_closed()) {
-                        conns.remove(&backend);
+                    if matches!(conns.get(backend.as_str()), Some(Conn::Open(tx)) if tx.is_closed())
+                    {
+                        conns.remove(backend.as_str());
                     }
                 }
             });
