@@ -41,10 +41,15 @@ pin_project! {
         shared: Arc<Shared<P>>,
         #[pin]
         state: State<S::Future>,
+        // When the attempt in flight times out (its per-try timeout), if it has one.
+        try_end: Option<Instant>,
+        // When the whole request times out (the deadline), if it has one.
+        deadline: Option<Instant>,
+        // One timer for whichever of the two comes first while an attempt is in flight, or for
+        // the deadline while waiting for the service: created and set only when the request
+        // has to wait (a single timer registration per request in the usual case).
         #[pin]
-        per_try: Option<Sleep>,
-        #[pin]
-        deadline: Option<Sleep>,
+        timer: Option<Sleep>,
     }
 }
 
@@ -107,8 +112,9 @@ where
             record,
             last: None,
             state: State::Ready,
-            per_try: settings.per_try_timeout.map(tokio::time::sleep),
-            deadline: settings.deadline.map(tokio::time::sleep),
+            try_end: None,
+            deadline: settings.deadline.map(|d| Instant::now() + d),
+            timer: None,
             shared,
         }
     }
@@ -166,23 +172,29 @@ where
         let shared = &**this.shared;
         let settings = shared.settings;
         loop {
-            if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
-                if deadline.poll(cx).is_ready() {
-                    tracing::debug!(attempts = *this.attempts, "failover deadline passed");
-                    // The attempt in flight (dropped with this future) took too long: the
-                    // endpoint's failure, not a cancellation.
-                    let mut attempts = *this.attempts;
-                    if matches!(this.state.as_mut().project(), StateProj::Calling { .. }) {
-                        this.record.give_up();
-                        attempts += 1;
-                    }
-                    let last = failure_of(this.last.take());
-                    return Poll::Ready(Err(FailoverError::deadline(attempts, last)));
-                }
-            }
             match this.state.as_mut().project() {
                 StateProj::Ready => {
-                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                    let ready = match this.service.poll_ready(cx) {
+                        Poll::Ready(ready) => ready,
+                        Poll::Pending => {
+                            // Waiting for the service is bounded by the deadline alone.
+                            if let Some(deadline) = *this.deadline {
+                                if fired(this.timer.as_mut(), deadline, cx) {
+                                    tracing::debug!(
+                                        attempts = *this.attempts,
+                                        "failover deadline passed"
+                                    );
+                                    let last = failure_of(this.last.take());
+                                    return Poll::Ready(Err(FailoverError::deadline(
+                                        *this.attempts,
+                                        last,
+                                    )));
+                                }
+                            }
+                            return Poll::Pending;
+                        }
+                    };
+                    if let Err(e) = ready {
                         let last = Failure {
                             error: Some(e.into()),
                             timed_out: false,
@@ -200,11 +212,7 @@ where
                     this.record.clear();
                     let fut = this.service.call(req);
                     this.state.set(State::Calling { fut });
-                    if let (Some(sleep), Some(d)) =
-                        (this.per_try.as_mut().as_pin_mut(), settings.per_try_timeout)
-                    {
-                        sleep.reset(Instant::now() + d);
-                    }
+                    *this.try_end = settings.per_try_timeout.map(|d| Instant::now() + d);
                 }
                 StateProj::Backoff { sleep } => {
                     ready!(sleep.poll(cx));
@@ -215,16 +223,26 @@ where
                         Poll::Ready(Ok(res)) => Outcome::Response(res),
                         Poll::Ready(Err(e)) => Outcome::Error(e.into()),
                         Poll::Pending => {
-                            let timed_out = this
-                                .per_try
-                                .as_mut()
-                                .as_pin_mut()
-                                .is_some_and(|sleep| sleep.poll(cx).is_ready());
-                            if !timed_out {
+                            let (end, deadline) = (*this.try_end, *this.deadline);
+                            let Some(at) = earliest(end, deadline) else {
+                                return Poll::Pending;
+                            };
+                            if !fired(this.timer.as_mut(), at, cx) {
                                 return Poll::Pending;
                             }
-                            // Said before the attempt is dropped just below.
+                            // Said before the attempt is dropped.
                             this.record.give_up();
+                            if deadline.is_some_and(|d| at >= d) {
+                                // The attempt in flight (dropped with this future) took too
+                                // long: the endpoint's failure, not a cancellation.
+                                tracing::debug!(
+                                    attempts = *this.attempts,
+                                    "failover deadline passed"
+                                );
+                                let attempts = *this.attempts + 1;
+                                let last = failure_of(this.last.take());
+                                return Poll::Ready(Err(FailoverError::deadline(attempts, last)));
+                            }
                             Outcome::TimedOut
                         }
                     };
@@ -305,8 +323,7 @@ where
                         }));
                     };
                     let delay = settings.backoff.delay(attempts);
-                    let deadline = this.deadline.as_mut().as_pin_mut().map(|d| d.deadline());
-                    if deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                    if this.deadline.is_some_and(|d| Instant::now() + delay >= d) {
                         tracing::debug!(attempts, ?delay, "back-off would pass the deadline");
                         let last = failure_of(Some(failure));
                         return Poll::Ready(Err(FailoverError::deadline(attempts, last)));
@@ -332,6 +349,27 @@ where
             }
         }
     }
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Sets `timer` to go off at `at` (creating it, or moving it only if it was set elsewhere),
+/// polls it, and tells whether it went off.
+fn fired(mut timer: Pin<&mut Option<Sleep>>, at: Instant, cx: &mut Context<'_>) -> bool {
+    match timer.as_mut().as_pin_mut() {
+        Some(sleep) if sleep.deadline() == at => {}
+        Some(sleep) => sleep.reset(at),
+        None => timer.set(Some(tokio::time::sleep_until(at))),
+    }
+    timer
+        .as_pin_mut()
+        .is_some_and(|sleep| sleep.poll(cx).is_ready())
 }
 
 fn log_retry(endpoint: Option<&EndpointId>, attempts: u32, backoff: Duration) {
@@ -360,4 +398,107 @@ fn copy_request<B: Replay>(req: &mut http::Request<B>) -> Option<http::Request<B
     *copy.headers_mut() = req.headers().clone();
     *copy.extensions_mut() = req.extensions().clone();
     Some(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::{pending, Future};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tower::{Layer, Service, ServiceExt};
+
+    use crate::failover::{Backoff, FailoverLayer, RetryBudget};
+
+    /// A service that is never ready.
+    #[derive(Clone)]
+    struct NeverReady;
+
+    impl Service<http::Request<()>> for NeverReady {
+        type Response = http::Response<()>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<http::Response<()>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Pending
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(())))
+        }
+    }
+
+    /// A service whose calls never answer.
+    #[derive(Clone)]
+    struct Hangs;
+
+    impl Service<http::Request<()>> for Hangs {
+        type Response = http::Response<()>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<http::Response<()>, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            Box::pin(pending())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_bounds_the_wait_for_a_service_that_is_never_ready() {
+        let mut svc = FailoverLayer::new(RetryBudget::unlimited())
+            .deadline(Duration::from_secs(5))
+            .layer(NeverReady);
+        let started = tokio::time::Instant::now();
+        // Called without `poll_ready` (which would wait on the inner service's): the response
+        // future waits for readiness itself, as it does before every retry.
+        let call = svc.call(http::Request::new(()));
+        let err = tokio::time::timeout(Duration::from_secs(3600), call)
+            .await
+            .expect("the deadline, not the test's timeout")
+            .unwrap_err();
+        assert!(err.is_deadline(), "{err:?}");
+        assert_eq!(err.attempts(), 0);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_try_timeouts_then_the_deadline_share_one_timer() {
+        // Attempt 1 times out at 4 s and is retried at once; attempt 2 would time out at 8 s,
+        // but the deadline comes first, at 6 s.
+        let svc = FailoverLayer::new(RetryBudget::unlimited())
+            .backoff(Backoff::none())
+            .per_try_timeout(Duration::from_secs(4))
+            .deadline(Duration::from_secs(6))
+            .layer(Hangs);
+        let started = tokio::time::Instant::now();
+        let call = svc.oneshot(http::Request::new(()));
+        let err = tokio::time::timeout(Duration::from_secs(3600), call)
+            .await
+            .expect("the timeouts, not the test's")
+            .unwrap_err();
+        assert!(err.is_deadline(), "{err:?}");
+        assert_eq!(err.attempts(), 2);
+        assert_eq!(started.elapsed(), Duration::from_secs(6));
+
+        // Without a deadline, every attempt gets its own per-try timeout.
+        let svc = FailoverLayer::new(RetryBudget::unlimited())
+            .backoff(Backoff::none())
+            .max_attempts(3)
+            .per_try_timeout(Duration::from_secs(4))
+            .layer(Hangs);
+        let started = tokio::time::Instant::now();
+        let call = svc.oneshot(http::Request::new(()));
+        let err = tokio::time::timeout(Duration::from_secs(3600), call)
+            .await
+            .expect("the timeouts, not the test's")
+            .unwrap_err();
+        assert!(err.is_timeout() && !err.is_deadline(), "{err:?}");
+        assert_eq!(err.attempts(), 3);
+        assert_eq!(started.elapsed(), Duration::from_secs(12));
+    }
 }
