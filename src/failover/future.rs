@@ -412,35 +412,23 @@ mod tests {
 
     use crate::failover::{Backoff, FailoverLayer, RetryBudget};
 
-    /// A service that is never ready.
+    /// A service whose calls never answer; with `ready: false`, it is never ready either.
     #[derive(Clone)]
-    struct NeverReady;
-
-    impl Service<http::Request<()>> for NeverReady {
-        type Response = http::Response<()>;
-        type Error = Infallible;
-        type Future = std::future::Ready<Result<http::Response<()>, Infallible>>;
-
-        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Pending
-        }
-
-        fn call(&mut self, _: http::Request<()>) -> Self::Future {
-            std::future::ready(Ok(http::Response::new(())))
-        }
+    struct Stuck {
+        ready: bool,
     }
 
-    /// A service whose calls never answer.
-    #[derive(Clone)]
-    struct Hangs;
-
-    impl Service<http::Request<()>> for Hangs {
+    impl Service<http::Request<()>> for Stuck {
         type Response = http::Response<()>;
         type Error = Infallible;
         type Future = Pin<Box<dyn Future<Output = Result<http::Response<()>, Infallible>> + Send>>;
 
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            Poll::Ready(Ok(()))
+            if self.ready {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
         }
 
         fn call(&mut self, _: http::Request<()>) -> Self::Future {
@@ -452,7 +440,7 @@ mod tests {
     async fn the_deadline_bounds_the_wait_for_a_service_that_is_never_ready() {
         let mut svc = FailoverLayer::new(RetryBudget::unlimited())
             .deadline(Duration::from_secs(5))
-            .layer(NeverReady);
+            .layer(Stuck { ready: false });
         let started = tokio::time::Instant::now();
         // Called without `poll_ready` (which would wait on the inner service's): the response
         // future waits for readiness itself, as it does before every retry.
@@ -474,7 +462,7 @@ mod tests {
             .backoff(Backoff::none())
             .per_try_timeout(Duration::from_secs(4))
             .deadline(Duration::from_secs(6))
-            .layer(Hangs);
+            .layer(Stuck { ready: true });
         let started = tokio::time::Instant::now();
         let call = svc.oneshot(http::Request::new(()));
         let err = tokio::time::timeout(Duration::from_secs(3600), call)
@@ -490,7 +478,7 @@ mod tests {
             .backoff(Backoff::none())
             .max_attempts(3)
             .per_try_timeout(Duration::from_secs(4))
-            .layer(Hangs);
+            .layer(Stuck { ready: true });
         let started = tokio::time::Instant::now();
         let call = svc.oneshot(http::Request::new(()));
         let err = tokio::time::timeout(Duration::from_secs(3600), call)
