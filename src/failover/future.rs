@@ -451,6 +451,8 @@ mod tests {
             .unwrap_err();
         assert!(err.is_deadline(), "{err:?}");
         assert_eq!(err.attempts(), 0);
+        // The clock is paused (virtual time): it moves only from timer to timer, so this is
+        // which timer ended the request, whatever the machine's speed.
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
