@@ -238,6 +238,7 @@ fn relative_if_backend(value: &str, backend: &http::uri::Authority) -> Option<He
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarded::{append_forwarded, ForwardedHeaders};
 
     #[test]
     fn the_length_filter_lets_every_hop_by_hop_name_through() {
@@ -249,7 +250,6 @@ mod tests {
             &header::HOST
         ));
     }
-    use crate::forwarded::{append_forwarded, ForwardedHeaders};
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
