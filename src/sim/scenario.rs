@@ -21,9 +21,7 @@ use crate::pool::Pool;
 use crate::strategy::{fast_rand, AnyStrategy, Strategy};
 use crate::Balancer;
 
-/// What the simulated client counts as a successful response: any status but `429 Too Many
-/// Requests` and 5xx (a request a rate-limited endpoint refused, and not retried elsewhere,
-/// failed as far as the client is concerned). An error of the service is always a failure.
+/// What the simulated client counts as a successful response (see [`Scenario::run_service`]).
 fn is_success<B>(res: &http::Response<B>) -> bool {
     let status = res.status();
     !status.is_server_error() && status != http::StatusCode::TOO_MANY_REQUESTS
