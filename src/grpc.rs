@@ -132,7 +132,7 @@ impl std::fmt::Debug for Code {
 ///
 /// gRPC-Web (`application/grpc-web…`) is *not* gRPC here: it is made to run over HTTP/1.1
 /// and is answered by its own proxies' rules.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     let Some(ct) = headers.get(CONTENT_TYPE) else {
         return false;
     };

@@ -29,7 +29,7 @@
 //! | `lbkit_pool_info` | gauge | `pool`, `strategy` | always 1; names the pool's strategy |
 //!
 //! `pool` is the name given to [`MetricsExporter::new`]; `endpoint` is the endpoint's id.
-//! Latencies are fed to the histogram from each endpoint's [`LatencyHistogram`]: the
+//! Latencies are fed to the histogram from each endpoint's latency histogram: the
 //! requests that ended since the last export, each at the middle of its bucket (within
 //! 12.5 % of its latency). Counters only go up: an endpoint removed and added again goes on
 //! from where its series was. When an endpoint leaves the pool its gauges drop to 0 and it
@@ -56,8 +56,6 @@
 //! task.await;
 //! # }
 //! ```
-//!
-//! [`LatencyHistogram`]: crate::endpoint::LatencyHistogram
 
 use std::collections::HashMap;
 use std::fmt;

@@ -871,7 +871,10 @@ impl H2Backend {
                         let res = http::Response::builder()
                             .header("x-server", name)
                             .header("x-version", format!("{:?}", req.version()));
-                        let grpc = lbkit::grpc::is_grpc(req.headers());
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"));
                         let res = match answer {
                             H2Answer::GrpcServer if grpc => res
                                 .header("content-type", "application/grpc")

@@ -25,8 +25,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::endpoint::Health;
 use lbkit::health::{
-    check_fn, check_service, CheckErrorKind, HealthChange, HealthChecker, HttpCheck,
-    OutlierDetection, SlowStart, TcpCheck,
+    check_fn, CheckErrorKind, HealthChange, HealthChecker, HttpCheck, OutlierDetection, SlowStart,
+    TcpCheck,
 };
 use lbkit::hints::PickHints;
 use lbkit::strategy::RoundRobin;
@@ -529,7 +529,7 @@ async fn custom_checks_decide_health() {
         let mut events = pool.health_events();
         let flag = healthy.clone();
         let checks = CheckLog::default();
-        let check = check_service(tower::service_fn(move |ep: Endpoint| {
+        let probe = tower::service_fn(move |ep: Endpoint| {
             let ok = flag.load(Ordering::SeqCst) || ep.id() != "x";
             async move {
                 if ok {
@@ -538,7 +538,9 @@ async fn custom_checks_decide_health() {
                     Err(lbkit::health::CheckError::status(503))
                 }
             }
-        }));
+        });
+        // A tower service as a check: call a clone per check.
+        let check = check_fn(move |ep: Endpoint| probe.clone().oneshot(ep));
         let _task = HealthChecker::new(Logged::new(check, &checks))
             .interval(INTERVAL)
             .fall(2)

@@ -214,11 +214,15 @@ async fn an_idle_http2_connection_is_closed_with_goaway() {
 #[tokio::test]
 async fn a_silent_h2_client_after_alpn_is_closed() {
     let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
-    let config = lbkit::server::tls::server_config_from_pem_bytes(
-        ck.cert.pem().as_bytes(),
-        ck.signing_key.serialize_pem().as_bytes(),
-    )
-    .unwrap();
+    use lbkit::server::tls::{CertStore, TlsConfig};
+    let certs = CertStore::builder()
+        .default_pem(
+            ck.cert.pem().as_bytes(),
+            ck.signing_key.serialize_pem().as_bytes(),
+        )
+        .build()
+        .unwrap();
+    let config = TlsConfig::new(certs).build().unwrap();
     let server = Server::new(echo_peer(Arc::default()))
         .tls(config)
         .header_read_timeout(Duration::from_millis(200))

@@ -509,19 +509,23 @@ fn bad_pem_input_gives_typed_errors() {
     assert!(e.is_key_mismatch(), "{e:?}");
 
     // The same from memory.
-    let e = tls::server_config_from_pem_bytes(cert_pem.as_bytes(), other_key_pem.as_bytes())
-        .unwrap_err();
+    let e = from_pem_text(cert_pem.as_bytes(), other_key_pem.as_bytes()).unwrap_err();
     assert!(e.is_key_mismatch(), "{e:?}");
-    assert!(tls::server_config_from_pem_bytes(cert_pem.as_bytes(), key_pem.as_bytes()).is_ok());
+    assert!(from_pem_text(cert_pem.as_bytes(), key_pem.as_bytes()).is_ok());
     // No message carries key material.
     assert!(!e.to_string().contains("PRIVATE"));
+}
+
+/// A server configuration from PEM text in memory, as a user with a certificate from a secret
+/// store builds it.
+fn from_pem_text(cert: &[u8], key: &[u8]) -> Result<Arc<tls::ServerConfig>, tls::TlsError> {
+    tls::TlsConfig::new(tls::CertStore::builder().default_pem(cert, key).build()?).build()
 }
 
 #[test]
 fn alpn_offers_h2_then_http1() {
     let (cert_pem, key_pem, _) = self_signed();
-    let config = tls::server_config_from_pem_bytes(cert_pem.as_bytes(), key_pem.as_bytes())
-        .expect("valid PEM");
+    let config = from_pem_text(cert_pem.as_bytes(), key_pem.as_bytes()).expect("valid PEM");
     assert_eq!(
         config.alpn_protocols,
         [b"h2".to_vec(), b"http/1.1".to_vec()]

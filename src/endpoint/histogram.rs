@@ -43,24 +43,9 @@ fn bounds(i: usize) -> (u64, u64) {
 /// Buckets are log-scale, four per power of two, from 1 µs up to about 36 minutes (below 1 µs
 /// is one bucket; above the last bound counts in the last bucket). A quantile read from it is
 /// interpolated within its bucket, so it is within 12.5 % of the true value (better in
-/// practice). Every endpoint has one (see
-/// [`EndpointState::latency_histogram`](crate::endpoint::EndpointState::latency_histogram)),
-/// fed with each request's latency when it ends.
-///
-/// ```
-/// use std::time::Duration;
-/// use lbkit::endpoint::LatencyHistogram;
-///
-/// let h = LatencyHistogram::new();
-/// for ms in 1..=100 {
-///     h.record(Duration::from_millis(ms));
-/// }
-/// let snap = h.snapshot();
-/// assert_eq!(snap.count(), 100);
-/// let p50 = snap.quantile(0.5).as_secs_f64() * 1e3;
-/// assert!((45.0..=55.0).contains(&p50), "p50 {p50} ms");
-/// ```
-pub struct LatencyHistogram {
+/// practice). Every endpoint has one, fed with each request's latency when it ends; read it
+/// with [`EndpointState::latency`](crate::endpoint::EndpointState::latency).
+pub(crate) struct LatencyHistogram {
     buckets: [AtomicU64; BUCKETS],
     sum_ns: AtomicU64,
 }
@@ -118,7 +103,10 @@ impl LatencyHistogram {
     }
 }
 
-/// The counts of a [`LatencyHistogram`] at one moment, as plain data.
+/// The counts of an endpoint's latency histogram at one moment, as plain data
+/// ([`EndpointState::latency`](crate::endpoint::EndpointState::latency)): log-scale buckets,
+/// four per power of two, from 1 µs to about 36 minutes, so a quantile read from it is within
+/// 12.5 % of the true value.
 ///
 /// Read quantiles from it ([`quantile`](HistogramSnapshot::quantile),
 /// [`summary`](HistogramSnapshot::summary)), or subtract an earlier snapshot of the same

@@ -14,7 +14,7 @@ pub(crate) mod state;
 
 pub use candidates::Candidates;
 pub(crate) use candidates::Chunked;
-pub use histogram::{HistogramSnapshot, LatencyHistogram, LatencySummary};
+pub use histogram::{HistogramSnapshot, LatencySummary};
 pub use state::{CheckOutcome, EndpointState, Health};
 
 use std::fmt;

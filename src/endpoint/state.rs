@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use tokio::sync::Notify;
 
-use super::histogram::LatencyHistogram;
+use super::histogram::{HistogramSnapshot, LatencyHistogram};
 use crate::grpc::FailureCodes;
 
 /// The health of an endpoint as the balancer sees it.
@@ -475,9 +475,33 @@ impl EndpointState {
         self.failure_score.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// The latencies of the endpoint's finished requests, in log-scale buckets (see
-    /// [`Pool::stats`](crate::Pool::stats) for quantiles read from it).
-    pub fn latency_histogram(&self) -> &LatencyHistogram {
+    /// The latencies of the endpoint's finished requests so far, counted in log-scale buckets
+    /// (four per power of two, from 1 µs to about 36 minutes): read quantiles from it, or
+    /// subtract an earlier one ([`HistogramSnapshot::since`]) for an interval. Recording is
+    /// lock-free and goes on meanwhile (see [`Pool::stats`](crate::Pool::stats) for all
+    /// endpoints at once).
+    ///
+    /// ```
+    /// use lbkit::{Balancer, strategy::RoundRobin};
+    /// use tower::{service_fn, ServiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let balancer = Balancer::new(["a"], RoundRobin::new(), |_| {
+    ///     service_fn(|_req: http::Request<()>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    ///     })
+    /// });
+    /// balancer.clone().oneshot(http::Request::new(())).await.unwrap();
+    /// let state = balancer.pool().state(&"a".into()).unwrap();
+    /// assert_eq!(state.latency().count(), 1);
+    /// # }
+    /// ```
+    pub fn latency(&self) -> HistogramSnapshot {
+        self.latency.snapshot()
+    }
+
+    /// The live histogram behind [`latency`](EndpointState::latency).
+    pub(crate) fn latency_histogram(&self) -> &LatencyHistogram {
         &self.latency
     }
 

@@ -8,14 +8,14 @@
 #![cfg_attr(
     feature = "http-proxy",
     doc = "  request over HTTP/1.1 or h2 ([`HttpCheck`], feature `http-proxy`), a gRPC \
-           `grpc.health.v1` call ([`GrpcCheck`]), or your own ([`check_fn`],"
+           `grpc.health.v1` call ([`GrpcCheck`]), or your own, a closure or a"
 )]
 #![cfg_attr(
     not(feature = "http-proxy"),
     doc = "  request over HTTP/1.1 or h2 (`HttpCheck`, feature `http-proxy`), a gRPC \
-           `grpc.health.v1` call (`GrpcCheck`), or your own ([`check_fn`],"
+           `grpc.health.v1` call (`GrpcCheck`), or your own, a closure or a"
 )]
-//!   [`check_service`]). As in HAProxy, `fall` failures in a row mark an endpoint down and
+//!   tower service ([`check_fn`]). As in HAProxy, `fall` failures in a row mark an endpoint down and
 //!   `rise` successes in a row bring it back; each check has a timeout. Defaults: every 2 s,
 //!   timeout 1 s, rise 2, fall 3. With [`start_down`](HealthChecker::start_down), an endpoint
 //!   (also one that joins later) gets no traffic before its first check passes.
@@ -82,8 +82,7 @@ pub(crate) mod slow_start;
 /// them); this is their one public path, beside the checks and detectors that cause them.
 pub use crate::pool::event::{HealthChange, HealthEvent};
 pub use active::{
-    check_fn, check_service, CheckError, CheckErrorKind, CheckFuture, FnCheck, HealthCheck,
-    HealthChecker, ServiceCheck, TcpCheck,
+    check_fn, CheckError, CheckErrorKind, CheckFuture, HealthCheck, HealthChecker, TcpCheck,
 };
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]

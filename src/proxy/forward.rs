@@ -100,8 +100,8 @@ pub struct Forward<B> {
 
 /// Which HTTP version [`Forward`] speaks to the backends.
 ///
-/// Whatever the choice, a gRPC request (`content-type: application/grpc…`, see
-/// [`grpc::is_grpc`](crate::grpc::is_grpc)) goes over HTTP/2: gRPC needs HTTP/2's trailers, and
+/// Whatever the choice, a gRPC request (`content-type: application/grpc`, `application/grpc+proto`
+/// or `application/grpc;…`; not gRPC-Web) goes over HTTP/2: gRPC needs HTTP/2's trailers, and
 /// a gRPC server speaks nothing else (nginx's `grpc_pass` does the same). An upgrade
 /// (WebSocket) from an HTTP/1.1 client goes over HTTP/1.1 unless `Http2` is chosen.
 ///

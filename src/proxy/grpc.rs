@@ -3,7 +3,7 @@
 //! A gRPC client reads a call's outcome from `grpc-status`, not from the HTTP status: to it,
 //! an HTTP 503 with a text body is a broken server (`UNKNOWN` or `UNAVAILABLE` with "Received
 //! http2 header with status: 503", depending on the library), and the text is lost. So for a
-//! gRPC request ([`is_grpc`](crate::grpc::is_grpc)) the proxy answers its own failures as a
+//! gRPC request (`crate::grpc::is_grpc`) the proxy answers its own failures as a
 //! gRPC server would: HTTP 200, `content-type: application/grpc`, and a *trailers-only*
 //! response (headers with the end of the stream) carrying `grpc-status` and `grpc-message`.
 

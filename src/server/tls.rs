@@ -197,8 +197,9 @@ fn pem_error(e: rustls_pki_types::pem::Error, missing: Kind) -> TlsError {
 /// A server configuration serving one certificate chain file and private key file, both PEM
 /// (the chain leaf first, as `certbot` and `openssl` write them), to every client whatever
 /// name it asks for, with [`TlsConfig`]'s defaults (ALPN `h2` then `http/1.1`, session
-/// resumption). For several certificates, reloads or client certificates, build a
-/// [`CertStore`] and a [`TlsConfig`].
+/// resumption). For PEM text in memory, several certificates, reloads or client
+/// certificates, build a [`CertStore`] (`CertStore::builder().default_pem(cert, key)`) and a
+/// [`TlsConfig`].
 ///
 /// Every problem is a [`TlsError`] naming the file: unreadable, malformed PEM, no
 /// certificate, no key, or a key that does not match the certificate. Never panics.
@@ -208,17 +209,6 @@ pub fn server_config_from_pem(
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = CertStore::builder()
         .default_cert(cert_path, key_path)
-        .build()?;
-    TlsConfig::new(certs).build()
-}
-
-/// Like [`server_config_from_pem`], from PEM text in memory.
-pub fn server_config_from_pem_bytes(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = CertStore::builder()
-        .default_pem(cert_pem, key_pem)
         .build()?;
     TlsConfig::new(certs).build()
 }
@@ -240,6 +230,18 @@ pub(crate) fn parse_key(pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server_config_from_pem_bytes(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        TlsConfig::new(
+            CertStore::builder()
+                .default_pem(cert_pem, key_pem)
+                .build()?,
+        )
+        .build()
+    }
 
     #[test]
     fn empty_and_garbage_pem_are_typed_errors() {

@@ -35,6 +35,7 @@
 //! ```
 
 use std::fmt;
+use std::io;
 use std::time::Duration;
 
 use plotters::coord::Shift;
@@ -43,27 +44,10 @@ use plotters::prelude::*;
 use super::report::{Comparison, Report};
 use crate::endpoint::LatencySummary;
 
-/// A plot could not be drawn (plotters failed; with its in-memory SVG backend this does not
-/// happen in practice).
-#[derive(Debug)]
-pub struct PlotError(String);
-
-impl fmt::Display for PlotError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot draw the plot: {}", self.0)
-    }
-}
-
-impl std::error::Error for PlotError {}
-
-impl From<PlotError> for std::io::Error {
-    fn from(e: PlotError) -> Self {
-        std::io::Error::other(e)
-    }
-}
-
-fn err(e: impl fmt::Display) -> PlotError {
-    PlotError(e.to_string())
+/// A plot that could not be drawn (plotters failed; with its in-memory SVG backend this does
+/// not happen in practice), as an I/O error of kind `Other` whose message says so.
+fn err(e: impl fmt::Display) -> io::Error {
+    io::Error::other(format!("cannot draw the plot: {e}"))
 }
 
 /// A qualitative palette (Tableau 10, then two more): one colour per run.
@@ -120,7 +104,7 @@ fn mid(r: &Report, start: Duration) -> f64 {
 /// The client's latency over time, one line per run: a panel for p50 and one for p99 (log
 /// scale), and one for failed requests per step when any run had some. The SVG document as
 /// text.
-pub fn latency_svg(comparison: &Comparison) -> Result<String, PlotError> {
+pub fn latency_svg(comparison: &Comparison) -> io::Result<String> {
     let reports = comparison.reports();
     let with_errors = reports.iter().any(|r| r.errors > 0);
     let panels = if with_errors { 3 } else { 2 };
@@ -232,7 +216,7 @@ pub fn latency_svg(comparison: &Comparison) -> Result<String, PlotError> {
 /// The share of the traffic each endpoint got over time, one small stacked chart per run
 /// (three per row): the comparison's highlighted endpoints in colour at the bottom, the
 /// others in alternating greys above. The SVG document as text.
-pub fn traffic_share_svg(comparison: &Comparison) -> Result<String, PlotError> {
+pub fn traffic_share_svg(comparison: &Comparison) -> io::Result<String> {
     let reports = comparison.reports();
     let columns = 3usize;
     let rows = reports.len().div_ceil(columns).max(1);
@@ -377,7 +361,7 @@ fn draw_legend(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     title: &str,
     labels: &[(String, RGBColor)],
-) -> Result<(), PlotError> {
+) -> io::Result<()> {
     let font = (FONT, 13).into_font();
     area.draw(&Text::new(
         title.to_owned(),

@@ -7,7 +7,7 @@
 //! and the current snapshot; the request path is not stopped or slowed (only the pool's
 //! writers' lock is taken, which picks never take).
 //!
-//! Each endpoint keeps a [`LatencyHistogram`](crate::endpoint::LatencyHistogram): a fixed set of log-scale buckets made of
+//! Each endpoint keeps a latency histogram ([`EndpointState::latency`](crate::endpoint::EndpointState::latency)): a fixed set of log-scale buckets made of
 //! atomics, fed with every request's latency when it ends, from which the stats read
 //! quantiles.
 //!

@@ -85,13 +85,12 @@ mod json;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -450,10 +449,6 @@ enum Routed<B> {
     Admin(admin::Action, Request<B>),
 }
 
-/// The future of a [`StatusPage`] response.
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
-
 impl<B> Service<Request<B>> for StatusPage
 where
     B: http_body::Body + Send + 'static,
@@ -462,7 +457,7 @@ where
 {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = ResponseFuture;
+    type Future = BoxFuture<'static, Result<Response<Full<Bytes>>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))

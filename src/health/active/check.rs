@@ -1,11 +1,7 @@
-use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-
-use tower::util::ServiceExt;
-use tower_service::Service;
+use std::sync::Arc;
 
 use super::CheckError;
 use crate::endpoint::Endpoint;
@@ -19,7 +15,7 @@ pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), CheckError>> + Sen
 /// The [`HealthChecker`](super::HealthChecker) runs it once per interval per endpoint and
 /// bounds it with its timeout, so an implementation need not time itself out. Built in:
 /// [`TcpCheck`], `HttpCheck` (feature `http-proxy`), and adapters for
-/// closures ([`check_fn`]) and tower services ([`check_service`]).
+/// closures and tower services ([`check_fn`]).
 pub trait HealthCheck: Send + Sync + 'static {
     /// Starts one check of `endpoint`.
     fn check(&self, endpoint: &Endpoint) -> CheckFuture;
@@ -87,16 +83,10 @@ impl HealthCheck for TcpCheck {
     }
 }
 
-/// A check made from a closure; see [`check_fn`].
+/// A check made from a closure: what [`check_fn`] returns.
 #[derive(Clone)]
-pub struct FnCheck<F> {
+struct FnCheck<F> {
     f: F,
-}
-
-impl<F> fmt::Debug for FnCheck<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FnCheck").finish_non_exhaustive()
-    }
 }
 
 /// A check from any async function of the endpoint: `Ok(())` means healthy.
@@ -116,7 +106,24 @@ impl<F> fmt::Debug for FnCheck<F> {
 /// }));
 /// # drop(checker);
 /// ```
-pub fn check_fn<F, Fut, E>(f: F) -> FnCheck<F>
+///
+/// A tower `Service` of the endpoint makes a check the same way: call a clone of it, and
+/// count any response as healthy.
+///
+/// ```
+/// use lbkit::{Endpoint, health::{check_fn, HealthChecker}};
+/// use tower::{service_fn, ServiceExt};
+///
+/// let probe = service_fn(|ep: Endpoint| async move {
+///     Ok::<_, std::io::Error>(ep.id().to_string())
+/// });
+/// let checker = HealthChecker::new(check_fn(move |ep: Endpoint| {
+///     let call = probe.clone().oneshot(ep);
+///     async move { call.await.map(drop) }
+/// }));
+/// # drop(checker);
+/// ```
+pub fn check_fn<F, Fut, E>(f: F) -> impl HealthCheck
 where
     F: Fn(Endpoint) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -134,53 +141,5 @@ where
     fn check(&self, endpoint: &Endpoint) -> CheckFuture {
         let fut = (self.f)(endpoint.clone());
         Box::pin(async move { fut.await.map_err(|e| CheckError::from_error(e.into())) })
-    }
-}
-
-/// A check made from a tower service; see [`check_service`].
-pub struct ServiceCheck<S> {
-    service: Mutex<S>,
-}
-
-impl<S> fmt::Debug for ServiceCheck<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServiceCheck").finish_non_exhaustive()
-    }
-}
-
-/// A check from a tower `Service` called with the endpoint: any response means healthy, an
-/// error means unhealthy (converted with [`CheckError::from_error`]).
-///
-/// Each check calls a clone of `service` once it is ready.
-pub fn check_service<S>(service: S) -> ServiceCheck<S>
-where
-    S: Service<Endpoint> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-{
-    ServiceCheck {
-        service: Mutex::new(service),
-    }
-}
-
-impl<S> HealthCheck for ServiceCheck<S>
-where
-    S: Service<Endpoint> + Clone + Send + 'static,
-    S::Response: Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-{
-    fn check(&self, endpoint: &Endpoint) -> CheckFuture {
-        let service = self
-            .service
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let call = service.oneshot(endpoint.clone());
-        Box::pin(async move {
-            call.await
-                .map(drop)
-                .map_err(|e| CheckError::from_error(e.into()))
-        })
     }
 }

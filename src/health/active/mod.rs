@@ -7,9 +7,7 @@ mod grpc;
 mod http;
 
 pub use crate::pool::check_error::{CheckError, CheckErrorKind};
-pub use check::{
-    check_fn, check_service, CheckFuture, FnCheck, HealthCheck, ServiceCheck, TcpCheck,
-};
+pub use check::{check_fn, CheckFuture, HealthCheck, TcpCheck};
 #[cfg(feature = "http-proxy")]
 pub use grpc::GrpcCheck;
 #[cfg(feature = "http-proxy")]

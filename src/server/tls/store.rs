@@ -164,8 +164,10 @@ impl CertStoreBuilder {
         self
     }
 
-    /// A default certificate from PEM text in memory (it cannot change on reload).
-    pub(super) fn default_pem(mut self, cert: &[u8], key: &[u8]) -> Self {
+    /// As [`default_cert`](Self::default_cert), from PEM text in memory (a certificate read
+    /// from a secret store, or made at start-up); unlike files, it is the same on every
+    /// [`CertStore::reload`].
+    pub fn default_pem(mut self, cert: &[u8], key: &[u8]) -> Self {
         self.entries.push(Entry {
             source: Source::Pem {
                 cert: cert.to_vec(),
