@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::failover::{
-    self, is_idempotent, Backoff, FailoverLayer, ReplayBody, RetryBudget, RetryPolicy,
+    self, Backoff, DefaultPolicy, FailoverLayer, ReplayBody, RetryBudget, RetryPolicy,
 };
 use lbkit::hints::PickHints;
 use lbkit::strategy::RoundRobin;
@@ -399,7 +399,7 @@ async fn post_is_not_retried_by_default() {
         struct IdempotencyKey;
         impl RetryPolicy for IdempotencyKey {
             fn may_retry<B>(&self, req: &Request<B>) -> bool {
-                is_idempotent(req.method()) || req.headers().contains_key("idempotency-key")
+                DefaultPolicy.may_retry(req) || req.headers().contains_key("idempotency-key")
             }
         }
         let svc = FailoverLayer::new(RetryBudget::unlimited())

@@ -54,5 +54,5 @@ pub(crate) use error::Failure;
 pub use error::{Error, NotSent};
 pub use future::ResponseFuture;
 pub use layer::FailoverLayer;
-pub use policy::{is_idempotent, DefaultPolicy, RetryPolicy};
+pub use policy::{DefaultPolicy, RetryPolicy};
 pub use service::Failover;

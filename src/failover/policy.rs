@@ -12,15 +12,14 @@ use crate::error::Error;
 /// to change:
 ///
 /// ```
-/// use lbkit::failover::RetryPolicy;
+/// use lbkit::failover::{DefaultPolicy, RetryPolicy};
 ///
 /// /// Also retries a POST that carries an idempotency key.
 /// struct IdempotencyKey;
 ///
 /// impl RetryPolicy for IdempotencyKey {
 ///     fn may_retry<B>(&self, req: &http::Request<B>) -> bool {
-///         lbkit::failover::is_idempotent(req.method())
-///             || req.headers().contains_key("idempotency-key")
+///         DefaultPolicy.may_retry(req) || req.headers().contains_key("idempotency-key")
 ///     }
 /// }
 /// ```
@@ -29,8 +28,11 @@ pub trait RetryPolicy: Send + Sync + 'static {
     /// (asked once, before the first try). A request that provably never left the proxy is
     /// retried whatever this says, see [`is_not_sent`](RetryPolicy::is_not_sent).
     ///
-    /// Default: idempotent methods only ([`is_idempotent`]): a retried `POST` could, say,
-    /// charge a card twice when the first attempt did reach the backend.
+    /// Default: idempotent methods only (RFC 9110 §9.2.2: `GET`, `HEAD`, `OPTIONS`, `TRACE`,
+    /// `PUT` and `DELETE`, which have the effect of one request when sent twice): a retried
+    /// `POST` could, say, charge a card twice when the first attempt did reach the backend.
+    /// To extend the default rather than replace it, call
+    /// [`DefaultPolicy`]`.may_retry(req)` in yours.
     fn may_retry<B>(&self, req: &http::Request<B>) -> bool {
         is_idempotent(req.method())
     }
@@ -85,7 +87,7 @@ impl RetryPolicy for DefaultPolicy {}
 
 /// Whether `method` is idempotent (RFC 9110 §9.2.2): `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`
 /// and `DELETE`. Sending such a request twice has the effect of sending it once.
-pub fn is_idempotent(method: &Method) -> bool {
+fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

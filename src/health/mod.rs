@@ -81,9 +81,7 @@ pub(crate) mod slow_start;
 /// Health transitions and check failures are defined in the pool (it records and broadcasts
 /// them); this is their one public path, beside the checks and detectors that cause them.
 pub use crate::pool::event::{HealthChange, HealthEvent};
-pub use active::{
-    check_fn, CheckError, CheckErrorKind, CheckFuture, HealthCheck, HealthChecker, TcpCheck,
-};
+pub use active::{check_fn, CheckError, CheckErrorKind, HealthCheck, HealthChecker, TcpCheck};
 #[cfg(feature = "http-proxy")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http-proxy")))]
 pub use active::{GrpcCheck, HttpCheck};

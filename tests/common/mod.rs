@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{Request, Response};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -24,7 +25,7 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use lbkit::health::{CheckFuture, HealthChange, HealthCheck, HealthEvent};
+use lbkit::health::{CheckError, HealthChange, HealthCheck, HealthEvent};
 use lbkit::strategy::Strategy;
 use lbkit::{Balancer, BoxError, Endpoint, EndpointId};
 use tokio::net::{TcpListener, TcpSocket};
@@ -555,7 +556,7 @@ impl Drop for Unfinished {
 }
 
 impl<C: HealthCheck> HealthCheck for Logged<C> {
-    fn check(&self, endpoint: &Endpoint) -> CheckFuture {
+    fn check(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<(), CheckError>> {
         let fut = self.inner.check(endpoint);
         let mut guard = Unfinished {
             log: self.log.clone(),

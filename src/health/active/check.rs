@@ -1,14 +1,15 @@
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::future::BoxFuture;
 
 use super::CheckError;
 use crate::endpoint::Endpoint;
 use crate::error::BoxError;
 
-/// The future of one health check.
-pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), CheckError>> + Send + 'static>>;
+/// The future of one health check, as the built-in checks write it.
+pub(crate) type CheckFuture = BoxFuture<'static, Result<(), CheckError>>;
 
 /// One way to probe an endpoint: `Ok` means healthy.
 ///
@@ -16,9 +17,32 @@ pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), CheckError>> + Sen
 /// bounds it with its timeout, so an implementation need not time itself out. Built in:
 /// [`TcpCheck`], `HttpCheck` (feature `http-proxy`), and adapters for
 /// closures and tower services ([`check_fn`]).
+///
+/// A check of your own returns a boxed future:
+///
+/// ```
+/// use futures::future::BoxFuture;
+/// use lbkit::{Endpoint, health::{CheckError, HealthCheck}};
+///
+/// /// Healthy while the endpoint's id names no file under /run/drain.
+/// struct NotDrained;
+///
+/// impl HealthCheck for NotDrained {
+///     fn check(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<(), CheckError>> {
+///         let marker = std::path::Path::new("/run/drain").join(endpoint.id().as_str());
+///         Box::pin(async move {
+///             match tokio::fs::try_exists(&marker).await {
+///                 Ok(false) => Ok(()),
+///                 Ok(true) => Err(CheckError::failed("drained by the operator")),
+///                 Err(e) => Err(CheckError::from_error(e.into())),
+///             }
+///         })
+///     }
+/// }
+/// ```
 pub trait HealthCheck: Send + Sync + 'static {
-    /// Starts one check of `endpoint`.
-    fn check(&self, endpoint: &Endpoint) -> CheckFuture;
+    /// Starts one check of `endpoint`: a boxed future (`Box::pin(async move { … })`).
+    fn check(&self, endpoint: &Endpoint) -> BoxFuture<'static, Result<(), CheckError>>;
 }
 
 impl<C: HealthCheck + ?Sized> HealthCheck for Arc<C> {

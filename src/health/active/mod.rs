@@ -7,7 +7,8 @@ mod grpc;
 mod http;
 
 pub use crate::pool::check_error::{CheckError, CheckErrorKind};
-pub use check::{check_fn, CheckFuture, HealthCheck, TcpCheck};
+pub(crate) use check::CheckFuture;
+pub use check::{check_fn, HealthCheck, TcpCheck};
 #[cfg(feature = "http-proxy")]
 pub use grpc::GrpcCheck;
 #[cfg(feature = "http-proxy")]
