@@ -100,7 +100,7 @@ use lbkit::key::HashKeyLayer;
 use lbkit::proxy::{ErrorResponseLayer, Forward, UpstreamProtocol, UpstreamTls};
 use lbkit::server::{ProxyProtocol, RequestBody, Server};
 use lbkit::status::StatusPage;
-use lbkit::sticky::{StickyKey, StickyLayer};
+use lbkit::sticky::{CookieSecret, StickyLayer};
 use lbkit::strategy::AnyStrategy;
 use lbkit::{BalancerLayer, BoxError, Endpoint, Pool};
 use tokio::net::TcpListener;
@@ -400,7 +400,7 @@ pub fn proxy(
         )
         .option_layer(
             args.sticky
-                .then(|| StickyLayer::cookie("lb", StickyKey::generate())),
+                .then(|| StickyLayer::cookie("lb", CookieSecret::generate())),
         )
         .option_layer(args.hash_header.as_deref().map(HashKeyLayer::header))
         .layer(balancer)

@@ -41,7 +41,7 @@ use hyper_util::rt::TokioExecutor;
 use lbkit::failover::{FailoverLayer, ReplayBody, RetryBudget};
 use lbkit::proxy::{ErrorResponseLayer, Forward};
 use lbkit::server::{RequestBody, Server};
-use lbkit::sticky::{StickyKey, StickyLayer};
+use lbkit::sticky::{CookieSecret, StickyLayer};
 use lbkit::strategy::RoundRobin;
 use lbkit::{BalancerLayer, BoxError, Endpoint};
 use tokio::net::TcpListener;
@@ -69,7 +69,7 @@ async fn main() -> Result<(), BoxError> {
         // Body-less requests (GET) can be sent again; uploads would stream, never retried.
         .map_request(|req: Request<RequestBody>| req.map(ReplayBody::new))
         .layer(FailoverLayer::new(RetryBudget::default()))
-        .layer(StickyLayer::cookie("lb", StickyKey::generate()))
+        .layer(StickyLayer::cookie("lb", CookieSecret::generate()))
         .layer(BalancerLayer::new(endpoints, RoundRobin::new()))
         .service(Forward::<ReplayBody<RequestBody>>::new());
     let listener = TcpListener::bind("127.0.0.1:0").await?;

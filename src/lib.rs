@@ -105,8 +105,8 @@ pub mod stats;
 #[cfg(feature = "status-page")]
 #[cfg_attr(docsrs, doc(cfg(feature = "status-page")))]
 pub mod status;
-#[cfg(feature = "cookie")]
-#[cfg_attr(docsrs, doc(cfg(feature = "cookie")))]
+#[cfg(feature = "sticky")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sticky")))]
 pub mod sticky;
 pub mod strategy;
 

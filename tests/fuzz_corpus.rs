@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use lbkit::sticky::{StickyKey, StickyLayer};
+use lbkit::sticky::{CookieSecret, StickyLayer};
 use lbkit::EndpointId;
 
 /// The check of one fuzz target.
@@ -177,7 +177,7 @@ fn write_seed_corpus() {
     // Sticky cookies: values sealed with the target's key, as headers and alone.
     let layer = StickyLayer::cookie(
         targets::STICKY_COOKIE,
-        StickyKey::from_bytes(targets::STICKY_KEY),
+        CookieSecret::from_bytes(targets::STICKY_KEY),
     );
     let ids = [
         "10.0.0.7:8080",

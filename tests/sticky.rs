@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use lbkit::failover::{FailoverLayer, RetryBudget};
 use lbkit::forwarded::ClientAddr;
 use lbkit::key::{HashKeyLayer, Key};
-use lbkit::sticky::{StickyKey, StickyLayer};
+use lbkit::sticky::{CookieSecret, StickyLayer};
 use lbkit::strategy::{Maglev, Ring, RoundRobin, Strategy};
 use lbkit::{Balancer, BoxError, Endpoint, EndpointId};
 use tokio::task::{JoinHandle, JoinSet};
@@ -207,7 +207,7 @@ async fn within<F: Future>(limit: Duration, test: F) -> F::Output {
 fn layer() -> StickyLayer {
     StickyLayer::cookie(
         "lb",
-        StickyKey::from_bytes(*b"a test key, 32 bytes, not secret"),
+        CookieSecret::from_bytes(*b"a test key, 32 bytes, not secret"),
     )
 }
 
@@ -346,8 +346,8 @@ async fn a_rotated_key_keeps_clients_in_place_and_reseals_their_cookies() {
     within(Duration::from_secs(30), async {
         let servers = Server::start_n(3).await;
         let bal = balancer(servers.iter().map(Server::endpoint), RoundRobin::new());
-        let old_key = StickyKey::from_bytes(*b"a test key, 32 bytes, not secret");
-        let new_key = StickyKey::from_bytes(*b"the next key, also 32 bytes long");
+        let old_key = CookieSecret::from_bytes(*b"a test key, 32 bytes, not secret");
+        let new_key = CookieSecret::from_bytes(*b"the next key, also 32 bytes long");
         let old = StickyLayer::cookie("lb", old_key.clone()).layer(bal.clone());
         let rotated = StickyLayer::cookie("lb", new_key.clone())
             .accept_previous_key(old_key)
@@ -391,7 +391,7 @@ async fn tampered_cookies_are_ignored_and_replaced() {
         let mid = flipped.len() / 2;
         flipped[mid] = if flipped[mid] == b'A' { b'B' } else { b'A' };
         let flipped = String::from_utf8(flipped).unwrap();
-        let other_key = StickyLayer::cookie("lb", StickyKey::generate());
+        let other_key = StickyLayer::cookie("lb", CookieSecret::generate());
         let foreign = other_key.seal(&EndpointId::new("s0")).unwrap();
         let random: String = (0..60)
             .map(|_| {

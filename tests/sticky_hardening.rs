@@ -25,7 +25,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use lbkit::proxy::{ErrorResponseLayer, Forward};
 use lbkit::server::{tls, RequestBody, Server};
-use lbkit::sticky::{StickyKey, StickyLayer};
+use lbkit::sticky::{CookieSecret, StickyLayer};
 use lbkit::strategy::RoundRobin;
 use lbkit::BalancerLayer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -144,7 +144,7 @@ async fn assert_honoured(proxy: &Proxy, cookie: &str, pinned: &str) {
 async fn an_expired_cookie_is_not_honoured_and_is_replaced() {
     within(async {
         let backends = start_servers(2).await;
-        let key = StickyKey::generate();
+        let key = CookieSecret::generate();
         // Two proxies sharing the key: one honours cookies for an hour, one for 2 seconds.
         let long = proxy(
             StickyLayer::cookie("lb", key.clone()).lifetime(Duration::from_secs(3600)),
@@ -187,14 +187,14 @@ async fn an_expired_cookie_is_not_honoured_and_is_replaced() {
 async fn only_the_first_four_affinity_cookies_are_opened() {
     within(async {
         let backends = start_servers(2).await;
-        let (old, key) = (StickyKey::generate(), StickyKey::generate());
+        let (old, key) = (CookieSecret::generate(), CookieSecret::generate());
         let layer = StickyLayer::cookie("lb", key.clone()).accept_previous_key(old.clone());
         let p = proxy(layer.clone(), &backends, None);
         let first = ask(&p, None).await;
         let valid = first.cookie();
         // Values of the right length and alphabet, sealed with a key the proxy does not know:
         // each costs a decryption per key if it is opened at all.
-        let stranger = StickyLayer::cookie("lb", StickyKey::generate());
+        let stranger = StickyLayer::cookie("lb", CookieSecret::generate());
         let junk: Vec<String> = (0..4)
             .map(|_| format!("lb={}", stranger.seal(&"s0".into()).unwrap()))
             .collect();
@@ -248,7 +248,7 @@ async fn the_cookie_is_secure_behind_tls_by_default() {
         std::fs::write(&cert, ck.cert.pem()).unwrap();
         std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
         let config = tls::server_config_from_pem(&cert, &key).unwrap();
-        let sticky = StickyLayer::cookie("lb", StickyKey::generate());
+        let sticky = StickyLayer::cookie("lb", CookieSecret::generate());
         let over_tls = proxy(sticky.clone(), &backends, Some(config));
         let plain = proxy(sticky.clone(), &backends, None);
 

@@ -21,7 +21,7 @@ use lbkit::forwarded::parse::{
 use lbkit::forwarded::{Cidr, ClientAddr, ClientIp, ForwardedHeaders};
 use lbkit::hash::stable_hash;
 use lbkit::key::{hash_ip, Key};
-use lbkit::sticky::{StickyKey, StickyLayer};
+use lbkit::sticky::{CookieSecret, StickyLayer};
 
 /// The key the sticky seeds were sealed with (`fuzz/corpus/sticky_cookie` holds valid cookies
 /// for it, so mutations start from the real format).
@@ -34,7 +34,7 @@ fn sticky() -> &'static StickyLayer {
     // A lifetime of a century: the sealed seeds keep opening, so mutations start from cookies
     // that are valid in every respect.
     LAYER.get_or_init(|| {
-        StickyLayer::cookie(STICKY_COOKIE, StickyKey::from_bytes(STICKY_KEY))
+        StickyLayer::cookie(STICKY_COOKIE, CookieSecret::from_bytes(STICKY_KEY))
             .lifetime(std::time::Duration::from_secs(100 * 365 * 24 * 3600))
     })
 }
@@ -97,7 +97,7 @@ pub fn sticky_cookie(data: &[u8]) {
                     Some(id.clone()),
                     "round trip"
                 );
-                let other = StickyLayer::cookie("other", StickyKey::from_bytes(STICKY_KEY));
+                let other = StickyLayer::cookie("other", CookieSecret::from_bytes(STICKY_KEY));
                 assert_eq!(
                     other.open(sealed.as_bytes()),
                     None,

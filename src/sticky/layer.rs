@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::HeaderValue;
 use tower_layer::Layer;
 
-use super::seal::{Sealer, StickyKey};
+use super::seal::{CookieSecret, Sealer};
 use super::service::Sticky;
 use crate::endpoint::EndpointId;
 
@@ -175,7 +175,7 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// or the request had no valid cookie, the layer appends a `Set-Cookie` naming that endpoint. So a
 /// client whose endpoint went away is re-balanced once and then sticks to its new endpoint.
 ///
-/// The cookie value is the endpoint id sealed with ChaCha20-Poly1305 under a [`StickyKey`]
+/// The cookie value is the endpoint id sealed with ChaCha20-Poly1305 under a [`CookieSecret`]
 /// (see [`StickyLayer::seal`]): it reveals no address, and a value that was not made with the
 /// key (forged, garbled, truncated, not UTF-8) is ignored as if absent, and replaced. The
 /// layer keeps no state, so proxies sharing the key honour each other's cookies.
@@ -198,12 +198,12 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 ///
 /// ```
 /// use std::time::Duration;
-/// use lbkit::sticky::{SameSite, StickyKey, StickyLayer};
+/// use lbkit::sticky::{SameSite, CookieSecret, StickyLayer};
 /// use lbkit::{strategy::RoundRobin, BalancerLayer};
 /// use tower::{service_fn, ServiceBuilder, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// let sticky = StickyLayer::cookie("lb", StickyKey::generate())
+/// let sticky = StickyLayer::cookie("lb", CookieSecret::generate())
 ///     .max_age(Duration::from_secs(3600))
 ///     .secure(true)
 ///     .same_site(SameSite::Strict);
@@ -237,7 +237,7 @@ impl StickyLayer {
     ///
     /// If `name` is not a valid cookie name (an HTTP token: letters, digits and
     /// ``!#$%&'*+-.^_`|~``).
-    pub fn cookie(name: impl Into<String>, key: StickyKey) -> Self {
+    pub fn cookie(name: impl Into<String>, key: CookieSecret) -> Self {
         let name = name.into();
         assert!(
             !name.is_empty() && name.bytes().all(is_token_byte),
@@ -274,15 +274,15 @@ impl StickyLayer {
     /// once per old key; drop the old keys once their cookies have expired or been replaced.
     ///
     /// ```
-    /// use lbkit::sticky::{StickyKey, StickyLayer};
+    /// use lbkit::sticky::{CookieSecret, StickyLayer};
     ///
-    /// let (old, new) = (StickyKey::generate(), StickyKey::generate());
+    /// let (old, new) = (CookieSecret::generate(), CookieSecret::generate());
     /// let before = StickyLayer::cookie("lb", old.clone());
     /// let after = StickyLayer::cookie("lb", new).accept_previous_key(old);
     /// let cookie = before.seal(&"backend-1".into()).unwrap();
     /// assert_eq!(after.open(cookie.as_bytes()).unwrap(), "backend-1");
     /// ```
-    pub fn accept_previous_key(self, key: StickyKey) -> Self {
+    pub fn accept_previous_key(self, key: CookieSecret) -> Self {
         self.edit(|c| c.previous.push(Sealer::new(&key)))
     }
 
@@ -407,7 +407,7 @@ mod tests {
 
     #[test]
     fn lifetime_renewal_skew_and_candidates() {
-        let key = StickyKey::from_bytes([3; 32]);
+        let key = CookieSecret::from_bytes([3; 32]);
         let layer = StickyLayer::cookie("lb", key.clone()).lifetime(Duration::from_secs(100));
         let c = &layer.config;
         let id = EndpointId::new("a");
@@ -434,7 +434,7 @@ mod tests {
         assert_eq!(c.open_at(at(now + CLOCK_SKEW + 1).as_bytes(), now), None);
         assert_eq!(c.open_at(at(u64::MAX).as_bytes(), now), None);
         // A previous key's cookie is honoured and renewed, within the same lifetime.
-        let next = StickyLayer::cookie("lb", StickyKey::generate()).accept_previous_key(key);
+        let next = StickyLayer::cookie("lb", CookieSecret::generate()).accept_previous_key(key);
         let n = &next.config;
         assert_eq!(
             n.open_at(at(now).as_bytes(), now).map(|f| f.renew),
@@ -469,7 +469,7 @@ mod tests {
             let v = v.to_str().unwrap().to_owned();
             v.split_once(';').unwrap().1.to_owned()
         };
-        let auto = StickyLayer::cookie("lb", StickyKey::generate());
+        let auto = StickyLayer::cookie("lb", CookieSecret::generate());
         assert_eq!(attrs(&auto, false), " Path=/; HttpOnly; SameSite=Lax");
         assert_eq!(
             attrs(&auto, true),

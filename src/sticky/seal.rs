@@ -4,7 +4,7 @@
 //! plaintext is `issued ‖ len ‖ id ‖ zeros` padded to a multiple of 16 bytes (so the length of
 //! the value hints at nothing finer than the id's length in 16-byte steps), `issued` being the
 //! issue time in whole seconds since the Unix epoch (8 bytes, big-endian), sealed with
-//! ChaCha20-Poly1305 under the [`StickyKey`], a random 96-bit nonce per cookie, and the cookie
+//! ChaCha20-Poly1305 under the [`CookieSecret`], a random 96-bit nonce per cookie, and the cookie
 //! name as associated data (a value minted for one cookie name is not accepted under another).
 //! The issue time is inside the ciphertext: a client can neither read nor change it, so a
 //! cookie's age is the server's word. Version 1 values (no issue time) are not accepted.
@@ -40,23 +40,23 @@ const DECODE_BUF: usize = MAX_ENCODED.div_ceil(4) * 3;
 /// The 256-bit secret that seals sticky-session cookies.
 ///
 /// Every proxy that should honour the others' cookies needs the same key: load it from your
-/// secret store with [`StickyKey::from_bytes`]. [`StickyKey::generate`] makes a random one,
+/// secret store with [`CookieSecret::from_bytes`]. [`CookieSecret::generate`] makes a random one,
 /// fine for a single process (cookies then stop working across restarts, which only costs
 /// one re-balance per client). Anyone with the key can read and mint cookies; without it, a
 /// cookie reveals nothing and cannot be forged.
 #[derive(Clone)]
-pub struct StickyKey([u8; 32]);
+pub struct CookieSecret([u8; 32]);
 
-impl StickyKey {
+impl CookieSecret {
     /// A key from 32 secret bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        StickyKey(bytes)
+        CookieSecret(bytes)
     }
 
     /// A random key, from the thread-local cryptographically secure generator of `rand`
     /// (seeded from the operating system).
     pub fn generate() -> Self {
-        StickyKey(rand::random())
+        CookieSecret(rand::random())
     }
 
     /// The key's bytes, to store it and share it with other proxies.
@@ -65,9 +65,9 @@ impl StickyKey {
     }
 }
 
-impl fmt::Debug for StickyKey {
+impl fmt::Debug for CookieSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("StickyKey(..)")
+        f.write_str("CookieSecret(..)")
     }
 }
 
@@ -78,7 +78,7 @@ pub(crate) struct Sealer {
 }
 
 impl Sealer {
-    pub(crate) fn new(key: &StickyKey) -> Self {
+    pub(crate) fn new(key: &CookieSecret) -> Self {
         Sealer {
             cipher: ChaCha20Poly1305::new(&key.0.into()),
         }
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejections() {
-        let s = Sealer::new(&StickyKey::from_bytes([7; 32]));
+        let s = Sealer::new(&CookieSecret::from_bytes([7; 32]));
         let id = EndpointId::new("10.0.0.7:8080");
         let v = s.seal("lb", &id, 1_700_000_000).unwrap();
         assert!(!v.contains("10.0.0.7") && !v.contains("8080"));
@@ -183,7 +183,7 @@ mod tests {
         assert_ne!(s.seal("lb", &id, 1_700_000_000).unwrap(), v);
         // Another cookie name, another key, any change: rejected.
         assert_eq!(s.open("other", v.as_bytes()), None);
-        let s2 = Sealer::new(&StickyKey::from_bytes([8; 32]));
+        let s2 = Sealer::new(&CookieSecret::from_bytes([8; 32]));
         assert_eq!(s2.open("lb", v.as_bytes()), None);
         for i in 0..v.len() {
             let mut b = v.clone().into_bytes();
@@ -211,19 +211,22 @@ mod tests {
             s.open("lb", short.as_bytes()),
             Some((EndpointId::new(""), 0))
         );
-        assert_eq!(format!("{:?}", StickyKey::generate()), "StickyKey(..)");
+        assert_eq!(
+            format!("{:?}", CookieSecret::generate()),
+            "CookieSecret(..)"
+        );
     }
 
     proptest::proptest! {
         #[test]
         fn open_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..500)) {
-            let s = Sealer::new(&StickyKey::from_bytes([1; 32]));
+            let s = Sealer::new(&CookieSecret::from_bytes([1; 32]));
             proptest::prop_assert_eq!(s.open("lb", &bytes), None);
         }
 
         #[test]
         fn open_base64_never_panics(v in "[A-Za-z0-9_-]{0,420}") {
-            let s = Sealer::new(&StickyKey::from_bytes([1; 32]));
+            let s = Sealer::new(&CookieSecret::from_bytes([1; 32]));
             proptest::prop_assert_eq!(s.open("lb", v.as_bytes()), None);
         }
     }
