@@ -132,6 +132,7 @@ impl std::fmt::Debug for Code {
 ///
 /// gRPC-Web (`application/grpc-web…`) is *not* gRPC here: it is made to run over HTTP/1.1
 /// and is answered by its own proxies' rules.
+#[cfg_attr(not(feature = "http-proxy"), allow(dead_code))] // the proxy and HTTP checks read it
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     let Some(ct) = headers.get(CONTENT_TYPE) else {
         return false;

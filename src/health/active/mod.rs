@@ -7,6 +7,7 @@ mod grpc;
 mod http;
 
 pub use crate::pool::check_error::{CheckError, CheckErrorKind};
+#[cfg(feature = "http-proxy")]
 pub(crate) use check::CheckFuture;
 pub use check::{check_fn, HealthCheck, TcpCheck};
 #[cfg(feature = "http-proxy")]
